@@ -1,0 +1,167 @@
+//! The gRPC face: containerd's Snapshots API (via `containerd-snapshots`) onto [`Snapshots`].
+//!
+//! Every call runs on tokio's blocking pool, since each one touches RocksDB or the filesystem and
+//! must never stall the gRPC runtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::{Info, Kind as ApiKind, Snapshotter, Usage as ApiUsage};
+use futures::stream;
+use tonic::Status;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::snapshots::{Snapshot, Snapshots};
+use crate::store::Kind;
+
+/// The gRPC service over one snapshotter root.
+pub struct Service {
+    snapshots: Arc<Snapshots>,
+}
+
+impl Service {
+    pub fn new(snapshots: Arc<Snapshots>) -> Service {
+        Service { snapshots }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        key: &str,
+        f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let snapshots = self.snapshots.clone();
+        let result = tokio::task::spawn_blocking(move || f(&snapshots))
+            .await
+            .map_err(|e| Status::internal(format!("{method} {key:?}: worker failed: {e}")))?;
+        match result {
+            Ok(v) => {
+                debug!(method, key, "ok");
+                Ok(v)
+            }
+            Err(e) => {
+                match &e {
+                    Error::Store(_) | Error::Io { .. } | Error::Corrupt { .. } => {
+                        warn!(method, key, error = %e, "failed")
+                    }
+                    _ => debug!(method, key, error = %e, "refused"),
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn to_info(s: Snapshot) -> Info {
+    Info {
+        kind: match s.record.kind {
+            Kind::Active => ApiKind::Active,
+            Kind::View => ApiKind::View,
+            Kind::Committed => ApiKind::Committed,
+        },
+        name: s.key,
+        parent: s.record.parent,
+        labels: s.record.labels.into_iter().collect(),
+        created_at: s.record.created,
+        updated_at: s.record.updated,
+    }
+}
+
+fn labels(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl Snapshotter for Service {
+    type Error = Status;
+    type InfoStream = stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
+
+    async fn stat(&self, key: String) -> Result<Info, Status> {
+        let k = key.clone();
+        self.run("stat", &key, move |s| s.stat(&k))
+            .await
+            .map(to_info)
+    }
+
+    async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
+        let key = info.name.clone();
+        let labels = labels(info.labels);
+        let paths = fieldpaths.unwrap_or_default();
+        self.run("update", &key.clone(), move |s| {
+            s.update(&key, labels, &paths)
+        })
+        .await
+        .map(to_info)
+    }
+
+    async fn usage(&self, key: String) -> Result<ApiUsage, Status> {
+        let k = key.clone();
+        let u = self.run("usage", &key, move |s| s.usage(&k)).await?;
+        Ok(ApiUsage {
+            size: u.size,
+            inodes: u.inodes,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Status> {
+        let k = key.clone();
+        self.run("mounts", &key, move |s| s.mounts(&k)).await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels_: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        let k = key.clone();
+        let labels = labels(labels_);
+        self.run("prepare", &key, move |s| s.prepare(&k, &parent, labels))
+            .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels_: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        let k = key.clone();
+        let labels = labels(labels_);
+        self.run("view", &key, move |s| s.view(&k, &parent, labels))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels_: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let k = key.clone();
+        let labels = labels(labels_);
+        self.run("commit", &key, move |s| s.commit(&name, &k, labels))
+            .await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Status> {
+        let k = key.clone();
+        self.run("remove", &key, move |s| s.remove(&k)).await
+    }
+
+    async fn clear(&self) -> Result<(), Status> {
+        self.run("cleanup", "", |s| s.cleanup().map(drop)).await
+    }
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Status> {
+        let all = self.run("list", "", move |s| s.list(&filters)).await?;
+        let infos: Vec<Result<Info, Status>> = all.into_iter().map(|s| Ok(to_info(s))).collect();
+        Ok(stream::iter(infos))
+    }
+}
