@@ -1,0 +1,160 @@
+//! A private containerd (Debian's 1.6) with Strata as proxy snapshotter `strata`, and `ctr` on it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A running containerd under a temp dir; dropping it stops containerd and its shims.
+pub struct Containerd {
+    pub dir: TempDir,
+    pub address: PathBuf,
+    pub namespace: String,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd with proxy plugin `strata` at `strata_socket`.
+    pub fn start(strata_socket: &Path) -> Containerd {
+        let dir = tempfile::Builder::new().prefix("ctrd-").tempdir().unwrap();
+        let address = dir.path().join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+[ttrpc]
+  address = "{address}.ttrpc"
+[debug]
+  address = "{debug}"
+[proxy_plugins.strata]
+  type = "snapshot"
+  address = "{strata}"
+"#,
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            address = address.display(),
+            debug = dir.path().join("debug.sock").display(),
+            strata = strata_socket.display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "containerd is missing: install Debian's containerd and runc (scripts/test does)",
+            );
+        let mut c = Containerd {
+            address,
+            namespace: "strata-test".into(),
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if c.address.exists() && c.try_ctr(&["version"]).status.success() {
+                break;
+            }
+            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("containerd exited with {status}: {}", c.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this containerd and returns its output whatever the exit status.
+    pub fn try_ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr is missing: install Debian's containerd (scripts/test does)")
+    }
+
+    /// Runs `ctr`, panicking with its output unless it succeeds; returns stdout.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = self.try_ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {} failed: {}{}\ncontainerd log tail:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Running tasks first, so no shim outlives the test.
+            for line in self
+                .try_ctr(&["tasks", "ls", "-q"])
+                .stdout
+                .split(|b| *b == b'\n')
+            {
+                let id = String::from_utf8_lossy(line).trim().to_string();
+                if !id.is_empty() {
+                    let _ = self.try_ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = self.try_ctr(&["tasks", "delete", "-f", &id]);
+                }
+            }
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            // containerd leaves its state mounts behind when killed; lazily detach what is left.
+            let root = self.dir.path().to_string_lossy().into_owned();
+            if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+                for line in mounts.lines().rev() {
+                    if let Some(target) = line.split(' ').nth(1) {
+                        if target.starts_with(&root) {
+                            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,342 @@
+//! A `strata-snapshotter` process under a temp dir, and a gRPC client for it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use strata_snapshotter::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use tempfile::TempDir;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A running snapshotter. Dropping it kills the process (its root stays with the `TempDir`).
+pub struct Daemon {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    _dir: Option<TempDir>,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh temp dir.
+    pub fn start() -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon::start_in(dir.path());
+        d._dir = Some(dir);
+        d
+    }
+
+    /// Starts a daemon whose root, socket and log live in `dir` (kept across restarts).
+    pub fn start_in(dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            root: dir.join("root"),
+            socket: dir.join("strata.sock"),
+            log: dir.join("strata.log"),
+            child: None,
+            _dir: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(crate::workspace_bin("strata-snapshotter"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn strata-snapshotter");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "strata-snapshotter exited with {status}: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "strata-snapshotter did not listen within 30s: {}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        match self.child.take() {
+            None => true,
+            Some(mut child) => {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                child.wait().map(|s| s.success()).unwrap_or(false)
+            }
+        }
+    }
+
+    /// Starts the daemon again on the same root and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts the daemon again after a kill, on the same root and socket.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "daemon still running");
+        self.spawn();
+    }
+
+    /// A new gRPC client on the socket.
+    pub async fn client(&self) -> SnapshotsClient<Channel> {
+        SnapshotsClient::new(connect(&self.socket).await)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A tonic channel over the unix socket at `path`.
+pub async fn connect(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            UnixStream::connect(path.clone())
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("connect to socket: {e}"))
+}
+
+/// Thin convenience over the gRPC client, for tests.
+pub struct Snap {
+    pub client: SnapshotsClient<Channel>,
+}
+
+use std::collections::HashMap;
+use strata_snapshotter::api::snapshots::v1 as pb;
+use strata_snapshotter::api::types::Mount;
+use tonic::Status;
+
+pub type Labels = HashMap<String, String>;
+
+impl Snap {
+    pub async fn new(d: &Daemon) -> Snap {
+        Snap {
+            client: d.client().await,
+        }
+    }
+
+    pub async fn try_prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: Labels::new(),
+        };
+        Ok(self.client.prepare(req).await?.into_inner().mounts)
+    }
+
+    pub async fn prepare(&mut self, key: &str, parent: &str) -> Vec<Mount> {
+        self.try_prepare(key, parent)
+            .await
+            .unwrap_or_else(|e| panic!("prepare {key}: {e}"))
+    }
+
+    pub async fn try_view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+        let req = pb::ViewSnapshotRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: Labels::new(),
+        };
+        Ok(self.client.view(req).await?.into_inner().mounts)
+    }
+
+    pub async fn view(&mut self, key: &str, parent: &str) -> Vec<Mount> {
+        self.try_view(key, parent)
+            .await
+            .unwrap_or_else(|e| panic!("view {key}: {e}"))
+    }
+
+    pub async fn try_mounts(&mut self, key: &str) -> Result<Vec<Mount>, Status> {
+        let req = pb::MountsRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+        };
+        Ok(self.client.mounts(req).await?.into_inner().mounts)
+    }
+
+    pub async fn try_commit_labels(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+    ) -> Result<(), Status> {
+        let req = pb::CommitSnapshotRequest {
+            snapshotter: "strata".into(),
+            name: name.into(),
+            key: key.into(),
+            labels,
+        };
+        self.client.commit(req).await.map(drop)
+    }
+
+    pub async fn try_commit(&mut self, name: &str, key: &str) -> Result<(), Status> {
+        self.try_commit_labels(name, key, Labels::new()).await
+    }
+
+    pub async fn commit(&mut self, name: &str, key: &str) {
+        self.try_commit(name, key)
+            .await
+            .unwrap_or_else(|e| panic!("commit {key} as {name}: {e}"))
+    }
+
+    pub async fn try_remove(&mut self, key: &str) -> Result<(), Status> {
+        let req = pb::RemoveSnapshotRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+        };
+        self.client.remove(req).await.map(drop)
+    }
+
+    pub async fn remove(&mut self, key: &str) {
+        self.try_remove(key)
+            .await
+            .unwrap_or_else(|e| panic!("remove {key}: {e}"))
+    }
+
+    pub async fn try_stat(&mut self, key: &str) -> Result<pb::Info, Status> {
+        let req = pb::StatSnapshotRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+        };
+        Ok(self
+            .client
+            .stat(req)
+            .await?
+            .into_inner()
+            .info
+            .expect("stat returns info"))
+    }
+
+    pub async fn stat(&mut self, key: &str) -> pb::Info {
+        self.try_stat(key)
+            .await
+            .unwrap_or_else(|e| panic!("stat {key}: {e}"))
+    }
+
+    pub async fn try_update(&mut self, info: pb::Info, paths: &[&str]) -> Result<pb::Info, Status> {
+        let req = pb::UpdateSnapshotRequest {
+            snapshotter: "strata".into(),
+            info: Some(info),
+            update_mask: (!paths.is_empty()).then(|| prost_types_mask(paths)),
+        };
+        Ok(self
+            .client
+            .update(req)
+            .await?
+            .into_inner()
+            .info
+            .expect("update returns info"))
+    }
+
+    pub async fn try_usage(&mut self, key: &str) -> Result<(i64, i64), Status> {
+        let req = pb::UsageRequest {
+            snapshotter: "strata".into(),
+            key: key.into(),
+        };
+        let u = self.client.usage(req).await?.into_inner();
+        Ok((u.size, u.inodes))
+    }
+
+    pub async fn try_list(&mut self, filters: &[&str]) -> Result<Vec<pb::Info>, Status> {
+        let req = pb::ListSnapshotsRequest {
+            snapshotter: "strata".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut stream = self.client.list(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(resp) = stream.message().await? {
+            out.extend(resp.info);
+        }
+        Ok(out)
+    }
+
+    /// Names of the snapshots matching `filters`, sorted.
+    pub async fn names(&mut self, filters: &[&str]) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .try_list(filters)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub async fn cleanup(&mut self) {
+        let req = pb::CleanupRequest {
+            snapshotter: "strata".into(),
+        };
+        self.client.cleanup(req).await.unwrap();
+    }
+
+    /// Prepares `key` on `parent`, runs `f` on the mounted tree, and commits it as `name`.
+    pub async fn layer(&mut self, name: &str, parent: &str, f: impl FnOnce(&Path)) {
+        let key = format!("{name}-active");
+        let m = crate::mount::Mounted::new(&self.prepare(&key, parent).await);
+        f(m.path());
+        m.unmount();
+        self.commit(name, &key).await;
+    }
+}
+
+fn prost_types_mask(paths: &[&str]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: paths.iter().map(|s| s.to_string()).collect(),
+    }
+}

@@ -1,0 +1,41 @@
+//! Support for Strata's integration suites: real daemons under temp dirs, real mounts, real images.
+//!
+//! Every daemon gets its own root, state and sockets under a temp dir and is stopped by PID when
+//! its handle drops. The suites need root (mounts); they fail loudly, never skip, when a tool is
+//! missing: `scripts/test` installs them.
+
+pub mod containerd;
+pub mod daemon;
+pub mod image;
+pub mod mount;
+pub mod tree;
+
+use std::path::PathBuf;
+
+/// A binary of this workspace, next to the test executable's `deps/` directory, or from
+/// `STRATA_BIN_DIR`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STRATA_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Panics with a clear message unless running as root: these suites mount filesystems.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the fs-tests mount filesystems and start containerd: run them as root (scripts/test does)"
+    );
+}
