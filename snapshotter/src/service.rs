@@ -3,6 +3,9 @@
 //! Every call runs on tokio's blocking pool, since each one touches RocksDB or the filesystem and
 //! must never stall the gRPC runtime.
 
+// The trait's error type is `tonic::Status`, a large value; boxing it is not ours to choose.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -33,7 +36,8 @@ impl Service {
         f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let snapshots = self.snapshots.clone();
-        let result = tokio::task::spawn_blocking(move || f(&snapshots))
+        let span = tracing::debug_span!("snapshots", method, key);
+        let result = tokio::task::spawn_blocking(move || span.in_scope(|| f(&snapshots)))
             .await
             .map_err(|e| Status::internal(format!("{method} {key:?}: worker failed: {e}")))?;
         match result {
