@@ -16,6 +16,7 @@ pub struct Daemon {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    args: Vec<String>,
     child: Option<Child>,
     _dir: Option<TempDir>,
 }
@@ -23,26 +24,37 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon on a fresh temp dir.
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Starts a daemon on a fresh temp dir with extra command-line `args`.
+    pub fn start_with(args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("strata-")
             .tempdir()
             .unwrap();
-        let mut d = Daemon::start_in(dir.path());
+        let mut d = Daemon::new(dir.path(), args);
         d._dir = Some(dir);
+        d.spawn();
         d
     }
 
     /// Starts a daemon whose root, socket and log live in `dir` (kept across restarts).
     pub fn start_in(dir: &Path) -> Daemon {
-        let mut d = Daemon {
+        let mut d = Daemon::new(dir, &[]);
+        d.spawn();
+        d
+    }
+
+    fn new(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon {
             root: dir.join("root"),
             socket: dir.join("strata.sock"),
             log: dir.join("strata.log"),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
             _dir: None,
-        };
-        d.spawn();
-        d
+        }
     }
 
     fn spawn(&mut self) {
@@ -58,6 +70,7 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--log-level")
             .arg("debug")
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

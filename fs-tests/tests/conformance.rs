@@ -618,3 +618,53 @@ async fn chain_of_200_layers() {
 async fn chain_of_500_layers_the_kernel_limit() {
     chain_equals_flat_reference(500).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_remove_defers_disk_reclaim_to_cleanup() {
+    require_root();
+    let d = Daemon::start_with(&["--async-remove"]);
+    let mut s = Snap::new(&d).await;
+    let m = s.prepare("a", "").await;
+    let dir = Path::new(&m[0].source).to_path_buf();
+    assert!(dir.is_dir());
+    s.remove("a").await;
+    assert_eq!(s.try_stat("a").await.unwrap_err().code(), Code::NotFound);
+    assert!(
+        dir.is_dir(),
+        "async remove leaves the directory for Cleanup"
+    );
+    s.cleanup().await;
+    assert!(!dir.exists(), "Cleanup reclaimed {}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_file_sets_options_and_flags_override_it() {
+    require_root();
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    fs::write(cfg.path(), "async_remove = true\naddress = \"/nonexistent/overridden.sock\"\n[log]\nformat = \"json\"\n").unwrap();
+    let d = Daemon::start_with(&["--config", cfg.path().to_str().unwrap()]);
+    let mut s = Snap::new(&d).await;
+    let m = s.prepare("a", "").await;
+    s.remove("a").await;
+    assert!(
+        Path::new(&m[0].source).is_dir(),
+        "async_remove from the file applies"
+    );
+    assert!(
+        d.log_text().lines().any(|l| l.starts_with('{')),
+        "json logs: {}",
+        d.log_text()
+    );
+
+    fs::write(cfg.path(), "rooot = \"/x\"\n").unwrap();
+    let out = std::process::Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
+        .args(["--config", cfg.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rooot") && err.contains(cfg.path().to_str().unwrap()),
+        "{err}"
+    );
+}
