@@ -34,6 +34,12 @@ async fn kill9_at_random_points_is_repaired_at_next_start() {
         .unwrap();
     let mut d = Daemon::start_in(dir.path());
     let mut s = Snap::new(&d).await;
+    // Snapshots the loop never removes: they must come through every crash intact.
+    s.layer("stable-base", "", |p| {
+        std::fs::write(p.join("kept"), "kept across crashes").unwrap()
+    })
+    .await;
+    s.prepare("stable-active", "stable-base").await;
     let mut rng = StdRng::seed_from_u64(0x5747a7a);
     let mut kills = 0;
     let mut killer: Option<std::thread::JoinHandle<()>> = None;
@@ -76,15 +82,19 @@ async fn kill9_at_random_points_is_repaired_at_next_start() {
                             .await
                             .map(drop)
                     }
-                    1 if !active.is_empty() => {
-                        let key = &active[rng.gen_range(0..active.len())];
+                    1 if active.len() > 1 => {
+                        let active: Vec<&String> = active
+                            .iter()
+                            .filter(|k| !k.starts_with("stable-"))
+                            .collect();
+                        let key = active[rng.gen_range(0..active.len())];
                         s.try_commit(&format!("committed-{i}"), key).await
                     }
                     _ => {
                         let leaves: Vec<&String> = all
                             .iter()
                             .map(|i| &i.name)
-                            .filter(|n| !parents.contains(*n))
+                            .filter(|n| !parents.contains(*n) && !n.starts_with("stable-"))
                             .collect();
                         match leaves.is_empty() {
                             true => Ok(()),
@@ -135,7 +145,27 @@ async fn kill9_at_random_points_is_repaired_at_next_start() {
         report.removed
     );
     let all = snapshots.list(&[]).unwrap();
-    assert!(!all.is_empty());
+    let names: Vec<&str> = all.iter().map(|s| s.key.as_str()).collect();
+    let stable = snapshots
+        .stat("stable-active")
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {names:?}\n{}",
+                d.log_text()
+                    .lines()
+                    .filter(|l| l.contains("stable"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+        .record;
+    assert_eq!(
+        (stable.kind, stable.parent.as_str()),
+        (Kind::Active, "stable-base")
+    );
+    let base = snapshots.stat("stable-base").unwrap().record;
+    let kept = std::fs::read_to_string(snapshots.layout().fs_dir(base.id).join("kept")).unwrap();
+    assert_eq!(kept, "kept across crashes");
     let owned: HashSet<u64> = all.iter().map(|s| s.record.id).collect();
     for (path, entry) in snapshots.layout().entries().unwrap() {
         match entry {
