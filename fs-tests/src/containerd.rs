@@ -108,6 +108,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Writes image `name` with `layers` as an OCI archive and imports it with `ctr images import
+    /// --snapshotter strata`.
+    pub fn import(&self, name: &str, layers: &[Vec<u8>]) {
+        let archive = self
+            .dir
+            .path()
+            .join(format!("{}.tar", name.replace(['/', ':'], "_")));
+        crate::image::write_oci_archive(&archive, name, layers, &["/bin/sh"]);
+        self.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "strata",
+            archive.to_str().unwrap(),
+        ]);
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Running tasks first, so no shim outlives the test.

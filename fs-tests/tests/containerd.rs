@@ -5,23 +5,11 @@ use std::path::Path;
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{Daemon, Snap};
-use strata_fs_tests::image::{busybox_layer, write_oci_archive, LayerBuilder};
+use strata_fs_tests::image::{busybox_layer, LayerBuilder};
 use strata_fs_tests::require_root;
 
 const BUSYBOX: &str = "docker.io/strata/busybox:1";
 const LAYERED: &str = "docker.io/strata/layered:1";
-
-fn import(c: &Containerd, dir: &Path, name: &str, layers: Vec<Vec<u8>>) {
-    let archive = dir.join(format!("{}.tar", name.replace(['/', ':'], "_")));
-    write_oci_archive(&archive, name, &layers, &["/bin/sh"]);
-    c.ctr(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "strata",
-        archive.to_str().unwrap(),
-    ]);
-}
 
 /// The busybox layer plus a second layer that deletes a file and makes a directory opaque.
 fn layered_layers() -> Vec<Vec<u8>> {
@@ -43,9 +31,8 @@ async fn containerd_runs_containers_on_strata() {
     require_root();
     let mut strata = Daemon::start();
     let c = Containerd::start(&strata.socket);
-    let work = tempfile::tempdir().unwrap();
-    import(&c, work.path(), BUSYBOX, vec![busybox_layer().finish()]);
-    import(&c, work.path(), LAYERED, layered_layers());
+    c.import(BUSYBOX, &[busybox_layer().finish()]);
+    c.import(LAYERED, &layered_layers());
 
     // A container prints through Strata's mounts.
     let out = c.ctr(&[

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{Daemon, Snap};
-use strata_fs_tests::image::{busybox_layer, write_oci_archive};
+use strata_fs_tests::image::busybox_layer;
 use strata_fs_tests::require_root;
 use strata_snapshotter::layout::Entry;
 use strata_snapshotter::store::Kind;
@@ -201,20 +201,10 @@ async fn kill9_at_random_points_is_repaired_at_next_start() {
     // And containerd still runs a container on it.
     d.start_again();
     let c = Containerd::start(&d.socket);
-    let archive = dir.path().join("busybox.tar");
-    write_oci_archive(
-        &archive,
+    c.import(
         "docker.io/strata/busybox:crash",
         &[busybox_layer().finish()],
-        &["/bin/sh"],
     );
-    c.ctr(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "strata",
-        archive.to_str().unwrap(),
-    ]);
     let out = c.ctr(&[
         "run",
         "--rm",
