@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod layer;
 pub mod layout;
 pub mod mounts;
 pub mod server;
