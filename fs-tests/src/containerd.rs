@@ -34,6 +34,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.strata]
   type = "snapshot"
   address = "{strata}"
+# Collect garbage after every deletion, so tests see containerd's GC remove backend snapshots.
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
 "#,
             root = dir.path().join("root").display(),
             state = dir.path().join("state").display(),
@@ -42,10 +45,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             strata = strata_socket.display(),
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let mut c = Containerd {
+            address,
+            namespace: "strata-test".into(),
+            child: None,
+            dir,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("containerd.log"))
+            .unwrap();
         let child = Command::new("containerd")
             .arg("--config")
-            .arg(dir.path().join("config.toml"))
+            .arg(self.dir.path().join("config.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -53,28 +71,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .expect(
                 "containerd is missing: install Debian's containerd and runc (scripts/test does)",
             );
-        let mut c = Containerd {
-            address,
-            namespace: "strata-test".into(),
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if c.address.exists() && c.try_ctr(&["version"]).status.success() {
+            if self.address.exists() && self.try_ctr(&["version"]).status.success() {
                 break;
             }
-            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("containerd exited with {status}: {}", c.log());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("containerd exited with {status}: {}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "containerd did not start: {}",
-                c.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        c
     }
 
     pub fn log(&self) -> String {

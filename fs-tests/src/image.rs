@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::json;
-use sha2::{Digest, Sha256};
+use strata_snapshotter::content::ContentStore;
+use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Manifest, RootFs, RunConfig};
 
 const MTIME: u64 = 1_700_000_000;
 const BUSYBOX: &str = "/usr/bin/busybox";
@@ -127,83 +127,50 @@ pub fn busybox_layer() -> LayerBuilder {
     b
 }
 
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
 /// Writes an OCI image layout tar at `out` holding image `name` (e.g. `docker.io/strata/busybox:1`)
 /// with `layers` (uncompressed tars, lowest first) and `cmd`.
 pub fn write_oci_archive(out: &Path, name: &str, layers: &[Vec<u8>], cmd: &[&str]) {
-    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ContentStore::open(dir.path()).unwrap();
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();
     for layer in layers {
-        let digest = sha256(layer);
-        diff_ids.push(digest.clone());
-        layer_descs.push(json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": digest,
-            "size": layer.len(),
-        }));
-        blobs.push((digest, layer.clone()));
+        let digest = store.put(layer).unwrap();
+        diff_ids.push(digest.to_string());
+        layer_descs.push(Descriptor {
+            media_type: oci::MEDIA_LAYER.into(),
+            digest: digest.to_string(),
+            size: layer.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+        });
     }
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": cmd,
+    let config = ImageConfig {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+        config: RunConfig {
+            env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+            cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
         },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    }))
-    .unwrap();
-    let config_digest = sha256(&config);
-    blobs.push((config_digest.clone(), config.clone()));
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config.len(),
+        rootfs: RootFs {
+            kind: "layers".into(),
+            diff_ids,
         },
-        "layers": layer_descs,
-    }))
-    .unwrap();
-    let manifest_digest = sha256(&manifest);
-    blobs.push((manifest_digest.clone(), manifest.clone()));
-    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "platform": { "architecture": "amd64", "os": "linux" },
-            "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": tag,
-            },
-        }],
-    }))
-    .unwrap();
-
-    let mut tar = tar::Builder::new(std::fs::File::create(out).unwrap());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_mode(0o644);
-        h.set_mtime(MTIME);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, path, data).unwrap();
+        ..Default::default()
     };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json", &index);
-    for (digest, data) in &blobs {
-        add(
-            &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
-            data,
-        );
-    }
-    tar.finish().unwrap();
+    let config = oci::put_json(&store, oci::MEDIA_CONFIG, &config).unwrap();
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: oci::MEDIA_MANIFEST.into(),
+        config,
+        layers: layer_descs,
+    };
+    let mut manifest_desc = oci::put_json(&store, oci::MEDIA_MANIFEST, &manifest).unwrap();
+    manifest_desc.platform = Some(oci::Platform {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+    });
+    let file = std::fs::File::create(out).unwrap();
+    oci::write_layout_archive(&store, &manifest_desc, name, MTIME, file).unwrap();
 }

@@ -146,8 +146,11 @@ async fn containerd_runs_containers_on_strata() {
     let out = c.ctr(&run);
     assert!(out.starts_with("root:x:0:0"), "{out}");
 
-    // Removing the container removes its snapshot from Strata (containerd's GC calls Remove soon after).
+    // Removing the container removes its snapshot: at once from containerd's view, and from
+    // Strata when containerd's garbage collector runs (after each deletion, as configured).
     c.ctr(&["containers", "rm", "writer"]);
+    let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert!(!ls.lines().any(|l| l.starts_with("writer ")), "{ls}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let active = s.try_list(&["kind==active"]).await.unwrap();
@@ -156,7 +159,14 @@ async fn containerd_runs_containers_on_strata() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "containerd's GC never removed {active:?}"
+            "containerd's GC never removed {active:?}\n{}",
+            c.log()
+                .lines()
+                .filter(|l| l.contains("gc")
+                    || l.contains("level=error")
+                    || l.contains("level=warn"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }

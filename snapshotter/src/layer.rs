@@ -80,17 +80,20 @@ fn ensure_parents(root: &Path, rel: &Path, entry: &Path) -> Result<(), LayerErro
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(LayerError::Unsafe {
                         entry: entry.display().to_string(),
-                        reason: "its parent directory is a symlink, which could lead outside the layer",
+                        reason:
+                            "its parent directory is a symlink, which could lead outside the layer",
                     })
                 }
                 Ok(_) => {
                     // A file (or whiteout) where a directory is needed: the layer replaces it.
-                    remove_tree(&dir).map_err(|e| entry_err(entry)(io::Error::other(e.to_string())))?;
+                    remove_tree(&dir)
+                        .map_err(|e| entry_err(entry)(io::Error::other(e.to_string())))?;
                     fs::create_dir(&dir).map_err(entry_err(entry))?;
                 }
                 Err(_) => {
                     fs::create_dir(&dir).map_err(entry_err(entry))?;
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(entry_err(entry))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                        .map_err(entry_err(entry))?;
                 }
             }
         }
@@ -153,7 +156,8 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
             }
             let target = parent.join(OsStr::from_bytes(hidden));
             remove_existing(&target, &raw)?;
-            mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| entry_err(&raw)(nix_err(e)))?;
+            mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+                .map_err(|e| entry_err(&raw)(nix_err(e)))?;
             continue;
         }
         let path = dest.join(&rel);
@@ -201,10 +205,13 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
                 stats.bytes += io::copy(&mut e, &mut f).map_err(entry_err(&raw))?;
             }
             tar::EntryType::Symlink => {
-                let target = e.link_name().map_err(LayerError::Read)?.ok_or_else(|| LayerError::Unsafe {
-                    entry: raw.display().to_string(),
-                    reason: "a symlink without a target",
-                })?;
+                let target =
+                    e.link_name()
+                        .map_err(LayerError::Read)?
+                        .ok_or_else(|| LayerError::Unsafe {
+                            entry: raw.display().to_string(),
+                            reason: "a symlink without a target",
+                        })?;
                 remove_existing(&path, &raw)?;
                 symlink(&target, &path).map_err(entry_err(&raw))?;
             }
@@ -218,7 +225,8 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
                     _ => {
                         return Err(LayerError::Unsafe {
                             entry: raw.display().to_string(),
-                            reason: "a hard link to something that is not a regular file of this layer",
+                            reason:
+                                "a hard link to something that is not a regular file of this layer",
                         })
                     }
                 }
@@ -235,8 +243,13 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
                     _ => SFlag::S_IFIFO,
                 };
                 remove_existing(&path, &raw)?;
-                mknod(&path, flag, Mode::from_bits_truncate(meta.mode & 0o777), makedev(major, minor))
-                    .map_err(|e| entry_err(&raw)(nix_err(e)))?;
+                mknod(
+                    &path,
+                    flag,
+                    Mode::from_bits_truncate(meta.mode & 0o777),
+                    makedev(major, minor),
+                )
+                .map_err(|e| entry_err(&raw)(nix_err(e)))?;
             }
             _ => continue, // pax/gnu headers are consumed by the reader; others carry no files
         }
@@ -307,7 +320,9 @@ fn diff_dir<W: Write>(
     links: &mut HashMap<(u64, u64), PathBuf>,
     opts: DiffOptions,
 ) -> io::Result<()> {
-    let mut names: Vec<_> = fs::read_dir(root.join(rel))?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    let mut names: Vec<_> = fs::read_dir(root.join(rel))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
     names.sort();
     for name in names {
         let rel_path = rel.join(&name);
@@ -375,7 +390,13 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn add(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, link: &str, data: &[u8]) {
+    fn add(
+        b: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        path: &str,
+        link: &str,
+        data: &[u8],
+    ) {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(0o644);
@@ -415,10 +436,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         apply(&layer[..], dir.path()).unwrap();
         assert!(is_whiteout(&dir.path().join("etc/motd")));
-        assert_eq!(xattr::get(dir.path().join("opt"), OPAQUE_XATTR).unwrap().as_deref(), Some(&b"y"[..]));
+        assert_eq!(
+            xattr::get(dir.path().join("opt"), OPAQUE_XATTR)
+                .unwrap()
+                .as_deref(),
+            Some(&b"y"[..])
+        );
         assert_eq!(fs::read(dir.path().join("opt/linked")).unwrap(), b"new");
-        assert_eq!(fs::read_link(dir.path().join("opt/sym")).unwrap(), Path::new("/etc/passwd"));
-        assert_eq!(fs::metadata(dir.path().join("opt/new")).unwrap().mtime(), 1_600_000_000);
+        assert_eq!(
+            fs::read_link(dir.path().join("opt/sym")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        assert_eq!(
+            fs::metadata(dir.path().join("opt/new")).unwrap().mtime(),
+            1_600_000_000
+        );
 
         let mut out = Vec::new();
         diff(dir.path(), &mut out, DiffOptions::default()).unwrap();
@@ -426,7 +458,10 @@ mod tests {
         let mut archive = tar::Archive::new(&out[..]);
         for e in archive.entries().unwrap() {
             let e = e.unwrap();
-            names.push((e.path().unwrap().display().to_string(), e.header().entry_type()));
+            names.push((
+                e.path().unwrap().display().to_string(),
+                e.header().entry_type(),
+            ));
         }
         let want = [
             ("etc", tar::EntryType::Directory),
@@ -437,7 +472,8 @@ mod tests {
             ("opt/new", tar::EntryType::Link),
             ("opt/sym", tar::EntryType::Symlink),
         ];
-        let got: Vec<(&str, tar::EntryType)> = names.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        let got: Vec<(&str, tar::EntryType)> =
+            names.iter().map(|(n, k)| (n.as_str(), *k)).collect();
         assert_eq!(got, want);
     }
 
@@ -448,7 +484,13 @@ mod tests {
         let escapes = [
             tar_of(|b| add(b, tar::EntryType::Regular, "../../escaped", "", b"x")),
             tar_of(|b| {
-                add(b, tar::EntryType::Symlink, "evil", outside.path().to_str().unwrap(), b"");
+                add(
+                    b,
+                    tar::EntryType::Symlink,
+                    "evil",
+                    outside.path().to_str().unwrap(),
+                    b"",
+                );
                 add(b, tar::EntryType::Regular, "evil/victim", "", b"x");
             }),
             tar_of(|b| add(b, tar::EntryType::Link, "hard", "../../etc/passwd", b"")),

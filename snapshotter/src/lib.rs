@@ -9,11 +9,13 @@
 //! - [`filter`]: containerd's filter syntax for List/Walk.
 
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod filter;
 pub mod layer;
 pub mod layout;
 pub mod mounts;
+pub mod oci;
 pub mod server;
 pub mod service;
 pub mod snapshots;

@@ -1,0 +1,273 @@
+//! OCI image types (manifest, index, config) and OCI image layout archives.
+//!
+//! Field names follow the image spec; the config keeps Docker's capitalised names so `docker load`
+//! and containerd read it unchanged.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::{ContentError, ContentStore, Digest};
+
+pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default)]
+    pub media_type: String,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub media_type: String,
+    pub manifests: Vec<Descriptor>,
+}
+
+/// The runtime part of an image config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RunConfig {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exposed_ports: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RootFs {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub diff_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty_layer: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    pub architecture: String,
+    pub os: String,
+    #[serde(default)]
+    pub config: RunConfig,
+    pub rootfs: RootFs,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<History>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("OCI layout archive: {0}")]
+    Archive(String),
+}
+
+/// Reads a JSON blob of type `T` from the store.
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    store: &ContentStore,
+    digest: &Digest,
+) -> Result<T, OciError> {
+    let bytes = store.read(digest)?;
+    serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
+        what: format!("blob {digest}"),
+        source,
+    })
+}
+
+/// Stores `value` as JSON and returns its descriptor.
+pub fn put_json<T: Serialize>(
+    store: &ContentStore,
+    media_type: &str,
+    value: &T,
+) -> Result<Descriptor, OciError> {
+    let bytes = serde_json::to_vec(value).expect("OCI types always serialize");
+    let digest = store.put(&bytes)?;
+    Ok(Descriptor {
+        media_type: media_type.into(),
+        digest: digest.to_string(),
+        size: bytes.len() as u64,
+        annotations: BTreeMap::new(),
+        platform: None,
+    })
+}
+
+/// Writes an OCI image layout archive holding `manifest` (and every blob it names, from `store`)
+/// under the name `name` (e.g. `docker.io/library/app:latest`). `mtime` stamps the tar entries.
+pub fn write_layout_archive(
+    store: &ContentStore,
+    manifest: &Descriptor,
+    name: &str,
+    mtime: u64,
+    out: impl Write,
+) -> Result<(), OciError> {
+    let m: Manifest = read_json(store, &Digest::parse(&manifest.digest)?)?;
+    let tag = name
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+        .map(|(_, t)| t)
+        .unwrap_or("latest");
+    let mut desc = manifest.clone();
+    desc.annotations
+        .insert(ANNOTATION_IMAGE_NAME.into(), name.into());
+    desc.annotations
+        .insert(ANNOTATION_REF_NAME.into(), tag.into());
+    let index = Index {
+        schema_version: 2,
+        media_type: MEDIA_INDEX.into(),
+        manifests: vec![desc],
+    };
+    let mut tar = tar::Builder::new(out);
+    let mut add = |path: &str, reader: &mut dyn Read, size: u64| -> Result<(), OciError> {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_mtime(mtime);
+        h.set_size(size);
+        tar.append_data(&mut h, path, reader)
+            .map_err(|e| OciError::Archive(e.to_string()))
+    };
+    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    add("oci-layout", &mut &layout[..], layout.len() as u64)?;
+    let index = serde_json::to_vec(&index).expect("index serializes");
+    add("index.json", &mut &index[..], index.len() as u64)?;
+    let mut blobs = vec![manifest.digest.clone(), m.config.digest.clone()];
+    blobs.extend(m.layers.iter().map(|l| l.digest.clone()));
+    blobs.dedup();
+    for blob in blobs {
+        let digest = Digest::parse(&blob)?;
+        let size = store.size(&digest)?;
+        let mut f = store.open_blob(&digest)?;
+        add(&format!("blobs/sha256/{}", digest.hex()), &mut f, size)?;
+    }
+    tar.into_inner()
+        .map_err(|e| OciError::Archive(e.to_string()))?;
+    Ok(())
+}
+
+/// An image found in a layout archive.
+#[derive(Debug, Clone)]
+pub struct LayoutImage {
+    pub name: Option<String>,
+    pub manifest: Descriptor,
+}
+
+/// Reads an OCI image layout archive into `store` (verifying every blob against its name) and
+/// returns the images its index lists.
+pub fn read_layout_archive(
+    store: &ContentStore,
+    input: impl Read,
+) -> Result<Vec<LayoutImage>, OciError> {
+    let mut archive = tar::Archive::new(input);
+    let mut index: Option<Index> = None;
+    for entry in archive
+        .entries()
+        .map_err(|e| OciError::Archive(e.to_string()))?
+    {
+        let mut e = entry.map_err(|e| OciError::Archive(e.to_string()))?;
+        let path = e
+            .path()
+            .map_err(|e| OciError::Archive(e.to_string()))?
+            .display()
+            .to_string();
+        let path = path.trim_start_matches("./").to_string();
+        if path == "index.json" {
+            let mut buf = Vec::new();
+            e.read_to_end(&mut buf)
+                .map_err(|e| OciError::Archive(e.to_string()))?;
+            index = Some(
+                serde_json::from_slice(&buf).map_err(|source| OciError::Json {
+                    what: "index.json".into(),
+                    source,
+                })?,
+            );
+        } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+            if hex.is_empty() {
+                continue;
+            }
+            let digest = Digest::parse(&format!("sha256:{hex}"))?;
+            store.put_reader(&mut e, Some(&digest))?;
+        }
+    }
+    let index =
+        index.ok_or_else(|| OciError::Archive("no index.json: not an OCI image layout".into()))?;
+    Ok(index
+        .manifests
+        .into_iter()
+        .map(|m| LayoutImage {
+            name: m
+                .annotations
+                .get(ANNOTATION_IMAGE_NAME)
+                .or_else(|| m.annotations.get(ANNOTATION_REF_NAME))
+                .cloned(),
+            manifest: m,
+        })
+        .collect())
+}
