@@ -231,6 +231,23 @@ impl Snapshots {
         self.mounts_of(&record)
     }
 
+    /// The directory holding `key`'s own files: the upperdir of an active snapshot, the layer of a
+    /// committed one. For library users that write or diff a snapshot without mounting it.
+    pub fn dir(&self, key: &str) -> Result<PathBuf> {
+        Ok(self.layout.fs_dir(self.get(key)?.id))
+    }
+
+    /// Keys of `key`'s ancestors, nearest first.
+    pub fn parents(&self, key: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut next = self.get(key)?.parent;
+        while !next.is_empty() {
+            out.push(next.clone());
+            next = self.get(&next)?.parent;
+        }
+        Ok(out)
+    }
+
     /// The mounts of an active or view snapshot.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let record = self.get(key)?;

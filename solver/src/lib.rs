@@ -2,8 +2,13 @@
 //!
 //! - [`dockerfile`]: the Dockerfile frontend (parser → instructions → LLB).
 //! - [`llb`]: the build graph, serialized deterministically; op digest = sha256 of its bytes.
-//! - [`pattern`]: path patterns and `.dockerignore` rules.
+//! - [`solver`]: the parallel scheduler with the content-addressed cache.
+//! - [`worker`]: snapshots, images, and running ops (runc, file ops).
+//! - [`export`]: image assembly and outputs.
+//! - [`progress`]: BuildKit-style progress.
 
+pub mod db;
 pub mod dockerfile;
 pub mod llb;
 pub mod pattern;
+pub mod worker;

@@ -1,0 +1,216 @@
+//! The worker: snapshots from the snapshotter library, the local image store, and the execution
+//! of ops (unpacking base images, running commands with an OCI runtime, file ops).
+//!
+//! Everything here is blocking; the solver calls it on tokio's blocking pool.
+
+pub mod exec;
+pub mod file;
+pub mod images;
+pub mod rootfs;
+pub mod tree;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use strata_snapshotter::content::{ContentError, ContentStore};
+use strata_snapshotter::layer::LayerError;
+use strata_snapshotter::mounts;
+use strata_snapshotter::oci::OciError;
+use strata_snapshotter::{Options, Snapshots};
+use tracing::warn;
+
+use crate::db::{Db, DbError};
+use crate::llb;
+use crate::pattern::Ignore;
+use tree::Source;
+
+/// Set by Ctrl-C: running steps are killed and the build stops.
+pub static CANCELLED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Exec(String),
+    #[error("process \"{command}\" did not complete successfully: exit code: {code}{}", if tail.is_empty() { String::new() } else { format!("\nlast lines of its output:\n{tail}") })]
+    ExitCode { command: String, code: i32, tail: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Copy(String),
+    #[error("{0}")]
+    Image(String),
+    #[error(transparent)]
+    Snapshot(#[from] strata_snapshotter::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+}
+
+/// The result of a vertex.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ref {
+    /// An empty tree (`FROM scratch`).
+    Scratch,
+    /// A committed snapshot.
+    Snapshot(String),
+    /// The build context, restricted to what a copy selects.
+    Context,
+}
+
+/// The build context of one build.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub dir: PathBuf,
+    pub ignore: Ignore,
+}
+
+/// The builder's store under `<root>/build` and the OCI runtime to run steps with.
+pub struct Worker {
+    dir: PathBuf,
+    pub snapshots: Snapshots,
+    pub content: ContentStore,
+    pub db: Db,
+    pub runtime: String,
+}
+
+static NONCE: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other process or call uses.
+pub fn nonce() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{t:x}-{}", std::process::id(), NONCE.fetch_add(1, Ordering::SeqCst))
+}
+
+impl Worker {
+    /// Opens the store under `root` (`<root>/build`), removing what an interrupted build left.
+    pub fn open(root: &Path, runtime: &str) -> Result<Worker, WorkerError> {
+        let dir = root.join("build");
+        std::fs::create_dir_all(&dir).map_err(|e| WorkerError::Exec(format!("create {}: {e}", dir.display())))?;
+        // The build database is opened first: its lock makes this process the store's only user.
+        let db = Db::open(&dir.join("db"))?;
+        let snapshots = Snapshots::open(&dir, Options::default())?;
+        let content = ContentStore::open(&dir.join("content"))?;
+        let w = Worker { dir, snapshots, content, db, runtime: runtime.to_string() };
+        w.remove_leftovers();
+        Ok(w)
+    }
+
+    fn remove_leftovers(&self) {
+        let mnt = self.dir.join("mnt");
+        if let Ok(rd) = std::fs::read_dir(&mnt) {
+            for e in rd.flatten() {
+                let _ = mounts::unmount(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        if let Ok(all) = self.snapshots.list(&["name~=^tmp/".to_string()]) {
+            for s in all {
+                if let Err(e) = self.snapshots.remove(&s.key) {
+                    warn!(key = s.key, error = %e, "could not remove a leftover temporary snapshot");
+                }
+            }
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `f` on a new active snapshot on `parent`, mounted; commits it as `result` when `f`
+    /// succeeds, removes it otherwise. `result` already existing (a concurrent equal step) is fine.
+    pub fn with_active(&self, parent: Option<&str>, result: &str, f: impl FnOnce(&Path) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+        let key = format!("tmp/{}", nonce());
+        let m = self.snapshots.prepare(&key, parent.unwrap_or(""), BTreeMap::new())?;
+        let outcome = self.with_mounted(&m, f);
+        match outcome {
+            Ok(()) => match self.snapshots.commit(result, &key, BTreeMap::new()) {
+                Ok(()) => Ok(()),
+                Err(strata_snapshotter::Error::AlreadyExists(_)) => {
+                    let _ = self.snapshots.remove(&key);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = self.snapshots.remove(&key);
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.snapshots.remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` with snapshot `key` mounted read-only.
+    pub fn with_view<T>(&self, key: &str, f: impl FnOnce(&Path) -> Result<T, WorkerError>) -> Result<T, WorkerError> {
+        let view = format!("tmp/{}", nonce());
+        let m = self.snapshots.view(&view, key, BTreeMap::new())?;
+        let mut out = None;
+        let r = self.with_mounted(&m, |p| {
+            out = Some(f(p)?);
+            Ok(())
+        });
+        let _ = self.snapshots.remove(&view);
+        r.map(|()| out.expect("set on success"))
+    }
+
+    fn with_mounted(&self, m: &[strata_snapshotter::api::types::Mount], f: impl FnOnce(&Path) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+        let target = self.dir.join("mnt").join(nonce());
+        std::fs::create_dir_all(&target).map_err(|e| WorkerError::Exec(format!("create {}: {e}", target.display())))?;
+        mounts::mount_all(m, &target)?;
+        let r = f(&target);
+        if let Err(e) = mounts::unmount(&target) {
+            warn!(target = %target.display(), error = %e, "unmount failed");
+        }
+        let _ = std::fs::remove_dir(&target);
+        r
+    }
+
+    fn parent_of(r: &Ref) -> Result<Option<&str>, WorkerError> {
+        match r {
+            Ref::Scratch => Ok(None),
+            Ref::Snapshot(s) => Ok(Some(s.as_str())),
+            Ref::Context => Err(WorkerError::Exec("the build context cannot be a container root".into())),
+        }
+    }
+
+    /// Runs an exec op on `input`, committing the result as `result`.
+    pub fn exec(&self, input: &Ref, op: &llb::ExecOp, result: &str, log: &(dyn Fn(&str) + Sync)) -> Result<(), WorkerError> {
+        let meta = op.meta.as_ref().ok_or_else(|| WorkerError::Exec("exec op without a command".into()))?;
+        let network = llb::NetMode::from_i32(op.network).unwrap_or(llb::NetMode::None);
+        let id = format!("strata-{}", nonce());
+        self.with_active(Self::parent_of(input)?, result, |root| {
+            let spec = exec::ExecSpec { meta, network, runtime: &self.runtime, state_dir: &self.dir, id: &id };
+            exec::run(root, &spec, log)
+        })
+    }
+
+    /// Runs a file op's actions on `base`, in order; `secondary[i]` is action i's source.
+    pub fn file(&self, base: &Ref, actions: &[(llb::FileAction, Option<Ref>)], context: Option<&Context>, result: &str) -> Result<(), WorkerError> {
+        self.with_active(Self::parent_of(base)?, result, |root| {
+            for (action, secondary) in actions {
+                match &action.action {
+                    Some(llb::file_action::Action::Mkdir(a)) => file::mkdir(root, a)?,
+                    Some(llb::file_action::Action::Mkfile(a)) => file::mkfile(root, a)?,
+                    Some(llb::file_action::Action::Copy(a)) => match secondary {
+                        Some(Ref::Context) => {
+                            let ctx = context.ok_or_else(|| WorkerError::Copy("COPY from the build context, but this build has none".into()))?;
+                            let source = Source { root: &ctx.dir, ignore: Some(&ctx.ignore) };
+                            file::copy(root, &source, true, a)?;
+                        }
+                        Some(Ref::Snapshot(s)) => self.with_view(s, |src| file::copy(root, &Source { root: src, ignore: None }, false, a))?,
+                        Some(Ref::Scratch) | None => return Err(WorkerError::Copy(format!("COPY {}: the source stage is empty", a.src))),
+                    },
+                    None => {}
+                }
+            }
+            Ok(())
+        })
+    }
+}
