@@ -43,7 +43,10 @@ pub struct LayerRecord {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub struct Db {
@@ -55,21 +58,36 @@ impl Db {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_keep_log_file_num(4);
-        let db = DB::open(&opts, path).map_err(|e| if e.to_string().contains("lock") { DbError::Locked(path.display().to_string()) } else { DbError::Rocks(e) })?;
+        let db = DB::open(&opts, path).map_err(|e| {
+            if e.to_string().contains("lock") {
+                DbError::Locked(path.display().to_string())
+            } else {
+                DbError::Rocks(e)
+            }
+        })?;
         Ok(Db { db })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DbError> {
         match self.db.get(key)? {
             None => Ok(None),
-            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| DbError::Corrupt { key: key.into(), reason: e.to_string() }),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| DbError::Corrupt {
+                    key: key.into(),
+                    reason: e.to_string(),
+                }),
         }
     }
 
     fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DbError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.put_opt(key, serde_json::to_vec(value).expect("records serialize"), &opts)?;
+        self.db.put_opt(
+            key,
+            serde_json::to_vec(value).expect("records serialize"),
+            &opts,
+        )?;
         Ok(())
     }
 
@@ -80,11 +98,19 @@ impl Db {
 
     fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, DbError> {
         let mut out = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(prefix.as_bytes(), Direction::Forward)) {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(prefix.as_bytes(), Direction::Forward))
+        {
             let (k, v) = item?;
-            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else { break };
+            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
             let key = String::from_utf8_lossy(rest).into_owned();
-            let value = serde_json::from_slice(&v).map_err(|e| DbError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+            let value = serde_json::from_slice(&v).map_err(|e| DbError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
             out.push((key, value));
         }
         Ok(out)

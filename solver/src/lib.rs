@@ -9,6 +9,9 @@
 
 pub mod db;
 pub mod dockerfile;
+pub mod export;
 pub mod llb;
 pub mod pattern;
+pub mod progress;
+pub mod solver;
 pub mod worker;

@@ -259,7 +259,10 @@ pub enum LlbError {
 
 impl Graph {
     pub fn from_definition(def: &Definition) -> Result<Graph, LlbError> {
-        let (last, ops) = def.def.split_last().ok_or_else(|| LlbError::Malformed("no ops".into()))?;
+        let (last, ops) = def
+            .def
+            .split_last()
+            .ok_or_else(|| LlbError::Malformed("no ops".into()))?;
         let terminal = Op::decode(&last[..]).map_err(|e| LlbError::Malformed(e.to_string()))?;
         let mut map = BTreeMap::new();
         for bytes in ops {
@@ -269,19 +272,29 @@ impl Graph {
         for (d, op) in &map {
             for i in &op.inputs {
                 if !map.contains_key(&i.digest) {
-                    return Err(LlbError::Malformed(format!("op {d} names missing input {}", i.digest)));
+                    return Err(LlbError::Malformed(format!(
+                        "op {d} names missing input {}",
+                        i.digest
+                    )));
                 }
             }
         }
         let result = terminal.inputs.into_iter().next();
         if let Some(r) = &result {
             if !map.contains_key(&r.digest) {
-                return Err(LlbError::Malformed(format!("result names missing op {}", r.digest)));
+                return Err(LlbError::Malformed(format!(
+                    "result names missing op {}",
+                    r.digest
+                )));
             }
         }
         // Reject cycles: a digest graph cannot have one unless forged.
         let mut state: BTreeMap<&str, u8> = BTreeMap::new();
-        fn visit<'a>(d: &'a str, map: &'a BTreeMap<String, Op>, state: &mut BTreeMap<&'a str, u8>) -> Result<(), LlbError> {
+        fn visit<'a>(
+            d: &'a str,
+            map: &'a BTreeMap<String, Op>,
+            state: &mut BTreeMap<&'a str, u8>,
+        ) -> Result<(), LlbError> {
             match state.get(d) {
                 Some(1) => return Err(LlbError::Malformed(format!("cycle through {d}"))),
                 Some(_) => return Ok(()),
@@ -355,7 +368,14 @@ mod tests {
     #[test]
     fn malformed_definitions_are_refused() {
         let def = Definition {
-            def: vec![Op { inputs: vec![Input { digest: "sha256:nope".into(), index: 0 }], kind: None }.encode_to_vec()],
+            def: vec![Op {
+                inputs: vec![Input {
+                    digest: "sha256:nope".into(),
+                    index: 0,
+                }],
+                kind: None,
+            }
+            .encode_to_vec()],
             metadata: BTreeMap::new(),
         };
         assert!(Graph::from_definition(&def).is_err());

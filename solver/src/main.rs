@@ -1,1 +1,434 @@
-fn main() {}
+//! `strata`: build container images from Dockerfiles, without a daemon.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use strata_solver::dockerfile::convert::{convert, ConvertOptions};
+use strata_solver::export::{self, Output};
+use strata_solver::llb::Graph;
+use strata_solver::pattern::Ignore;
+use strata_solver::progress::{Mode, Progress};
+use strata_solver::solver::Solver;
+use strata_solver::worker::{Context, Worker, CANCELLED};
+
+const AFTER_HELP: &str = r#"Examples:
+  strata images load busybox.tar                      # an OCI layout archive becomes a base image
+  strata build -t app .                                # build ./Dockerfile, name it app
+  strata build --output type=oci,dest=app.tar -t app . # and write an OCI archive (ctr images import app.tar)
+  strata build --target test --no-cache-filter test .  # one stage, rerunning only its steps
+  SOURCE_DATE_EPOCH=0 strata build --output type=oci,dest=a.tar .   # reproducible digests
+
+Builds run as root: steps run in runc over overlayfs snapshots under --root."#;
+
+/// Build container images from Dockerfiles: parallel, cached, daemonless.
+#[derive(Parser)]
+#[command(name = "strata", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Store for snapshots, cache and images
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/strata",
+        value_name = "DIR"
+    )]
+    root: PathBuf,
+    /// OCI runtime that runs RUN steps
+    #[arg(long, global = true, default_value = "runc", value_name = "PATH")]
+    oci_runtime: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build an image from a Dockerfile and a context directory
+    Build(BuildArgs),
+    /// List, load or remove images in the local store
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Show the disk used by the build cache
+    Du,
+    /// Remove build cache records and their snapshots
+    Prune {
+        /// Keep records used within this long (e.g. 48h, 30m)
+        #[arg(long, value_name = "DURATION")]
+        keep_duration: Option<String>,
+    },
+    /// Developer tools
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// List images
+    Ls,
+    /// Load an OCI image layout archive (what `--output type=oci` and `skopeo copy oci-archive:` write)
+    Load { archive: PathBuf },
+    /// Remove an image name (its layers stay until pruned)
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Print the LLB a Dockerfile compiles to, as JSON
+    DumpLlb(FrontendArgs),
+}
+
+#[derive(Args, Clone)]
+struct FrontendArgs {
+    /// Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Build-time variable
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// Stage to build (default: the last)
+    #[arg(long)]
+    target: Option<String>,
+    /// Build context directory
+    context: PathBuf,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    frontend: FrontendArgs,
+    /// Name the result in the local image store
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    tags: Vec<String>,
+    /// Where to write the result: type=oci,dest=FILE | type=local,dest=DIR | type=image,name=REF
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// Run every step, ignoring the cache
+    #[arg(long)]
+    no_cache: bool,
+    /// Run the steps of these stages, ignoring the cache
+    #[arg(long, value_name = "STAGE")]
+    no_cache_filter: Vec<String>,
+    /// Progress output
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Mode,
+    /// Steps run at once (default: number of CPUs)
+    #[arg(long, value_name = "N")]
+    max_parallelism: Option<usize>,
+}
+
+fn read_dockerfile(f: &FrontendArgs) -> anyhow::Result<(PathBuf, String)> {
+    let path = f
+        .file
+        .clone()
+        .unwrap_or_else(|| f.context.join("Dockerfile"));
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read Dockerfile {}: pass -f FILE or add a Dockerfile to the context",
+            path.display()
+        )
+    })?;
+    Ok((path, text))
+}
+
+fn ignore_rules(dockerfile: &Path, context: &Path) -> anyhow::Result<Ignore> {
+    let specific = PathBuf::from(format!("{}.dockerignore", dockerfile.display()));
+    for p in [specific, context.join(".dockerignore")] {
+        if p.is_file() {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
+            return Ok(Ignore::parse(&text));
+        }
+    }
+    Ok(Ignore::default())
+}
+
+fn convert_options(f: &FrontendArgs, ignore: Ignore) -> anyhow::Result<ConvertOptions> {
+    let mut build_args = BTreeMap::new();
+    for a in &f.build_args {
+        match a.split_once('=') {
+            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
+            // `--build-arg NAME` takes the value from the environment, as docker does.
+            None => std::env::var(a).ok().and_then(|v| build_args.insert(a.clone(), v)),
+        };
+    }
+    Ok(ConvertOptions {
+        build_args,
+        target: f.target.clone(),
+        ignore,
+        ..Default::default()
+    })
+}
+
+fn check_syntax(syntax: Option<&str>) -> anyhow::Result<()> {
+    match syntax {
+        None => Ok(()),
+        Some(s) => {
+            let name = s.trim_start_matches("docker.io/");
+            let builtin = name == "docker/dockerfile"
+                || name.starts_with("docker/dockerfile:1")
+                || name == "docker/dockerfile:experimental";
+            if builtin {
+                Ok(())
+            } else {
+                bail!("# syntax={s}: external frontends are not supported by this version; use docker/dockerfile:1 or remove the line")
+            }
+        }
+    }
+}
+
+fn open_worker(cli: &Cli) -> anyhow::Result<Arc<Worker>> {
+    let w = Worker::open(&cli.root, &cli.oci_runtime)
+        .with_context(|| format!("open the build store under {}", cli.root.display()))?;
+    Ok(Arc::new(w))
+}
+
+async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
+    let progress = Arc::new(Progress::new(args.progress));
+    let f = &args.frontend;
+    let v = progress.vertex("[internal] load build definition from Dockerfile");
+    let (path, text) = read_dockerfile(f)?;
+    v.log(&format!("transferring dockerfile: {}B done", text.len()));
+    v.done();
+    let v = progress.vertex("[internal] load .dockerignore");
+    let ignore = ignore_rules(&path, &f.context)?;
+    v.done();
+    let mut outputs: Vec<Output> = args
+        .outputs
+        .iter()
+        .map(|o| Output::parse(o).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    // An OCI archive without a name= is named like the first -t.
+    for o in &mut outputs {
+        if let Output::Oci {
+            name: name @ None, ..
+        } = o
+        {
+            *name = args.tags.first().cloned();
+        }
+    }
+    outputs.extend(args.tags.iter().map(|t| Output::Image(t.clone())));
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .map(|s| {
+            s.parse::<u64>()
+                .with_context(|| format!("SOURCE_DATE_EPOCH={s:?} is not unix seconds"))
+        })
+        .transpose()?;
+
+    let worker = open_worker(cli)?;
+    let mut opts = convert_options(f, ignore.clone())?;
+    opts.no_cache = args.no_cache;
+    opts.no_cache_filter = args.no_cache_filter.clone();
+    let w = worker.clone();
+    let converted = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;
+    check_syntax(converted.syntax.as_deref())?;
+    let graph = Graph::from_definition(&converted.definition)?;
+    let context = Context {
+        dir: f
+            .context
+            .canonicalize()
+            .with_context(|| format!("build context {}", f.context.display()))?,
+        ignore,
+    };
+    let parallel = args.max_parallelism.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let solver = Solver::new(
+        worker.clone(),
+        graph,
+        Some(context),
+        progress.clone(),
+        parallel,
+    );
+
+    // Ctrl-C: running steps are killed, mounts undone, no cache record written for them.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            CANCELLED.store(true, Ordering::SeqCst);
+        }
+    });
+    let done = solver
+        .solve()
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+    let result = done
+        .map(|d| d.result.clone())
+        .unwrap_or(strata_solver::worker::Ref::Scratch);
+
+    let v = progress.vertex("exporting to image");
+    let w = worker.clone();
+    let config = converted.config.clone();
+    let r = result.clone();
+    let outs = outputs.clone();
+    let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let manifest = export::image(&w, &r, config, epoch)?;
+        let mut lines = vec![format!("writing image {}", manifest.digest)];
+        for o in &outs {
+            lines.push(export::write(&w, o, &r, &manifest, epoch)?);
+        }
+        Ok(lines)
+    })
+    .await??;
+    for l in &lines {
+        v.log(l);
+    }
+    v.done();
+    let s = solver.stats();
+    progress.note(&format!(
+        "built in {:.1}s: {} steps, {} cached, {} run",
+        progress.started.elapsed().as_secs_f64(),
+        s.vertices,
+        s.cached,
+        s.executed
+    ));
+    Ok(())
+}
+
+fn parse_duration(s: &str) -> anyhow::Result<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("duration {s:?}: use e.g. 48h, 30m, 7d"))?;
+    Ok(n * match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("duration {s:?}: unit must be s, m, h or d"),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("STRATA_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("start async runtime")?;
+    match &cli.command {
+        Cmd::Build(args) => rt.block_on(build(&cli, args)),
+        Cmd::Images(ImagesCmd::Ls) => {
+            let w = open_worker(&cli)?;
+            println!("{:<60} {:<20} {:>10}", "NAME", "DIGEST", "SIZE");
+            for img in w.db.images()? {
+                let size: u64 = w
+                    .manifest(&img.name)
+                    .map(|(_, m)| m.layers.iter().map(|l| l.size).sum::<u64>() + m.config.size)
+                    .unwrap_or(0);
+                println!(
+                    "{:<60} {:<20} {:>10}",
+                    img.name,
+                    &img.manifest.digest[..19.min(img.manifest.digest.len())],
+                    human(size)
+                );
+            }
+            Ok(())
+        }
+        Cmd::Images(ImagesCmd::Load { archive }) => {
+            let w = open_worker(&cli)?;
+            for name in w.load_archive(archive)? {
+                println!("loaded {name}");
+            }
+            Ok(())
+        }
+        Cmd::Images(ImagesCmd::Rm { name }) => {
+            let w = open_worker(&cli)?;
+            let n = strata_solver::worker::images::normalize(name);
+            if w.db.image(&n)?.is_none() {
+                bail!("image {n} is not in the local store (see `strata images ls`)");
+            }
+            w.db.delete_image(&n)?;
+            println!("untagged {n}");
+            Ok(())
+        }
+        Cmd::Du => {
+            let w = open_worker(&cli)?;
+            let mut total = 0i64;
+            println!("{:<72} {:>10}  DESCRIPTION", "CACHE KEY", "SIZE");
+            for (key, rec) in w.db.caches()? {
+                let size = w
+                    .snapshots
+                    .usage(&rec.snapshot)
+                    .map(|u| u.size)
+                    .unwrap_or(0);
+                total += size;
+                println!("{key:<72} {:>10}  {}", human(size as u64), rec.description);
+            }
+            println!("total: {}", human(total as u64));
+            Ok(())
+        }
+        Cmd::Prune { keep_duration } => {
+            let w = open_worker(&cli)?;
+            let keep = keep_duration.as_deref().map(parse_duration).transpose()?;
+            let cutoff = strata_solver::db::now().saturating_sub(keep.unwrap_or(0));
+            let (mut records, mut freed) = (0, 0i64);
+            for (key, rec) in w.db.caches()? {
+                if keep.is_some() && rec.last_used >= cutoff {
+                    continue;
+                }
+                w.db.delete_cache(&key)?;
+                records += 1;
+            }
+            // Then every result snapshot no record points at, leaves first.
+            loop {
+                let used: std::collections::BTreeSet<String> =
+                    w.db.caches()?
+                        .into_iter()
+                        .map(|(_, r)| r.snapshot)
+                        .collect();
+                let all = w.snapshots.list(&["name~=^result/".to_string()])?;
+                let parents: std::collections::BTreeSet<String> = w
+                    .snapshots
+                    .list(&[])?
+                    .into_iter()
+                    .map(|s| s.record.parent)
+                    .collect();
+                let doomed: Vec<_> = all
+                    .into_iter()
+                    .filter(|s| !used.contains(&s.key) && !parents.contains(&s.key))
+                    .collect();
+                if doomed.is_empty() {
+                    break;
+                }
+                for s in doomed {
+                    freed += w.snapshots.usage(&s.key).map(|u| u.size).unwrap_or(0);
+                    w.snapshots.remove(&s.key)?;
+                    w.db.delete_layer(&s.key)?;
+                }
+            }
+            println!(
+                "removed {records} cache records, freed {}",
+                human(freed as u64)
+            );
+            Ok(())
+        }
+        Cmd::Debug(DebugCmd::DumpLlb(f)) => {
+            let (path, text) = read_dockerfile(f)?;
+            let w = open_worker(&cli)?;
+            let opts = convert_options(f, ignore_rules(&path, &f.context)?)?;
+            let converted = convert(&text, &opts, &*w)?;
+            let graph = Graph::from_definition(&converted.definition)?;
+            println!("{}", serde_json::to_string_pretty(&graph.to_json())?);
+            Ok(())
+        }
+    }
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", units[i])
+    }
+}

@@ -13,7 +13,9 @@ fn match_segments(p: &[&str], s: &[&str]) -> bool {
         None => s.is_empty(),
         Some((&"**", rest)) => (0..=s.len()).any(|i| match_segments(rest, &s[i..])),
         Some((first, rest)) => match s.split_first() {
-            Some((seg, srest)) => match_segment(first.as_bytes(), seg.as_bytes()) && match_segments(rest, srest),
+            Some((seg, srest)) => {
+                match_segment(first.as_bytes(), seg.as_bytes()) && match_segments(rest, srest)
+            }
             None => false,
         },
     }
@@ -47,7 +49,9 @@ fn match_segment(p: &[u8], s: &[u8]) -> bool {
             }
             hit != negate && match_segment(&p[end + 1..], &s[1..])
         }
-        Some(b'\\') if p.len() > 1 => !s.is_empty() && s[0] == p[1] && match_segment(&p[2..], &s[1..]),
+        Some(b'\\') if p.len() > 1 => {
+            !s.is_empty() && s[0] == p[1] && match_segment(&p[2..], &s[1..])
+        }
         Some(&c) => !s.is_empty() && s[0] == c && match_segment(&p[1..], &s[1..]),
     }
 }
@@ -83,7 +87,10 @@ impl Ignore {
     }
 
     pub fn patterns(&self) -> Vec<String> {
-        self.rules.iter().map(|(p, neg)| if *neg { format!("!{p}") } else { p.clone() }).collect()
+        self.rules
+            .iter()
+            .map(|(p, neg)| if *neg { format!("!{p}") } else { p.clone() })
+            .collect()
     }
 
     pub fn from_patterns(patterns: &[String]) -> Ignore {

@@ -40,7 +40,18 @@ pub struct Converted {
 }
 
 /// Args every build knows without declaring them.
-const PREDEFINED: &[&str] = &["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"];
+const PREDEFINED: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Metadata key of an op's progress name.
 pub const CUSTOM_NAME: &str = "llb.customname";
@@ -74,7 +85,11 @@ fn err(l: &Located, msg: impl Into<String>) -> DockerfileError {
 }
 
 /// Converts Dockerfile `text` to LLB.
-pub fn convert(text: &str, opts: &ConvertOptions, resolver: &dyn ImageResolver) -> Result<Converted, DockerfileError> {
+pub fn convert(
+    text: &str,
+    opts: &ConvertOptions,
+    resolver: &dyn ImageResolver,
+) -> Result<Converted, DockerfileError> {
     let parsed = parse(text)?;
     let located = instructions(&parsed.nodes)?;
     let mut global_args = BTreeMap::new();
@@ -87,7 +102,11 @@ pub fn convert(text: &str, opts: &ConvertOptions, resolver: &dyn ImageResolver) 
                         return Err(err(&l, format!("duplicate stage name {n:?}")));
                     }
                 }
-                stages.push(Stage { name: name.clone(), from: l, body: Vec::new() });
+                stages.push(Stage {
+                    name: name.clone(),
+                    from: l,
+                    body: Vec::new(),
+                });
             }
             (Instruction::Arg(pairs), None) => {
                 for (k, v) in pairs {
@@ -102,13 +121,20 @@ pub fn convert(text: &str, opts: &ConvertOptions, resolver: &dyn ImageResolver) 
         None => stages.len() - 1,
         Some(t) => {
             let t = t.to_ascii_lowercase();
-            stages.iter().position(|s| s.name.as_deref() == Some(t.as_str())).ok_or_else(|| DockerfileError {
-                line: None,
-                message: format!(
-                    "target stage {t:?} not found; stages: {}",
-                    stages.iter().filter_map(|s| s.name.clone()).collect::<Vec<_>>().join(", ")
-                ),
-            })?
+            stages
+                .iter()
+                .position(|s| s.name.as_deref() == Some(t.as_str()))
+                .ok_or_else(|| DockerfileError {
+                    line: None,
+                    message: format!(
+                        "target stage {t:?} not found; stages: {}",
+                        stages
+                            .iter()
+                            .filter_map(|s| s.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })?
         }
     };
     let mut c = Converter {
@@ -141,7 +167,11 @@ impl Converter<'_> {
 
     fn stage_index(&self, name: &str, current: usize) -> Option<usize> {
         let lower = name.to_ascii_lowercase();
-        if let Some(i) = self.stages.iter().position(|s| s.name.as_deref() == Some(lower.as_str())) {
+        if let Some(i) = self
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+        {
             return Some(i);
         }
         // A number refers to an earlier stage by position.
@@ -149,15 +179,27 @@ impl Converter<'_> {
     }
 
     fn stage_label(&self, i: usize) -> String {
-        self.stages[i].name.clone().unwrap_or_else(|| format!("stage-{i}"))
+        self.stages[i]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{i}"))
     }
 
     fn meta(&self, stage: usize, name: String) -> OpMetadata {
         let stage_name = self.stage_label(stage);
-        let ignore = self.opts.no_cache || self.opts.no_cache_filter.iter().any(|f| f.eq_ignore_ascii_case(&stage_name));
+        let ignore = self.opts.no_cache
+            || self
+                .opts
+                .no_cache_filter
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(&stage_name));
         OpMetadata {
             ignore_cache: ignore,
-            description: [(CUSTOM_NAME.to_string(), name), ("strata.stage".to_string(), stage_name)].into(),
+            description: [
+                (CUSTOM_NAME.to_string(), name),
+                ("strata.stage".to_string(), stage_name),
+            ]
+            .into(),
         }
     }
 
@@ -167,27 +209,57 @@ impl Converter<'_> {
             return Ok(done.clone());
         }
         if !self.visiting.insert(i) {
-            return Err(err(&self.stages[i].from, format!("circular dependency on stage {:?}", self.stage_label(i))));
+            return Err(err(
+                &self.stages[i].from,
+                format!("circular dependency on stage {:?}", self.stage_label(i)),
+            ));
         }
         let from = self.stages[i].from.clone();
-        let Instruction::From { image, .. } = &from.instruction else { unreachable!() };
+        let Instruction::From { image, .. } = &from.instruction else {
+            unreachable!()
+        };
         let lookup = |n: &str| self.global(n);
         let image = expand::word(image, self.escape, &lookup).map_err(|e| err(&from, e))?;
         let total = self.stages[i].body.len() + 1;
         let label = self.stage_label(i);
         let mut state = if image == "scratch" {
-            State { root: None, config: ImageConfig { architecture: "amd64".into(), os: "linux".into(), ..Default::default() }, args: BTreeMap::new() }
+            State {
+                root: None,
+                config: ImageConfig {
+                    architecture: "amd64".into(),
+                    os: "linux".into(),
+                    ..Default::default()
+                },
+                args: BTreeMap::new(),
+            }
         } else if let Some(s) = self.stage_index(&image, i).filter(|s| *s != i) {
             let (root, config) = self.stage(s)?;
-            State { root, config, args: BTreeMap::new() }
+            State {
+                root,
+                config,
+                args: BTreeMap::new(),
+            }
         } else {
-            let (digest, config) = self.resolver.resolve(&image).map_err(|e| err(&from, format!("base image {image}: {e}")))?;
+            let (digest, config) = self
+                .resolver
+                .resolve(&image)
+                .map_err(|e| err(&from, format!("base image {image}: {e}")))?;
             let source = Op {
                 inputs: vec![],
-                kind: Some(op::Kind::Source(llb::SourceOp { identifier: format!("docker-image://{image}@{digest}"), attrs: BTreeMap::new() })),
+                kind: Some(op::Kind::Source(llb::SourceOp {
+                    identifier: format!("docker-image://{image}@{digest}"),
+                    attrs: BTreeMap::new(),
+                })),
             };
-            let root = self.builder.add(&source, self.meta(i, format!("[{label} 1/{total}] FROM {image}")));
-            State { root: Some(root), config, args: BTreeMap::new() }
+            let root = self.builder.add(
+                &source,
+                self.meta(i, format!("[{label} 1/{total}] FROM {image}")),
+            );
+            State {
+                root: Some(root),
+                config,
+                args: BTreeMap::new(),
+            }
         };
         if state.config.config.env.is_empty() {
             state.config.config.env.push(DEFAULT_PATH.into());
@@ -203,15 +275,32 @@ impl Converter<'_> {
         Ok(result)
     }
 
-    fn instruction(&mut self, stage: usize, l: &Located, step: String, st: &mut State) -> Result<(), DockerfileError> {
+    fn instruction(
+        &mut self,
+        stage: usize,
+        l: &Located,
+        step: String,
+        st: &mut State,
+    ) -> Result<(), DockerfileError> {
         let esc = self.escape;
         // ENV wins over ARG of the same name, as in Docker.
-        let env_map: BTreeMap<String, String> = st.config.config.env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env_map: BTreeMap<String, String> = st
+            .config
+            .config
+            .env
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let args = st.args.clone();
         let lookup = move |n: &str| env_map.get(n).or_else(|| args.get(n)).cloned();
         let word = |s: &str| expand::word(s, esc, &lookup).map_err(|e| err(l, e));
         let history = |st: &mut State, empty: bool| {
-            st.config.history.push(History { created_by: history_line(&l.node.original), empty_layer: empty, ..Default::default() });
+            st.config.history.push(History {
+                created_by: history_line(&l.node.original),
+                empty_layer: empty,
+                ..Default::default()
+            });
         };
         match &l.instruction {
             Instruction::From { .. } => unreachable!("FROM starts a stage"),
@@ -234,7 +323,10 @@ impl Converter<'_> {
             Instruction::Env(pairs) => {
                 for (k, v) in pairs {
                     let v = word(v)?;
-                    st.config.config.env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
+                    st.config
+                        .config
+                        .env
+                        .retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
                     st.config.config.env.push(format!("{k}={v}"));
                 }
                 history(st, true);
@@ -249,7 +341,13 @@ impl Converter<'_> {
                 let dir = word(dir)?;
                 let wd = resolve_path(&st.config.config.working_dir, &dir);
                 st.config.config.working_dir = wd.clone();
-                let action = file_action::Action::Mkdir(llb::FileActionMkDir { path: wd, mode: 0o755, make_parents: true, owner: None, timestamp: -1 });
+                let action = file_action::Action::Mkdir(llb::FileActionMkDir {
+                    path: wd,
+                    mode: 0o755,
+                    make_parents: true,
+                    owner: None,
+                    timestamp: -1,
+                });
                 self.file_op(stage, st, vec![(action, None)], step)?;
                 history(st, false);
             }
@@ -257,15 +355,30 @@ impl Converter<'_> {
                 st.config.config.user = word(u)?;
                 history(st, true);
             }
-            Instruction::Run { command, heredocs, network } => {
+            Instruction::Run {
+                command,
+                heredocs,
+                network,
+            } => {
                 let Some(root) = st.root.clone() else {
-                    return Err(err(l, "RUN needs a base image with a shell: FROM scratch has none"));
+                    return Err(err(
+                        l,
+                        "RUN needs a base image with a shell: FROM scratch has none",
+                    ));
                 };
-                let shell = st.config.config.shell.clone().unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+                let shell = st
+                    .config
+                    .config
+                    .shell
+                    .clone()
+                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
                 let args = match (command, heredocs.first()) {
-                    (Command::Shell(s), Some(h)) if s.trim_start().starts_with("<<") && s.split_whitespace().count() == 1 => {
-                        let body = if h.expand { h.content.clone() } else { h.content.clone() };
-                        [shell, vec![body]].concat()
+                    (Command::Shell(s), Some(h))
+                        if s.trim_start().starts_with("<<")
+                            && s.split_whitespace().count() == 1 =>
+                    {
+                        // The script runs in the shell, which expands its variables at run time.
+                        [shell, vec![h.content.clone()]].concat()
                     }
                     (Command::Shell(s), Some(_)) => {
                         // The shell runs the heredocs itself: hand it the instruction as written.
@@ -282,7 +395,10 @@ impl Converter<'_> {
                 };
                 let mut env = st.config.config.env.clone();
                 for (k, v) in &st.args {
-                    if !env.iter().any(|e| e.split_once('=').map(|(ek, _)| ek) == Some(k.as_str())) {
+                    if !env
+                        .iter()
+                        .any(|e| e.split_once('=').map(|(ek, _)| ek) == Some(k.as_str()))
+                    {
                         env.push(format!("{k}={v}"));
                     }
                 }
@@ -296,10 +412,20 @@ impl Converter<'_> {
                         meta: Some(llb::Meta {
                             args,
                             env,
-                            cwd: if st.config.config.working_dir.is_empty() { "/".into() } else { st.config.config.working_dir.clone() },
+                            cwd: if st.config.config.working_dir.is_empty() {
+                                "/".into()
+                            } else {
+                                st.config.config.working_dir.clone()
+                            },
                             user: st.config.config.user.clone(),
                         }),
-                        mounts: vec![llb::Mount { input: 0, selector: String::new(), dest: "/".into(), output: 0, readonly: false }],
+                        mounts: vec![llb::Mount {
+                            input: 0,
+                            selector: String::new(),
+                            dest: "/".into(),
+                            output: 0,
+                            readonly: false,
+                        }],
                         network: network as i32,
                     })),
                 };
@@ -323,14 +449,24 @@ impl Converter<'_> {
             Instruction::Expose(ports) => {
                 for p in ports {
                     let p = word(p)?;
-                    let p = if p.contains('/') { p } else { format!("{p}/tcp") };
-                    st.config.config.exposed_ports.insert(p, serde_json::json!({}));
+                    let p = if p.contains('/') {
+                        p
+                    } else {
+                        format!("{p}/tcp")
+                    };
+                    st.config
+                        .config
+                        .exposed_ports
+                        .insert(p, serde_json::json!({}));
                 }
                 history(st, true);
             }
             Instruction::Volume(vols) => {
                 for v in vols {
-                    st.config.config.volumes.insert(word(v)?, serde_json::json!({}));
+                    st.config
+                        .config
+                        .volumes
+                        .insert(word(v)?, serde_json::json!({}));
                 }
                 history(st, true);
             }
@@ -351,7 +487,16 @@ impl Converter<'_> {
                                 "start-interval" => "StartInterval",
                                 _ => "Retries",
                             };
-                            v[key] = if key == "Retries" { serde_json::json!(val.parse::<u64>().unwrap_or(0)) } else { serde_json::json!(duration_ns(val).ok_or_else(|| err(l, format!("bad duration {val:?} for --{k}: use e.g. 30s or 1m30s")))?) };
+                            v[key] = if key == "Retries" {
+                                serde_json::json!(val.parse::<u64>().unwrap_or(0))
+                            } else {
+                                serde_json::json!(duration_ns(val).ok_or_else(|| err(
+                                    l,
+                                    format!(
+                                        "bad duration {val:?} for --{k}: use e.g. 30s or 1m30s"
+                                    )
+                                ))?)
+                            };
                         }
                         v
                     }
@@ -367,36 +512,90 @@ impl Converter<'_> {
         Ok(())
     }
 
-    fn copy(&mut self, stage: usize, l: &Located, c: &Copy, st: &mut State, step: String, word: &dyn Fn(&str) -> Result<String, DockerfileError>) -> Result<(), DockerfileError> {
+    fn copy(
+        &mut self,
+        stage: usize,
+        l: &Located,
+        c: &Copy,
+        st: &mut State,
+        step: String,
+        word: &dyn Fn(&str) -> Result<String, DockerfileError>,
+    ) -> Result<(), DockerfileError> {
         let dest_raw = word(&c.dest)?;
         let dest = resolve_path(&st.config.config.working_dir, &dest_raw);
-        let dest = if dest_raw.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
-        let owner = c.chown.as_ref().map(|o| word(o)).transpose()?.map(|user| llb::ChownOpt { user });
+        let dest = if dest_raw.ends_with('/') && !dest.ends_with('/') {
+            format!("{dest}/")
+        } else {
+            dest
+        };
+        let owner = c
+            .chown
+            .as_ref()
+            .map(|o| word(o))
+            .transpose()?
+            .map(|user| llb::ChownOpt { user });
         let mode = match &c.chmod {
             None => -1,
-            Some(m) => i32::from_str_radix(&word(m)?, 8).map_err(|_| err(l, format!("--chmod={m}: use an octal mode such as 0755")))?,
+            Some(m) => i32::from_str_radix(&word(m)?, 8)
+                .map_err(|_| err(l, format!("--chmod={m}: use an octal mode such as 0755")))?,
         };
         let mut actions = Vec::new();
         if !c.heredocs.is_empty() {
             for h in &c.heredocs {
-                let path = if dest.ends_with('/') { format!("{dest}{}", h.name) } else { dest.clone() };
-                let data = if h.expand { word(&h.content)?.into_bytes() } else { h.content.clone().into_bytes() };
-                actions.push((file_action::Action::Mkfile(llb::FileActionMkFile { path, mode: if mode < 0 { 0o644 } else { mode }, data, owner: owner.clone(), timestamp: -1 }), None));
+                let path = if dest.ends_with('/') {
+                    format!("{dest}{}", h.name)
+                } else {
+                    dest.clone()
+                };
+                let data = if h.expand {
+                    word(&h.content)?.into_bytes()
+                } else {
+                    h.content.clone().into_bytes()
+                };
+                actions.push((
+                    file_action::Action::Mkfile(llb::FileActionMkFile {
+                        path,
+                        mode: if mode < 0 { 0o644 } else { mode },
+                        data,
+                        owner: owner.clone(),
+                        timestamp: -1,
+                    }),
+                    None,
+                ));
             }
         }
-        let srcs: Vec<String> = c.srcs.iter().filter(|s| !s.starts_with("<<")).map(|s| word(s)).collect::<Result<_, _>>()?;
+        let srcs: Vec<String> = c
+            .srcs
+            .iter()
+            .filter(|s| !s.starts_with("<<"))
+            .map(|s| word(s))
+            .collect::<Result<_, _>>()?;
         if srcs.len() > 1 && !dest.ends_with('/') {
             return Err(err(l, format!("when copying several sources, the destination must be a directory ending in /: {dest_raw}/")));
         }
         if !srcs.is_empty() {
             let source = match &c.from {
                 Some(from) => match self.stage_index(from, stage) {
-                    Some(s) if s == stage => return Err(err(l, format!("COPY --from={from} refers to its own stage"))),
+                    Some(s) if s == stage => {
+                        return Err(err(
+                            l,
+                            format!("COPY --from={from} refers to its own stage"),
+                        ))
+                    }
                     Some(s) => Some(self.stage(s)?.0),
                     None => {
                         let (digest, _) = self.resolver.resolve(from).map_err(|e| err(l, format!("COPY --from={from}: not a stage of this Dockerfile, and as an image: {e}")))?;
-                        let op = Op { inputs: vec![], kind: Some(op::Kind::Source(llb::SourceOp { identifier: format!("docker-image://{from}@{digest}"), attrs: BTreeMap::new() })) };
-                        Some(Some(self.builder.add(&op, self.meta(stage, format!("[{}] FROM {from}", self.stage_label(stage))))))
+                        let op = Op {
+                            inputs: vec![],
+                            kind: Some(op::Kind::Source(llb::SourceOp {
+                                identifier: format!("docker-image://{from}@{digest}"),
+                                attrs: BTreeMap::new(),
+                            })),
+                        };
+                        Some(Some(self.builder.add(
+                            &op,
+                            self.meta(stage, format!("[{}] FROM {from}", self.stage_label(stage))),
+                        )))
                     }
                 },
                 None => None,
@@ -408,15 +607,42 @@ impl Converter<'_> {
                     // exactly these files.
                     let include: Vec<String> = srcs.iter().map(|s| pattern::clean(s)).collect();
                     let attrs = [
-                        ("includepatterns".to_string(), serde_json::to_string(&include).expect("json")),
-                        ("excludepatterns".to_string(), serde_json::to_string(&self.opts.ignore.patterns()).expect("json")),
+                        (
+                            "includepatterns".to_string(),
+                            serde_json::to_string(&include).expect("json"),
+                        ),
+                        (
+                            "excludepatterns".to_string(),
+                            serde_json::to_string(&self.opts.ignore.patterns()).expect("json"),
+                        ),
                     ];
-                    let op = Op { inputs: vec![], kind: Some(op::Kind::Source(llb::SourceOp { identifier: "local://context".into(), attrs: attrs.into() })) };
-                    Some(self.builder.add(&op, OpMetadata { ignore_cache: false, description: [(CUSTOM_NAME.to_string(), "[internal] load build context".to_string())].into() }))
+                    let op = Op {
+                        inputs: vec![],
+                        kind: Some(op::Kind::Source(llb::SourceOp {
+                            identifier: "local://context".into(),
+                            attrs: attrs.into(),
+                        })),
+                    };
+                    Some(
+                        self.builder.add(
+                            &op,
+                            OpMetadata {
+                                ignore_cache: false,
+                                description: [(
+                                    CUSTOM_NAME.to_string(),
+                                    "[internal] load build context".to_string(),
+                                )]
+                                .into(),
+                            },
+                        ),
+                    )
                 }
             };
             let Some(source) = source else {
-                return Err(err(l, "COPY --from a stage that is FROM scratch with nothing in it"));
+                return Err(err(
+                    l,
+                    "COPY --from a stage that is FROM scratch with nothing in it",
+                ));
             };
             for src in srcs {
                 let action = llb::FileActionCopy {
@@ -439,7 +665,13 @@ impl Converter<'_> {
 
     /// One file op applying `actions` in order onto the stage's root; each action may read from a
     /// secondary input.
-    fn file_op(&mut self, stage: usize, st: &mut State, actions: Vec<(file_action::Action, Option<Input>)>, step: String) -> Result<(), DockerfileError> {
+    fn file_op(
+        &mut self,
+        stage: usize,
+        st: &mut State,
+        actions: Vec<(file_action::Action, Option<Input>)>,
+        step: String,
+    ) -> Result<(), DockerfileError> {
         let mut inputs: Vec<Input> = Vec::new();
         let base = match &st.root {
             Some(r) => {
@@ -460,9 +692,17 @@ impl Converter<'_> {
                 }
                 None => llb::NO_INPUT,
             };
-            out.push(FileAction { input: if i == 0 { base } else { llb::NO_INPUT }, secondary_input, output: 0, action: Some(action) });
+            out.push(FileAction {
+                input: if i == 0 { base } else { llb::NO_INPUT },
+                secondary_input,
+                output: 0,
+                action: Some(action),
+            });
         }
-        let op = Op { inputs, kind: Some(op::Kind::File(llb::FileOp { actions: out })) };
+        let op = Op {
+            inputs,
+            kind: Some(op::Kind::File(llb::FileOp { actions: out })),
+        };
         st.root = Some(self.builder.add(&op, self.meta(stage, step)));
         Ok(())
     }
@@ -484,7 +724,11 @@ fn command_vec(cmd: &Command, config: &ImageConfig) -> Vec<String> {
     match cmd {
         Command::Exec(v) => v.clone(),
         Command::Shell(s) => {
-            let shell = config.config.shell.clone().unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+            let shell = config
+                .config
+                .shell
+                .clone()
+                .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
             [shell, vec![s.clone()]].concat()
         }
     }
@@ -492,7 +736,11 @@ fn command_vec(cmd: &Command, config: &ImageConfig) -> Vec<String> {
 
 /// `dir` made absolute against the working directory `wd`.
 fn resolve_path(wd: &str, dir: &str) -> String {
-    let joined = if dir.starts_with('/') { dir.to_string() } else { format!("{}/{dir}", if wd.is_empty() { "" } else { wd }) };
+    let joined = if dir.starts_with('/') {
+        dir.to_string()
+    } else {
+        format!("{}/{dir}", if wd.is_empty() { "" } else { wd })
+    };
     format!("/{}", pattern::clean(&joined))
 }
 
@@ -500,7 +748,12 @@ fn one_line(s: &str) -> String {
     let joined: Vec<&str> = s.lines().map(str::trim).collect();
     let mut line = joined.join(" ");
     if line.len() > 120 {
-        line.truncate(line.char_indices().nth(117).map(|(i, _)| i).unwrap_or(line.len()));
+        line.truncate(
+            line.char_indices()
+                .nth(117)
+                .map(|(i, _)| i)
+                .unwrap_or(line.len()),
+        );
         line.push_str("...");
     }
     line
@@ -550,8 +803,6 @@ fn duration_ns(s: &str) -> Option<u64> {
     Some(total as u64)
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,7 +830,10 @@ mod tests {
         let c = conv(text, ConvertOptions::default()).unwrap();
         assert!(c.config.config.env.contains(&"A=1x".to_string()));
         assert_eq!(c.config.config.working_dir, "/app");
-        assert_eq!(c.config.config.cmd.as_deref(), Some(&["cat".to_string(), "/final/out".into()][..]));
+        assert_eq!(
+            c.config.config.cmd.as_deref(),
+            Some(&["cat".to_string(), "/final/out".into()][..])
+        );
         let g = Graph::from_definition(&c.definition).unwrap();
         // source, workdir mkdir, run, copy: no op from the unused stage.
         assert_eq!(g.ops.len(), 4);
@@ -591,23 +845,44 @@ mod tests {
         });
         let meta = run.unwrap().meta.unwrap();
         assert_eq!(meta.args, ["/bin/sh", "-c", "echo $A > out"]);
-        assert!(meta.env.contains(&"V=1".to_string()), "ARGs reach RUN as env: {:?}", meta.env);
+        assert!(
+            meta.env.contains(&"V=1".to_string()),
+            "ARGs reach RUN as env: {:?}",
+            meta.env
+        );
         assert_eq!(meta.cwd, "/app");
     }
 
     #[test]
     fn targets_build_args_and_errors() {
         let text = "FROM busybox AS a\nARG X=dflt\nRUN echo $X\nFROM busybox AS b\nRUN echo b\n";
-        let mut opts = ConvertOptions { target: Some("a".into()), ..Default::default() };
+        let mut opts = ConvertOptions {
+            target: Some("a".into()),
+            ..Default::default()
+        };
         opts.build_args.insert("X".into(), "given".into());
         let c = conv(text, opts).unwrap();
         let g = Graph::from_definition(&c.definition).unwrap();
         assert_eq!(g.ops.len(), 2);
-        let e = conv(text, ConvertOptions { target: Some("zz".into()), ..Default::default() }).unwrap_err();
-        assert!(e.to_string().contains("target stage \"zz\" not found"), "{e}");
+        let e = conv(
+            text,
+            ConvertOptions {
+                target: Some("zz".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("target stage \"zz\" not found"),
+            "{e}"
+        );
         let e = conv("FROM missing-image\nRUN x\n", ConvertOptions::default()).unwrap_err();
         assert_eq!(e.line, Some(1));
-        let e = conv("FROM busybox AS a\nCOPY --from=a /x /y\n", ConvertOptions::default()).unwrap_err();
+        let e = conv(
+            "FROM busybox AS a\nCOPY --from=a /x /y\n",
+            ConvertOptions::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("own stage"), "{e}");
         let e = conv("FROM busybox\nCOPY a b c\n", ConvertOptions::default()).unwrap_err();
         assert!(e.to_string().contains("must be a directory"), "{e}");
@@ -616,13 +891,32 @@ mod tests {
 
     #[test]
     fn no_cache_filter_marks_only_that_stage() {
-        let text = "FROM busybox AS s1\nRUN one\nFROM busybox AS s2\nCOPY --from=s1 /x /x\nRUN two\n";
-        let c = conv(text, ConvertOptions { no_cache_filter: vec!["s1".into()], ..Default::default() }).unwrap();
-        let ignored: Vec<&String> = c.definition.metadata.values().filter(|m| m.ignore_cache).map(|m| &m.description[CUSTOM_NAME]).collect();
+        let text =
+            "FROM busybox AS s1\nRUN one\nFROM busybox AS s2\nCOPY --from=s1 /x /x\nRUN two\n";
+        let c = conv(
+            text,
+            ConvertOptions {
+                no_cache_filter: vec!["s1".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ignored: Vec<&String> = c
+            .definition
+            .metadata
+            .values()
+            .filter(|m| m.ignore_cache)
+            .map(|m| &m.description[CUSTOM_NAME])
+            .collect();
         // The base image source is shared by both stages, so it is resolved again; s2's own
         // steps keep their cache.
         assert!(ignored.iter().any(|d| d.contains("RUN one")), "{ignored:?}");
-        assert!(!ignored.iter().any(|d| d.contains("RUN two") || d.contains("COPY")), "{ignored:?}");
+        assert!(
+            !ignored
+                .iter()
+                .any(|d| d.contains("RUN two") || d.contains("COPY")),
+            "{ignored:?}"
+        );
     }
 
     #[test]

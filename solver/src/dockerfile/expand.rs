@@ -2,16 +2,29 @@
 //! `${var:-default}`, `${var-default}`, `${var:+alt}`, `${var+alt}`.
 
 /// Splits `input` into words (quote-aware) and expands variables from `lookup`.
-pub fn words(input: &str, escape: char, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<String>, String> {
+pub fn words(
+    input: &str,
+    escape: char,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, String> {
     process(input, escape, lookup, true)
 }
 
 /// Expands one word: quotes removed, variables expanded, whitespace kept.
-pub fn word(input: &str, escape: char, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn word(
+    input: &str,
+    escape: char,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     Ok(process(input, escape, lookup, false)?.join(" "))
 }
 
-fn process(input: &str, escape: char, lookup: &dyn Fn(&str) -> Option<String>, split: bool) -> Result<Vec<String>, String> {
+fn process(
+    input: &str,
+    escape: char,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    split: bool,
+) -> Result<Vec<String>, String> {
     let chars: Vec<char> = input.chars().collect();
     let mut out = Vec::new();
     let mut cur = String::new();
@@ -37,7 +50,10 @@ fn process(input: &str, escape: char, lookup: &dyn Fn(&str) -> Option<String>, s
                 i += 1;
             }
         } else if c == '\'' {
-            let end = chars[i + 1..].iter().position(|&x| x == '\'').ok_or("unterminated single quote")?;
+            let end = chars[i + 1..]
+                .iter()
+                .position(|&x| x == '\'')
+                .ok_or("unterminated single quote")?;
             cur.extend(&chars[i + 1..i + 1 + end]);
             i += end + 2;
         } else if c == '"' {
@@ -74,7 +90,13 @@ fn process(input: &str, escape: char, lookup: &dyn Fn(&str) -> Option<String>, s
 }
 
 /// Expands the variable at `chars[i] == '$'`, appending to `out`; returns the next index.
-fn variable(chars: &[char], i: usize, escape: char, lookup: &dyn Fn(&str) -> Option<String>, out: &mut String) -> Result<usize, String> {
+fn variable(
+    chars: &[char],
+    i: usize,
+    escape: char,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<usize, String> {
     let mut j = i + 1;
     if chars.get(j) == Some(&'{') {
         j += 1;
@@ -103,7 +125,10 @@ fn variable(chars: &[char], i: usize, escape: char, lookup: &dyn Fn(&str) -> Opt
             match op {
                 ":-" => value.filter(|v| !v.is_empty()).unwrap_or(arg),
                 "-" => value.unwrap_or(arg),
-                ":+" => value.filter(|v| !v.is_empty()).map(|_| arg).unwrap_or_default(),
+                ":+" => value
+                    .filter(|v| !v.is_empty())
+                    .map(|_| arg)
+                    .unwrap_or_default(),
                 _ => value.map(|_| arg).unwrap_or_default(),
             }
         };
@@ -170,7 +195,10 @@ mod tests {
 
     #[test]
     fn splitting_and_errors() {
-        assert_eq!(words("a \"b c\" $SP", '\\', &env).unwrap(), ["a", "b c", "x y"]);
+        assert_eq!(
+            words("a \"b c\" $SP", '\\', &env).unwrap(),
+            ["a", "b c", "x y"]
+        );
         assert!(words("\"open", '\\', &env).is_err());
         assert!(word("${A", '\\', &env).is_err());
         assert!(word("${A/x/y}", '\\', &env).is_err());

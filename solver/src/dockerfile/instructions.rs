@@ -5,8 +5,24 @@ use super::parser::{Heredoc, Node};
 use super::{suggest, DockerfileError};
 
 const INSTRUCTIONS: &[&str] = &[
-    "from", "arg", "env", "label", "workdir", "user", "run", "copy", "add", "cmd", "entrypoint", "expose", "volume",
-    "stopsignal", "healthcheck", "shell", "onbuild", "maintainer",
+    "from",
+    "arg",
+    "env",
+    "label",
+    "workdir",
+    "user",
+    "run",
+    "copy",
+    "add",
+    "cmd",
+    "entrypoint",
+    "expose",
+    "volume",
+    "stopsignal",
+    "healthcheck",
+    "shell",
+    "onbuild",
+    "maintainer",
 ];
 
 /// Exec form (`["a", "b"]`) or shell form (`a b`).
@@ -18,13 +34,21 @@ pub enum Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
-    From { image: String, name: Option<String>, platform: Option<String> },
+    From {
+        image: String,
+        name: Option<String>,
+        platform: Option<String>,
+    },
     Arg(Vec<(String, Option<String>)>),
     Env(Vec<(String, String)>),
     Label(Vec<(String, String)>),
     Workdir(String),
     User(String),
-    Run { command: Command, heredocs: Vec<Heredoc>, network: Option<String> },
+    Run {
+        command: Command,
+        heredocs: Vec<Heredoc>,
+        network: Option<String>,
+    },
     Copy(Copy),
     Cmd(Command),
     Entrypoint(Command),
@@ -75,8 +99,16 @@ fn flags(node: &Node, allowed: &[&str]) -> Result<Vec<(String, Option<String>)>,
             None => (f.clone(), None),
         };
         if !allowed.contains(&name.as_str()) {
-            let hint = suggest(&name, allowed).map(|s| format!(" (did you mean --{s}?)")).unwrap_or_default();
-            return Err(err(node, format!("unknown flag --{name} for {}{hint}", node.instruction.to_uppercase())));
+            let hint = suggest(&name, allowed)
+                .map(|s| format!(" (did you mean --{s}?)"))
+                .unwrap_or_default();
+            return Err(err(
+                node,
+                format!(
+                    "unknown flag --{name} for {}{hint}",
+                    node.instruction.to_uppercase()
+                ),
+            ));
         }
         out.push((name, value));
     }
@@ -84,7 +116,11 @@ fn flags(node: &Node, allowed: &[&str]) -> Result<Vec<(String, Option<String>)>,
 }
 
 fn flag(flags: &[(String, Option<String>)], name: &str) -> Option<String> {
-    flags.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone().unwrap_or_default())
+    flags
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone().unwrap_or_default())
 }
 
 /// `["a","b"]` when the arguments are a JSON string array, else the raw shell form.
@@ -102,15 +138,31 @@ fn command(args: &str) -> Command {
 fn pairs(node: &Node, legacy: bool) -> Result<Vec<(String, String)>, DockerfileError> {
     let parts = split_raw(&node.args).map_err(|e| err(node, e))?;
     if parts.is_empty() {
-        return Err(err(node, format!("{} requires at least one argument", node.instruction.to_uppercase())));
+        return Err(err(
+            node,
+            format!(
+                "{} requires at least one argument",
+                node.instruction.to_uppercase()
+            ),
+        ));
     }
     if !parts[0].contains('=') {
         if !legacy {
-            return Err(err(node, format!("{} needs key=value pairs", node.instruction.to_uppercase())));
+            return Err(err(
+                node,
+                format!("{} needs key=value pairs", node.instruction.to_uppercase()),
+            ));
         }
         let rest = node.args.trim()[parts[0].len()..].trim().to_string();
         if rest.is_empty() {
-            return Err(err(node, format!("{} {} needs a value: write {0} {1}=value", node.instruction.to_uppercase(), parts[0])));
+            return Err(err(
+                node,
+                format!(
+                    "{} {} needs a value: write {0} {1}=value",
+                    node.instruction.to_uppercase(),
+                    parts[0]
+                ),
+            ));
         }
         return Ok(vec![(parts[0].clone(), rest)]);
     }
@@ -178,13 +230,22 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
             let f = flags(node, &["platform"])?;
             let parts = split_raw(args).map_err(|e| err(node, e))?;
             match parts.as_slice() {
-                [image] => Instruction::From { image: image.clone(), name: None, platform: flag(&f, "platform") },
+                [image] => Instruction::From {
+                    image: image.clone(),
+                    name: None,
+                    platform: flag(&f, "platform"),
+                },
                 [image, as_, name] if as_.eq_ignore_ascii_case("as") => Instruction::From {
                     image: image.clone(),
                     name: Some(name.to_ascii_lowercase()),
                     platform: flag(&f, "platform"),
                 },
-                _ => return Err(err(node, "FROM takes an image and an optional `AS name`: FROM image [AS name]")),
+                _ => {
+                    return Err(err(
+                        node,
+                        "FROM takes an image and an optional `AS name`: FROM image [AS name]",
+                    ))
+                }
             }
         }
         "arg" => {
@@ -217,26 +278,40 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
             needs_args(node)?;
             let f = flags(node, &["network", "mount", "security"])?;
             if flag(&f, "mount").is_some() {
-                return Err(err(node, "RUN --mount is not supported yet by this version of strata"));
+                return Err(err(
+                    node,
+                    "RUN --mount is not supported yet by this version of strata",
+                ));
             }
             let network = flag(&f, "network");
             if let Some(n) = &network {
                 if !matches!(n.as_str(), "default" | "none" | "host") {
-                    return Err(err(node, format!("RUN --network={n}: use default, none or host")));
+                    return Err(err(
+                        node,
+                        format!("RUN --network={n}: use default, none or host"),
+                    ));
                 }
             }
-            Instruction::Run { command: command(args), heredocs: node.heredocs.clone(), network }
+            Instruction::Run {
+                command: command(args),
+                heredocs: node.heredocs.clone(),
+                network,
+            }
         }
         "copy" | "add" => {
             let add = node.instruction == "add";
-            let allowed: &[&str] = if add { &["chown", "chmod", "link", "checksum", "keep-git-dir"] } else { &["from", "chown", "chmod", "link", "parents", "exclude"] };
+            let allowed: &[&str] = if add {
+                &["chown", "chmod", "link", "checksum", "keep-git-dir"]
+            } else {
+                &["from", "chown", "chmod", "link", "parents", "exclude"]
+            };
             let f = flags(node, allowed)?;
             let parts = match command(args) {
                 Command::Exec(v) => v,
                 Command::Shell(_) => split_raw(args).map_err(|e| err(node, e))?,
             };
             let mut parts = parts;
-            if parts.len() < 2 && !(parts.len() == 1 && !node.heredocs.is_empty()) {
+            if parts.len() < 2 && (parts.len() != 1 || node.heredocs.is_empty()) {
                 return Err(err(node, format!("{upper} requires at least one source and a destination: {upper} src... dest")));
             }
             let dest = parts.pop().unwrap_or_default();
@@ -247,7 +322,9 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
                 from: flag(&f, "from"),
                 chown: flag(&f, "chown"),
                 chmod: flag(&f, "chmod"),
-                link: f.iter().any(|(n, v)| n == "link" && v.as_deref() != Some("false")),
+                link: f
+                    .iter()
+                    .any(|(n, v)| n == "link" && v.as_deref() != Some("false")),
                 heredocs: node.heredocs.clone(),
             })
         }
@@ -275,7 +352,16 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
             Instruction::StopSignal(args.to_string())
         }
         "healthcheck" => {
-            let f = flags(node, &["interval", "timeout", "start-period", "start-interval", "retries"])?;
+            let f = flags(
+                node,
+                &[
+                    "interval",
+                    "timeout",
+                    "start-period",
+                    "start-interval",
+                    "retries",
+                ],
+            )?;
             let parts = split_raw(args).map_err(|e| err(node, e))?;
             match parts.first().map(|s| s.to_ascii_uppercase()).as_deref() {
                 Some("NONE") => Instruction::Healthcheck(None),
@@ -285,7 +371,10 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
                         Command::Exec(v) => [vec!["CMD".to_string()], v].concat(),
                         Command::Shell(s) => vec!["CMD-SHELL".to_string(), s],
                     };
-                    let flags = f.into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect();
+                    let flags = f
+                        .into_iter()
+                        .map(|(k, v)| (k, v.unwrap_or_default()))
+                        .collect();
                     Instruction::Healthcheck(Some(Healthcheck { test, flags }))
                 }
                 _ => return Err(err(node, "HEALTHCHECK takes NONE or CMD command")),
@@ -293,7 +382,12 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
         }
         "shell" => match command(args) {
             Command::Exec(v) if !v.is_empty() => Instruction::Shell(v),
-            _ => return Err(err(node, "SHELL requires the JSON form: SHELL [\"executable\", \"param\"]")),
+            _ => {
+                return Err(err(
+                    node,
+                    "SHELL requires the JSON form: SHELL [\"executable\", \"param\"]",
+                ))
+            }
         },
         "onbuild" => {
             needs_args(node)?;
@@ -301,8 +395,13 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
         }
         "maintainer" => Instruction::Maintainer(args.to_string()),
         other => {
-            let hint = suggest(other, INSTRUCTIONS).map(|s| format!(" (did you mean {}?)", s.to_uppercase())).unwrap_or_default();
-            return Err(err(node, format!("unknown instruction: {}{hint}", other.to_uppercase())));
+            let hint = suggest(other, INSTRUCTIONS)
+                .map(|s| format!(" (did you mean {}?)", s.to_uppercase()))
+                .unwrap_or_default();
+            return Err(err(
+                node,
+                format!("unknown instruction: {}{hint}", other.to_uppercase()),
+            ));
         }
     })
 }
@@ -319,10 +418,16 @@ pub fn instructions(nodes: &[Node]) -> Result<Vec<Located>, DockerfileError> {
             _ if !seen_from => return Err(err(node, format!("{} before the first FROM: a Dockerfile starts with FROM (only ARG may come before it)", node.instruction.to_uppercase()))),
             _ => {}
         }
-        out.push(Located { node: node.clone(), instruction: ins });
+        out.push(Located {
+            node: node.clone(),
+            instruction: ins,
+        });
     }
     if !seen_from {
-        return Err(DockerfileError { line: None, message: "no FROM instruction: a Dockerfile needs at least one stage".into() });
+        return Err(DockerfileError {
+            line: None,
+            message: "no FROM instruction: a Dockerfile needs at least one stage".into(),
+        });
     }
     Ok(out)
 }
@@ -339,17 +444,42 @@ mod tests {
 
     #[test]
     fn forms() {
-        assert_eq!(one("CMD [\"a\", \"b\"]").unwrap(), Instruction::Cmd(Command::Exec(vec!["a".into(), "b".into()])));
-        assert_eq!(one("CMD echo hi").unwrap(), Instruction::Cmd(Command::Shell("echo hi".into())));
-        assert_eq!(one("ENV A=1 B=\"two words\"").unwrap(), Instruction::Env(vec![("A".into(), "1".into()), ("B".into(), "\"two words\"".into())]));
-        assert_eq!(one("ENV A one two").unwrap(), Instruction::Env(vec![("A".into(), "one two".into())]));
+        assert_eq!(
+            one("CMD [\"a\", \"b\"]").unwrap(),
+            Instruction::Cmd(Command::Exec(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            one("CMD echo hi").unwrap(),
+            Instruction::Cmd(Command::Shell("echo hi".into()))
+        );
+        assert_eq!(
+            one("ENV A=1 B=\"two words\"").unwrap(),
+            Instruction::Env(vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "\"two words\"".into())
+            ])
+        );
+        assert_eq!(
+            one("ENV A one two").unwrap(),
+            Instruction::Env(vec![("A".into(), "one two".into())])
+        );
         match one("COPY --from=build --chown=app:app a b /dst/").unwrap() {
             Instruction::Copy(c) => {
-                assert_eq!((c.srcs.len(), c.dest.as_str(), c.from.as_deref(), c.chown.as_deref()), (2, "/dst/", Some("build"), Some("app:app")));
+                assert_eq!(
+                    (
+                        c.srcs.len(),
+                        c.dest.as_str(),
+                        c.from.as_deref(),
+                        c.chown.as_deref()
+                    ),
+                    (2, "/dst/", Some("build"), Some("app:app"))
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(one("FROM busybox AS Build").unwrap(), Instruction::From { name: Some(n), .. } if n == "build"));
+        assert!(
+            matches!(one("FROM busybox AS Build").unwrap(), Instruction::From { name: Some(n), .. } if n == "build")
+        );
     }
 
     #[test]
@@ -362,6 +492,9 @@ mod tests {
         let e = instructions(&p.nodes).unwrap_err();
         assert_eq!(e.line, Some(3));
         let p = parse("RUN x\n").unwrap();
-        assert!(instructions(&p.nodes).unwrap_err().to_string().contains("before the first FROM"));
+        assert!(instructions(&p.nodes)
+            .unwrap_err()
+            .to_string()
+            .contains("before the first FROM"));
     }
 }

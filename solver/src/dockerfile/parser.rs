@@ -54,7 +54,10 @@ fn directive(line: &str) -> Option<(String, String)> {
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
     let lines: Vec<&str> = text.lines().collect();
-    let mut directives = Directives { syntax: None, escape: '\\' };
+    let mut directives = Directives {
+        syntax: None,
+        escape: '\\',
+    };
     let mut i = 0;
     // Directives only at the very top, before any blank line, comment or instruction.
     while i < lines.len() {
@@ -65,7 +68,10 @@ pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
                     "\\" => '\\',
                     "`" => '`',
                     _ => {
-                        return Err(DockerfileError::at(i + 1, format!("invalid escape directive {v:?}: use \\ or `")))
+                        return Err(DockerfileError::at(
+                            i + 1,
+                            format!("invalid escape directive {v:?}: use \\ or `"),
+                        ))
                     }
                 }
             }
@@ -138,7 +144,11 @@ pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
                     i += 1;
                     original.push('\n');
                     original.push_str(l);
-                    let cmp = if strip_tabs { l.trim_start_matches('\t') } else { l };
+                    let cmp = if strip_tabs {
+                        l.trim_start_matches('\t')
+                    } else {
+                        l
+                    };
                     if cmp == name {
                         closed = true;
                         break;
@@ -152,7 +162,11 @@ pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
                         format!("unterminated heredoc <<{name}: add a line containing only {name}"),
                     ));
                 }
-                heredocs.push(Heredoc { name, content, expand });
+                heredocs.push(Heredoc {
+                    name,
+                    content,
+                    expand,
+                });
             }
         }
         nodes.push(Node {
@@ -181,9 +195,16 @@ fn heredoc_markers(args: &str) -> Vec<(String, bool, bool)> {
             Some(q @ ('"' | '\'')) => (Some(q), &s[1..]),
             _ => (None, s),
         };
-        let end = s2.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s2.len());
+        let end = s2
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s2.len());
         let name = &s2[..end];
-        if !name.is_empty() && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') {
+        if !name.is_empty()
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        {
             out.push((name.to_string(), quoted.is_none(), strip_tabs));
         }
         rest = &s2[end..];
@@ -205,7 +226,10 @@ mod tests {
         assert_eq!(p.directives.syntax.as_deref(), Some("docker/dockerfile:1"));
         let n = &p.nodes;
         assert_eq!(n.len(), 5);
-        assert_eq!((n[0].line, n[0].instruction.as_str(), n[0].args.as_str()), (3, "from", "busybox AS base"));
+        assert_eq!(
+            (n[0].line, n[0].instruction.as_str(), n[0].args.as_str()),
+            (3, "from", "busybox AS base")
+        );
         assert_eq!(n[1].args, "echo a   && echo b");
         assert_eq!(n[2].flags, ["chown=1:2", "chmod=644"]);
         assert_eq!(n[2].args, "a b /dst/");

@@ -27,11 +27,17 @@ const TAIL: usize = 10;
 
 fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
     let (uid, gid) = rootfs::user(rootfs_dir, &e.meta.user).map_err(WorkerError::Exec)?;
-    let cwd = if e.meta.cwd.is_empty() { "/".to_string() } else { e.meta.cwd.clone() };
+    let cwd = if e.meta.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        e.meta.cwd.clone()
+    };
     // BuildKit creates the working directory when it is missing.
-    let cwd_path = rootfs::resolve(rootfs_dir, &cwd, true).map_err(|e| WorkerError::Exec(e.to_string()))?;
+    let cwd_path =
+        rootfs::resolve(rootfs_dir, &cwd, true).map_err(|e| WorkerError::Exec(e.to_string()))?;
     if !cwd_path.exists() {
-        super::tree::mkdir_all(&cwd_path, (uid, gid)).map_err(|err| WorkerError::Exec(format!("create working directory {cwd}: {err}")))?;
+        super::tree::mkdir_all(&cwd_path, (uid, gid))
+            .map_err(|err| WorkerError::Exec(format!("create working directory {cwd}: {err}")))?;
     }
     let build = |e: oci_spec::OciSpecError| WorkerError::Exec(format!("runtime spec: {e}"));
     let process = ProcessBuilder::default()
@@ -39,14 +45,26 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
         .args(e.meta.args.clone())
         .env(e.meta.env.clone())
         .cwd(cwd)
-        .user(UserBuilder::default().uid(uid).gid(gid).build().map_err(build)?)
+        .user(
+            UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(build)?,
+        )
         .no_new_privileges(true)
         .build()
         .map_err(build)?;
     let mut spec = Spec::default();
     spec.set_process(Some(process));
     spec.set_hostname(Some("strata".into()));
-    spec.set_root(Some(RootBuilder::default().path(rootfs_dir).readonly(false).build().map_err(build)?));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(rootfs_dir)
+            .readonly(false)
+            .build()
+            .map_err(build)?,
+    ));
     if let Some(linux) = spec.linux_mut() {
         if e.network == llb::NetMode::Host {
             if let Some(ns) = linux.namespaces_mut() {
@@ -61,11 +79,17 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
 
 /// Runs the command in `rootfs_dir`, streaming output lines to `log`. Returns when it exits;
 /// a non-zero exit is an error carrying the exit code and the last lines of output.
-pub fn run(rootfs_dir: &Path, e: &ExecSpec, log: &(dyn Fn(&str) + Sync)) -> Result<(), WorkerError> {
+pub fn run(
+    rootfs_dir: &Path,
+    e: &ExecSpec,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<(), WorkerError> {
     let bundle: PathBuf = e.state_dir.join("bundles").join(e.id);
-    fs::create_dir_all(&bundle).map_err(|err| WorkerError::Exec(format!("create bundle {}: {err}", bundle.display())))?;
+    fs::create_dir_all(&bundle)
+        .map_err(|err| WorkerError::Exec(format!("create bundle {}: {err}", bundle.display())))?;
     let spec = spec(rootfs_dir, e)?;
-    spec.save(bundle.join("config.json")).map_err(|err| WorkerError::Exec(format!("write runtime spec: {err}")))?;
+    spec.save(bundle.join("config.json"))
+        .map_err(|err| WorkerError::Exec(format!("write runtime spec: {err}")))?;
     let runtime_root = e.state_dir.join("runtime");
     let mut child = Command::new(e.runtime)
         .arg("--root")
@@ -77,12 +101,20 @@ pub fn run(rootfs_dir: &Path, e: &ExecSpec, log: &(dyn Fn(&str) + Sync)) -> Resu
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|err| WorkerError::Exec(format!("cannot start OCI runtime {:?}: {err}; install runc or pass --oci-runtime", e.runtime)))?;
+        .map_err(|err| {
+            WorkerError::Exec(format!(
+                "cannot start OCI runtime {:?}: {err}; install runc or pass --oci-runtime",
+                e.runtime
+            ))
+        })?;
     let tail = std::sync::Mutex::new(std::collections::VecDeque::new());
     let status = std::thread::scope(|s| {
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
-        for stream in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
             let tail = &tail;
             s.spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -101,7 +133,11 @@ pub fn run(rootfs_dir: &Path, e: &ExecSpec, log: &(dyn Fn(&str) + Sync)) -> Resu
                 return Ok::<_, std::io::Error>(Some(status));
             }
             if CANCELLED.load(Ordering::SeqCst) {
-                let _ = Command::new(e.runtime).arg("--root").arg(&runtime_root).args(["kill", e.id, "KILL"]).status();
+                let _ = Command::new(e.runtime)
+                    .arg("--root")
+                    .arg(&runtime_root)
+                    .args(["kill", e.id, "KILL"])
+                    .status();
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while child.try_wait()?.is_none() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
@@ -113,14 +149,24 @@ pub fn run(rootfs_dir: &Path, e: &ExecSpec, log: &(dyn Fn(&str) + Sync)) -> Resu
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let _ = Command::new(e.runtime).arg("--root").arg(&runtime_root).args(["delete", "-f", e.id]).stderr(Stdio::null()).status();
+    let _ = Command::new(e.runtime)
+        .arg("--root")
+        .arg(&runtime_root)
+        .args(["delete", "-f", e.id])
+        .stderr(Stdio::null())
+        .status();
     let _ = fs::remove_dir_all(&bundle);
-    let status = status.map_err(|err| WorkerError::Exec(format!("waiting for {}: {err}", e.runtime)))?;
+    let status =
+        status.map_err(|err| WorkerError::Exec(format!("waiting for {}: {err}", e.runtime)))?;
     match status {
         None => Err(WorkerError::Cancelled),
         Some(s) if s.success() => Ok(()),
         Some(s) => {
-            let tail: Vec<String> = tail.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().collect();
+            let tail: Vec<String> = tail
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .into_iter()
+                .collect();
             Err(WorkerError::ExitCode {
                 command: e.meta.args.join(" "),
                 code: s.code().unwrap_or(-1),

@@ -12,7 +12,9 @@ use crate::pattern;
 fn owner(root: &Path, opt: &Option<llb::ChownOpt>) -> Result<Option<(u32, u32)>, WorkerError> {
     match opt {
         None => Ok(None),
-        Some(o) => rootfs::user(root, &o.user).map(Some).map_err(WorkerError::Copy),
+        Some(o) => rootfs::user(root, &o.user)
+            .map(Some)
+            .map_err(WorkerError::Copy),
     }
 }
 
@@ -32,7 +34,8 @@ pub fn mkdir(root: &Path, a: &llb::FileActionMkDir) -> Result<(), WorkerError> {
         fs::create_dir(&path).map_err(io(format!("mkdir {}", a.path)))?;
         lchown(&path, Some(own.0), Some(own.1)).map_err(io(format!("chown {}", a.path)))?;
     }
-    fs::set_permissions(&path, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(io(format!("chmod {}", a.path)))
+    fs::set_permissions(&path, fs::Permissions::from_mode(a.mode as u32 & 0o7777))
+        .map_err(io(format!("chmod {}", a.path)))
 }
 
 pub fn mkfile(root: &Path, a: &llb::FileActionMkFile) -> Result<(), WorkerError> {
@@ -43,45 +46,75 @@ pub fn mkfile(root: &Path, a: &llb::FileActionMkFile) -> Result<(), WorkerError>
     }
     fs::write(&path, &a.data).map_err(io(format!("write {}", a.path)))?;
     lchown(&path, Some(own.0), Some(own.1)).map_err(io(format!("chown {}", a.path)))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(io(format!("chmod {}", a.path)))
+    fs::set_permissions(&path, fs::Permissions::from_mode(a.mode as u32 & 0o7777))
+        .map_err(io(format!("chmod {}", a.path)))
 }
 
 /// COPY `a.src` from `source` into `root` at `a.dest`. Context copies are owned by root unless
 /// `--chown` says otherwise; copies from stages keep their owners.
-pub fn copy(root: &Path, source: &Source, from_context: bool, a: &llb::FileActionCopy) -> Result<(), WorkerError> {
+pub fn copy(
+    root: &Path,
+    source: &Source,
+    from_context: bool,
+    a: &llb::FileActionCopy,
+) -> Result<(), WorkerError> {
     let attrs = Attrs {
         owner: owner(root, &a.owner)?.or(if from_context { Some((0, 0)) } else { None }),
         mode: (a.mode >= 0).then_some(a.mode as u32),
     };
-    let matches = source.select(&a.src).map_err(io(format!("read {}", a.src)))?;
+    let matches = source
+        .select(&a.src)
+        .map_err(io(format!("read {}", a.src)))?;
     let shown = a.src.trim_start_matches('/');
     if matches.is_empty() {
         if a.allow_empty_wildcard && pattern::has_wildcard(&a.src) {
             return Ok(());
         }
-        let where_ = if from_context { "build context (or excluded by .dockerignore)" } else { "source stage" };
-        return Err(WorkerError::Copy(format!("{shown}: not found in the {where_}")));
+        let where_ = if from_context {
+            "build context (or excluded by .dockerignore)"
+        } else {
+            "source stage"
+        };
+        return Err(WorkerError::Copy(format!(
+            "{shown}: not found in the {where_}"
+        )));
     }
-    let dest_is_dir = a.dest.ends_with('/') || matches.len() > 1 || rootfs::resolve(root, &a.dest, true).is_ok_and(|p| p.is_dir());
+    let dest_is_dir = a.dest.ends_with('/')
+        || matches.len() > 1
+        || rootfs::resolve(root, &a.dest, true).is_ok_and(|p| p.is_dir());
     let parent_owner = attrs.owner.unwrap_or((0, 0));
     for rel in matches {
-        let src = rootfs::resolve(source.root, &rel, a.follow_symlink).map_err(io(format!("resolve {rel}")))?;
+        let src = rootfs::resolve(source.root, &rel, a.follow_symlink)
+            .map_err(io(format!("resolve {rel}")))?;
         let meta = fs::symlink_metadata(&src).map_err(io(format!("stat {rel}")))?;
         if meta.is_dir() && a.dir_copy_contents {
             // A directory's contents go into the destination directory.
-            let dst = rootfs::resolve(root, &a.dest, true).map_err(io(format!("resolve {}", a.dest)))?;
+            let dst =
+                rootfs::resolve(root, &a.dest, true).map_err(io(format!("resolve {}", a.dest)))?;
             tree::mkdir_all(&dst, parent_owner).map_err(io(format!("create {}", a.dest)))?;
-            let names: Vec<_> = fs::read_dir(&src).map_err(io(format!("read {rel}")))?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+            let names: Vec<_> = fs::read_dir(&src)
+                .map_err(io(format!("read {rel}")))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect();
             for n in names {
-                let child_rel = if rel.is_empty() { n.to_string_lossy().into_owned() } else { format!("{rel}/{}", n.to_string_lossy()) };
+                let child_rel = if rel.is_empty() {
+                    n.to_string_lossy().into_owned()
+                } else {
+                    format!("{rel}/{}", n.to_string_lossy())
+                };
                 if source.ignore.is_some_and(|i| i.excludes(&child_rel)) {
                     continue;
                 }
-                tree::copy(source, &src.join(&n), &child_rel, &dst.join(&n), attrs).map_err(io(format!("copy {child_rel}")))?;
+                tree::copy(source, &src.join(&n), &child_rel, &dst.join(&n), attrs)
+                    .map_err(io(format!("copy {child_rel}")))?;
             }
         } else {
             let dest = if dest_is_dir {
-                let name = Path::new(&rel).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = Path::new(&rel)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 format!("{}/{name}", a.dest.trim_end_matches('/'))
             } else {
                 a.dest.clone()
@@ -89,10 +122,12 @@ pub fn copy(root: &Path, source: &Source, from_context: bool, a: &llb::FileActio
             let dst = rootfs::resolve(root, &dest, false).map_err(io(format!("resolve {dest}")))?;
             if let Some(parent) = dst.parent() {
                 if a.create_dest_path {
-                    tree::mkdir_all(parent, parent_owner).map_err(io(format!("create parent of {dest}")))?;
+                    tree::mkdir_all(parent, parent_owner)
+                        .map_err(io(format!("create parent of {dest}")))?;
                 }
             }
-            tree::copy(source, &src, &rel, &dst, attrs).map_err(io(format!("copy {rel} to {dest}")))?;
+            tree::copy(source, &src, &rel, &dst, attrs)
+                .map_err(io(format!("copy {rel} to {dest}")))?;
         }
     }
     Ok(())

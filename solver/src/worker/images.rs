@@ -22,13 +22,17 @@ pub fn normalize(reference: &str) -> String {
         None => {
             let slash = reference.rfind('/').map(|i| i + 1).unwrap_or(0);
             match reference[slash..].rfind(':') {
-                Some(c) => (reference[..slash + c].to_string(), format!(":{}", &reference[slash + c + 1..])),
+                Some(c) => (
+                    reference[..slash + c].to_string(),
+                    format!(":{}", &reference[slash + c + 1..]),
+                ),
                 None => (reference.to_string(), ":latest".to_string()),
             }
         }
     };
     let first = name.split('/').next().unwrap_or("");
-    let has_domain = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_domain =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let full = if has_domain {
         name
     } else if name.contains('/') {
@@ -56,20 +60,35 @@ impl<R: Read> Read for Hashing<R> {
 impl Worker {
     /// Loads an OCI image layout archive; returns the names it stored.
     pub fn load_archive(&self, path: &Path) -> Result<Vec<String>, WorkerError> {
-        let f = std::fs::File::open(path).map_err(|e| WorkerError::Image(format!("open {}: {e}", path.display())))?;
+        let f = std::fs::File::open(path)
+            .map_err(|e| WorkerError::Image(format!("open {}: {e}", path.display())))?;
         let images = oci::read_layout_archive(&self.content, f)?;
         let mut names = Vec::new();
         for img in images {
             let name = match img.name {
-                Some(n) if n.contains('/') || n.contains(':') && !n.starts_with(':') => normalize(&n),
-                Some(tag) => normalize(&format!("{}:{tag}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()))),
+                Some(n) if n.contains('/') || n.contains(':') && !n.starts_with(':') => {
+                    normalize(&n)
+                }
+                Some(tag) => normalize(&format!(
+                    "{}:{tag}",
+                    path.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "image".into())
+                )),
                 None => continue,
             };
-            self.db.put_image(&ImageRecord { name: name.clone(), manifest: img.manifest, created: now() })?;
+            self.db.put_image(&ImageRecord {
+                name: name.clone(),
+                manifest: img.manifest,
+                created: now(),
+            })?;
             names.push(name);
         }
         if names.is_empty() {
-            return Err(WorkerError::Image(format!("{}: no named image in the archive's index.json", path.display())));
+            return Err(WorkerError::Image(format!(
+                "{}: no named image in the archive's index.json",
+                path.display()
+            )));
         }
         Ok(names)
     }
@@ -83,21 +102,33 @@ impl Worker {
         let mut desc = record.manifest;
         let digest = Digest::parse(&desc.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
         let bytes = self.content.read(&digest)?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| WorkerError::Image(format!("manifest of {name}: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| WorkerError::Image(format!("manifest of {name}: {e}")))?;
         if value.get("manifests").is_some() {
-            let index: Index = serde_json::from_value(value).map_err(|e| WorkerError::Image(format!("index of {name}: {e}")))?;
+            let index: Index = serde_json::from_value(value)
+                .map_err(|e| WorkerError::Image(format!("index of {name}: {e}")))?;
             desc = index
                 .manifests
                 .into_iter()
-                .find(|m| m.platform.as_ref().is_none_or(|p| p.os == "linux" && p.architecture == "amd64"))
-                .ok_or_else(|| WorkerError::Image(format!("image {name} has no linux/amd64 manifest")))?;
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .ok_or_else(|| {
+                    WorkerError::Image(format!("image {name} has no linux/amd64 manifest"))
+                })?;
         }
-        let manifest: Manifest = oci::read_json(&self.content, &Digest::parse(&desc.digest).map_err(|e| WorkerError::Image(e.to_string()))?)?;
+        let manifest: Manifest = oci::read_json(
+            &self.content,
+            &Digest::parse(&desc.digest).map_err(|e| WorkerError::Image(e.to_string()))?,
+        )?;
         Ok((desc, manifest))
     }
 
     pub fn config(&self, manifest: &Manifest) -> Result<ImageConfig, WorkerError> {
-        let d = Digest::parse(&manifest.config.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+        let d = Digest::parse(&manifest.config.digest)
+            .map_err(|e| WorkerError::Image(e.to_string()))?;
         Ok(oci::read_json(&self.content, &d)?)
     }
 
@@ -108,50 +139,89 @@ impl Worker {
         let manifest: Manifest = oci::read_json(&self.content, &d)?;
         let config = self.config(&manifest)?;
         if config.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(WorkerError::Image(format!("image {manifest_digest}: {} layers but {} diff_ids in its config", manifest.layers.len(), config.rootfs.diff_ids.len())));
+            return Err(WorkerError::Image(format!(
+                "image {manifest_digest}: {} layers but {} diff_ids in its config",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
         }
         let mut chain = String::new();
         let mut parent: Option<String> = None;
         for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-            chain = if chain.is_empty() { diff_id.clone() } else { format!("sha256:{}", hex::encode(Sha256::digest(format!("{chain} {diff_id}")))) };
+            chain = if chain.is_empty() {
+                diff_id.clone()
+            } else {
+                format!(
+                    "sha256:{}",
+                    hex::encode(Sha256::digest(format!("{chain} {diff_id}")))
+                )
+            };
             let key = format!("layer/{chain}");
             if self.snapshots.stat(&key).is_err() {
                 // Applied straight into the new snapshot's own directory: no mount needed.
                 self.apply_layer(parent.as_deref(), &key, layer, diff_id)?;
-                self.db.put_layer(&key, &LayerRecord { diff_id: diff_id.clone(), blob: layer.clone() })?;
+                self.db.put_layer(
+                    &key,
+                    &LayerRecord {
+                        diff_id: diff_id.clone(),
+                        blob: layer.clone(),
+                    },
+                )?;
             }
             parent = Some(key);
         }
         Ok(parent)
     }
 
-    fn apply_layer(&self, parent: Option<&str>, key: &str, layer: &Descriptor, diff_id: &str) -> Result<(), WorkerError> {
+    fn apply_layer(
+        &self,
+        parent: Option<&str>,
+        key: &str,
+        layer: &Descriptor,
+        diff_id: &str,
+    ) -> Result<(), WorkerError> {
         if self.snapshots.stat(key).is_ok() {
             return Ok(());
         }
         let active = format!("tmp/{}", super::nonce());
-        self.snapshots.prepare(&active, parent.unwrap_or(""), BTreeMap::new())?;
+        self.snapshots
+            .prepare(&active, parent.unwrap_or(""), BTreeMap::new())?;
         let result = (|| -> Result<(), WorkerError> {
             let dir = self.snapshots.dir(&active)?;
-            let digest = Digest::parse(&layer.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+            let digest =
+                Digest::parse(&layer.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
             let blob = self.content.open_blob(&digest)?;
             let plain: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
                 Box::new(flate2::read::GzDecoder::new(blob))
             } else if layer.media_type.ends_with("tar") || layer.media_type == oci::DOCKER_LAYER {
                 Box::new(blob)
             } else {
-                return Err(WorkerError::Image(format!("layer {} has media type {}, which this version cannot unpack", layer.digest, layer.media_type)));
+                return Err(WorkerError::Image(format!(
+                    "layer {} has media type {}, which this version cannot unpack",
+                    layer.digest, layer.media_type
+                )));
             };
-            let mut reader = Hashing { inner: plain, hash: Sha256::new() };
+            let mut reader = Hashing {
+                inner: plain,
+                hash: Sha256::new(),
+            };
             layer::apply(&mut reader, &dir)?;
-            std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| WorkerError::Image(format!("read layer {}: {e}", layer.digest)))?;
+            std::io::copy(&mut reader, &mut std::io::sink())
+                .map_err(|e| WorkerError::Image(format!("read layer {}: {e}", layer.digest)))?;
             let actual = format!("sha256:{}", hex::encode(reader.hash.finalize()));
             if actual != diff_id {
-                return Err(WorkerError::Image(format!("layer {} unpacks to {actual}, not its diff_id {diff_id}: the image is corrupt", layer.digest)));
+                return Err(WorkerError::Image(format!(
+                    "layer {} unpacks to {actual}, not its diff_id {diff_id}: the image is corrupt",
+                    layer.digest
+                )));
             }
             Ok(())
         })();
-        match result.and_then(|()| self.snapshots.commit(key, &active, BTreeMap::new()).map_err(Into::into)) {
+        match result.and_then(|()| {
+            self.snapshots
+                .commit(key, &active, BTreeMap::new())
+                .map_err(Into::into)
+        }) {
             Ok(()) => Ok(()),
             Err(WorkerError::Snapshot(strata_snapshotter::Error::AlreadyExists(_))) => {
                 let _ = self.snapshots.remove(&active);
@@ -183,6 +253,9 @@ mod tests {
         assert_eq!(normalize("user/app:1"), "docker.io/user/app:1");
         assert_eq!(normalize("localhost:5000/app"), "localhost:5000/app:latest");
         assert_eq!(normalize("quay.io/a/b@sha256:00"), "quay.io/a/b@sha256:00");
-        assert_eq!(normalize("docker.io/strata/busybox:1"), "docker.io/strata/busybox:1");
+        assert_eq!(
+            normalize("docker.io/strata/busybox:1"),
+            "docker.io/strata/busybox:1"
+        );
     }
 }

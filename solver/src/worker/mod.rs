@@ -33,7 +33,11 @@ pub enum WorkerError {
     #[error("{0}")]
     Exec(String),
     #[error("process \"{command}\" did not complete successfully: exit code: {code}{}", if tail.is_empty() { String::new() } else { format!("\nlast lines of its output:\n{tail}") })]
-    ExitCode { command: String, code: i32, tail: String },
+    ExitCode {
+        command: String,
+        code: i32,
+        tail: String,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -83,20 +87,34 @@ static NONCE: AtomicU64 = AtomicU64::new(0);
 
 /// A name no other process or call uses.
 pub fn nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{}-{t:x}-{}", std::process::id(), NONCE.fetch_add(1, Ordering::SeqCst))
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{t:x}-{}",
+        std::process::id(),
+        NONCE.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 impl Worker {
     /// Opens the store under `root` (`<root>/build`), removing what an interrupted build left.
     pub fn open(root: &Path, runtime: &str) -> Result<Worker, WorkerError> {
         let dir = root.join("build");
-        std::fs::create_dir_all(&dir).map_err(|e| WorkerError::Exec(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| WorkerError::Exec(format!("create {}: {e}", dir.display())))?;
         // The build database is opened first: its lock makes this process the store's only user.
         let db = Db::open(&dir.join("db"))?;
         let snapshots = Snapshots::open(&dir, Options::default())?;
         let content = ContentStore::open(&dir.join("content"))?;
-        let w = Worker { dir, snapshots, content, db, runtime: runtime.to_string() };
+        let w = Worker {
+            dir,
+            snapshots,
+            content,
+            db,
+            runtime: runtime.to_string(),
+        };
         w.remove_leftovers();
         Ok(w)
     }
@@ -124,9 +142,16 @@ impl Worker {
 
     /// Runs `f` on a new active snapshot on `parent`, mounted; commits it as `result` when `f`
     /// succeeds, removes it otherwise. `result` already existing (a concurrent equal step) is fine.
-    pub fn with_active(&self, parent: Option<&str>, result: &str, f: impl FnOnce(&Path) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+    pub fn with_active(
+        &self,
+        parent: Option<&str>,
+        result: &str,
+        f: impl FnOnce(&Path) -> Result<(), WorkerError>,
+    ) -> Result<(), WorkerError> {
         let key = format!("tmp/{}", nonce());
-        let m = self.snapshots.prepare(&key, parent.unwrap_or(""), BTreeMap::new())?;
+        let m = self
+            .snapshots
+            .prepare(&key, parent.unwrap_or(""), BTreeMap::new())?;
         let outcome = self.with_mounted(&m, f);
         match outcome {
             Ok(()) => match self.snapshots.commit(result, &key, BTreeMap::new()) {
@@ -148,7 +173,11 @@ impl Worker {
     }
 
     /// Runs `f` with snapshot `key` mounted read-only.
-    pub fn with_view<T>(&self, key: &str, f: impl FnOnce(&Path) -> Result<T, WorkerError>) -> Result<T, WorkerError> {
+    pub fn with_view<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&Path) -> Result<T, WorkerError>,
+    ) -> Result<T, WorkerError> {
         let view = format!("tmp/{}", nonce());
         let m = self.snapshots.view(&view, key, BTreeMap::new())?;
         let mut out = None;
@@ -160,9 +189,14 @@ impl Worker {
         r.map(|()| out.expect("set on success"))
     }
 
-    fn with_mounted(&self, m: &[strata_snapshotter::api::types::Mount], f: impl FnOnce(&Path) -> Result<(), WorkerError>) -> Result<(), WorkerError> {
+    fn with_mounted(
+        &self,
+        m: &[strata_snapshotter::api::types::Mount],
+        f: impl FnOnce(&Path) -> Result<(), WorkerError>,
+    ) -> Result<(), WorkerError> {
         let target = self.dir.join("mnt").join(nonce());
-        std::fs::create_dir_all(&target).map_err(|e| WorkerError::Exec(format!("create {}: {e}", target.display())))?;
+        std::fs::create_dir_all(&target)
+            .map_err(|e| WorkerError::Exec(format!("create {}: {e}", target.display())))?;
         mounts::mount_all(m, &target)?;
         let r = f(&target);
         if let Err(e) = mounts::unmount(&target) {
@@ -176,23 +210,46 @@ impl Worker {
         match r {
             Ref::Scratch => Ok(None),
             Ref::Snapshot(s) => Ok(Some(s.as_str())),
-            Ref::Context => Err(WorkerError::Exec("the build context cannot be a container root".into())),
+            Ref::Context => Err(WorkerError::Exec(
+                "the build context cannot be a container root".into(),
+            )),
         }
     }
 
     /// Runs an exec op on `input`, committing the result as `result`.
-    pub fn exec(&self, input: &Ref, op: &llb::ExecOp, result: &str, log: &(dyn Fn(&str) + Sync)) -> Result<(), WorkerError> {
-        let meta = op.meta.as_ref().ok_or_else(|| WorkerError::Exec("exec op without a command".into()))?;
+    pub fn exec(
+        &self,
+        input: &Ref,
+        op: &llb::ExecOp,
+        result: &str,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), WorkerError> {
+        let meta = op
+            .meta
+            .as_ref()
+            .ok_or_else(|| WorkerError::Exec("exec op without a command".into()))?;
         let network = llb::NetMode::from_i32(op.network).unwrap_or(llb::NetMode::None);
         let id = format!("strata-{}", nonce());
         self.with_active(Self::parent_of(input)?, result, |root| {
-            let spec = exec::ExecSpec { meta, network, runtime: &self.runtime, state_dir: &self.dir, id: &id };
+            let spec = exec::ExecSpec {
+                meta,
+                network,
+                runtime: &self.runtime,
+                state_dir: &self.dir,
+                id: &id,
+            };
             exec::run(root, &spec, log)
         })
     }
 
     /// Runs a file op's actions on `base`, in order; `secondary[i]` is action i's source.
-    pub fn file(&self, base: &Ref, actions: &[(llb::FileAction, Option<Ref>)], context: Option<&Context>, result: &str) -> Result<(), WorkerError> {
+    pub fn file(
+        &self,
+        base: &Ref,
+        actions: &[(llb::FileAction, Option<Ref>)],
+        context: Option<&Context>,
+        result: &str,
+    ) -> Result<(), WorkerError> {
         self.with_active(Self::parent_of(base)?, result, |root| {
             for (action, secondary) in actions {
                 match &action.action {
@@ -200,12 +257,34 @@ impl Worker {
                     Some(llb::file_action::Action::Mkfile(a)) => file::mkfile(root, a)?,
                     Some(llb::file_action::Action::Copy(a)) => match secondary {
                         Some(Ref::Context) => {
-                            let ctx = context.ok_or_else(|| WorkerError::Copy("COPY from the build context, but this build has none".into()))?;
-                            let source = Source { root: &ctx.dir, ignore: Some(&ctx.ignore) };
+                            let ctx = context.ok_or_else(|| {
+                                WorkerError::Copy(
+                                    "COPY from the build context, but this build has none".into(),
+                                )
+                            })?;
+                            let source = Source {
+                                root: &ctx.dir,
+                                ignore: Some(&ctx.ignore),
+                            };
                             file::copy(root, &source, true, a)?;
                         }
-                        Some(Ref::Snapshot(s)) => self.with_view(s, |src| file::copy(root, &Source { root: src, ignore: None }, false, a))?,
-                        Some(Ref::Scratch) | None => return Err(WorkerError::Copy(format!("COPY {}: the source stage is empty", a.src))),
+                        Some(Ref::Snapshot(s)) => self.with_view(s, |src| {
+                            file::copy(
+                                root,
+                                &Source {
+                                    root: src,
+                                    ignore: None,
+                                },
+                                false,
+                                a,
+                            )
+                        })?,
+                        Some(Ref::Scratch) | None => {
+                            return Err(WorkerError::Copy(format!(
+                                "COPY {}: the source stage is empty",
+                                a.src
+                            )))
+                        }
                     },
                     None => {}
                 }

@@ -22,7 +22,8 @@ pub struct Source<'a> {
 
 impl Source<'_> {
     fn ignored(&self, rel: &str) -> bool {
-        self.ignore.is_some_and(|i| !rel.is_empty() && i.excludes(rel))
+        self.ignore
+            .is_some_and(|i| !rel.is_empty() && i.excludes(rel))
     }
 
     /// The relative paths `pattern` names (wildcards expanded, ignored paths left out), sorted.
@@ -38,7 +39,10 @@ impl Source<'_> {
                 let dir = rootfs::resolve(self.root, base, true)?;
                 if pattern::has_wildcard(seg) {
                     let Ok(rd) = fs::read_dir(&dir) else { continue };
-                    let mut names: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                    let mut names: Vec<String> = rd
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
                     names.sort();
                     for n in names {
                         if pattern::matches(seg, &n) {
@@ -75,7 +79,10 @@ impl Source<'_> {
         h.update(format!("{rel}\0{:o}\0", meta.mode() & 0o7777));
         if ft.is_dir() {
             h.update(b"d\n");
-            let mut names: Vec<String> = fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            let mut names: Vec<String> = fs::read_dir(path)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
             names.sort();
             for n in names {
                 let child = join(rel, &n);
@@ -131,7 +138,10 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
             }
             Err(_) => fs::create_dir(dst)?,
         }
-        let mut names: Vec<_> = fs::read_dir(src)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        let mut names: Vec<_> = fs::read_dir(src)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
         names.sort();
         for n in names {
             let child_rel = join(rel, &n.to_string_lossy());
@@ -142,7 +152,10 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
     } else {
         if let Ok(m) = fs::symlink_metadata(dst) {
             if m.is_dir() {
-                return Err(io::Error::other(format!("cannot replace directory {} with a non-directory", dst.display())));
+                return Err(io::Error::other(format!(
+                    "cannot replace directory {} with a non-directory",
+                    dst.display()
+                )));
             }
             fs::remove_file(dst)?;
         }
@@ -158,7 +171,13 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
             } else {
                 SFlag::S_IFIFO
             };
-            mknod(dst, kind, Mode::from_bits_truncate(meta.mode() & 0o777), meta.rdev()).map_err(io::Error::from)?;
+            mknod(
+                dst,
+                kind,
+                Mode::from_bits_truncate(meta.mode() & 0o777),
+                meta.rdev(),
+            )
+            .map_err(io::Error::from)?;
         }
     }
     finish(dst, &meta, attrs)
@@ -196,7 +215,14 @@ mod tests {
 
     fn context() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        for (p, c) in [("foo1", "1"), ("foo2", "2"), ("bar", "b"), ("dir/a", "a"), ("dir/sub/b", "b"), ("ignored.log", "x")] {
+        for (p, c) in [
+            ("foo1", "1"),
+            ("foo2", "2"),
+            ("bar", "b"),
+            ("dir/a", "a"),
+            ("dir/sub/b", "b"),
+            ("ignored.log", "x"),
+        ] {
             let path = d.path().join(p);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, c).unwrap();
@@ -208,7 +234,10 @@ mod tests {
     fn select_and_checksum_follow_the_copy_selection() {
         let d = context();
         let ignore = Ignore::parse("*.log\n");
-        let src = Source { root: d.path(), ignore: Some(&ignore) };
+        let src = Source {
+            root: d.path(),
+            ignore: Some(&ignore),
+        };
         assert_eq!(src.select("foo*").unwrap(), ["foo1", "foo2"]);
         assert_eq!(src.select("/dir").unwrap(), ["dir"]);
         assert_eq!(src.select("*.log").unwrap(), Vec::<String>::new());
@@ -216,12 +245,20 @@ mod tests {
         let pat = vec!["foo*".to_string()];
         let before = src.checksum(&pat).unwrap();
         fs::write(d.path().join("bar"), "changed").unwrap();
-        assert_eq!(src.checksum(&pat).unwrap(), before, "an unrelated file keeps the checksum");
+        assert_eq!(
+            src.checksum(&pat).unwrap(),
+            before,
+            "an unrelated file keeps the checksum"
+        );
         fs::write(d.path().join("foo2"), "changed").unwrap();
         let edited = src.checksum(&pat).unwrap();
         assert_ne!(edited, before);
         fs::rename(d.path().join("foo2"), d.path().join("foo3")).unwrap();
-        assert_ne!(src.checksum(&pat).unwrap(), edited, "a renamed match changes it");
+        assert_ne!(
+            src.checksum(&pat).unwrap(),
+            edited,
+            "a renamed match changes it"
+        );
     }
 
     #[test]
@@ -230,11 +267,30 @@ mod tests {
         symlink("a", d.path().join("dir/link")).unwrap();
         fs::write(d.path().join("dir/skip.log"), "x").unwrap();
         let ignore = Ignore::parse("**/*.log\n");
-        let src = Source { root: d.path(), ignore: Some(&ignore) };
+        let src = Source {
+            root: d.path(),
+            ignore: Some(&ignore),
+        };
         let out = tempfile::tempdir().unwrap();
-        copy(&src, &d.path().join("dir"), "dir", &out.path().join("dir"), Attrs { owner: Some((0, 0)), mode: None }).unwrap();
-        assert_eq!(fs::read_link(out.path().join("dir/link")).unwrap(), Path::new("a"));
-        assert_eq!(fs::read_to_string(out.path().join("dir/sub/b")).unwrap(), "b");
+        copy(
+            &src,
+            &d.path().join("dir"),
+            "dir",
+            &out.path().join("dir"),
+            Attrs {
+                owner: Some((0, 0)),
+                mode: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_link(out.path().join("dir/link")).unwrap(),
+            Path::new("a")
+        );
+        assert_eq!(
+            fs::read_to_string(out.path().join("dir/sub/b")).unwrap(),
+            "b"
+        );
         assert!(!out.path().join("dir/skip.log").exists());
     }
 }

@@ -1,0 +1,281 @@
+//! Exporting a build result: its snapshot chain as layers (each diffed once and remembered), the
+//! image config and manifest in the content store, then the outputs the user asked for.
+
+use std::path::Path;
+
+use strata_snapshotter::content::Digest;
+use strata_snapshotter::layer::{self, DiffOptions};
+use strata_snapshotter::oci::{self, Descriptor, History, ImageConfig, Manifest};
+
+use crate::db::{now, ImageRecord, LayerRecord};
+use crate::worker::tree::{self, Attrs, Source};
+use crate::worker::{Ref, Worker, WorkerError};
+
+/// Where a build goes (`--output`, `-t`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// The local image store under a name (`-t`).
+    Image(String),
+    /// An OCI image layout archive (`type=oci,dest=FILE`).
+    Oci { dest: String, name: Option<String> },
+    /// The final stage's files (`type=local,dest=DIR`).
+    Local { dest: String },
+}
+
+impl Output {
+    /// Parses buildx's `--output` syntax: `type=oci,dest=out.tar[,name=REF]`, `type=local,dest=DIR`,
+    /// `type=image,name=REF`, or a bare `DIR` (local).
+    pub fn parse(spec: &str) -> Result<Output, String> {
+        if !spec.contains('=') {
+            return Ok(Output::Local {
+                dest: spec.to_string(),
+            });
+        }
+        let mut kind = None;
+        let mut dest = None;
+        let mut name = None;
+        for part in spec.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--output {spec:?}: {part:?} is not key=value"))?;
+            match k {
+                "type" => kind = Some(v.to_string()),
+                "dest" => dest = Some(v.to_string()),
+                "name" => name = Some(v.to_string()),
+                other => {
+                    return Err(format!(
+                        "--output: unknown key {other:?} (known: type, dest, name)"
+                    ))
+                }
+            }
+        }
+        match kind.as_deref() {
+            Some("oci") => Ok(Output::Oci {
+                dest: dest.ok_or("--output type=oci needs dest=FILE.tar")?,
+                name,
+            }),
+            Some("local") => Ok(Output::Local {
+                dest: dest.ok_or("--output type=local needs dest=DIR")?,
+            }),
+            Some("image") => Ok(Output::Image(
+                name.ok_or("--output type=image needs name=REF")?,
+            )),
+            Some(other) => Err(format!(
+                "--output type={other} is not supported yet (supported: oci, local, image)"
+            )),
+            None => Err("--output needs type=oci|local|image".into()),
+        }
+    }
+}
+
+/// RFC 3339 (UTC) of unix seconds.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The layer of committed snapshot `key`, diffed and stored on first use.
+fn layer_of(worker: &Worker, key: &str, epoch: Option<u64>) -> Result<LayerRecord, WorkerError> {
+    // Base image layers keep their original blobs. Built layers diffed with a
+    // SOURCE_DATE_EPOCH are remembered per epoch: their bytes differ.
+    let record_key = match epoch {
+        Some(e) if !key.starts_with("layer/") => format!("{key}@{e}"),
+        _ => key.to_string(),
+    };
+    if let Some(r) = worker.db.layer(&record_key)? {
+        return Ok(r);
+    }
+    let dir = worker.snapshots.dir(key)?;
+    let mut w = worker.content.writer()?;
+    layer::diff(&dir, &mut w, DiffOptions { mtime_max: epoch })
+        .map_err(|e| WorkerError::Exec(format!("diff {}: {e}", dir.display())))?;
+    let digest = w.commit(None)?;
+    let size = worker.content.size(&digest)?;
+    let r = LayerRecord {
+        diff_id: digest.to_string(),
+        blob: Descriptor {
+            media_type: oci::MEDIA_LAYER.into(),
+            digest: digest.to_string(),
+            size,
+            annotations: Default::default(),
+            platform: None,
+        },
+    };
+    worker.db.put_layer(&record_key, &r)?;
+    Ok(r)
+}
+
+/// Assembles the image of `result` with `config`; returns the manifest's descriptor.
+pub fn image(
+    worker: &Worker,
+    result: &Ref,
+    mut config: ImageConfig,
+    epoch: Option<u64>,
+) -> Result<Descriptor, WorkerError> {
+    let chain = match result {
+        Ref::Snapshot(top) => {
+            let mut c = worker.snapshots.parents(top)?;
+            c.reverse();
+            c.push(top.clone());
+            c
+        }
+        Ref::Scratch => Vec::new(),
+        Ref::Context => {
+            return Err(WorkerError::Exec(
+                "the build context is not an image".into(),
+            ))
+        }
+    };
+    let layers: Vec<LayerRecord> = chain
+        .iter()
+        .map(|k| layer_of(worker, k, epoch))
+        .collect::<Result<_, _>>()?;
+    let created = rfc3339(epoch.unwrap_or_else(now));
+    // Base images without history get one entry per layer, so history and layers line up.
+    let with_layer = config.history.iter().filter(|h| !h.empty_layer).count();
+    if with_layer < layers.len() {
+        let missing = layers.len() - with_layer;
+        let filler = (0..missing).map(|_| History {
+            created_by: "(base image layer)".into(),
+            ..Default::default()
+        });
+        config.history.splice(0..0, filler);
+    }
+    for h in config.history.iter_mut().filter(|h| h.created.is_none()) {
+        h.created = Some(created.clone());
+    }
+    config.created = Some(created);
+    config.architecture = "amd64".into();
+    config.os = "linux".into();
+    config.rootfs = oci::RootFs {
+        kind: "layers".into(),
+        diff_ids: layers.iter().map(|l| l.diff_id.clone()).collect(),
+    };
+    let config_desc = oci::put_json(&worker.content, oci::MEDIA_CONFIG, &config)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: oci::MEDIA_MANIFEST.into(),
+        config: config_desc,
+        layers: layers.into_iter().map(|l| l.blob).collect(),
+    };
+    let mut desc = oci::put_json(&worker.content, oci::MEDIA_MANIFEST, &manifest)?;
+    desc.platform = Some(oci::Platform {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+    });
+    Ok(desc)
+}
+
+/// Writes `manifest` (the image of `result`) to `output`.
+pub fn write(
+    worker: &Worker,
+    output: &Output,
+    result: &Ref,
+    manifest: &Descriptor,
+    epoch: Option<u64>,
+) -> Result<String, WorkerError> {
+    match output {
+        Output::Image(name) => {
+            let name = crate::worker::images::normalize(name);
+            worker.db.put_image(&ImageRecord {
+                name: name.clone(),
+                manifest: manifest.clone(),
+                created: now(),
+            })?;
+            Ok(format!("naming to {name}"))
+        }
+        Output::Oci { dest, name } => {
+            let name =
+                crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
+            let tmp = format!("{dest}.partial");
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| WorkerError::Exec(format!("create {tmp}: {e}")))?;
+            oci::write_layout_archive(&worker.content, manifest, &name, epoch.unwrap_or(0), f)?;
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
+            Ok(format!("exporting OCI archive {dest} ({name})"))
+        }
+        Output::Local { dest } => {
+            let Ref::Snapshot(top) = result else {
+                std::fs::create_dir_all(dest)
+                    .map_err(|e| WorkerError::Exec(format!("create {dest}: {e}")))?;
+                return Ok(format!("copying files to {dest}"));
+            };
+            std::fs::create_dir_all(dest)
+                .map_err(|e| WorkerError::Exec(format!("create {dest}: {e}")))?;
+            worker.with_view(top, |root| {
+                let src = Source { root, ignore: None };
+                for entry in std::fs::read_dir(root)
+                    .map_err(|e| WorkerError::Exec(e.to_string()))?
+                    .flatten()
+                {
+                    let name = entry.file_name();
+                    tree::copy(
+                        &src,
+                        &entry.path(),
+                        &name.to_string_lossy(),
+                        &Path::new(dest).join(&name),
+                        Attrs {
+                            owner: None,
+                            mode: None,
+                        },
+                    )
+                    .map_err(|e| {
+                        WorkerError::Copy(format!("copy {} to {dest}: {e}", name.to_string_lossy()))
+                    })?;
+                }
+                Ok(())
+            })?;
+            Ok(format!("copying files to {dest}"))
+        }
+    }
+}
+
+/// The digest of a manifest descriptor, parsed.
+pub fn digest(desc: &Descriptor) -> Result<Digest, WorkerError> {
+    Digest::parse(&desc.digest).map_err(|e| WorkerError::Image(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_outputs() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            Output::parse("type=oci,dest=x.tar").unwrap(),
+            Output::Oci {
+                dest: "x.tar".into(),
+                name: None
+            }
+        );
+        assert_eq!(
+            Output::parse("out").unwrap(),
+            Output::Local { dest: "out".into() }
+        );
+        assert!(Output::parse("type=docker,dest=x")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(Output::parse("type=oci,dst=x")
+            .unwrap_err()
+            .contains("unknown key"));
+    }
+}
