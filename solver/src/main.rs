@@ -150,7 +150,9 @@ fn convert_options(f: &FrontendArgs, ignore: Ignore) -> anyhow::Result<ConvertOp
         match a.split_once('=') {
             Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
             // `--build-arg NAME` takes the value from the environment, as docker does.
-            None => std::env::var(a).ok().and_then(|v| build_args.insert(a.clone(), v)),
+            None => std::env::var(a)
+                .ok()
+                .and_then(|v| build_args.insert(a.clone(), v)),
         };
     }
     Ok(ConvertOptions {

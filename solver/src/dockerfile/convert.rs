@@ -644,6 +644,8 @@ impl Converter<'_> {
                     "COPY --from a stage that is FROM scratch with nothing in it",
                 ));
             };
+            // An empty wildcard is fine beside other sources (BuildKit's rule).
+            let several = srcs.len() > 1;
             for src in srcs {
                 let action = llb::FileActionCopy {
                     src: format!("/{}", pattern::clean(&src)),
@@ -654,7 +656,7 @@ impl Converter<'_> {
                     dir_copy_contents: true,
                     create_dest_path: true,
                     allow_wildcard: true,
-                    allow_empty_wildcard: false,
+                    allow_empty_wildcard: several,
                     timestamp: -1,
                 };
                 actions.push((file_action::Action::Copy(action), Some(source.clone())));

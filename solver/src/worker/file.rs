@@ -86,7 +86,18 @@ pub fn copy(
     for rel in matches {
         let src = rootfs::resolve(source.root, &rel, a.follow_symlink)
             .map_err(io(format!("resolve {rel}")))?;
-        let meta = fs::symlink_metadata(&src).map_err(io(format!("stat {rel}")))?;
+        let meta = match fs::symlink_metadata(&src) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let where_ = if from_context {
+                    "build context"
+                } else {
+                    "source stage"
+                };
+                return Err(WorkerError::Copy(format!("{rel}: not found in the {where_}: it is a symlink whose target is missing or outside it")));
+            }
+            Err(e) => return Err(io(format!("stat {rel}"))(e)),
+        };
         if meta.is_dir() && a.dir_copy_contents {
             // A directory's contents go into the destination directory.
             let dst =

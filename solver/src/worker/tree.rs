@@ -74,7 +74,15 @@ impl Source<'_> {
     }
 
     fn hash_tree(&self, path: &Path, rel: &str, h: &mut Sha256) -> io::Result<()> {
-        let meta = fs::symlink_metadata(path)?;
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            // A dangling name: the copy reports it; the checksum just records it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                h.update(format!("{rel}\0missing\n"));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let ft = meta.file_type();
         h.update(format!("{rel}\0{:o}\0", meta.mode() & 0o7777));
         if ft.is_dir() {

@@ -1,0 +1,324 @@
+//! `strata build` end to end with real runc and overlayfs: images that run in containerd, BuildKit's
+//! caching semantics, COPY semantics, parallelism, and bad input.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+use strata_fs_tests::containerd::Containerd;
+use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::strata::Strata;
+
+#[test]
+fn built_images_run_in_containerd_on_strata_and_overlayfs() {
+    let s = Strata::new();
+    s.file("greeting.txt", "hello from strata build");
+    s.dockerfile("FROM busybox AS build\nWORKDIR /src\nCOPY greeting.txt .\nRUN tr a-z A-Z < greeting.txt > shout.txt\n\nFROM busybox\nCOPY --from=build /src/shout.txt /app/\nCMD [\"cat\", \"/app/shout.txt\"]\n");
+    let archive = s.root.path().join("app.tar");
+    let spec = format!("type=oci,dest={}", archive.display());
+    s.build_ok(&["-t", "docker.io/strata/app:1", "--output", &spec]);
+
+    let strata = Daemon::start();
+    let c = Containerd::start(&strata.socket);
+    for snapshotter in ["strata", "overlayfs"] {
+        c.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            snapshotter,
+            archive.to_str().unwrap(),
+        ]);
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            "docker.io/strata/app:1",
+            &format!("app-{snapshotter}"),
+        ]);
+        assert_eq!(out.trim(), "HELLO FROM STRATA BUILD", "{snapshotter}");
+    }
+}
+
+#[test]
+fn caching_follows_buildkit() {
+    let s = Strata::new();
+    s.file("foo1", "1");
+    s.file("foo2", "2");
+    s.file("bar", "b");
+    s.dockerfile("FROM busybox AS s1\nRUN echo s1 > /s1\nFROM busybox\nCOPY foo* /in/\nRUN ls /in > /list\nCOPY --from=s1 /s1 /s1\n");
+    let first = s.build_ok(&[]);
+    let (_, _, ran) = first.counts();
+    assert!(ran >= 4, "{}", first.progress);
+
+    // A fully cached rebuild runs nothing.
+    assert_eq!(s.build_ok(&[]).counts().2, 0);
+    // A file outside the COPY glob keeps the cache.
+    s.file("bar", "changed");
+    assert_eq!(s.build_ok(&[]).counts().2, 0);
+    // A matched file busts it: the COPY and everything after it in that stage.
+    s.file("foo2", "changed");
+    let b = s.build_ok(&[]);
+    assert!(
+        b.progress.contains("COPY foo* /in/\n") && b.counts().2 == 3,
+        "{}",
+        b.progress
+    );
+    // Renaming a matched file busts it too.
+    fs::rename(s.path().join("foo2"), s.path().join("foo3")).unwrap();
+    assert_eq!(s.build_ok(&[]).counts().2, 3);
+    // --no-cache reruns every step.
+    let all = s.build_ok(&["--no-cache"]);
+    assert_eq!(all.counts().1, 0, "{}", all.progress);
+    // --no-cache-filter reruns only that stage's steps (and what depends on them).
+    let filtered = s.build_ok(&["--no-cache-filter", "s1"]);
+    let reran: Vec<&str> = filtered
+        .progress
+        .lines()
+        .filter(|l| l.contains("] RUN") || l.contains("] COPY"))
+        .collect();
+    assert!(reran.iter().any(|l| l.contains("echo s1")), "{reran:?}");
+    let cached_ls = filtered
+        .progress
+        .lines()
+        .skip_while(|l| !l.contains("RUN ls /in"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        cached_ls.ends_with("CACHED"),
+        "RUN ls stays cached: {}",
+        filtered.progress
+    );
+
+    // Records do not grow on a cached rebuild.
+    let du = |s: &Strata| {
+        String::from_utf8(s.run(&["du"]).stdout)
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let before = du(&s);
+    s.build_ok(&[]);
+    assert_eq!(du(&s), before);
+}
+
+#[test]
+fn source_date_epoch_gives_identical_digests() {
+    let s = Strata::new();
+    s.file("data", "x");
+    s.dockerfile("FROM busybox\nCOPY data /data\nRUN echo built > /stamp\n");
+    let env = [("SOURCE_DATE_EPOCH", "1700000000")];
+    let a = s.build_env(&["--no-cache"], &env);
+    assert!(a.ok, "{}", a.progress);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let b = s.build_env(&["--no-cache"], &env);
+    assert!(b.ok, "{}", b.progress);
+    assert_eq!(a.digest(), b.digest());
+    let c = s.build_env(&["--no-cache"], &[]);
+    assert_ne!(c.digest(), a.digest(), "without the epoch, times differ");
+}
+
+#[test]
+fn copy_semantics() {
+    let s = Strata::new();
+    s.file("foo1", "f1");
+    s.file("foo2", "f2");
+    s.file("dir/a", "a");
+    s.file("dir/sub/b", "b");
+    s.file("target-file", "t");
+    symlink("target-file", s.path().join("link")).unwrap();
+    let sock = std::os::unix::net::UnixListener::bind(s.path().join("dir/ctx.sock")).unwrap();
+    s.dockerfile(
+        "FROM busybox\n\
+         ARG OWNER=1234:5678\n\
+         RUN echo app:x:1001:1001::/home/app:/bin/sh >> /etc/passwd && echo app:x:1001: >> /etc/group\n\
+         WORKDIR /w\n\
+         COPY foo* globbed/\n\
+         COPY nomatch* foo1 both/\n\
+         COPY dir/ asdir/\n\
+         COPY dir/. dotdir/\n\
+         COPY . whole/\n\
+         COPY --chown=app foo1 byname\n\
+         COPY --chown=42:43 foo1 byid\n\
+         COPY --chown=${OWNER} foo1 byarg\n\
+         COPY --chmod=0741 foo1 moded\n\
+         COPY link linkfollowed\n\
+         COPY dir/ twice/\n\
+         COPY dir/ twice/\n",
+    );
+    let (_, out) = s.build_local(&[]);
+    let o = out.path();
+    let read = |p: &str| fs::read_to_string(o.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(
+        (
+            read("w/globbed/foo1").as_str(),
+            read("w/globbed/foo2").as_str()
+        ),
+        ("f1", "f2")
+    );
+    assert_eq!(
+        read("w/both/foo1"),
+        "f1",
+        "an empty wildcard beside a match is fine"
+    );
+    assert_eq!(read("w/asdir/a"), "a");
+    assert_eq!(read("w/asdir/sub/b"), "b");
+    assert!(!o.join("w/asdir/dir").exists(), "dir/ copies its contents");
+    assert_eq!(read("w/dotdir/sub/b"), "b");
+    assert_eq!(read("w/whole/dir/a"), "a");
+    assert!(
+        !o.join("w/whole/dir/ctx.sock").exists(),
+        "a socket in the context is skipped"
+    );
+    assert_eq!(
+        fs::read_link(o.join("w/whole/link")).unwrap().to_str(),
+        Some("target-file"),
+        "links inside a copy stay links"
+    );
+    assert_eq!(read("w/linkfollowed"), "t", "a named symlink is followed");
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(o.join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("w/byname"), (1001, 1001));
+    assert_eq!(owner("w/byid"), (42, 43));
+    assert_eq!(owner("w/byarg"), (1234, 5678));
+    assert_eq!(
+        owner("w/globbed/foo1"),
+        (0, 0),
+        "context files belong to root"
+    );
+    assert_eq!(
+        fs::metadata(o.join("w/moded"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o741
+    );
+    assert_eq!(read("w/twice/sub/b"), "b");
+    drop(sock);
+}
+
+#[test]
+fn independent_stages_run_in_parallel() {
+    let s = Strata::new();
+    let mut df = String::new();
+    for i in 0..4 {
+        // /proc/uptime is the host's clock: the steps' start and end times are comparable.
+        df.push_str(&format!("FROM busybox AS s{i}\nRUN cat /proc/uptime; sleep 2; cat /proc/uptime; echo {i} > /out{i}\n"));
+    }
+    df.push_str("FROM busybox\n");
+    for i in 0..4 {
+        df.push_str(&format!("COPY --from=s{i} /out{i} /\n"));
+    }
+    s.dockerfile(&df);
+    let intervals = |b: &strata_fs_tests::strata::Build| -> Vec<(f64, f64)> {
+        let mut by_vertex: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for l in b.progress.lines() {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            if parts.len() == 4 && parts[0].starts_with('#') {
+                if let (Ok(up), Ok(_)) = (parts[2].parse::<f64>(), parts[3].parse::<f64>()) {
+                    by_vertex.entry(parts[0].to_string()).or_default().push(up);
+                }
+            }
+        }
+        by_vertex
+            .values()
+            .filter(|v| v.len() == 2)
+            .map(|v| (v[0], v[1]))
+            .collect()
+    };
+    let overlaps = |iv: &[(f64, f64)]| {
+        iv.iter().enumerate().any(|(i, a)| {
+            iv[i + 1..]
+                .iter()
+                .any(|b| a.0 < b.1 - 0.5 && b.0 < a.1 - 0.5)
+        })
+    };
+    let parallel = s.build_ok(&["--no-cache"]);
+    let iv = intervals(&parallel);
+    assert_eq!(iv.len(), 4, "{}", parallel.progress);
+    assert!(
+        overlaps(&iv),
+        "default parallelism overlaps the stages: {iv:?}"
+    );
+    let serial = s.build_ok(&["--no-cache", "--max-parallelism", "1"]);
+    let iv = intervals(&serial);
+    assert_eq!(iv.len(), 4);
+    assert!(
+        !overlaps(&iv),
+        "--max-parallelism 1 runs one at a time: {iv:?}"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_next_build_works() {
+    let s = Strata::new();
+    s.file("ok", "ok");
+    symlink("/etc/passwd", s.path().join("escape")).unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "FROM busybox\nRUNN echo\n",
+            "Dockerfile:2: unknown instruction: RUNN (did you mean RUN?)",
+        ),
+        (
+            "FROM busybox\nCOPY --chwon=1 ok /\n",
+            "unknown flag --chwon for COPY (did you mean --chown?)",
+        ),
+        (
+            "FROM busybox\nRUN \"unterminated\nRUN <<EOF\necho\n",
+            "unterminated heredoc",
+        ),
+        (
+            "FROM busybox AS a\nCOPY --from=a /x /y\n",
+            "refers to its own stage",
+        ),
+        (
+            "FROM nothere:1\n",
+            "docker.io/library/nothere:1 is not in the local store",
+        ),
+        (
+            "FROM busybox\nCOPY missing /\n",
+            "missing: not found in the build context",
+        ),
+        (
+            "FROM busybox\nRUN echo some output; echo more; exit 3\n",
+            "exit code: 3",
+        ),
+        (
+            "FROM busybox\nCOPY escape /etc/copied\n",
+            "not found in the build context",
+        ),
+    ];
+    for (df, want) in cases {
+        s.dockerfile(df);
+        let b = s.build(&[]);
+        assert!(!b.ok, "{df} should fail");
+        assert!(
+            b.progress.contains(want),
+            "{df}: expected {want:?} in:\n{}",
+            b.progress
+        );
+    }
+    s.dockerfile("FROM busybox\nRUN echo some output; echo more; exit 3\n");
+    let b = s.build(&[]);
+    assert!(
+        b.progress
+            .contains("last lines of its output:\nsome output\nmore"),
+        "{}",
+        b.progress
+    );
+    // The host's files never leak into a build through a context symlink.
+    s.dockerfile("FROM busybox\nCOPY . /ctx/\n");
+    let (_, out) = s.build_local(&[]);
+    assert_eq!(
+        fs::read_link(out.path().join("ctx/escape"))
+            .unwrap()
+            .to_str(),
+        Some("/etc/passwd"),
+        "copied as a link, not followed"
+    );
+    // And the store is intact: the next build works.
+    s.dockerfile("FROM busybox\nCOPY ok /ok\nRUN cat /ok\n");
+    s.build_ok(&[]);
+}
