@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod image;
 pub mod mount;
+pub mod registry;
 pub mod strata;
 pub mod tree;
 

@@ -72,6 +72,18 @@ impl Strata {
         s
     }
 
+    /// A fresh root with no images, and an empty context.
+    pub fn empty() -> Strata {
+        crate::require_root();
+        Strata {
+            root: tempfile::Builder::new()
+                .prefix("strata-build-")
+                .tempdir()
+                .unwrap(),
+            ctx: tempfile::tempdir().unwrap(),
+        }
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(crate::workspace_bin("strata"))
             .arg("--root")

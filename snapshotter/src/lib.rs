@@ -16,6 +16,7 @@ pub mod layer;
 pub mod layout;
 pub mod mounts;
 pub mod oci;
+pub mod registry;
 pub mod server;
 pub mod service;
 pub mod snapshots;

@@ -14,8 +14,8 @@ use crate::worker::{Ref, Worker, WorkerError};
 /// Where a build goes (`--output`, `-t`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// The local image store under a name (`-t`).
-    Image(String),
+    /// The local image store under a name (`-t`), and the registry when `push`.
+    Image { name: String, push: bool },
     /// An OCI image layout archive (`type=oci,dest=FILE`).
     Oci { dest: String, name: Option<String> },
     /// The final stage's files (`type=local,dest=DIR`).
@@ -34,6 +34,7 @@ impl Output {
         let mut kind = None;
         let mut dest = None;
         let mut name = None;
+        let mut push = false;
         for part in spec.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -42,9 +43,10 @@ impl Output {
                 "type" => kind = Some(v.to_string()),
                 "dest" => dest = Some(v.to_string()),
                 "name" => name = Some(v.to_string()),
+                "push" => push = v == "true",
                 other => {
                     return Err(format!(
-                        "--output: unknown key {other:?} (known: type, dest, name)"
+                        "--output: unknown key {other:?} (known: type, dest, name, push)"
                     ))
                 }
             }
@@ -57,11 +59,12 @@ impl Output {
             Some("local") => Ok(Output::Local {
                 dest: dest.ok_or("--output type=local needs dest=DIR")?,
             }),
-            Some("image") => Ok(Output::Image(
-                name.ok_or("--output type=image needs name=REF")?,
-            )),
+            Some("image") | Some("registry") => Ok(Output::Image {
+                name: name.ok_or("--output type=image needs name=REF")?,
+                push: push || kind.as_deref() == Some("registry"),
+            }),
             Some(other) => Err(format!(
-                "--output type={other} is not supported yet (supported: oci, local, image)"
+                "--output type={other} is not supported yet (supported: oci, local, image, registry)"
             )),
             None => Err("--output needs type=oci|local|image".into()),
         }
@@ -191,14 +194,18 @@ pub fn write(
     epoch: Option<u64>,
 ) -> Result<String, WorkerError> {
     match output {
-        Output::Image(name) => {
-            let name = crate::worker::images::normalize(name);
+        Output::Image { name, push } => {
+            let full = crate::worker::images::normalize(name);
             worker.db.put_image(&ImageRecord {
-                name: name.clone(),
+                name: full.clone(),
                 manifest: manifest.clone(),
                 created: now(),
             })?;
-            Ok(format!("naming to {name}"))
+            if *push {
+                worker.push(name, manifest)?;
+                return Ok(format!("naming to {full}, pushed"));
+            }
+            Ok(format!("naming to {full}"))
         }
         Output::Oci { dest, name } => {
             let name =

@@ -39,6 +39,9 @@ struct Cli {
     /// OCI runtime that runs RUN steps
     #[arg(long, global = true, default_value = "runc", value_name = "PATH")]
     oci_runtime: String,
+    /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
+    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -69,6 +72,10 @@ enum ImagesCmd {
     Ls,
     /// Load an OCI image layout archive (what `--output type=oci` and `skopeo copy oci-archive:` write)
     Load { archive: PathBuf },
+    /// Pull an image from its registry
+    Pull { reference: String },
+    /// Push an image of the local store to its registry
+    Push { name: String },
     /// Remove an image name (its layers stay until pruned)
     Rm { name: String },
 }
@@ -113,6 +120,9 @@ struct BuildArgs {
     /// Progress output
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
+    /// Check the registry for newer base images even when the local store has them
+    #[arg(long)]
+    pull: bool,
     /// Steps run at once (default: number of CPUs)
     #[arg(long, value_name = "N")]
     max_parallelism: Option<usize>,
@@ -181,7 +191,11 @@ fn check_syntax(syntax: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn open_worker(cli: &Cli) -> anyhow::Result<Arc<Worker>> {
-    let w = Worker::open(&cli.root, &cli.oci_runtime)
+    let registry = strata_snapshotter::registry::Options {
+        insecure: cli.insecure_registry.clone(),
+        ..Default::default()
+    };
+    let w = Worker::open(&cli.root, &cli.oci_runtime, registry)
         .with_context(|| format!("open the build store under {}", cli.root.display()))?;
     Ok(Arc::new(w))
 }
@@ -210,7 +224,10 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
             *name = args.tags.first().cloned();
         }
     }
-    outputs.extend(args.tags.iter().map(|t| Output::Image(t.clone())));
+    outputs.extend(args.tags.iter().map(|t| Output::Image {
+        name: t.clone(),
+        push: false,
+    }));
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .map(|s| {
@@ -219,7 +236,10 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
 
-    let worker = open_worker(cli)?;
+    let mut worker = open_worker(cli)?;
+    Arc::get_mut(&mut worker)
+        .expect("not shared yet")
+        .always_pull = args.pull;
     let mut opts = convert_options(f, ignore.clone())?;
     opts.no_cache = args.no_cache;
     opts.no_cache_filter = args.no_cache_filter.clone();
@@ -335,6 +355,18 @@ fn main() -> anyhow::Result<()> {
             for name in w.load_archive(archive)? {
                 println!("loaded {name}");
             }
+            Ok(())
+        }
+        Cmd::Images(ImagesCmd::Pull { reference }) => {
+            let w = open_worker(&cli)?;
+            println!("pulled {}", w.pull(reference)?);
+            Ok(())
+        }
+        Cmd::Images(ImagesCmd::Push { name }) => {
+            let w = open_worker(&cli)?;
+            let (desc, _) = w.manifest(name)?;
+            w.push(name, &desc)?;
+            println!("pushed {name} ({})", desc.digest);
             Ok(())
         }
         Cmd::Images(ImagesCmd::Rm { name }) => {

@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 use strata_snapshotter::content::Digest;
 use strata_snapshotter::layer;
 use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Index, Manifest};
+use strata_snapshotter::registry::Reference;
 
 use super::{Worker, WorkerError};
 use crate::db::{now, ImageRecord, LayerRecord};
@@ -93,12 +94,96 @@ impl Worker {
         Ok(names)
     }
 
-    /// The manifest of `reference` (for linux/amd64 when it names an index).
+    /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
+    pub fn pull(&self, reference: &str) -> Result<String, WorkerError> {
+        let r = Reference::parse(reference)?;
+        let (bytes, media, digest) = self.registry.manifest(&r)?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| WorkerError::Image(format!("manifest of {r}: {e}")))?;
+        let (bytes, media, digest) = if value.get("manifests").is_some() {
+            let index: Index = serde_json::from_value(value)
+                .map_err(|e| WorkerError::Image(format!("index of {r}: {e}")))?;
+            let m = index
+                .manifests
+                .iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .ok_or_else(|| WorkerError::Image(format!("{r} has no linux/amd64 image")))?;
+            self.registry.manifest(&r.with_digest(&m.digest))?
+        } else {
+            (bytes, media, digest)
+        };
+        let want = Digest::parse(&digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+        self.content.put_reader(&bytes[..], Some(&want))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| WorkerError::Image(format!("manifest of {r}: {e}")))?;
+        for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            let d = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+            if self.content.has(&d) {
+                continue;
+            }
+            let mut w = self.content.writer()?;
+            self.registry.blob(&r, &blob.digest, &mut w)?;
+            w.commit(Some(&d))?;
+        }
+        let name = normalize(reference);
+        let media_type = if media.is_empty() {
+            oci::MEDIA_MANIFEST.to_string()
+        } else {
+            media
+        };
+        let desc = Descriptor {
+            media_type,
+            digest,
+            size: bytes.len() as u64,
+            annotations: Default::default(),
+            platform: None,
+        };
+        self.db.put_image(&ImageRecord {
+            name: name.clone(),
+            manifest: desc,
+            created: now(),
+        })?;
+        Ok(name)
+    }
+
+    /// Pushes the image `manifest` (from the local content store) to `reference`.
+    pub fn push(&self, reference: &str, manifest: &Descriptor) -> Result<(), WorkerError> {
+        let r = Reference::parse(reference)?;
+        let d = Digest::parse(&manifest.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+        let bytes = self.content.read(&d)?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| WorkerError::Image(format!("manifest {d}: {e}")))?;
+        for blob in m.layers.iter().chain(std::iter::once(&m.config)) {
+            let bd = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+            self.registry
+                .push_blob(&r, &blob.digest, &self.content.read(&bd)?)?;
+        }
+        self.registry
+            .push_manifest(&r, &bytes, &manifest.media_type)?;
+        Ok(())
+    }
+
+    /// The manifest of `reference` (for linux/amd64 when it names an index), pulled when the
+    /// local store does not have it (or always, with `--pull`).
     pub fn manifest(&self, reference: &str) -> Result<(Descriptor, Manifest), WorkerError> {
         let name = normalize(reference);
-        let record = self.db.image(&name)?.ok_or_else(|| {
-            WorkerError::Image(format!("image {name} is not in the local store: load it with `strata images load IMAGE.tar` (an OCI layout archive) or build it with -t"))
-        })?;
+        if self.always_pull || self.db.image(&name)?.is_none() {
+            if let Err(e) = self.pull(reference) {
+                if self.db.image(&name)?.is_none() {
+                    return Err(WorkerError::Image(format!(
+                        "image {name} is not in the local store and pulling it failed: {e}; load it with `strata images load IMAGE.tar`, build it with -t, or check the registry"
+                    )));
+                }
+            }
+        }
+        let record = self
+            .db
+            .image(&name)?
+            .ok_or_else(|| WorkerError::Image(format!("image {name} is not in the local store")))?;
         let mut desc = record.manifest;
         let digest = Digest::parse(&desc.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
         let bytes = self.content.read(&digest)?;

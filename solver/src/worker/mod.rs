@@ -54,6 +54,8 @@ pub enum WorkerError {
     Oci(#[from] OciError),
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    Registry(#[from] strata_snapshotter::registry::RegistryError),
 }
 
 /// The result of a vertex.
@@ -81,6 +83,9 @@ pub struct Worker {
     pub content: ContentStore,
     pub db: Db,
     pub runtime: String,
+    pub registry: strata_snapshotter::registry::Client,
+    /// Check registries for newer base images even when the local store has them (`--pull`).
+    pub always_pull: bool,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -100,7 +105,11 @@ pub fn nonce() -> String {
 
 impl Worker {
     /// Opens the store under `root` (`<root>/build`), removing what an interrupted build left.
-    pub fn open(root: &Path, runtime: &str) -> Result<Worker, WorkerError> {
+    pub fn open(
+        root: &Path,
+        runtime: &str,
+        registry: strata_snapshotter::registry::Options,
+    ) -> Result<Worker, WorkerError> {
         let dir = root.join("build");
         std::fs::create_dir_all(&dir)
             .map_err(|e| WorkerError::Exec(format!("create {}: {e}", dir.display())))?;
@@ -108,12 +117,15 @@ impl Worker {
         let db = Db::open(&dir.join("db"))?;
         let snapshots = Snapshots::open(&dir, Options::default())?;
         let content = ContentStore::open(&dir.join("content"))?;
+        let registry = strata_snapshotter::registry::Client::new(registry);
         let w = Worker {
             dir,
             snapshots,
             content,
             db,
             runtime: runtime.to_string(),
+            registry,
+            always_pull: false,
         };
         w.remove_leftovers();
         Ok(w)
