@@ -167,21 +167,12 @@ fn docker_credentials(registry: &str) -> Option<(String, String)> {
     } else {
         vec![registry]
     };
-    for k in keys {
-        let entry = auths
-            .get(k)
-            .or_else(|| auths.get(&format!("https://{k}")))?;
-        let auth = entry.get("auth")?.as_str()?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth)
-            .ok()?;
-        let (u, p) = String::from_utf8(decoded)
-            .ok()?
-            .split_once(':')
-            .map(|(u, p)| (u.to_string(), p.to_string()))?;
-        return Some((u, p));
-    }
-    None
+    let entry = keys.iter().find_map(|k| auths.get(*k).or_else(|| auths.get(&format!("https://{k}"))))?;
+    let auth = entry.get("auth")?.as_str()?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(auth).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
 }
 
 fn param<'a>(header: &'a str, key: &str) -> Option<&'a str> {
