@@ -322,3 +322,33 @@ fn bad_input_gets_clear_errors_and_the_next_build_works() {
     s.dockerfile("FROM busybox\nCOPY ok /ok\nRUN cat /ok\n");
     s.build_ok(&[]);
 }
+
+#[test]
+fn docker_archive_output_has_docker_save_layout() {
+    let s = Strata::new();
+    s.dockerfile("FROM busybox\nRUN echo hi > /hi\n");
+    let dest = s.root.path().join("docker.tar");
+    let spec = format!("type=docker,dest={}", dest.display());
+    s.build_ok(&["-t", "app:2", "--output", &spec]);
+    let mut archive = tar::Archive::new(fs::File::open(&dest).unwrap());
+    let mut manifest = None;
+    let mut names = Vec::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        if name == "manifest.json" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            manifest = Some(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        }
+        names.push(name);
+    }
+    let m = manifest.expect("manifest.json");
+    assert_eq!(m[0]["RepoTags"][0], "app:2");
+    let layers = m[0]["Layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "busybox + RUN");
+    for l in layers {
+        assert!(names.contains(&l.as_str().unwrap().to_string()));
+    }
+    assert!(names.contains(&m[0]["Config"].as_str().unwrap().to_string()));
+}

@@ -167,9 +167,13 @@ fn docker_credentials(registry: &str) -> Option<(String, String)> {
     } else {
         vec![registry]
     };
-    let entry = keys.iter().find_map(|k| auths.get(*k).or_else(|| auths.get(&format!("https://{k}"))))?;
+    let entry = keys
+        .iter()
+        .find_map(|k| auths.get(*k).or_else(|| auths.get(&format!("https://{k}"))))?;
     let auth = entry.get("auth")?.as_str()?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(auth).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth)
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_string(), p.to_string()))

@@ -20,6 +20,8 @@ pub enum Output {
     Oci { dest: String, name: Option<String> },
     /// The final stage's files (`type=local,dest=DIR`).
     Local { dest: String },
+    /// A `docker save` archive that `docker load` takes (`type=docker,dest=FILE[,name=REF]`).
+    Docker { dest: String, name: Option<String> },
 }
 
 impl Output {
@@ -56,6 +58,10 @@ impl Output {
                 dest: dest.ok_or("--output type=oci needs dest=FILE.tar")?,
                 name,
             }),
+            Some("docker") => Ok(Output::Docker {
+                dest: dest.ok_or("--output type=docker needs dest=FILE.tar")?,
+                name,
+            }),
             Some("local") => Ok(Output::Local {
                 dest: dest.ok_or("--output type=local needs dest=DIR")?,
             }),
@@ -64,7 +70,7 @@ impl Output {
                 push: push || kind.as_deref() == Some("registry"),
             }),
             Some(other) => Err(format!(
-                "--output type={other} is not supported yet (supported: oci, local, image, registry)"
+                "--output type={other} is not supported yet (supported: oci, docker, local, image, registry)"
             )),
             None => Err("--output needs type=oci|local|image".into()),
         }
@@ -218,6 +224,16 @@ pub fn write(
                 .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
             Ok(format!("exporting OCI archive {dest} ({name})"))
         }
+        Output::Docker { dest, name } => {
+            let name = name.as_deref().map(crate::worker::images::normalize);
+            let tmp = format!("{dest}.partial");
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| WorkerError::Exec(format!("create {tmp}: {e}")))?;
+            docker_archive(worker, manifest, name.as_deref(), epoch.unwrap_or(0), f)?;
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
+            Ok(format!("exporting docker archive {dest}"))
+        }
         Output::Local { dest } => {
             let Ref::Snapshot(top) = result else {
                 std::fs::create_dir_all(dest)
@@ -252,6 +268,57 @@ pub fn write(
             Ok(format!("copying files to {dest}"))
         }
     }
+}
+
+/// Writes the image as `docker save` does (manifest.json, the config, one tar per layer).
+fn docker_archive(
+    worker: &Worker,
+    manifest: &Descriptor,
+    name: Option<&str>,
+    mtime: u64,
+    out: impl std::io::Write,
+) -> Result<(), WorkerError> {
+    let m: Manifest = oci::read_json(&worker.content, &digest(manifest)?)?;
+    let config = Digest::parse(&m.config.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+    let mut tar = tar::Builder::new(out);
+    let mut add =
+        |path: &str, reader: &mut dyn std::io::Read, size: u64| -> Result<(), WorkerError> {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_mtime(mtime);
+            h.set_size(size);
+            tar.append_data(&mut h, path, reader)
+                .map_err(|e| WorkerError::Exec(format!("write docker archive: {e}")))
+        };
+    let config_name = format!("{}.json", config.hex());
+    add(
+        &config_name,
+        &mut worker.content.open_blob(&config)?,
+        worker.content.size(&config)?,
+    )?;
+    let mut layers = Vec::new();
+    for l in &m.layers {
+        let d = Digest::parse(&l.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+        let path = format!("{}/layer.tar", d.hex());
+        add(
+            &path,
+            &mut worker.content.open_blob(&d)?,
+            worker.content.size(&d)?,
+        )?;
+        layers.push(path);
+    }
+    // docker.io/library/app:1 is "app:1" to docker.
+    let tag = name.map(|n| {
+        n.trim_start_matches("docker.io/")
+            .trim_start_matches("library/")
+            .to_string()
+    });
+    let index = serde_json::json!([{ "Config": config_name, "RepoTags": tag.into_iter().collect::<Vec<_>>(), "Layers": layers }]);
+    let bytes = serde_json::to_vec(&index).expect("json");
+    add("manifest.json", &mut &bytes[..], bytes.len() as u64)?;
+    tar.into_inner()
+        .map_err(|e| WorkerError::Exec(format!("write docker archive: {e}")))?;
+    Ok(())
 }
 
 /// The digest of a manifest descriptor, parsed.

@@ -108,7 +108,8 @@ struct BuildArgs {
     /// Name the result in the local image store
     #[arg(short = 't', long = "tag", value_name = "NAME")]
     tags: Vec<String>,
-    /// Where to write the result: type=oci,dest=FILE | type=local,dest=DIR | type=image,name=REF
+    /// Where to write the result: type=oci,dest=FILE | type=docker,dest=FILE | type=local,dest=DIR |
+    /// type=image,name=REF[,push=true] | type=registry,name=REF
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
     /// Run every step, ignoring the cache
@@ -218,6 +219,9 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
     // An OCI archive without a name= is named like the first -t.
     for o in &mut outputs {
         if let Output::Oci {
+            name: name @ None, ..
+        }
+        | Output::Docker {
             name: name @ None, ..
         } = o
         {
