@@ -6,6 +6,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::dockerd::Dockerd;
 use strata_fs_tests::strata::Strata;
 
 #[test]
@@ -351,4 +352,13 @@ fn docker_archive_output_has_docker_save_layout() {
         assert!(names.contains(&l.as_str().unwrap().to_string()));
     }
     assert!(names.contains(&m[0]["Config"].as_str().unwrap().to_string()));
+
+    // And a real dockerd loads and runs it.
+    let d = Dockerd::start("overlay2", &[]);
+    d.load(&dest);
+    assert_eq!(
+        d.docker(&["run", "--rm", "--network", "none", "app:2", "cat", "/hi"])
+            .trim(),
+        "hi"
+    );
 }

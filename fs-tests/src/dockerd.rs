@@ -1,0 +1,124 @@
+//! A private dockerd (Debian's docker.io 20.10) with its own data root and sockets, no bridge and
+//! no iptables, stopped by PID on drop. Always driven with Debian's `/usr/bin/docker` client.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const DOCKER: &str = "/usr/bin/docker";
+
+pub struct Dockerd {
+    pub dir: TempDir,
+    child: Child,
+}
+
+impl Dockerd {
+    /// Starts dockerd with `--storage-driver driver` and `extra` flags.
+    pub fn start(driver: &str, extra: &[&str]) -> Dockerd {
+        let dir = tempfile::Builder::new()
+            .prefix("dockerd-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(d.join("root"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.join("docker.sock").display()))
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--storage-driver",
+                driver,
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd is missing: install Debian's docker.io (scripts/test does)");
+        let mut dd = Dockerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dd.try_docker(&["version"]).status.success() {
+            if let Some(s) = dd.child.try_wait().unwrap() {
+                panic!("dockerd exited with {s}: {}", dd.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start: {}",
+                dd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        dd
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    pub fn try_docker(&self, args: &[&str]) -> Output {
+        Command::new(DOCKER)
+            .arg("-H")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("Debian's docker client")
+    }
+
+    /// Runs the docker client, panicking with its output unless it succeeds; returns stdout.
+    pub fn docker(&self, args: &[&str]) -> String {
+        let out = self.try_docker(args);
+        assert!(
+            out.status.success(),
+            "docker {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn load(&self, archive: &Path) {
+        self.docker(&["load", "-i", archive.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = self.dir.path().to_string_lossy().into_owned();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            for target in mounts
+                .lines()
+                .rev()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter(|t| t.starts_with(&root))
+            {
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
