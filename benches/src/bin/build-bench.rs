@@ -1,12 +1,16 @@
-//! Build benchmarks, each against a peer in the same run:
+//! Build benchmarks, each against peers in the same run:
 //! (a) four independent ~2 s stages: default parallelism vs `--max-parallelism 1`;
 //! (b) a fully cached rebuild of a 20-step Dockerfile vs its uncached build;
-//! (c) a rebuild after changing the file copied at step 10 of 20 vs the uncached build.
+//! (c) a rebuild after changing the file copied at step 10 of 20 vs the uncached build;
+//! and the same three through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker
+//! build --network none`), started privately by this program.
 //!
 //! `build-bench [REPEATS]` (default 3) prints medians in seconds and the ratios.
 
+use std::process::Command;
 use std::time::Instant;
 
+use strata_fs_tests::dockerd::{Dockerd, DOCKER};
 use strata_fs_tests::strata::Strata;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -14,18 +18,67 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn timed(s: &Strata, args: &[&str]) -> f64 {
-    let t = Instant::now();
-    s.build_ok(args);
-    t.elapsed().as_secs_f64()
+/// One builder under test.
+trait Builder {
+    fn build(&self, s: &Strata, args: &[&str]) -> f64;
 }
 
-fn main() {
-    let repeats: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().expect("REPEATS is a number"))
-        .unwrap_or(3);
+struct StrataBuild;
 
+impl Builder for StrataBuild {
+    fn build(&self, s: &Strata, args: &[&str]) -> f64 {
+        let t = Instant::now();
+        s.build_ok(args);
+        t.elapsed().as_secs_f64()
+    }
+}
+
+struct BuildKit(Dockerd);
+
+impl Builder for BuildKit {
+    fn build(&self, s: &Strata, args: &[&str]) -> f64 {
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| {
+                if *a == "--max-parallelism" {
+                    "--max-parallelism-unsupported"
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        let out = Command::new(DOCKER)
+            .arg("-H")
+            .arg(self.0.socket())
+            .args([
+                "build",
+                "--network",
+                "none",
+                "--progress",
+                "plain",
+                "-t",
+                "bench",
+            ])
+            .args(&args)
+            .arg(s.path())
+            .env("DOCKER_BUILDKIT", "1")
+            .output()
+            .expect("docker build");
+        assert!(
+            out.status.success(),
+            "docker build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_secs_f64()
+    }
+}
+
+fn scenarios(
+    b: &dyn Builder,
+    repeats: usize,
+    parallel_flags: bool,
+) -> (f64, Option<f64>, f64, f64, f64) {
     let s = Strata::new();
     let mut df = String::new();
     for i in 0..4 {
@@ -38,38 +91,73 @@ fn main() {
         df.push_str(&format!("COPY --from=s{i} /out{i} /\n"));
     }
     s.dockerfile(&df);
-    let par = median((0..repeats).map(|_| timed(&s, &["--no-cache"])).collect());
-    let seq = median(
-        (0..repeats)
-            .map(|_| timed(&s, &["--no-cache", "--max-parallelism", "1"]))
-            .collect(),
-    );
+    let par = median((0..repeats).map(|_| b.build(&s, &["--no-cache"])).collect());
+    let seq = parallel_flags.then(|| {
+        median(
+            (0..repeats)
+                .map(|_| b.build(&s, &["--no-cache", "--max-parallelism", "1"]))
+                .collect(),
+        )
+    });
 
     let s = Strata::new();
     let mut df = String::from("FROM busybox\n");
+    s.file("step10.txt", "v0");
     for i in 1..20 {
         if i == 10 {
-            s.file("step10.txt", "v0");
             df.push_str("COPY step10.txt /step10.txt\n");
         } else {
-            df.push_str(&format!(
-                "RUN echo step {i} > /f{i} && cat /proc/loadavg > /dev/null\n"
-            ));
+            df.push_str(&format!("RUN echo step {i} > /f{i}\n"));
         }
     }
     s.dockerfile(&df);
-    let cold = median((0..repeats).map(|_| timed(&s, &["--no-cache"])).collect());
-    let cached = median((0..repeats).map(|_| timed(&s, &[])).collect());
+    let cold = median((0..repeats).map(|_| b.build(&s, &["--no-cache"])).collect());
+    let cached = median((0..repeats).map(|_| b.build(&s, &[])).collect());
     let changed = median(
         (0..repeats)
             .map(|r| {
                 s.file("step10.txt", &format!("v{}", r + 1));
-                timed(&s, &[])
+                b.build(&s, &[])
             })
             .collect(),
     );
+    (par, seq, cold, cached, changed)
+}
+
+fn main() {
+    let repeats: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("REPEATS is a number"))
+        .unwrap_or(3);
+    let (par, seq, cold, cached, changed) = scenarios(&StrataBuild, repeats, true);
+    let seq = seq.expect("measured");
     println!("strata build benchmarks, median of {repeats} (seconds)");
-    println!("(a) 4 parallel stages of 2 s      default {par:>7.2}   --max-parallelism 1 {seq:>7.2}   ratio {:.2}", par / seq);
-    println!("(b) 20 steps, fully cached         cached  {cached:>7.2}   uncached             {cold:>7.2}   ratio {:.3}", cached / cold);
-    println!("(c) 20 steps, step 10 changed      rebuild {changed:>7.2}   uncached             {cold:>7.2}   ratio {:.2}", changed / cold);
+    println!("(a) 4 parallel stages of 2 s   default {par:>6.2}   --max-parallelism 1 {seq:>6.2}   ratio {:.2}", par / seq);
+    println!("(b) 20 steps, fully cached      cached  {cached:>6.2}   uncached            {cold:>6.2}   ratio {:.3}", cached / cold);
+    println!("(c) 20 steps, step 10 changed   rebuild {changed:>6.2}   uncached            {cold:>6.2}   ratio {:.2}", changed / cold);
+
+    if Command::new("dockerd").arg("--version").output().is_err() {
+        println!("BuildKit: dockerd is not installed (Debian docker.io); no comparison");
+        return;
+    }
+    // BuildKit's base image: the same busybox, exported by strata as a docker archive.
+    let base = Strata::new();
+    base.dockerfile("FROM busybox\n");
+    let archive = base.root.path().join("busybox-docker.tar");
+    let spec = format!("type=docker,dest={},name=busybox:latest", archive.display());
+    base.build_ok(&["--output", &spec]);
+    let d = Dockerd::start("overlay2", &[]);
+    d.load(&archive);
+    let (bpar, _, bcold, bcached, bchanged) = scenarios(&BuildKit(d), repeats, false);
+    println!("BuildKit (dockerd 20.10) in the same run, median of {repeats} (seconds); ratio = strata / BuildKit");
+    println!(
+        "(a) 4 parallel stages           strata  {par:>6.2}   BuildKit {bpar:>6.2}   ratio {:.2}",
+        par / bpar
+    );
+    println!("(b) 20 steps, fully cached      strata  {cached:>6.2}   BuildKit {bcached:>6.2}   ratio {:.2}", cached / bcached);
+    println!("(c) 20 steps, step 10 changed   strata  {changed:>6.2}   BuildKit {bchanged:>6.2}   ratio {:.2}", changed / bchanged);
+    println!(
+        "    20 steps, uncached          strata  {cold:>6.2}   BuildKit {bcold:>6.2}   ratio {:.2}",
+        cold / bcold
+    );
 }
