@@ -362,3 +362,98 @@ fn docker_archive_output_has_docker_save_layout() {
         "hi"
     );
 }
+
+#[test]
+fn add_extracts_local_archives_and_downloads_urls() {
+    let s = Strata::new();
+    // A gzip tar archive in the context, and a gzip file that is not a tar.
+    let mut tarball = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o640);
+    h.set_uid(7);
+    h.set_gid(8);
+    h.set_size(5);
+    h.set_mtime(1_600_000_000);
+    tarball
+        .append_data(&mut h, "inner/file.txt", &b"inner"[..])
+        .unwrap();
+    fs::write(
+        s.path().join("bundle.tar.gz"),
+        tarball.into_inner().unwrap().finish().unwrap(),
+    )
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, b"just text").unwrap();
+    fs::write(s.path().join("note.gz"), gz.finish().unwrap()).unwrap();
+
+    // A web server on loopback for ADD URL.
+    let web = tempfile::tempdir().unwrap();
+    fs::write(web.path().join("remote.txt"), "from the web").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(web.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{port}/remote.txt");
+    let sum = "sha256:8d8a0d61ba8fdc9dd5a0b6da1a0a3e4f8a6b2a5ac1b3ff3d0e8bb7e6bb2b0d55";
+    s.dockerfile(&format!(
+        "FROM busybox\nADD bundle.tar.gz /x/\nADD note.gz /y/\nADD {url} /web/\n"
+    ));
+    let (_, out) = s.build_local(&[]);
+    let o = out.path();
+    assert_eq!(
+        fs::read_to_string(o.join("x/inner/file.txt")).unwrap(),
+        "inner"
+    );
+    let m = fs::metadata(o.join("x/inner/file.txt")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o777),
+        (7, 8, 0o640),
+        "archive ownership and modes kept"
+    );
+    assert!(
+        o.join("y/note.gz").is_file(),
+        "a gzip file that is not a tar is copied as is"
+    );
+    assert_eq!(
+        fs::read_to_string(o.join("web/remote.txt")).unwrap(),
+        "from the web"
+    );
+    assert_eq!(
+        fs::metadata(o.join("web/remote.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // --checksum guards the download.
+    s.dockerfile(&format!("FROM busybox\nADD --checksum={sum} {url} /web/\n"));
+    let b = s.build(&[]);
+    assert!(!b.ok && b.progress.contains("tampered"), "{}", b.progress);
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -132,6 +132,16 @@ pub struct ApplyStats {
 /// Applies the (uncompressed) layer tar from `reader` into `dest`, a snapshot's own directory,
 /// converting OCI whiteouts to overlay whiteouts.
 pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
+    unpack(reader, dest, true)
+}
+
+/// Extracts a plain tar archive (not a layer: `.wh.` names are ordinary files) into `dest`, with
+/// the same refusal of entries that would escape it. Used by `ADD archive.tar /dir/`.
+pub fn extract(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
+    unpack(reader, dest, false)
+}
+
+fn unpack(reader: impl Read, dest: &Path, whiteouts: bool) -> Result<ApplyStats, LayerError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
     let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
@@ -146,11 +156,14 @@ pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
         ensure_parents(dest, &rel, &raw)?;
         let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
         let name_bytes = name.as_bytes();
-        if name_bytes == OPAQUE.as_bytes() {
+        if whiteouts && name_bytes == OPAQUE.as_bytes() {
             xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(entry_err(&raw))?;
             continue;
         }
-        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT.as_bytes()) {
+        if let Some(hidden) = name_bytes
+            .strip_prefix(WHITEOUT.as_bytes())
+            .filter(|_| whiteouts)
+        {
             if hidden.starts_with(WHITEOUT.as_bytes()) {
                 continue; // aufs bookkeeping (.wh..wh.plnk and friends): not content
             }

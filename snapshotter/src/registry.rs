@@ -329,6 +329,16 @@ impl Client {
         }
     }
 
+    /// A plain GET of `url` (for ADD of remote files), with this client's timeouts.
+    pub fn get(&self, url: &str) -> Result<Box<dyn Read + Send + Sync>, RegistryError> {
+        let what = format!("GET {url}");
+        self.agent
+            .get(url)
+            .call()
+            .map(|r| r.into_reader())
+            .map_err(|e| classify(&what, e))
+    }
+
     /// The manifest (or index) of `r`: bytes, media type, digest (verified when pinned).
     pub fn manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, String), RegistryError> {
         let url = format!(

@@ -145,7 +145,7 @@ pub fn image(
             c
         }
         Ref::Scratch => Vec::new(),
-        Ref::Context => {
+        Ref::Context | Ref::Http { .. } => {
             return Err(WorkerError::Exec(
                 "the build context is not an image".into(),
             ))

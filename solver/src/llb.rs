@@ -148,6 +148,9 @@ pub struct FileActionCopy {
     pub follow_symlink: bool,
     #[prost(bool, tag = "6")]
     pub dir_copy_contents: bool,
+    /// ADD: extract tar archives (plain or gzip) into the destination instead of copying them.
+    #[prost(bool, tag = "7")]
+    pub attempt_unpack: bool,
     #[prost(bool, tag = "8")]
     pub create_dest_path: bool,
     #[prost(bool, tag = "9")]

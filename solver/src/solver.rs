@@ -126,7 +126,21 @@ impl Solver {
         // The context's content checksum belongs in the key of the source that selects it.
         let mut checksum = String::new();
         if let Some(op::Kind::Source(s)) = &op.kind {
-            if s.identifier.starts_with("local://") {
+            if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
+                // A download's key is its content: fetched (once, into the content store) first.
+                let worker = self.worker.clone();
+                let (url, sum) = (s.identifier.clone(), s.attrs.get("checksum").cloned());
+                let v = self.progress.vertex(&name);
+                let fetched =
+                    tokio::task::spawn_blocking(move || worker.fetch_url(&url, sum.as_deref()))
+                        .await
+                        .map_err(|e| fail(WorkerError::Exec(e.to_string())))?;
+                match &fetched {
+                    Ok(_) => v.done(),
+                    Err(e) => v.error(&e.to_string()),
+                }
+                checksum = fetched.map_err(fail)?;
+            } else if s.identifier.starts_with("local://") {
                 let ctx = self
                     .context
                     .clone()
@@ -157,6 +171,24 @@ impl Solver {
         h.update(b"\n");
         h.update(&checksum);
         let key = format!("sha256:{}", hex::encode(h.finalize()));
+        if let Some(op::Kind::Source(s)) = &op.kind {
+            if s.identifier.starts_with("http") {
+                let url = s.identifier.split(['?', '#']).next().unwrap_or("");
+                let name = url
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("index.html")
+                    .to_string();
+                return Ok(Arc::new(Done {
+                    key,
+                    result: Ref::Http {
+                        digest: checksum,
+                        name,
+                    },
+                }));
+            }
+        }
 
         // Equal cache keys run once, whatever their digests.
         let shared = {

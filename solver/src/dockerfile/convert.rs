@@ -574,6 +574,46 @@ impl Converter<'_> {
             return Err(err(l, format!("when copying several sources, the destination must be a directory ending in /: {dest_raw}/")));
         }
         if !srcs.is_empty() {
+            // ADD of URLs: each a download source of its own.
+            let (urls, srcs): (Vec<String>, Vec<String>) = srcs
+                .into_iter()
+                .partition(|s| c.add && (s.starts_with("http://") || s.starts_with("https://")));
+            for url in urls {
+                let mut attrs = BTreeMap::new();
+                if let Some(sum) = &c.checksum {
+                    attrs.insert("checksum".to_string(), word(sum)?);
+                }
+                let op = Op {
+                    inputs: vec![],
+                    kind: Some(op::Kind::Source(llb::SourceOp {
+                        identifier: url.clone(),
+                        attrs,
+                    })),
+                };
+                let src = self.builder.add(
+                    &op,
+                    OpMetadata {
+                        ignore_cache: false,
+                        description: [(
+                            CUSTOM_NAME.to_string(),
+                            format!("[internal] download {url}"),
+                        )]
+                        .into(),
+                    },
+                );
+                let action = llb::FileActionCopy {
+                    src: "/".into(),
+                    dest: dest.clone(),
+                    owner: owner.clone(),
+                    mode,
+                    timestamp: -1,
+                    ..Default::default()
+                };
+                actions.push((file_action::Action::Copy(action), Some(src)));
+            }
+            if srcs.is_empty() {
+                return self.file_op(stage, st, actions, step);
+            }
             let source = match &c.from {
                 Some(from) => match self.stage_index(from, stage) {
                     Some(s) if s == stage => {
@@ -654,6 +694,7 @@ impl Converter<'_> {
                     mode,
                     follow_symlink: true,
                     dir_copy_contents: true,
+                    attempt_unpack: c.add,
                     create_dest_path: true,
                     allow_wildcard: true,
                     allow_empty_wildcard: several,

@@ -70,6 +70,8 @@ pub struct Copy {
     pub chown: Option<String>,
     pub chmod: Option<String>,
     pub link: bool,
+    /// ADD --checksum=sha256:... of a remote file.
+    pub checksum: Option<String>,
     pub heredocs: Vec<Heredoc>,
 }
 
@@ -325,6 +327,7 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
                 link: f
                     .iter()
                     .any(|(n, v)| n == "link" && v.as_deref() != Some("false")),
+                checksum: flag(&f, "checksum"),
                 heredocs: node.heredocs.clone(),
             })
         }

@@ -22,6 +22,49 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> WorkerError {
     move |e| WorkerError::Copy(format!("{what}: {e}"))
 }
 
+/// Extracts `src` into directory `dest` when it is a tar archive (plain or gzip); false when it
+/// is not an archive (ADD then copies it as a file).
+fn unpack_archive(
+    root: &Path,
+    src: &Path,
+    dest: &str,
+    owner: (u32, u32),
+) -> Result<bool, WorkerError> {
+    let mut head = [0u8; 262];
+    let n = {
+        let mut f = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
+        std::io::Read::read(&mut f, &mut head).map_err(io(format!("read {}", src.display())))?
+    };
+    let gzip = n >= 2 && head[..2] == [0x1f, 0x8b];
+    let is_tar = |h: &[u8]| h.len() >= 262 && &h[257..262] == b"ustar";
+    let tar = if gzip {
+        // A gzip file is an archive only when what it holds is a tar.
+        let f = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
+        let mut inner = Vec::with_capacity(262);
+        let _ = std::io::Read::read_to_end(
+            &mut std::io::Read::take(flate2::read::GzDecoder::new(f), 262),
+            &mut inner,
+        );
+        is_tar(&inner)
+    } else {
+        is_tar(&head[..n])
+    };
+    if !tar {
+        return Ok(false);
+    }
+    let f = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
+    let reader: Box<dyn std::io::Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    let dst = rootfs::resolve(root, dest, true).map_err(io(format!("resolve {dest}")))?;
+    tree::mkdir_all(&dst, owner).map_err(io(format!("create {dest}")))?;
+    strata_snapshotter::layer::extract(reader, &dst)
+        .map_err(|e| WorkerError::Copy(format!("ADD {}: {e}", src.display())))?;
+    Ok(true)
+}
+
 pub fn mkdir(root: &Path, a: &llb::FileActionMkDir) -> Result<(), WorkerError> {
     let own = owner(root, &a.owner)?.unwrap_or((0, 0));
     let path = rootfs::resolve(root, &a.path, true).map_err(io(format!("mkdir {}", a.path)))?;
@@ -36,6 +79,32 @@ pub fn mkdir(root: &Path, a: &llb::FileActionMkDir) -> Result<(), WorkerError> {
     }
     fs::set_permissions(&path, fs::Permissions::from_mode(a.mode as u32 & 0o7777))
         .map_err(io(format!("chmod {}", a.path)))
+}
+
+/// ADD of a remote file: `data` written at `dest` (or `dest/name` for a directory), mode 0600
+/// unless --chmod, as Docker does.
+pub fn add_remote(
+    root: &Path,
+    data: &Path,
+    name: &str,
+    a: &llb::FileActionCopy,
+) -> Result<(), WorkerError> {
+    let own = owner(root, &a.owner)?.unwrap_or((0, 0));
+    let dest = if a.dest.ends_with('/')
+        || rootfs::resolve(root, &a.dest, true).is_ok_and(|p| p.is_dir())
+    {
+        format!("{}/{name}", a.dest.trim_end_matches('/'))
+    } else {
+        a.dest.clone()
+    };
+    let dst = rootfs::resolve(root, &dest, false).map_err(io(format!("resolve {dest}")))?;
+    if let Some(parent) = dst.parent() {
+        tree::mkdir_all(parent, own).map_err(io(format!("create parent of {dest}")))?;
+    }
+    fs::copy(data, &dst).map_err(io(format!("write {dest}")))?;
+    lchown(&dst, Some(own.0), Some(own.1)).map_err(io(format!("chown {dest}")))?;
+    let mode = if a.mode >= 0 { a.mode as u32 } else { 0o600 };
+    fs::set_permissions(&dst, fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {dest}")))
 }
 
 pub fn mkfile(root: &Path, a: &llb::FileActionMkFile) -> Result<(), WorkerError> {
@@ -120,6 +189,11 @@ pub fn copy(
                 tree::copy(source, &src.join(&n), &child_rel, &dst.join(&n), attrs)
                     .map_err(io(format!("copy {child_rel}")))?;
             }
+        } else if a.attempt_unpack
+            && meta.is_file()
+            && unpack_archive(root, &src, &a.dest, parent_owner)?
+        {
+            // ADD extracted it.
         } else {
             let dest = if dest_is_dir {
                 let name = Path::new(&rel)

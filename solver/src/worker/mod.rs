@@ -67,6 +67,8 @@ pub enum Ref {
     Snapshot(String),
     /// The build context, restricted to what a copy selects.
     Context,
+    /// A downloaded file (ADD URL) in the content store, with the name its URL gives it.
+    Http { digest: String, name: String },
 }
 
 /// The build context of one build.
@@ -222,10 +224,32 @@ impl Worker {
         match r {
             Ref::Scratch => Ok(None),
             Ref::Snapshot(s) => Ok(Some(s.as_str())),
-            Ref::Context => Err(WorkerError::Exec(
+            Ref::Context | Ref::Http { .. } => Err(WorkerError::Exec(
                 "the build context cannot be a container root".into(),
             )),
         }
+    }
+
+    /// Downloads `url` into the content store (checked against `checksum` when given).
+    pub fn fetch_url(&self, url: &str, checksum: Option<&str>) -> Result<String, WorkerError> {
+        let expected = checksum
+            .map(strata_snapshotter::content::Digest::parse)
+            .transpose()
+            .map_err(|e| WorkerError::Copy(format!("ADD --checksum: {e}")))?;
+        if let Some(d) = &expected {
+            if self.content.has(d) {
+                return Ok(d.to_string());
+            }
+        }
+        let body = self
+            .registry
+            .get(url)
+            .map_err(|e| WorkerError::Copy(format!("ADD {url}: {e}")))?;
+        let (d, _) = self
+            .content
+            .put_reader(body, expected.as_ref())
+            .map_err(|e| WorkerError::Copy(format!("ADD {url}: {e}")))?;
+        Ok(d.to_string())
     }
 
     /// Runs an exec op on `input`, committing the result as `result`.
@@ -291,6 +315,11 @@ impl Worker {
                                 a,
                             )
                         })?,
+                        Some(Ref::Http { digest, name }) => {
+                            let d = strata_snapshotter::content::Digest::parse(digest)
+                                .map_err(|e| WorkerError::Image(e.to_string()))?;
+                            file::add_remote(root, &self.content.path(&d), name, a)?;
+                        }
                         Some(Ref::Scratch) | None => {
                             return Err(WorkerError::Copy(format!(
                                 "COPY {}: the source stage is empty",
