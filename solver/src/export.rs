@@ -345,7 +345,14 @@ mod tests {
             Output::parse("out").unwrap(),
             Output::Local { dest: "out".into() }
         );
-        assert!(Output::parse("type=docker,dest=x")
+        assert_eq!(
+            Output::parse("type=docker,dest=x").unwrap(),
+            Output::Docker {
+                dest: "x".into(),
+                name: None
+            }
+        );
+        assert!(Output::parse("type=tar,dest=x")
             .unwrap_err()
             .contains("not supported yet"));
         assert!(Output::parse("type=oci,dst=x")
