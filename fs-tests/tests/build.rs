@@ -457,3 +457,69 @@ fn add_extracts_local_archives_and_downloads_urls() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn dockerignore_and_heredocs() {
+    let s = Strata::new();
+    s.file("app/main.sh", "echo main");
+    s.file("node_modules/dep/index.js", "x");
+    s.file("debug.log", "x");
+    s.file("keep.log", "kept");
+    s.file(".dockerignore", "node_modules\n*.log\n!keep.log\n");
+    s.dockerfile("FROM busybox\nCOPY . /c/\nCOPY <<EOF /etc/motd\nwelcome $HOSTNAME\nEOF\nRUN <<EOF\necho from a heredoc > /h\nEOF\n");
+    let (_, out) = s.build_local(&[]);
+    let o = out.path();
+    assert!(o.join("c/app/main.sh").is_file());
+    assert!(!o.join("c/node_modules").exists());
+    assert!(!o.join("c/debug.log").exists());
+    assert_eq!(fs::read_to_string(o.join("c/keep.log")).unwrap(), "kept");
+    assert_eq!(fs::read_to_string(o.join("h")).unwrap(), "from a heredoc\n");
+    assert!(fs::read_to_string(o.join("etc/motd"))
+        .unwrap()
+        .starts_with("welcome"));
+}
+
+#[test]
+fn ctrl_c_kills_the_step_and_leaves_a_working_store() {
+    let s = Strata::new();
+    s.dockerfile("FROM busybox\nRUN echo started; sleep 60\n");
+    let child = std::process::Command::new(strata_fs_tests::workspace_bin("strata"))
+        .arg("--root")
+        .arg(s.root.path())
+        .args(["build", "--progress", "plain"])
+        .arg(s.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(progress.contains("cancelled"), "{progress}");
+    // No container, mount or temporary snapshot is left behind.
+    let runtime_root = s.root.path().join("build/runtime");
+    let list = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&runtime_root)
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&list.stdout).trim().is_empty(),
+        "containers left: {}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(s.root.path().to_str().unwrap()),
+        "mounts left under the root"
+    );
+    // The next build works and runs the step (no cache record was written for it).
+    s.dockerfile("FROM busybox\nRUN echo started; sleep 0\n");
+    s.build_ok(&[]);
+}
