@@ -22,6 +22,7 @@ pub mod service;
 pub mod snapshots;
 pub mod store;
 pub mod usage;
+pub mod volumes;
 
 pub use containerd_snapshots::api;
 pub use error::{Error, Result};
