@@ -86,7 +86,10 @@ pub struct Lease {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn key(id: &str) -> String {
@@ -96,7 +99,11 @@ fn key(id: &str) -> String {
 impl Volumes {
     pub fn open(root: &Path) -> Result<Arc<Volumes>> {
         fs::create_dir_all(root).map_err(Error::io(format!("create {}", root.display())))?;
-        Ok(Arc::new(Volumes { root: root.to_path_buf(), state: Mutex::new(State::default()), wake: Condvar::new() }))
+        Ok(Arc::new(Volumes {
+            root: root.to_path_buf(),
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -104,7 +111,10 @@ impl Volumes {
     }
 
     /// Takes volumes `requests` (id, sharing, init) for one step, in id order (see module docs).
-    pub fn acquire_all(self: &Arc<Self>, requests: &[(String, Sharing, Init)]) -> Result<Vec<Lease>> {
+    pub fn acquire_all(
+        self: &Arc<Self>,
+        requests: &[(String, Sharing, Init)],
+    ) -> Result<Vec<Lease>> {
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by(|a, b| requests[*a].0.cmp(&requests[*b].0));
         let mut leases: BTreeMap<usize, Lease> = BTreeMap::new();
@@ -112,9 +122,21 @@ impl Volumes {
             let (id, sharing, init) = &requests[i];
             // The same locked id twice in one step shares the first lease's directory.
             if *sharing == Sharing::Locked {
-                if let Some(l) = leases.values().find(|l| l.id == *id && l.sharing == Sharing::Locked) {
+                if let Some(l) = leases
+                    .values()
+                    .find(|l| l.id == *id && l.sharing == Sharing::Locked)
+                {
                     let path = l.path.clone();
-                    leases.insert(i, Lease { volumes: self.clone(), id: id.clone(), sharing: Sharing::Shared, instance: 0, path });
+                    leases.insert(
+                        i,
+                        Lease {
+                            volumes: self.clone(),
+                            id: id.clone(),
+                            sharing: Sharing::Shared,
+                            instance: 0,
+                            path,
+                        },
+                    );
                     continue;
                 }
             }
@@ -133,9 +155,13 @@ impl Volumes {
                 Sharing::Locked => {
                     let ticket = st.next_ticket;
                     st.next_ticket += 1;
-                    st.queues.entry(id.to_string()).or_default().push_back(ticket);
+                    st.queues
+                        .entry(id.to_string())
+                        .or_default()
+                        .push_back(ticket);
                     loop {
-                        let first = st.queues.get(id).and_then(|q| q.front().copied()) == Some(ticket);
+                        let first =
+                            st.queues.get(id).and_then(|q| q.front().copied()) == Some(ticket);
                         if first && !st.held.contains(id) {
                             break;
                         }
@@ -153,27 +179,51 @@ impl Volumes {
                 }
             }
         };
-        let lease = Lease { volumes: self.clone(), id: id.to_string(), sharing, instance, path: dir.join(instance.to_string()) };
+        let lease = Lease {
+            volumes: self.clone(),
+            id: id.to_string(),
+            sharing,
+            instance,
+            path: dir.join(instance.to_string()),
+        };
         let meta_path = dir.join("meta.json");
-        let created = fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice::<Meta>(&b).ok()).map(|m| m.created).unwrap_or_else(now);
+        let created = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
+            .map(|m| m.created)
+            .unwrap_or_else(now);
         if !lease.path.is_dir() {
-            fs::create_dir_all(&lease.path).map_err(Error::io(format!("create cache volume {id:?}")))?;
-            lchown(&lease.path, Some(init.uid), Some(init.gid)).map_err(Error::io(format!("chown cache volume {id:?}")))?;
-            fs::set_permissions(&lease.path, fs::Permissions::from_mode(init.mode & 0o7777)).map_err(Error::io(format!("chmod cache volume {id:?}")))?;
+            fs::create_dir_all(&lease.path)
+                .map_err(Error::io(format!("create cache volume {id:?}")))?;
+            lchown(&lease.path, Some(init.uid), Some(init.gid))
+                .map_err(Error::io(format!("chown cache volume {id:?}")))?;
+            fs::set_permissions(&lease.path, fs::Permissions::from_mode(init.mode & 0o7777))
+                .map_err(Error::io(format!("chmod cache volume {id:?}")))?;
         }
-        let meta = Meta { id: id.to_string(), created, last_used: now(), size: 0 };
-        let _ = fs::write(&meta_path, serde_json::to_vec(&meta).expect("meta serializes"));
+        let meta = Meta {
+            id: id.to_string(),
+            created,
+            last_used: now(),
+            size: 0,
+        };
+        let _ = fs::write(
+            &meta_path,
+            serde_json::to_vec(&meta).expect("meta serializes"),
+        );
         Ok(lease)
     }
 
     /// Every volume with its size.
     pub fn list(&self) -> Result<Vec<Meta>> {
         let mut out = Vec::new();
-        let rd = fs::read_dir(&self.root).map_err(Error::io(format!("read {}", self.root.display())))?;
+        let rd =
+            fs::read_dir(&self.root).map_err(Error::io(format!("read {}", self.root.display())))?;
         for e in rd.flatten() {
             if let Ok(b) = fs::read(e.path().join("meta.json")) {
                 if let Ok(mut m) = serde_json::from_slice::<Meta>(&b) {
-                    m.size = crate::usage::measure(&e.path()).map(|u| u.size as u64).unwrap_or(0);
+                    m.size = crate::usage::measure(&e.path())
+                        .map(|u| u.size as u64)
+                        .unwrap_or(0);
                     out.push(m);
                 }
             }
@@ -186,7 +236,9 @@ impl Volumes {
     pub fn remove(&self, id: &str) -> Result<()> {
         let st = self.lock();
         if st.held.contains(id) || st.private.get(id).is_some_and(|s| !s.is_empty()) {
-            return Err(Error::FailedPrecondition(format!("cache volume {id:?} is in use by a running step")));
+            return Err(Error::FailedPrecondition(format!(
+                "cache volume {id:?} is in use by a running step"
+            )));
         }
         crate::layout::remove_tree(&self.root.join(key(id)))
     }
@@ -216,7 +268,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const INIT: Init = Init { mode: 0o755, uid: 0, gid: 0 };
+    const INIT: Init = Init {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    };
 
     #[test]
     fn sharing_modes() {
@@ -230,7 +286,11 @@ mod tests {
         assert_ne!(p1.path, p2.path);
         let first = p1.path.clone();
         drop(p1);
-        assert_eq!(v.acquire("p", Sharing::Private, INIT).unwrap().path, first, "a free instance is reused");
+        assert_eq!(
+            v.acquire("p", Sharing::Private, INIT).unwrap().path,
+            first,
+            "a free instance is reused"
+        );
         assert_eq!(v.list().unwrap().len(), 2);
     }
 
@@ -245,12 +305,19 @@ mod tests {
                 let inside = inside.clone();
                 std::thread::spawn(move || {
                     // Opposite orders in the requests: acquire_all sorts them.
-                    let mut req = vec![("x".to_string(), Sharing::Locked, INIT), ("y".to_string(), Sharing::Locked, INIT)];
+                    let mut req = vec![
+                        ("x".to_string(), Sharing::Locked, INIT),
+                        ("y".to_string(), Sharing::Locked, INIT),
+                    ];
                     if i % 2 == 1 {
                         req.reverse();
                     }
                     let _leases = v.acquire_all(&req).unwrap();
-                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders of a locked volume");
+                    assert_eq!(
+                        inside.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two holders of a locked volume"
+                    );
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     inside.fetch_sub(1, Ordering::SeqCst);
                 })

@@ -47,6 +47,8 @@ pub struct ExecOp {
     pub mounts: Vec<Mount>,
     #[prost(enumeration = "NetMode", tag = "3")]
     pub network: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub secretenv: Vec<SecretEnv>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -83,6 +85,80 @@ pub struct Mount {
     pub output: i64,
     #[prost(bool, tag = "5")]
     pub readonly: bool,
+    #[prost(enumeration = "MountType", tag = "6")]
+    pub mount_type: i32,
+    #[prost(message, optional, tag = "19")]
+    pub tmpfs_opt: Option<TmpfsOpt>,
+    #[prost(message, optional, tag = "20")]
+    pub cache_opt: Option<CacheOpt>,
+    #[prost(message, optional, tag = "21")]
+    pub secret_opt: Option<SecretOpt>,
+    #[prost(message, optional, tag = "22")]
+    pub ssh_opt: Option<SecretOpt>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+pub enum MountType {
+    Bind = 0,
+    Secret = 1,
+    Ssh = 2,
+    Cache = 3,
+    Tmpfs = 4,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TmpfsOpt {
+    /// Bytes; 0 for the kernel's default.
+    #[prost(int64, tag = "1")]
+    pub size: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+pub enum CacheSharing {
+    Shared = 0,
+    Private = 1,
+    Locked = 2,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct CacheOpt {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(enumeration = "CacheSharing", tag = "2")]
+    pub sharing: i32,
+    // Strata's own fields (BuildKit seeds ownership through a file op instead).
+    #[prost(uint32, tag = "10")]
+    pub uid: u32,
+    #[prost(uint32, tag = "11")]
+    pub gid: u32,
+    #[prost(uint32, tag = "12")]
+    pub mode: u32,
+}
+
+/// A secret or ssh mount: what to expose (by id, never by value) and how.
+#[derive(Clone, PartialEq, Message)]
+pub struct SecretOpt {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(uint32, tag = "2")]
+    pub uid: u32,
+    #[prost(uint32, tag = "3")]
+    pub gid: u32,
+    #[prost(uint32, tag = "4")]
+    pub mode: u32,
+    #[prost(bool, tag = "5")]
+    pub optional: bool,
+}
+
+/// A secret exposed as an environment variable.
+#[derive(Clone, PartialEq, Message)]
+pub struct SecretEnv {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(bool, tag = "3")]
+    pub optional: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]

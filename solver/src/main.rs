@@ -13,6 +13,7 @@ use strata_solver::llb::Graph;
 use strata_solver::pattern::Ignore;
 use strata_solver::progress::{Mode, Progress};
 use strata_solver::solver::Solver;
+use strata_solver::worker::mounts::Session;
 use strata_solver::worker::{Context, Worker, CANCELLED};
 
 const AFTER_HELP: &str = r#"Examples:
@@ -121,6 +122,12 @@ struct BuildArgs {
     /// Progress output
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
+    /// Secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (never stored in the image or cache)
+    #[arg(long = "secret", value_name = "SPEC")]
+    secrets: Vec<String>,
+    /// ssh agent for RUN --mount=type=ssh: default=$SSH_AUTH_SOCK or ID=SOCKET
+    #[arg(long = "ssh", value_name = "ID=SOCKET")]
+    ssh: Vec<String>,
     /// Check the registry for newer base images even when the local store has them
     #[arg(long)]
     pull: bool,
@@ -263,10 +270,12 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(2)
     });
+    let session = session(&args.secrets, &args.ssh)?;
     let solver = Solver::new(
         worker.clone(),
         graph,
         Some(context),
+        session,
         progress.clone(),
         parallel,
     );
@@ -312,6 +321,65 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         s.executed
     ));
     Ok(())
+}
+
+/// The build's secrets and ssh agents from `--secret` and `--ssh`.
+fn session(secrets: &[String], ssh: &[String]) -> anyhow::Result<Session> {
+    let mut out = Session::default();
+    for spec in secrets {
+        let mut id = None;
+        let mut src = None;
+        let mut env = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(v.to_string()),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file" | "env")) => {}
+                _ => bail!("--secret {spec:?}: use id=ID,src=FILE or id=ID,env=VAR"),
+            }
+        }
+        let id = id
+            .or_else(|| {
+                src.as_ref().and_then(|s| {
+                    Path::new(s)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                })
+            })
+            .ok_or_else(|| anyhow::anyhow!("--secret {spec:?}: missing id="))?;
+        let value = match (src, env) {
+            (Some(path), _) => std::fs::read(&path)
+                .with_context(|| format!("secret {id}: cannot read src {path}"))?,
+            (None, Some(var)) => std::env::var(&var)
+                .with_context(|| format!("secret {id}: environment variable {var} is not set"))?
+                .into_bytes(),
+            (None, None) => std::env::var(&id)
+                .with_context(|| format!("secret {id}: give src=FILE or env=VAR"))?
+                .into_bytes(),
+        };
+        out.secrets.insert(id, value);
+    }
+    for spec in ssh {
+        let (id, path) = spec
+            .split_once('=')
+            .map(|(i, p)| (i.to_string(), p.to_string()))
+            .unwrap_or_else(|| {
+                (
+                    spec.clone(),
+                    std::env::var("SSH_AUTH_SOCK").unwrap_or_default(),
+                )
+            });
+        let p = PathBuf::from(&path);
+        let is_socket = std::fs::metadata(&p)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            .unwrap_or(false);
+        if !is_socket {
+            bail!("--ssh {spec}: {path:?} is not an ssh agent socket; start ssh-agent, ssh-add your key, and pass --ssh {id}=$SSH_AUTH_SOCK");
+        }
+        out.ssh.insert(id, p);
+    }
+    Ok(out)
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<u64> {

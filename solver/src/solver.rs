@@ -17,6 +17,7 @@ use crate::db::{now, CacheRecord};
 use crate::dockerfile::convert::CUSTOM_NAME;
 use crate::llb::{op, Graph, Op};
 use crate::progress::Progress;
+use crate::worker::mounts::Session;
 use crate::worker::{nonce, tree::Source, Context, Ref, Worker, WorkerError};
 
 /// A vertex that failed, named as the user wrote it.
@@ -50,6 +51,7 @@ pub struct Solver {
     worker: Arc<Worker>,
     graph: Arc<Graph>,
     context: Option<Arc<Context>>,
+    session: Arc<Session>,
     progress: Arc<Progress>,
     permits: Arc<Semaphore>,
     by_digest: Mutex<HashMap<String, SharedVertex>>,
@@ -62,6 +64,7 @@ impl Solver {
         worker: Arc<Worker>,
         graph: Graph,
         context: Option<Context>,
+        session: Session,
         progress: Arc<Progress>,
         max_parallelism: usize,
     ) -> Arc<Solver> {
@@ -69,6 +72,7 @@ impl Solver {
             worker,
             graph: Arc::new(graph),
             context: context.map(Arc::new),
+            session: Arc::new(session),
             progress,
             permits: Arc::new(Semaphore::new(max_parallelism.max(1))),
             by_digest: Mutex::new(HashMap::new()),
@@ -279,13 +283,21 @@ impl Solver {
         let progress = self.progress.clone();
         let worker = self.worker.clone();
         let context = self.context.clone();
+        let session = self.session.clone();
         let vname = name.clone();
         let k = key.clone();
         let outcome = tokio::task::spawn_blocking(move || -> Result<Ref, WorkerError> {
             let v = progress.vertex(&vname);
-            let result = run_op(&worker, &op, &inputs, context.as_deref(), &k, &|line| {
-                v.log(line)
-            });
+            let result = run_op(
+                &worker,
+                &op,
+                &inputs,
+                context.as_deref(),
+                &session,
+                ignore_cache,
+                &k,
+                &|line| v.log(line),
+            );
             match &result {
                 Ok(_) => v.done(),
                 Err(e) => v.error(&e.to_string()),
@@ -334,11 +346,14 @@ fn input(inputs: &[Arc<Done>], idx: i64) -> Ref {
         .unwrap_or(Ref::Scratch)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_op(
     worker: &Worker,
     op: &Op,
     inputs: &[Arc<Done>],
     context: Option<&Context>,
+    session: &Session,
+    reset_caches: bool,
     key: &str,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<Ref, WorkerError> {
@@ -359,14 +374,9 @@ fn run_op(
             })
         }
         op::Kind::Exec(e) => {
-            let root = e
-                .mounts
-                .iter()
-                .find(|m| m.dest == "/")
-                .map(|m| input(inputs, m.input))
-                .unwrap_or(Ref::Scratch);
+            let refs: Vec<Ref> = inputs.iter().map(|d| d.result.clone()).collect();
             let name = result_name(worker, key);
-            worker.exec(&root, e, &name, log)?;
+            worker.exec(&refs, e, &name, context, session, reset_caches, log)?;
             Ok(Ref::Snapshot(name))
         }
         op::Kind::File(f) => {

@@ -359,6 +359,7 @@ impl Converter<'_> {
                 command,
                 heredocs,
                 network,
+                mounts: mount_specs,
             } => {
                 let Some(root) = st.root.clone() else {
                     return Err(err(
@@ -406,8 +407,36 @@ impl Converter<'_> {
                     Some("host") => llb::NetMode::Host,
                     _ => llb::NetMode::None,
                 };
+                let mut inputs = vec![root];
+                let wd = st.config.config.working_dir.clone();
+                let env_map: BTreeMap<String, String> = env
+                    .iter()
+                    .filter_map(|e| e.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let (extra, secretenv) = self.run_mounts(
+                    stage,
+                    l,
+                    mount_specs,
+                    &wd,
+                    &|n| env_map.get(n).cloned(),
+                    &mut inputs,
+                )?;
+                if let Some(first_ssh) = extra
+                    .iter()
+                    .find(|m| m.mount_type == llb::MountType::Ssh as i32)
+                {
+                    env.push(format!("SSH_AUTH_SOCK={}", first_ssh.dest));
+                }
+                let mut mounts = vec![llb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }];
+                mounts.extend(extra);
                 let exec = Op {
-                    inputs: vec![root],
+                    inputs,
                     kind: Some(op::Kind::Exec(llb::ExecOp {
                         meta: Some(llb::Meta {
                             args,
@@ -419,14 +448,9 @@ impl Converter<'_> {
                             },
                             user: st.config.config.user.clone(),
                         }),
-                        mounts: vec![llb::Mount {
-                            input: 0,
-                            selector: String::new(),
-                            dest: "/".into(),
-                            output: 0,
-                            readonly: false,
-                        }],
+                        mounts,
                         network: network as i32,
+                        secretenv,
                     })),
                 };
                 st.root = Some(self.builder.add(&exec, self.meta(stage, step)));
@@ -615,68 +639,12 @@ impl Converter<'_> {
                 return self.file_op(stage, st, actions, step);
             }
             let source = match &c.from {
-                Some(from) => match self.stage_index(from, stage) {
-                    Some(s) if s == stage => {
-                        return Err(err(
-                            l,
-                            format!("COPY --from={from} refers to its own stage"),
-                        ))
-                    }
-                    Some(s) => Some(self.stage(s)?.0),
-                    None => {
-                        let (digest, _) = self.resolver.resolve(from).map_err(|e| err(l, format!("COPY --from={from}: not a stage of this Dockerfile, and as an image: {e}")))?;
-                        let op = Op {
-                            inputs: vec![],
-                            kind: Some(op::Kind::Source(llb::SourceOp {
-                                identifier: format!("docker-image://{from}@{digest}"),
-                                attrs: BTreeMap::new(),
-                            })),
-                        };
-                        Some(Some(self.builder.add(
-                            &op,
-                            self.meta(stage, format!("[{}] FROM {from}", self.stage_label(stage))),
-                        )))
-                    }
-                },
+                Some(from) => Some(self.root_of(stage, l, "COPY", from)?),
                 None => None,
             };
             let source = match source {
                 Some(root) => root,
-                None => {
-                    // The context, restricted to what this COPY selects: the cache key covers
-                    // exactly these files.
-                    let include: Vec<String> = srcs.iter().map(|s| pattern::clean(s)).collect();
-                    let attrs = [
-                        (
-                            "includepatterns".to_string(),
-                            serde_json::to_string(&include).expect("json"),
-                        ),
-                        (
-                            "excludepatterns".to_string(),
-                            serde_json::to_string(&self.opts.ignore.patterns()).expect("json"),
-                        ),
-                    ];
-                    let op = Op {
-                        inputs: vec![],
-                        kind: Some(op::Kind::Source(llb::SourceOp {
-                            identifier: "local://context".into(),
-                            attrs: attrs.into(),
-                        })),
-                    };
-                    Some(
-                        self.builder.add(
-                            &op,
-                            OpMetadata {
-                                ignore_cache: false,
-                                description: [(
-                                    CUSTOM_NAME.to_string(),
-                                    "[internal] load build context".to_string(),
-                                )]
-                                .into(),
-                            },
-                        ),
-                    )
-                }
+                None => Some(self.context_source(srcs.iter().map(|s| pattern::clean(s)).collect())),
             };
             let Some(source) = source else {
                 return Err(err(
@@ -704,6 +672,199 @@ impl Converter<'_> {
             }
         }
         self.file_op(stage, st, actions, step)
+    }
+
+    /// The root of stage or image `from` (as named by `--from` / `from=`).
+    fn root_of(
+        &mut self,
+        stage: usize,
+        l: &Located,
+        what: &str,
+        from: &str,
+    ) -> Result<Option<Input>, DockerfileError> {
+        match self.stage_index(from, stage) {
+            Some(s) if s == stage => Err(err(
+                l,
+                format!("{what} --from={from} refers to its own stage"),
+            )),
+            Some(s) => Ok(self.stage(s)?.0),
+            None => {
+                let (digest, _) = self.resolver.resolve(from).map_err(|e| err(l, format!("{what} --from={from}: not a stage of this Dockerfile, and as an image: {e}")))?;
+                let op = Op {
+                    inputs: vec![],
+                    kind: Some(op::Kind::Source(llb::SourceOp {
+                        identifier: format!("docker-image://{from}@{digest}"),
+                        attrs: BTreeMap::new(),
+                    })),
+                };
+                Ok(Some(self.builder.add(
+                    &op,
+                    self.meta(stage, format!("[{}] FROM {from}", self.stage_label(stage))),
+                )))
+            }
+        }
+    }
+
+    /// The build context restricted to `include` (paths or patterns): the cache key covers
+    /// exactly the files they select.
+    fn context_source(&mut self, include: Vec<String>) -> Input {
+        let attrs = [
+            (
+                "includepatterns".to_string(),
+                serde_json::to_string(&include).expect("json"),
+            ),
+            (
+                "excludepatterns".to_string(),
+                serde_json::to_string(&self.opts.ignore.patterns()).expect("json"),
+            ),
+        ];
+        let op = Op {
+            inputs: vec![],
+            kind: Some(op::Kind::Source(llb::SourceOp {
+                identifier: "local://context".into(),
+                attrs: attrs.into(),
+            })),
+        };
+        self.builder.add(
+            &op,
+            OpMetadata {
+                ignore_cache: false,
+                description: [(
+                    CUSTOM_NAME.to_string(),
+                    "[internal] load build context".to_string(),
+                )]
+                .into(),
+            },
+        )
+    }
+
+    /// The exec mounts (after the root at index 0) and secret env vars of `RUN --mount` flags.
+    #[allow(clippy::too_many_arguments)]
+    fn run_mounts(
+        &mut self,
+        stage: usize,
+        l: &Located,
+        specs: &[String],
+        wd: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+        inputs: &mut Vec<Input>,
+    ) -> Result<(Vec<llb::Mount>, Vec<llb::SecretEnv>), DockerfileError> {
+        use super::mounts::{parse, Kind};
+        let esc = self.escape;
+        let mut mounts = Vec::new();
+        let mut env = Vec::new();
+        let mut ssh = 0;
+        for spec in specs {
+            let m = parse(spec, &|v| expand::word(v, esc, lookup)).map_err(|e| err(l, e))?;
+            let kind = m.kind.expect("parse sets a kind");
+            let target = m.target.as_ref().map(|t| resolve_path(wd, t));
+            let mut mount = llb::Mount {
+                input: llb::NO_INPUT,
+                output: -1,
+                dest: target.clone().unwrap_or_default(),
+                readonly: m.readonly.unwrap_or(false),
+                ..Default::default()
+            };
+            match kind {
+                Kind::Bind => {
+                    let from = match &m.from {
+                        Some(f) => self.root_of(stage, l, "RUN --mount", f)?,
+                        None => Some(self.context_source(vec![pattern::clean(
+                            m.source.as_deref().unwrap_or(""),
+                        )])),
+                    };
+                    mount.input = push_input(inputs, from);
+                    mount.selector =
+                        format!("/{}", pattern::clean(m.source.as_deref().unwrap_or("")));
+                    mount.readonly = m.readonly.unwrap_or(true);
+                    mount.mount_type = llb::MountType::Bind as i32;
+                }
+                Kind::Cache => {
+                    let from = match &m.from {
+                        Some(f) => self.root_of(stage, l, "RUN --mount", f)?,
+                        None => None,
+                    };
+                    mount.input = push_input(inputs, from);
+                    mount.selector =
+                        format!("/{}", pattern::clean(m.source.as_deref().unwrap_or("")));
+                    let sharing = match m.sharing.as_deref() {
+                        Some("private") => llb::CacheSharing::Private,
+                        Some("locked") => llb::CacheSharing::Locked,
+                        _ => llb::CacheSharing::Shared,
+                    };
+                    mount.mount_type = llb::MountType::Cache as i32;
+                    mount.cache_opt = Some(llb::CacheOpt {
+                        id: m.id.clone().or_else(|| target.clone()).unwrap_or_default(),
+                        sharing: sharing as i32,
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                        mode: m.mode.unwrap_or(0o755),
+                    });
+                }
+                Kind::Tmpfs => {
+                    mount.mount_type = llb::MountType::Tmpfs as i32;
+                    mount.tmpfs_opt = Some(llb::TmpfsOpt {
+                        size: m.size.unwrap_or(0),
+                    });
+                }
+                Kind::Secret => {
+                    let id =
+                        m.id.clone()
+                            .or_else(|| {
+                                target
+                                    .as_ref()
+                                    .and_then(|t| t.rsplit('/').next().map(str::to_string))
+                            })
+                            .unwrap_or_default();
+                    if id.is_empty() {
+                        return Err(err(
+                            l,
+                            "--mount type=secret needs id= (or a target to name it)",
+                        ));
+                    }
+                    if let Some(name) = &m.env {
+                        env.push(llb::SecretEnv {
+                            id: id.clone(),
+                            name: name.clone(),
+                            optional: !m.required,
+                        });
+                        if m.target.is_none() {
+                            continue;
+                        }
+                    }
+                    mount.dest = target
+                        .clone()
+                        .unwrap_or_else(|| format!("/run/secrets/{id}"));
+                    mount.mount_type = llb::MountType::Secret as i32;
+                    mount.readonly = true;
+                    mount.secret_opt = Some(llb::SecretOpt {
+                        id,
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                        mode: m.mode.unwrap_or(0o400),
+                        optional: !m.required,
+                    });
+                }
+                Kind::Ssh => {
+                    let id = m.id.clone().unwrap_or_else(|| "default".into());
+                    mount.dest = target
+                        .clone()
+                        .unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{ssh}"));
+                    ssh += 1;
+                    mount.mount_type = llb::MountType::Ssh as i32;
+                    mount.readonly = true;
+                    mount.ssh_opt = Some(llb::SecretOpt {
+                        id,
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                        mode: m.mode.unwrap_or(0o600),
+                        optional: !m.required,
+                    });
+                }
+            }
+            mounts.push(mount);
+        }
+        Ok((mounts, env))
     }
 
     /// One file op applying `actions` in order onto the stage's root; each action may read from a
@@ -748,6 +909,17 @@ impl Converter<'_> {
         };
         st.root = Some(self.builder.add(&op, self.meta(stage, step)));
         Ok(())
+    }
+}
+
+/// The index of `from` among `inputs` (added if new), or NO_INPUT.
+fn push_input(inputs: &mut Vec<Input>, from: Option<Input>) -> i64 {
+    match from {
+        None => llb::NO_INPUT,
+        Some(i) => inputs.iter().position(|x| *x == i).unwrap_or_else(|| {
+            inputs.push(i);
+            inputs.len() - 1
+        }) as i64,
     }
 }
 

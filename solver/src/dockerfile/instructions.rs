@@ -48,6 +48,8 @@ pub enum Instruction {
         command: Command,
         heredocs: Vec<Heredoc>,
         network: Option<String>,
+        /// Raw `--mount` values, parsed (with variables) at conversion.
+        mounts: Vec<String>,
     },
     Copy(Copy),
     Cmd(Command),
@@ -279,12 +281,11 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
         "run" => {
             needs_args(node)?;
             let f = flags(node, &["network", "mount", "security"])?;
-            if flag(&f, "mount").is_some() {
-                return Err(err(
-                    node,
-                    "RUN --mount is not supported yet by this version of strata",
-                ));
-            }
+            let mounts: Vec<String> = f
+                .iter()
+                .filter(|(n, _)| n == "mount")
+                .map(|(_, v)| v.clone().unwrap_or_default())
+                .collect();
             let network = flag(&f, "network");
             if let Some(n) = &network {
                 if !matches!(n.as_str(), "default" | "none" | "host") {
@@ -298,6 +299,7 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
                 command: command(args),
                 heredocs: node.heredocs.clone(),
                 network,
+                mounts,
             }
         }
         "copy" | "add" => {

@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod expand;
 pub mod instructions;
+pub mod mounts;
 pub mod parser;
 
 /// An error in a Dockerfile, with the line it concerns when known.

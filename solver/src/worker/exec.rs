@@ -16,10 +16,42 @@ use crate::llb;
 /// What one exec needs besides its root.
 pub struct ExecSpec<'a> {
     pub meta: &'a llb::Meta,
+    /// Mounts besides the root, and environment (secrets as env) added at run time.
+    pub extra: &'a [super::mounts::SpecMount],
+    pub extra_env: &'a [String],
     pub network: llb::NetMode,
     pub runtime: &'a str,
     pub state_dir: &'a Path,
     pub id: &'a str,
+}
+
+/// Docker's default capability set: what RUN steps expect (chown, setuid for package managers,
+/// writing files root does not own, ...).
+fn docker_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, oci_spec::OciSpecError> {
+    use oci_spec::runtime::Capability::*;
+    let caps: std::collections::HashSet<oci_spec::runtime::Capability> = [
+        Chown,
+        DacOverride,
+        Fsetid,
+        Fowner,
+        Mknod,
+        NetRaw,
+        Setgid,
+        Setuid,
+        Setfcap,
+        Setpcap,
+        NetBindService,
+        SysChroot,
+        Kill,
+        AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .build()
 }
 
 /// Lines kept for the error message of a failed command.
@@ -43,7 +75,7 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
     let process = ProcessBuilder::default()
         .terminal(false)
         .args(e.meta.args.clone())
-        .env(e.meta.env.clone())
+        .env([e.meta.env.clone(), e.extra_env.to_vec()].concat())
         .cwd(cwd)
         .user(
             UserBuilder::default()
@@ -53,10 +85,24 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
                 .map_err(build)?,
         )
         .no_new_privileges(true)
+        .capabilities(docker_capabilities().map_err(build)?)
         .build()
         .map_err(build)?;
     let mut spec = Spec::default();
     spec.set_process(Some(process));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for m in e.extra {
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(&m.dest)
+                .typ(m.kind)
+                .source(&m.source)
+                .options(m.options.clone())
+                .build()
+                .map_err(build)?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     spec.set_hostname(Some("strata".into()));
     spec.set_root(Some(
         RootBuilder::default()

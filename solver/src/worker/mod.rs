@@ -6,6 +6,7 @@
 pub mod exec;
 pub mod file;
 pub mod images;
+pub mod mounts;
 pub mod rootfs;
 pub mod tree;
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use strata_snapshotter::content::{ContentError, ContentStore};
 use strata_snapshotter::layer::LayerError;
-use strata_snapshotter::mounts;
+use strata_snapshotter::mounts as snapshot_mounts;
 use strata_snapshotter::oci::OciError;
 use strata_snapshotter::{Options, Snapshots};
 use tracing::warn;
@@ -86,11 +87,27 @@ pub struct Worker {
     pub db: Db,
     pub runtime: String,
     pub registry: strata_snapshotter::registry::Client,
+    pub volumes: std::sync::Arc<strata_snapshotter::volumes::Volumes>,
     /// Check registries for newer base images even when the local store has them (`--pull`).
     pub always_pull: bool,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
+
+/// The first component of `dest` missing under `root` (what a mount point creation would add).
+fn first_missing(root: &Path, dest: &str) -> Option<PathBuf> {
+    let mut p = root.to_path_buf();
+    for c in Path::new(dest)
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Some(p);
+        }
+    }
+    None
+}
 
 /// A name no other process or call uses.
 pub fn nonce() -> String {
@@ -120,6 +137,7 @@ impl Worker {
         let snapshots = Snapshots::open(&dir, Options::default())?;
         let content = ContentStore::open(&dir.join("content"))?;
         let registry = strata_snapshotter::registry::Client::new(registry);
+        let volumes = strata_snapshotter::volumes::Volumes::open(&dir.join("volumes"))?;
         let w = Worker {
             dir,
             snapshots,
@@ -127,6 +145,7 @@ impl Worker {
             db,
             runtime: runtime.to_string(),
             registry,
+            volumes,
             always_pull: false,
         };
         w.remove_leftovers();
@@ -137,7 +156,7 @@ impl Worker {
         let mnt = self.dir.join("mnt");
         if let Ok(rd) = std::fs::read_dir(&mnt) {
             for e in rd.flatten() {
-                let _ = mounts::unmount(&e.path());
+                let _ = snapshot_mounts::unmount(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -211,9 +230,9 @@ impl Worker {
         let target = self.dir.join("mnt").join(nonce());
         std::fs::create_dir_all(&target)
             .map_err(|e| WorkerError::Exec(format!("create {}: {e}", target.display())))?;
-        mounts::mount_all(m, &target)?;
+        snapshot_mounts::mount_all(m, &target)?;
         let r = f(&target);
-        if let Err(e) = mounts::unmount(&target) {
+        if let Err(e) = snapshot_mounts::unmount(&target) {
             warn!(target = %target.display(), error = %e, "unmount failed");
         }
         let _ = std::fs::remove_dir(&target);
@@ -252,12 +271,16 @@ impl Worker {
         Ok(d.to_string())
     }
 
-    /// Runs an exec op on `input`, committing the result as `result`.
+    /// Runs an exec op whose mount inputs are `inputs`, committing the root as `result`.
+    #[allow(clippy::too_many_arguments)]
     pub fn exec(
         &self,
-        input: &Ref,
+        inputs: &[Ref],
         op: &llb::ExecOp,
         result: &str,
+        context: Option<&Context>,
+        session: &mounts::Session,
+        reset_caches: bool,
         log: &(dyn Fn(&str) + Sync),
     ) -> Result<(), WorkerError> {
         let meta = op
@@ -265,17 +288,47 @@ impl Worker {
             .as_ref()
             .ok_or_else(|| WorkerError::Exec("exec op without a command".into()))?;
         let network = llb::NetMode::from_i32(op.network).unwrap_or(llb::NetMode::None);
+        let root_input = op
+            .mounts
+            .first()
+            .and_then(|m| usize::try_from(m.input).ok())
+            .and_then(|i| inputs.get(i))
+            .cloned()
+            .unwrap_or(Ref::Scratch);
         let id = format!("strata-{}", nonce());
-        self.with_active(Self::parent_of(input)?, result, |root| {
+        let prepared = self.prepare_mounts(
+            &op.mounts,
+            &op.secretenv,
+            inputs,
+            context,
+            session,
+            reset_caches,
+        )?;
+        let masked = |line: &str| log(&session.mask(line));
+        let outcome = self.with_active(Self::parent_of(&root_input)?, result, |root| {
+            // Mount points runc creates for extra mounts are not part of the result.
+            let stubs: Vec<std::path::PathBuf> = prepared
+                .spec
+                .iter()
+                .filter_map(|m| first_missing(root, &m.dest))
+                .collect();
             let spec = exec::ExecSpec {
                 meta,
+                extra: &prepared.spec,
+                extra_env: &prepared.env,
                 network,
                 runtime: &self.runtime,
                 state_dir: &self.dir,
                 id: &id,
             };
-            exec::run(root, &spec, log)
-        })
+            let r = exec::run(root, &spec, &masked);
+            for s in stubs.iter().rev() {
+                let _ = strata_snapshotter::layout::remove_tree(s);
+            }
+            r
+        });
+        self.release_mounts(prepared);
+        outcome
     }
 
     /// Runs a file op's actions on `base`, in order; `secondary[i]` is action i's source.

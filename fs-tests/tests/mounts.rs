@@ -1,0 +1,287 @@
+//! RUN --mount (cache, secret, ssh, tmpfs, bind) with real runc, restated from BuildKit's tests.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use strata_fs_tests::strata::Strata;
+
+fn out(b: &strata_fs_tests::strata::Build, needle: &str) -> bool {
+    b.progress.lines().any(|l| l.contains(needle))
+}
+
+#[test]
+fn cache_mounts() {
+    let s = Strata::new();
+    s.file("v", "1");
+    s.dockerfile(
+        "FROM busybox\n\
+         COPY v /v\n\
+         RUN --mount=type=cache,target=/a --mount=type=cache,target=/b echo a > /a/f && test ! -e /b/f && cat /a/runs 2>/dev/null | wc -l && date >> /a/runs\n\
+         RUN --mount=type=cache,target=/o,uid=1001,gid=1002,mode=0751 echo owner $(stat -c '%u %g %a' /o)\n",
+    );
+    let b = s.build_ok(&[]);
+    assert!(out(&b, "owner 1001 1002 751"), "{}", b.progress);
+    // Bust the RUN (its input changed): the cache mount keeps what the first run wrote.
+    s.file("v", "2");
+    let b = s.build_ok(&[]);
+    assert!(
+        b.progress.contains(" 1\n"),
+        "the second run sees the first run's file: {}",
+        b.progress
+    );
+    // --no-cache reruns the step with its cache mounts reset.
+    let b = s.build_ok(&["--no-cache"]);
+    assert!(b.progress.contains(" 0\n"), "{}", b.progress);
+}
+
+#[test]
+fn tmpfs_and_bind_mounts() {
+    let s = Strata::new();
+    s.file("src/data.txt", "from the context");
+    s.dockerfile(
+        "FROM busybox AS other\nRUN echo from a stage > /made\n\
+         FROM busybox\n\
+         RUN --mount=type=tmpfs,target=/t,size=128m grep ' /t ' /proc/mounts && echo x > /t/x\n\
+         RUN test ! -e /t/x && echo tmpfs gone\n\
+         RUN --mount=target=/ctx,source=src cat /ctx/data.txt\n\
+         RUN --mount=type=bind,from=other,source=/made,target=/m cat /m\n\
+         RUN --mount=type=bind,target=/w,rw echo scribble > /w/new && cat /w/new\n",
+    );
+    let (b, o) = s.build_local(&[]);
+    assert!(out(&b, "size=131072k"), "{}", b.progress);
+    assert!(out(&b, "tmpfs gone"), "{}", b.progress);
+    assert!(out(&b, "from the context"), "{}", b.progress);
+    assert!(out(&b, "from a stage"), "{}", b.progress);
+    assert!(out(&b, "scribble"), "{}", b.progress);
+    assert!(
+        !s.path().join("new").exists(),
+        "rw bind writes are discarded, never in the context"
+    );
+    for stub in ["t", "ctx", "m", "w"] {
+        assert!(
+            !o.path().join(stub).exists(),
+            "mount point /{stub} left in the image"
+        );
+    }
+}
+
+#[test]
+fn secrets_never_leak() {
+    let s = Strata::new();
+    let secret = "Zx9-very-secret-Q7";
+    let file = s.root.path().join("token");
+    fs::write(&file, secret).unwrap();
+    s.dockerfile(
+        "FROM busybox\n\
+         RUN --mount=type=secret,id=tok,mode=0741,uid=100,gid=102 echo meta $(stat -c '%u %g %a' /run/secrets/tok) && cat /run/secrets/tok && echo\n\
+         RUN --mount=type=secret,id=tok,env=TOKEN test ! -e /run/secrets/tok && echo \"env $TOKEN\" && echo \"$TOKEN\" | wc -c\n\
+         RUN --mount=type=secret,id=absent echo optional secret skipped\n",
+    );
+    let archive = s.root.path().join("img.tar");
+    let spec = format!("type=oci,dest={}", archive.display());
+    let src = format!("id=tok,src={}", file.display());
+    let b = s.build_ok(&["--secret", &src, "--output", &spec]);
+    assert!(out(&b, "meta 100 102 741"), "{}", b.progress);
+    assert!(out(&b, "env ****"), "masked: {}", b.progress);
+    assert!(out(&b, "optional secret skipped"));
+    assert!(
+        !b.progress.contains(secret),
+        "secret in the progress output"
+    );
+    // Not in any exported blob (layers, config, manifest), the cache database or the store.
+    let mut bytes = Vec::new();
+    fs::File::open(&archive)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert!(
+        !contains(&bytes, secret.as_bytes()),
+        "secret in the exported image"
+    );
+    for dir in ["build/db", "build/content", "build/snapshots"] {
+        assert_no_secret(&s.root.path().join(dir), secret.as_bytes());
+    }
+    // The stub mount point is not in the layer.
+    let (_, o) = s.build_local(&["--secret", &src]);
+    assert!(!o.path().join("run/secrets").exists());
+
+    // A required secret that was not given, and a src that does not exist.
+    s.dockerfile("FROM busybox\nRUN --mount=type=secret,id=need,required true\n");
+    let b = s.build(&[]);
+    assert!(
+        !b.ok && b.progress.contains("secret need: not found"),
+        "{}",
+        b.progress
+    );
+    let b = s.build(&["--secret", "id=need,src=/nonexistent/file"]);
+    assert!(
+        !b.ok
+            && b.progress
+                .contains("secret need: cannot read src /nonexistent/file"),
+        "{}",
+        b.progress
+    );
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn assert_no_secret(dir: &std::path::Path, secret: &[u8]) {
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            assert_no_secret(&e.path(), secret);
+        } else if ft.is_file() {
+            let data = fs::read(e.path()).unwrap();
+            assert!(
+                !contains(&data, secret),
+                "secret found in {}",
+                e.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn ssh_mounts_forward_the_agent() {
+    let s = Strata::new();
+    // A stand-in agent: a socket that answers every connection with a fixed reply.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            let mut c = c;
+            let _ = std::io::Write::write_all(&mut c, b"agent-says-hello\n");
+        }
+    });
+    s.dockerfile(
+        "FROM busybox\n\
+         RUN --mount=type=ssh,mode=0600,uid=100,gid=102 echo sock $(stat -c '%u %g %a %F' $SSH_AUTH_SOCK) && echo at $SSH_AUTH_SOCK\n",
+    );
+    let spec = format!("default={}", sock.display());
+    let b = s.build_ok(&["--ssh", &spec]);
+    assert!(out(&b, "sock 100 102 600 socket"), "{}", b.progress);
+    assert!(out(&b, "at /run/buildkit/ssh_agent.0"), "{}", b.progress);
+    assert!(fs::metadata(&sock).unwrap().file_type().is_socket());
+    // Required ssh without an agent fails clearly.
+    s.dockerfile("FROM busybox\nRUN --mount=type=ssh,required true\n");
+    let b = s.build(&[]);
+    assert!(
+        !b.ok && b.progress.contains("pass --ssh default=$SSH_AUTH_SOCK"),
+        "{}",
+        b.progress
+    );
+}
+
+#[test]
+fn cache_sharing_between_parallel_steps() {
+    let s = Strata::new();
+    let mut df = String::new();
+    for i in 0..4 {
+        // Host uptime before and after, from inside the locked section.
+        df.push_str(&format!("FROM busybox AS l{i}\nRUN --mount=type=cache,id=lk,target=/c,sharing=locked echo enter $(cut -d' ' -f1 /proc/uptime) && sleep 0.5 && echo leave $(cut -d' ' -f1 /proc/uptime) # {i}\n"));
+    }
+    for i in 0..2 {
+        df.push_str(&format!("FROM busybox AS p{i}\nRUN --mount=type=cache,id=pv,target=/c,sharing=private ls /c | wc -l > /seen && touch /c/{i} && sleep 1 && echo private saw $(cat /seen)\n"));
+    }
+    df.push_str("FROM busybox\n");
+    for i in 0..4 {
+        df.push_str(&format!("COPY --from=l{i} /etc/passwd /l{i}\n"));
+    }
+    for i in 0..2 {
+        df.push_str(&format!("COPY --from=p{i} /seen /p{i}\n"));
+    }
+    s.dockerfile(&df);
+    let b = s.build_ok(&["--max-parallelism", "8"]);
+    let mut spans: Vec<(f64, f64)> = Vec::new();
+    let mut enter = std::collections::HashMap::new();
+    for l in b.progress.lines() {
+        let p: Vec<&str> = l.split_whitespace().collect();
+        if p.len() == 4 && p[2] == "enter" {
+            enter.insert(p[0].to_string(), p[3].parse::<f64>().unwrap());
+        }
+        if p.len() == 4 && p[2] == "leave" {
+            spans.push((enter[p[0]], p[3].parse::<f64>().unwrap()));
+        }
+    }
+    assert_eq!(spans.len(), 4, "{}", b.progress);
+    for (i, a) in spans.iter().enumerate() {
+        for c in &spans[i + 1..] {
+            assert!(
+                a.1 <= c.0 || c.1 <= a.0,
+                "locked users overlapped: {a:?} {c:?}"
+            );
+        }
+    }
+    assert_eq!(
+        b.progress.matches("private saw 0").count(),
+        2,
+        "each private user starts with its own empty instance: {}",
+        b.progress
+    );
+}
+
+#[test]
+fn sixteen_steps_with_nested_cache_mounts_do_not_deadlock() {
+    let s = Strata::new();
+    let mut df = String::new();
+    for i in 0..16 {
+        let (x, y) = if i % 2 == 0 { ("x", "y") } else { ("y", "x") };
+        df.push_str(&format!("FROM busybox AS s{i}\nRUN --mount=type=cache,id={x},target=/c,sharing=locked --mount=type=cache,id={y},target=/c/inner,sharing=locked echo {i} >> /c/log\n"));
+    }
+    df.push_str("FROM busybox\n");
+    for i in 0..16 {
+        df.push_str(&format!("COPY --from=s{i} /etc/passwd /h{i}\n"));
+    }
+    s.dockerfile(&df);
+    s.build_ok(&["--max-parallelism", "16"]);
+}
+
+#[test]
+fn bad_mounts_are_refused_with_clear_messages() {
+    let s = Strata::new();
+    s.file("a", "a");
+    let cases = [
+        (
+            "RUN --mount=type=secret,id=a,source=b true",
+            "conflicting id=a and source=b",
+        ),
+        (
+            "RUN --mount=type=bind,target=/x,mode=0644 true",
+            "\"mode\" is not allowed",
+        ),
+        (
+            "RUN --mount=type=bind,target=/x,from=$V true",
+            "does not expand variables",
+        ),
+        (
+            "RUN --mount=type=cahce,target=/x true",
+            "did you mean cache?",
+        ),
+        (
+            "RUN --mount=type=cache,target=/x,sharing=lockd true",
+            "did you mean locked?",
+        ),
+    ];
+    for (run, want) in cases {
+        s.dockerfile(&format!("FROM busybox\n{run}\n"));
+        let b = s.build(&[]);
+        assert!(
+            !b.ok && b.progress.contains(want),
+            "{run}: expected {want:?}:\n{}",
+            b.progress
+        );
+    }
+    // A cache source= that would leave the volume through a symlink.
+    s.dockerfile("FROM busybox\nRUN --mount=type=cache,id=esc,target=/c ln -s / /c/out\nRUN --mount=type=cache,id=esc,source=out,target=/c ls /c\n");
+    let b = s.build(&[]);
+    assert!(
+        !b.ok && b.progress.contains("is a symlink"),
+        "{}",
+        b.progress
+    );
+    let _ = MetadataExt::uid(&fs::metadata(s.path()).unwrap());
+}

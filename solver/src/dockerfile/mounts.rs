@@ -1,0 +1,332 @@
+//! `RUN --mount=type=...,key=value` with BuildKit's keys and defaults: `type` defaults to bind;
+//! `target|dst|destination`, `source|src`, `readonly|ro`, `rw|readwrite`, `from`, `id`,
+//! `sharing`, `mode` (octal), `uid`, `gid`, `required`, `size`, `env`. Variables expand in every
+//! value except `from`; misspelled keys and values get "did you mean"; keys a type does not take
+//! are refused by name.
+
+use super::suggest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bind,
+    Cache,
+    Tmpfs,
+    Secret,
+    Ssh,
+}
+
+/// One parsed `--mount`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunMount {
+    pub kind: Option<Kind>,
+    pub target: Option<String>,
+    pub source: Option<String>,
+    pub from: Option<String>,
+    pub readonly: Option<bool>,
+    pub id: Option<String>,
+    pub sharing: Option<String>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub required: bool,
+    pub size: Option<i64>,
+    pub env: Option<String>,
+}
+
+const KEYS: &[&str] = &[
+    "type",
+    "target",
+    "dst",
+    "destination",
+    "source",
+    "src",
+    "from",
+    "readonly",
+    "ro",
+    "rw",
+    "readwrite",
+    "id",
+    "sharing",
+    "mode",
+    "uid",
+    "gid",
+    "required",
+    "size",
+    "env",
+];
+const TYPES: &[&str] = &["bind", "cache", "tmpfs", "secret", "ssh"];
+
+fn allowed(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Bind => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "source",
+            "src",
+            "from",
+            "readonly",
+            "ro",
+            "rw",
+            "readwrite",
+        ],
+        Kind::Cache => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "source",
+            "src",
+            "from",
+            "readonly",
+            "ro",
+            "rw",
+            "readwrite",
+            "id",
+            "sharing",
+            "mode",
+            "uid",
+            "gid",
+        ],
+        Kind::Tmpfs => &["type", "target", "dst", "destination", "size"],
+        Kind::Secret => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "id",
+            "source",
+            "src",
+            "required",
+            "mode",
+            "uid",
+            "gid",
+            "env",
+        ],
+        Kind::Ssh => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "id",
+            "source",
+            "src",
+            "required",
+            "mode",
+            "uid",
+            "gid",
+        ],
+    }
+}
+
+fn bool_value(key: &str, v: Option<&str>) -> Result<bool, String> {
+    match v {
+        None | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(format!("--mount {key}={other}: use true or false")),
+    }
+}
+
+/// `128m`, `1g`, `4096` in bytes.
+fn size(v: &str) -> Result<i64, String> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("--mount size={v}: use bytes or k, m, g"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return Err(format!("--mount size={v}: unit must be k, m or g")),
+    };
+    Ok(n * mult)
+}
+
+/// Parses one `--mount` value; `expand` expands variables in a value.
+pub fn parse(
+    spec: &str,
+    expand: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<RunMount, String> {
+    let mut m = RunMount::default();
+    let mut seen: Vec<String> = Vec::new();
+    for field in spec.split(',').filter(|f| !f.is_empty()) {
+        let (key, raw) = match field.split_once('=') {
+            Some((k, v)) => (
+                k.trim().to_ascii_lowercase(),
+                Some(v.trim().trim_matches('"')),
+            ),
+            None => (field.trim().to_ascii_lowercase(), None),
+        };
+        if !KEYS.contains(&key.as_str()) {
+            let hint = suggest(&key, KEYS)
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_default();
+            return Err(format!("--mount: unknown key {key:?}{hint}"));
+        }
+        let value = match (key.as_str(), raw) {
+            ("from", Some(v)) if v.contains('$') => {
+                return Err(format!(
+                    "--mount from={v}: from= does not expand variables; name a stage or an image"
+                ))
+            }
+            ("from", Some(v)) => Some(v.to_string()),
+            (_, Some(v)) => Some(expand(v)?),
+            (_, None) => None,
+        };
+        let need = |v: &Option<String>| {
+            v.clone()
+                .ok_or_else(|| format!("--mount {key} needs a value: {key}=..."))
+        };
+        seen.push(key.clone());
+        match key.as_str() {
+            "type" => {
+                let t = need(&value)?;
+                m.kind = Some(match t.as_str() {
+                    "bind" => Kind::Bind,
+                    "cache" => Kind::Cache,
+                    "tmpfs" => Kind::Tmpfs,
+                    "secret" => Kind::Secret,
+                    "ssh" => Kind::Ssh,
+                    other => {
+                        let hint = suggest(other, TYPES)
+                            .map(|s| format!(" (did you mean {s}?)"))
+                            .unwrap_or_default();
+                        return Err(format!("--mount type={other} is not a mount type{hint}; use bind, cache, tmpfs, secret or ssh"));
+                    }
+                })
+            }
+            "target" | "dst" | "destination" => m.target = Some(need(&value)?),
+            "source" | "src" => m.source = Some(need(&value)?),
+            "from" => m.from = Some(need(&value)?),
+            "readonly" | "ro" => m.readonly = Some(bool_value(&key, value.as_deref())?),
+            "rw" | "readwrite" => m.readonly = Some(!bool_value(&key, value.as_deref())?),
+            "id" => m.id = Some(need(&value)?),
+            "sharing" => {
+                let s = need(&value)?;
+                if !["shared", "private", "locked"].contains(&s.as_str()) {
+                    let hint = suggest(&s, &["shared", "private", "locked"])
+                        .map(|x| format!(" (did you mean {x}?)"))
+                        .unwrap_or_default();
+                    return Err(format!(
+                        "--mount sharing={s}{hint}: use shared, private or locked"
+                    ));
+                }
+                m.sharing = Some(s);
+            }
+            "mode" => {
+                let v = need(&value)?;
+                m.mode =
+                    Some(u32::from_str_radix(&v, 8).map_err(|_| {
+                        format!("--mount mode={v}: use an octal mode such as 0755")
+                    })?);
+            }
+            "uid" => {
+                m.uid = Some(need(&value)?.parse().map_err(|_| {
+                    format!(
+                        "--mount uid={}: use a number",
+                        value.clone().unwrap_or_default()
+                    )
+                })?)
+            }
+            "gid" => {
+                m.gid = Some(need(&value)?.parse().map_err(|_| {
+                    format!(
+                        "--mount gid={}: use a number",
+                        value.clone().unwrap_or_default()
+                    )
+                })?)
+            }
+            "required" => m.required = bool_value(&key, value.as_deref())?,
+            "size" => m.size = Some(size(&need(&value)?)?),
+            "env" => m.env = Some(need(&value)?),
+            _ => unreachable!("checked against KEYS"),
+        }
+    }
+    let kind = *m.kind.get_or_insert(Kind::Bind);
+    for k in &seen {
+        if !allowed(kind).contains(&k.as_str()) {
+            return Err(format!(
+                "--mount type={}: option {k:?} is not allowed for this type",
+                TYPES[kind as usize]
+            ));
+        }
+    }
+    if m.env.is_none() && m.target.is_none() && !matches!(kind, Kind::Secret | Kind::Ssh) {
+        return Err(format!(
+            "--mount type={} needs target=PATH",
+            TYPES[kind as usize]
+        ));
+    }
+    if matches!(kind, Kind::Secret | Kind::Ssh) {
+        // For secrets and ssh, source is another name for id.
+        match (&m.id, m.source.take()) {
+            (Some(id), Some(src)) if *id != src => {
+                return Err(format!(
+                    "--mount type={}: conflicting id={id} and source={src}: give one of them",
+                    TYPES[kind as usize]
+                ))
+            }
+            (None, Some(src)) => m.id = Some(src),
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<RunMount, String> {
+        parse(s, &|v| Ok(v.replace("$HOME", "/root")))
+    }
+
+    #[test]
+    fn defaults_and_keys() {
+        let m = p("target=/src,from=build,source=/out").unwrap();
+        assert_eq!(m.kind, Some(Kind::Bind));
+        let m =
+            p("type=cache,dst=$HOME/.cache,sharing=locked,mode=0751,uid=1001,gid=1002").unwrap();
+        assert_eq!(
+            (m.target.as_deref(), m.mode, m.uid),
+            (Some("/root/.cache"), Some(0o751), Some(1001))
+        );
+        let m = p("type=secret,id=tok,required,env=TOKEN").unwrap();
+        assert!(m.required);
+        assert_eq!(
+            p("type=tmpfs,target=/t,size=128m").unwrap().size,
+            Some(128 << 20)
+        );
+        assert_eq!(
+            p("type=bind,target=/x,from=$HOME").unwrap().from.as_deref(),
+            Some("$HOME"),
+            "from is never expanded"
+        );
+    }
+
+    #[test]
+    fn mistakes() {
+        assert!(p("type=cahce,target=/x")
+            .unwrap_err()
+            .contains("did you mean cache?"));
+        assert!(p("type=cache,targte=/x")
+            .unwrap_err()
+            .contains("did you mean target?"));
+        assert!(p("type=bind,target=/x,mode=0644")
+            .unwrap_err()
+            .contains("\"mode\" is not allowed"));
+        assert!(p("type=cache,target=/x,sharing=lockd")
+            .unwrap_err()
+            .contains("did you mean locked?"));
+        assert!(p("type=tmpfs").unwrap_err().contains("needs target"));
+        assert!(p("type=cache,target=/x,mode=9")
+            .unwrap_err()
+            .contains("octal"));
+        assert!(p("type=secret,id=a,source=b")
+            .unwrap_err()
+            .contains("conflicting id=a and source=b"));
+        assert_eq!(p("type=secret,src=tok").unwrap().id.as_deref(), Some("tok"));
+    }
+}

@@ -1,0 +1,446 @@
+//! The extra mounts of a RUN step (`--mount=type=cache|secret|ssh|tmpfs|bind`), prepared on the
+//! host for the runtime spec and undone when the step ends. Secrets live only in a tmpfs and in
+//! the step's environment: never in a layer, a cache key or a log.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{lchown, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use nix::mount::{mount, MsFlags};
+use strata_snapshotter::mounts::unmount;
+use strata_snapshotter::volumes::{Init, Lease, Sharing};
+
+use super::{nonce, rootfs, tree, Context, Ref, Worker, WorkerError};
+use crate::llb;
+
+/// Secrets and ssh agents the client gave this build (`--secret`, `--ssh`).
+#[derive(Default, Clone)]
+pub struct Session {
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// ssh id → agent socket.
+    pub ssh: HashMap<String, PathBuf>,
+}
+
+impl Session {
+    /// Replaces every secret value in `line` with `****`.
+    pub fn mask(&self, line: &str) -> String {
+        let mut out = line.to_string();
+        for v in self.secrets.values() {
+            if let Ok(s) = std::str::from_utf8(v) {
+                let s = s.trim_end_matches('\n');
+                if s.len() >= 3 && out.contains(s) {
+                    out = out.replace(s, "****");
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A mount the runtime spec gets.
+#[derive(Debug, Clone)]
+pub struct SpecMount {
+    pub dest: String,
+    pub source: PathBuf,
+    /// `bind` or `tmpfs`
+    pub kind: &'static str,
+    pub options: Vec<String>,
+}
+
+/// What a step's mounts hold on to until it ends; dropping it undoes them.
+#[derive(Default)]
+pub struct Prepared {
+    pub spec: Vec<SpecMount>,
+    pub env: Vec<String>,
+    mounted: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+    views: Vec<String>,
+    _leases: Vec<Lease>,
+    stop: Vec<Arc<AtomicBool>>,
+}
+
+fn err(what: String) -> impl FnOnce(std::io::Error) -> WorkerError {
+    move |e| WorkerError::Exec(format!("{what}: {e}"))
+}
+
+impl Worker {
+    fn scratch_dir(&self, p: &mut Prepared) -> Result<PathBuf, WorkerError> {
+        let d = self.state_dir().join("mnt").join(nonce());
+        fs::create_dir_all(&d).map_err(err(format!("create {}", d.display())))?;
+        p.dirs.push(d.clone());
+        Ok(d)
+    }
+
+    /// The host directory of input `r` at `selector`, kept available until `p` drops.
+    fn input_dir(
+        &self,
+        r: &Ref,
+        selector: &str,
+        context: Option<&Context>,
+        p: &mut Prepared,
+    ) -> Result<PathBuf, WorkerError> {
+        match r {
+            Ref::Snapshot(key) => {
+                let view = format!("tmp/{}", nonce());
+                let m = self.snapshots.view(&view, key, Default::default())?;
+                p.views.push(view);
+                let dir = self.scratch_dir(p)?;
+                strata_snapshotter::mounts::mount_all(&m, &dir)?;
+                p.mounted.push(dir.clone());
+                rootfs::resolve(&dir, selector, true).map_err(err(format!("resolve {selector}")))
+            }
+            Ref::Context => {
+                let ctx = context.ok_or_else(|| {
+                    WorkerError::Exec("a bind mount of the context, but this build has none".into())
+                })?;
+                let src = tree::Source {
+                    root: &ctx.dir,
+                    ignore: Some(&ctx.ignore),
+                };
+                let path = rootfs::resolve(&ctx.dir, selector, true)
+                    .map_err(err(format!("resolve {selector}")))?;
+                // Only what .dockerignore lets through may reach the step.
+                let dir = self.scratch_dir(p)?;
+                let dest = dir.join("ctx");
+                tree::copy(
+                    &src,
+                    &path,
+                    selector.trim_start_matches('/'),
+                    &dest,
+                    tree::Attrs {
+                        owner: Some((0, 0)),
+                        mode: None,
+                    },
+                )
+                .map_err(err(format!("copy context {selector}")))?;
+                Ok(dest)
+            }
+            Ref::Scratch => {
+                let d = self.scratch_dir(p)?;
+                Ok(d)
+            }
+            Ref::Http { .. } => Err(WorkerError::Exec("a download cannot be mounted".into())),
+        }
+    }
+
+    /// Prepares `mounts` (all but the root) of a step.
+    pub fn prepare_mounts(
+        &self,
+        mounts: &[llb::Mount],
+        secretenv: &[llb::SecretEnv],
+        inputs: &[Ref],
+        context: Option<&Context>,
+        session: &Session,
+        reset_caches: bool,
+    ) -> Result<Prepared, WorkerError> {
+        let mut p = Prepared::default();
+        for e in secretenv {
+            match session.secrets.get(&e.id) {
+                Some(v) => p
+                    .env
+                    .push(format!("{}={}", e.name, String::from_utf8_lossy(v))),
+                None if e.optional => {}
+                None => {
+                    return Err(WorkerError::Exec(format!(
+                    "secret {}: not found; pass it with --secret id={},src=FILE or id={},env=VAR",
+                    e.id, e.id, e.id
+                )))
+                }
+            }
+        }
+        // Cache volumes first, all at once (in id order, so steps never deadlock).
+        let caches: Vec<&llb::Mount> = mounts
+            .iter()
+            .skip(1)
+            .filter(|m| m.mount_type == llb::MountType::Cache as i32)
+            .collect();
+        let requests: Vec<(String, Sharing, Init)> = caches
+            .iter()
+            .map(|m| {
+                let c = m.cache_opt.clone().unwrap_or_default();
+                let sharing = match llb::CacheSharing::from_i32(c.sharing) {
+                    Some(llb::CacheSharing::Private) => Sharing::Private,
+                    Some(llb::CacheSharing::Locked) => Sharing::Locked,
+                    _ => Sharing::Shared,
+                };
+                (
+                    c.id,
+                    sharing,
+                    Init {
+                        mode: c.mode,
+                        uid: c.uid,
+                        gid: c.gid,
+                    },
+                )
+            })
+            .collect();
+        let leases = self.volumes.acquire_all(&requests)?;
+        for (m, lease) in caches.iter().zip(&leases) {
+            if reset_caches {
+                // --no-cache starts the step's caches afresh.
+                for e in fs::read_dir(&lease.path)
+                    .map_err(err(format!("read cache {}", lease.path.display())))?
+                    .flatten()
+                {
+                    let _ = strata_snapshotter::layout::remove_tree(&e.path());
+                }
+            }
+            let (source, seeded) = if m.input >= 0 {
+                // from=: seed an empty volume with the source's files.
+                let from =
+                    self.input_dir(&inputs[m.input as usize], &m.selector, context, &mut p)?;
+                (lease.path.clone(), Some(from))
+            } else {
+                // source= is a path inside the volume; a symlink on the way could lead anywhere.
+                let mut walk = lease.path.clone();
+                for c in Path::new(&m.selector)
+                    .components()
+                    .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                {
+                    walk.push(c);
+                    if fs::symlink_metadata(&walk).is_ok_and(|md| md.file_type().is_symlink()) {
+                        return Err(WorkerError::Exec(format!("cache mount source={}: {} is a symlink; a cache source must be a plain path inside the cache", m.selector, c.as_os_str().to_string_lossy())));
+                    }
+                }
+                let sub = rootfs::resolve(&lease.path, &m.selector, true)
+                    .map_err(err(format!("cache source {}", m.selector)))?;
+                fs::create_dir_all(&sub)
+                    .map_err(err(format!("create cache source {}", m.selector)))?;
+                (sub, None)
+            };
+            if let Some(from) = seeded {
+                if fs::read_dir(&source)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false)
+                {
+                    let src = tree::Source {
+                        root: &from,
+                        ignore: None,
+                    };
+                    for e in fs::read_dir(&from)
+                        .map_err(err(format!("read {}", from.display())))?
+                        .flatten()
+                    {
+                        tree::copy(
+                            &src,
+                            &e.path(),
+                            &e.file_name().to_string_lossy(),
+                            &source.join(e.file_name()),
+                            tree::Attrs {
+                                owner: None,
+                                mode: None,
+                            },
+                        )
+                        .map_err(err("seed cache".into()))?;
+                    }
+                }
+            }
+            let mut options = vec!["rbind".to_string()];
+            if m.readonly {
+                options.push("ro".into());
+            }
+            p.spec.push(SpecMount {
+                dest: m.dest.clone(),
+                source,
+                kind: "bind",
+                options,
+            });
+        }
+        p._leases = leases;
+        let mut agents = 0;
+        // mounts[0] is the root.
+        for m in mounts.iter().skip(1) {
+            match llb::MountType::from_i32(m.mount_type) {
+                Some(llb::MountType::Cache) | None => {}
+                Some(llb::MountType::Bind) => {
+                    let input = usize::try_from(m.input)
+                        .ok()
+                        .and_then(|i| inputs.get(i))
+                        .cloned()
+                        .unwrap_or(Ref::Scratch);
+                    let src = self.input_dir(&input, &m.selector, context, &mut p)?;
+                    let source = if m.readonly {
+                        src
+                    } else {
+                        // rw: writes land in a throwaway overlay upper, never in the source.
+                        let d = self.scratch_dir(&mut p)?;
+                        let (upper, work, merged) = (d.join("u"), d.join("w"), d.join("m"));
+                        for x in [&upper, &work, &merged] {
+                            fs::create_dir(x).map_err(err(format!("create {}", x.display())))?;
+                        }
+                        let opts = format!(
+                            "lowerdir={},upperdir={},workdir={}",
+                            src.display(),
+                            upper.display(),
+                            work.display()
+                        );
+                        mount(
+                            Some("overlay"),
+                            &merged,
+                            Some("overlay"),
+                            MsFlags::empty(),
+                            Some(opts.as_str()),
+                        )
+                        .map_err(|e| WorkerError::Exec(format!("rw bind mount overlay: {e}")))?;
+                        p.mounted.push(merged.clone());
+                        merged
+                    };
+                    let mut options = vec!["rbind".to_string()];
+                    if m.readonly {
+                        options.push("ro".into());
+                    }
+                    p.spec.push(SpecMount {
+                        dest: m.dest.clone(),
+                        source,
+                        kind: "bind",
+                        options,
+                    });
+                }
+                Some(llb::MountType::Tmpfs) => {
+                    let size = m.tmpfs_opt.as_ref().map(|t| t.size).unwrap_or(0);
+                    let mut options = vec!["nosuid".to_string(), "nodev".into()];
+                    if size > 0 {
+                        options.push(format!("size={}k", size / 1024));
+                    }
+                    p.spec.push(SpecMount {
+                        dest: m.dest.clone(),
+                        source: PathBuf::from("tmpfs"),
+                        kind: "tmpfs",
+                        options,
+                    });
+                }
+                Some(llb::MountType::Secret) => {
+                    let o = m.secret_opt.clone().unwrap_or_default();
+                    let Some(value) = session.secrets.get(&o.id) else {
+                        if o.optional {
+                            continue;
+                        }
+                        return Err(WorkerError::Exec(format!(
+                            "secret {}: not found; pass it with --secret id={},src=FILE",
+                            o.id, o.id
+                        )));
+                    };
+                    let dir = self.scratch_dir(&mut p)?;
+                    let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+                    if o.mode & 0o111 == 0 {
+                        flags |= MsFlags::MS_NOEXEC;
+                    }
+                    mount(
+                        Some("tmpfs"),
+                        &dir,
+                        Some("tmpfs"),
+                        flags,
+                        Some("mode=0755,size=1m"),
+                    )
+                    .map_err(|e| WorkerError::Exec(format!("secret tmpfs: {e}")))?;
+                    p.mounted.push(dir.clone());
+                    let file = dir.join("secret");
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&file)
+                        .map_err(err("write secret".into()))?;
+                    f.write_all(value).map_err(err("write secret".into()))?;
+                    lchown(&file, Some(o.uid), Some(o.gid)).map_err(err("chown secret".into()))?;
+                    fs::set_permissions(&file, fs::Permissions::from_mode(o.mode & 0o7777))
+                        .map_err(err("chmod secret".into()))?;
+                    p.spec.push(SpecMount {
+                        dest: m.dest.clone(),
+                        source: file,
+                        kind: "bind",
+                        options: vec!["rbind".into(), "ro".into()],
+                    });
+                }
+                Some(llb::MountType::Ssh) => {
+                    let o = m.ssh_opt.clone().unwrap_or_default();
+                    let Some(agent) = session.ssh.get(&o.id) else {
+                        if o.optional {
+                            continue;
+                        }
+                        return Err(WorkerError::Exec(format!(
+                            "ssh agent {:?}: not given; pass --ssh {}=$SSH_AUTH_SOCK",
+                            o.id, o.id
+                        )));
+                    };
+                    let dir = self.scratch_dir(&mut p)?;
+                    let sock = dir.join(format!("agent.{agents}"));
+                    agents += 1;
+                    let stop = forward_agent(&sock, agent.clone())?;
+                    lchown(&sock, Some(o.uid), Some(o.gid))
+                        .map_err(err("chown ssh socket".into()))?;
+                    fs::set_permissions(&sock, fs::Permissions::from_mode(o.mode & 0o7777))
+                        .map_err(err("chmod ssh socket".into()))?;
+                    p.stop.push(stop);
+                    p.spec.push(SpecMount {
+                        dest: m.dest.clone(),
+                        source: sock,
+                        kind: "bind",
+                        options: vec!["rbind".into()],
+                    });
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Undoes what `prepare_mounts` did.
+    pub fn release_mounts(&self, mut p: Prepared) {
+        for s in &p.stop {
+            s.store(true, Ordering::SeqCst);
+        }
+        for m in p.mounted.iter().rev() {
+            let _ = unmount(m);
+        }
+        for v in &p.views {
+            let _ = self.snapshots.remove(v);
+        }
+        for d in p.dirs.iter().rev() {
+            let _ = fs::remove_dir_all(d);
+        }
+        p.mounted.clear();
+    }
+}
+
+/// Serves `sock`, relaying every connection to the agent at `agent`; stops when the flag is set.
+fn forward_agent(sock: &Path, agent: PathBuf) -> Result<Arc<AtomicBool>, WorkerError> {
+    let listener =
+        UnixListener::bind(sock).map_err(err(format!("listen on {}", sock.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(err("ssh socket".into()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((client, _)) => {
+                    let agent = agent.clone();
+                    std::thread::spawn(move || {
+                        let _ = client.set_nonblocking(false);
+                        if let Ok(upstream) = UnixStream::connect(&agent) {
+                            let (mut c1, mut u1) = (
+                                client.try_clone().expect("clone"),
+                                upstream.try_clone().expect("clone"),
+                            );
+                            let t = std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut c1, &mut u1);
+                                let _ = u1.shutdown(std::net::Shutdown::Write);
+                            });
+                            let (mut c2, mut u2) = (client, upstream);
+                            let _ = std::io::copy(&mut u2, &mut c2);
+                            let _ = c2.shutdown(std::net::Shutdown::Write);
+                            let _ = t.join();
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    });
+    Ok(stop)
+}
