@@ -33,6 +33,21 @@ fn cache_mounts() {
     // --no-cache reruns the step with its cache mounts reset.
     let b = s.build_ok(&["--no-cache"]);
     assert!(b.progress.contains(" 0\n"), "{}", b.progress);
+    // strata cache ls / prune.
+    let ls = String::from_utf8(s.run(&["cache", "ls"]).stdout).unwrap();
+    assert!(
+        ls.lines().any(|l| l.starts_with("/a ")) && ls.lines().any(|l| l.starts_with("/o ")),
+        "{ls}"
+    );
+    assert!(s
+        .run(&["cache", "prune", "--filter", "id=/a"])
+        .status
+        .success());
+    let ls = String::from_utf8(s.run(&["cache", "ls"]).stdout).unwrap();
+    assert!(
+        !ls.lines().any(|l| l.starts_with("/a ")) && ls.lines().any(|l| l.starts_with("/o ")),
+        "{ls}"
+    );
 }
 
 #[test]

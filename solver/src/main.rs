@@ -56,6 +56,9 @@ enum Cmd {
     Images(ImagesCmd),
     /// Show the disk used by the build cache
     Du,
+    /// List or remove cache-mount volumes (RUN --mount=type=cache)
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// Remove build cache records and their snapshots
     Prune {
         /// Keep records used within this long (e.g. 48h, 30m)
@@ -79,6 +82,17 @@ enum ImagesCmd {
     Push { name: String },
     /// Remove an image name (its layers stay until pruned)
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List cache volumes: id, size, last used
+    Ls,
+    /// Remove cache volumes (all, or those matching --filter id=ID)
+    Prune {
+        #[arg(long, value_name = "id=ID")]
+        filter: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -512,6 +526,35 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Cache(CacheCmd::Ls) => {
+            let w = open_worker(&cli)?;
+            println!("{:<40} {:>10}  LAST USED", "ID", "SIZE");
+            for v in w.volumes.list()? {
+                let ago = strata_solver::db::now().saturating_sub(v.last_used);
+                println!("{:<40} {:>10}  {} ago", v.id, human(v.size), age(ago));
+            }
+            Ok(())
+        }
+        Cmd::Cache(CacheCmd::Prune { filter }) => {
+            let w = open_worker(&cli)?;
+            let want = match filter.as_deref() {
+                None => None,
+                Some(f) => Some(
+                    f.strip_prefix("id=")
+                        .ok_or_else(|| anyhow::anyhow!("--filter {f:?}: use id=ID"))?
+                        .to_string(),
+                ),
+            };
+            let mut n = 0;
+            for v in w.volumes.list()? {
+                if want.as_ref().is_none_or(|id| *id == v.id) {
+                    w.volumes.remove(&v.id)?;
+                    n += 1;
+                }
+            }
+            println!("removed {n} cache volumes");
+            Ok(())
+        }
         Cmd::Debug(DebugCmd::DumpLlb(f)) => {
             let (path, text) = read_dockerfile(f)?;
             let w = open_worker(&cli)?;
@@ -521,6 +564,15 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&graph.to_json())?);
             Ok(())
         }
+    }
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }
 
