@@ -14,6 +14,9 @@ pub enum Mode {
     Auto,
     Plain,
     Tty,
+    /// One JSON object a line: {"vertex", "name"} on start, {"vertex", "log"} per output line,
+    /// {"vertex", "status": "DONE"|"CACHED"|"ERROR", ...} at the end
+    Rawjson,
     Quiet,
 }
 
@@ -76,8 +79,12 @@ impl Progress {
             b.enable_steady_tick(std::time::Duration::from_millis(120));
             b
         });
-        if bar.is_none() {
-            self.line(&format!("#{id} {name}"));
+        match self.mode {
+            Mode::Rawjson => {
+                self.line(&serde_json::json!({ "vertex": id, "name": name }).to_string())
+            }
+            _ if bar.is_none() => self.line(&format!("#{id} {name}")),
+            _ => {}
         }
         Vertex {
             p: self,
@@ -90,22 +97,33 @@ impl Progress {
 
     /// A line outside any vertex (the summary).
     pub fn note(&self, s: &str) {
-        self.line(s);
+        if self.mode == Mode::Rawjson {
+            self.line(&serde_json::json!({ "summary": s }).to_string());
+        } else {
+            self.line(s);
+        }
     }
 }
 
 impl Vertex<'_> {
     /// One line of the step's output.
     pub fn log(&self, line: &str) {
-        self.p.line(&format!(
-            "#{} {:.3} {line}",
-            self.id,
-            self.started.elapsed().as_secs_f64()
-        ));
+        let t = self.started.elapsed().as_secs_f64();
+        if self.p.mode == Mode::Rawjson {
+            self.p.line(
+                &serde_json::json!({ "vertex": self.id, "elapsed": t, "log": line }).to_string(),
+            );
+        } else {
+            self.p.line(&format!("#{} {t:.3} {line}", self.id));
+        }
     }
 
     fn end(self, status: String) {
-        if let Some(b) = &self.bar {
+        if self.p.mode == Mode::Rawjson {
+            let (word, rest) = status.split_once(' ').unwrap_or((status.as_str(), ""));
+            let v = serde_json::json!({ "vertex": self.id, "status": word.trim_end_matches(':'), "detail": rest, "elapsed": self.started.elapsed().as_secs_f64() });
+            self.p.line(&v.to_string());
+        } else if let Some(b) = &self.bar {
             b.finish_and_clear();
             self.p.line(&format!("#{} {} {status}", self.id, self.name));
         } else {
