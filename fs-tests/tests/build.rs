@@ -523,3 +523,26 @@ fn ctrl_c_kills_the_step_and_leaves_a_working_store() {
     s.dockerfile("FROM busybox\nRUN echo started; sleep 0\n");
     s.build_ok(&[]);
 }
+
+#[test]
+fn containerd_output_imports_through_the_api() {
+    let s = Strata::new();
+    s.dockerfile("FROM busybox\nRUN echo imported > /msg\nCMD [\"cat\", \"/msg\"]\n");
+    let strata = Daemon::start();
+    let c = Containerd::start(&strata.socket);
+    let spec = format!(
+        "type=containerd,name=strata/imported:1,address={},namespace={}",
+        c.address.display(),
+        c.namespace
+    );
+    s.build_ok(&["--output", &spec]);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        "docker.io/strata/imported:1",
+        "imported",
+    ]);
+    assert_eq!(out.trim(), "imported");
+}

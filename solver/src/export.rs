@@ -20,6 +20,12 @@ pub enum Output {
     Oci { dest: String, name: Option<String> },
     /// The final stage's files (`type=local,dest=DIR`).
     Local { dest: String },
+    /// containerd's image store, through its API (`type=containerd,name=REF[,address=SOCK][,namespace=NS]`).
+    Containerd {
+        name: String,
+        address: String,
+        namespace: String,
+    },
     /// A `docker save` archive that `docker load` takes (`type=docker,dest=FILE[,name=REF]`).
     Docker { dest: String, name: Option<String> },
 }
@@ -37,6 +43,8 @@ impl Output {
         let mut dest = None;
         let mut name = None;
         let mut push = false;
+        let mut address = None;
+        let mut namespace = None;
         for part in spec.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -46,9 +54,11 @@ impl Output {
                 "dest" => dest = Some(v.to_string()),
                 "name" => name = Some(v.to_string()),
                 "push" => push = v == "true",
+                "address" => address = Some(v.to_string()),
+                "namespace" => namespace = Some(v.to_string()),
                 other => {
                     return Err(format!(
-                        "--output: unknown key {other:?} (known: type, dest, name, push)"
+                        "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace)"
                     ))
                 }
             }
@@ -57,6 +67,11 @@ impl Output {
             Some("oci") => Ok(Output::Oci {
                 dest: dest.ok_or("--output type=oci needs dest=FILE.tar")?,
                 name,
+            }),
+            Some("containerd") => Ok(Output::Containerd {
+                name: name.ok_or("--output type=containerd needs name=REF")?,
+                address: address.unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+                namespace: namespace.unwrap_or_else(|| "default".into()),
             }),
             Some("docker") => Ok(Output::Docker {
                 dest: dest.ok_or("--output type=docker needs dest=FILE.tar")?,
@@ -70,7 +85,7 @@ impl Output {
                 push: push || kind.as_deref() == Some("registry"),
             }),
             Some(other) => Err(format!(
-                "--output type={other} is not supported yet (supported: oci, docker, local, image, registry)"
+                "--output type={other} is not supported (supported: oci, docker, local, image, registry, containerd)"
             )),
             None => Err("--output needs type=oci|local|image".into()),
         }
@@ -223,6 +238,27 @@ pub fn write(
             std::fs::rename(&tmp, dest)
                 .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
             Ok(format!("exporting OCI archive {dest} ({name})"))
+        }
+        Output::Containerd {
+            name,
+            address,
+            namespace,
+        } => {
+            let full = crate::worker::images::normalize(name);
+            let store = worker.content.clone();
+            let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+                WorkerError::Exec("containerd export needs the async runtime".into())
+            })?;
+            handle.block_on(crate::containerd::import(
+                &store,
+                manifest,
+                &full,
+                Path::new(address),
+                namespace,
+            ))?;
+            Ok(format!(
+                "importing to containerd {address} as {full} (namespace {namespace})"
+            ))
         }
         Output::Docker { dest, name } => {
             let name = name.as_deref().map(crate::worker::images::normalize);

@@ -124,7 +124,8 @@ struct BuildArgs {
     #[arg(short = 't', long = "tag", value_name = "NAME")]
     tags: Vec<String>,
     /// Where to write the result: type=oci,dest=FILE | type=docker,dest=FILE | type=local,dest=DIR |
-    /// type=image,name=REF[,push=true] | type=registry,name=REF
+    /// type=image,name=REF[,push=true] | type=registry,name=REF |
+    /// type=containerd,name=REF[,address=SOCK][,namespace=NS]
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
     /// Run every step, ignoring the cache
