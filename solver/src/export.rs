@@ -390,7 +390,7 @@ mod tests {
         );
         assert!(Output::parse("type=tar,dest=x")
             .unwrap_err()
-            .contains("not supported yet"));
+            .contains("not supported"));
         assert!(Output::parse("type=oci,dst=x")
             .unwrap_err()
             .contains("unknown key"));
