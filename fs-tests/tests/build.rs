@@ -546,3 +546,29 @@ fn containerd_output_imports_through_the_api() {
     ]);
     assert_eq!(out.trim(), "imported");
 }
+
+#[test]
+fn prune_follows_its_policy() {
+    let s = Strata::new();
+    s.dockerfile("FROM busybox\nRUN head -c 100000 /dev/zero > /big\nRUN echo small > /small\n");
+    s.build_ok(&[]);
+    let keep = s.run(&["prune", "--keep-duration", "1h"]);
+    assert!(
+        String::from_utf8_lossy(&keep.stdout).contains("removed 0 cache records"),
+        "{}",
+        String::from_utf8_lossy(&keep.stdout)
+    );
+    assert_eq!(s.build_ok(&[]).counts().2, 0, "kept records still hit");
+    let trim = s.run(&["prune", "--keep-storage", "1B"]);
+    assert!(trim.status.success());
+    assert!(
+        !String::from_utf8_lossy(&trim.stdout).contains("removed 0 "),
+        "{}",
+        String::from_utf8_lossy(&trim.stdout)
+    );
+    assert!(s.build_ok(&[]).counts().2 >= 1, "pruned steps run again");
+    let all = s.run(&["prune"]);
+    assert!(all.status.success());
+    let du = String::from_utf8(s.run(&["du"]).stdout).unwrap();
+    assert!(du.trim_end().ends_with("total: 0B"), "{du}");
+}

@@ -11,6 +11,7 @@ pub mod containerd;
 pub mod db;
 pub mod dockerfile;
 pub mod export;
+pub mod gc;
 pub mod llb;
 pub mod pattern;
 pub mod progress;

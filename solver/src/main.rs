@@ -59,11 +59,15 @@ enum Cmd {
     /// List or remove cache-mount volumes (RUN --mount=type=cache)
     #[command(subcommand)]
     Cache(CacheCmd),
-    /// Remove build cache records and their snapshots
+    /// Remove build cache records (least recently used first) and their snapshots; with no
+    /// limits, everything. After each build, the cache is trimmed to 10GB.
     Prune {
         /// Keep records used within this long (e.g. 48h, 30m)
         #[arg(long, value_name = "DURATION")]
         keep_duration: Option<String>,
+        /// Keep at most this much cache (e.g. 5GB, 500MB)
+        #[arg(long, value_name = "SIZE")]
+        keep_storage: Option<String>,
     },
     /// Developer tools
     #[command(subcommand)]
@@ -327,6 +331,19 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         v.log(l);
     }
     v.done();
+    // The default GC policy, after every build.
+    let w = worker.clone();
+    let trimmed = tokio::task::spawn_blocking(move || {
+        strata_solver::gc::prune(&w, &strata_solver::gc::DEFAULT)
+    })
+    .await??;
+    if trimmed.records > 0 {
+        progress.note(&format!(
+            "trimmed the build cache to 10GB: {} records, {} freed",
+            trimmed.records,
+            human(trimmed.freed)
+        ));
+    }
     let s = solver.stats();
     progress.note(&format!(
         "built in {:.1}s: {} steps, {} cached, {} run",
@@ -395,6 +412,25 @@ fn session(secrets: &[String], ssh: &[String]) -> anyhow::Result<Session> {
         out.ssh.insert(id, p);
     }
     Ok(out)
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("size {s:?}: use e.g. 10GB, 500MB"))?;
+    let mult = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" | "K" => 1e3,
+        "MB" | "M" => 1e6,
+        "GB" | "G" => 1e9,
+        "TB" | "T" => 1e12,
+        _ => bail!("size {s:?}: unit must be B, KB, MB, GB or TB"),
+    };
+    Ok((n * mult) as u64)
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<u64> {
@@ -482,48 +518,20 @@ fn main() -> anyhow::Result<()> {
             println!("total: {}", human(total as u64));
             Ok(())
         }
-        Cmd::Prune { keep_duration } => {
+        Cmd::Prune {
+            keep_duration,
+            keep_storage,
+        } => {
             let w = open_worker(&cli)?;
-            let keep = keep_duration.as_deref().map(parse_duration).transpose()?;
-            let cutoff = strata_solver::db::now().saturating_sub(keep.unwrap_or(0));
-            let (mut records, mut freed) = (0, 0i64);
-            for (key, rec) in w.db.caches()? {
-                if keep.is_some() && rec.last_used >= cutoff {
-                    continue;
-                }
-                w.db.delete_cache(&key)?;
-                records += 1;
-            }
-            // Then every result snapshot no record points at, leaves first.
-            loop {
-                let used: std::collections::BTreeSet<String> =
-                    w.db.caches()?
-                        .into_iter()
-                        .map(|(_, r)| r.snapshot)
-                        .collect();
-                let all = w.snapshots.list(&["name~=^result/".to_string()])?;
-                let parents: std::collections::BTreeSet<String> = w
-                    .snapshots
-                    .list(&[])?
-                    .into_iter()
-                    .map(|s| s.record.parent)
-                    .collect();
-                let doomed: Vec<_> = all
-                    .into_iter()
-                    .filter(|s| !used.contains(&s.key) && !parents.contains(&s.key))
-                    .collect();
-                if doomed.is_empty() {
-                    break;
-                }
-                for s in doomed {
-                    freed += w.snapshots.usage(&s.key).map(|u| u.size).unwrap_or(0);
-                    w.snapshots.remove(&s.key)?;
-                    w.db.delete_layer(&s.key)?;
-                }
-            }
+            let policy = strata_solver::gc::Policy {
+                keep_duration: keep_duration.as_deref().map(parse_duration).transpose()?,
+                keep_storage: keep_storage.as_deref().map(parse_size).transpose()?,
+            };
+            let r = strata_solver::gc::prune(&w, &policy)?;
             println!(
-                "removed {records} cache records, freed {}",
-                human(freed as u64)
+                "removed {} cache records, freed {}",
+                r.records,
+                human(r.freed)
             );
             Ok(())
         }
