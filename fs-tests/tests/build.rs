@@ -572,3 +572,25 @@ fn prune_follows_its_policy() {
     let du = String::from_utf8(s.run(&["du"]).stdout).unwrap();
     assert!(du.trim_end().ends_with("total: 0B"), "{du}");
 }
+
+#[test]
+fn onbuild_triggers_run_in_the_child_build() {
+    let s = Strata::new();
+    s.file("hello.txt", "triggered");
+    s.dockerfile(
+        "FROM busybox\nONBUILD COPY hello.txt /from-trigger\nONBUILD RUN echo ran > /ran\n",
+    );
+    s.build_ok(&["-t", "parent:1"]);
+    s.dockerfile("FROM parent:1\nRUN cat /from-trigger /ran\n");
+    let (b, out) = s.build_local(&[]);
+    assert!(
+        b.progress.contains("ONBUILD COPY hello.txt"),
+        "{}",
+        b.progress
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("from-trigger")).unwrap(),
+        "triggered"
+    );
+    assert_eq!(fs::read_to_string(out.path().join("ran")).unwrap(), "ran\n");
+}

@@ -83,6 +83,9 @@ pub struct RunConfig {
     pub healthcheck: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<Vec<String>>,
+    /// ONBUILD triggers, run by builds that use this image as their base.
+    #[serde(default, rename = "OnBuild", skip_serializing_if = "Option::is_none")]
+    pub on_build: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

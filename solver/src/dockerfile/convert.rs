@@ -264,6 +264,35 @@ impl Converter<'_> {
         if state.config.config.env.is_empty() {
             state.config.config.env.push(DEFAULT_PATH.into());
         }
+        // The base image's ONBUILD triggers run first, and are not passed on.
+        for trigger in state.config.config.on_build.take().unwrap_or_default() {
+            let parsed = parse(&trigger).map_err(|e| {
+                err(
+                    &from,
+                    format!(
+                        "ONBUILD trigger {trigger:?} of the base image: {}",
+                        e.message
+                    ),
+                )
+            })?;
+            for node in parsed.nodes {
+                let instruction = super::instructions::instruction(&node).map_err(|e| {
+                    err(&from, format!("ONBUILD trigger {trigger:?}: {}", e.message))
+                })?;
+                if matches!(
+                    instruction,
+                    Instruction::From { .. } | Instruction::Onbuild(_)
+                ) {
+                    return Err(err(
+                        &from,
+                        format!("ONBUILD trigger {trigger:?}: FROM and ONBUILD cannot be triggers"),
+                    ));
+                }
+                let located = Located { node, instruction };
+                let step = format!("[{label} 1/{total}] ONBUILD {}", one_line(&trigger));
+                self.instruction(i, &located, step, &mut state)?;
+            }
+        }
         let body = self.stages[i].body.clone();
         for (n, l) in body.iter().enumerate() {
             let step = format!("[{label} {}/{total}] {}", n + 2, one_line(&l.node.original));
@@ -531,7 +560,15 @@ impl Converter<'_> {
                 st.config.config.shell = Some(sh.clone());
                 history(st, true);
             }
-            Instruction::Onbuild(_) | Instruction::Maintainer(_) => history(st, true),
+            Instruction::Onbuild(trigger) => {
+                st.config
+                    .config
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(trigger.clone());
+                history(st, true);
+            }
+            Instruction::Maintainer(_) => history(st, true),
         }
         Ok(())
     }
