@@ -152,27 +152,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     let _ = self.try_ctr(&["tasks", "delete", "-f", &id]);
                 }
             }
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::terminate(&mut child, Duration::from_secs(10));
             // containerd leaves its state mounts behind when killed; lazily detach what is left.
-            let root = self.dir.path().to_string_lossy().into_owned();
-            if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-                for line in mounts.lines().rev() {
-                    if let Some(target) = line.split(' ').nth(1) {
-                        if target.starts_with(&root) {
-                            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-                        }
-                    }
-                }
-            }
+            crate::detach_mounts_under(self.dir.path());
         }
     }
 }

@@ -42,3 +42,32 @@ pub fn require_root() {
         "the fs-tests mount filesystems and start containerd: run them as root (scripts/test does)"
     );
 }
+
+/// SIGTERM, then SIGKILL after `grace`, and reap.
+pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = std::time::Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Lazily detaches every mount under `dir` (daemons killed mid-work leave theirs behind).
+pub fn detach_mounts_under(dir: &std::path::Path) {
+    let root = dir.to_string_lossy().into_owned();
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for target in mounts
+            .lines()
+            .rev()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|t| t.starts_with(&root))
+        {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
