@@ -594,3 +594,33 @@ fn onbuild_triggers_run_in_the_child_build() {
     );
     assert_eq!(fs::read_to_string(out.path().join("ran")).unwrap(), "ran\n");
 }
+
+#[test]
+fn named_context_from_an_oci_layout_directory() {
+    let s = Strata::empty();
+    let layout = tempfile::tempdir().unwrap();
+    let archive = s.root.path().join("bb.tar");
+    strata_fs_tests::image::write_oci_archive(
+        &archive,
+        "docker.io/library/busybox:latest",
+        &[strata_fs_tests::image::busybox_layer().finish()],
+        &["/bin/sh"],
+    );
+    tar::Archive::new(fs::File::open(&archive).unwrap())
+        .unpack(layout.path())
+        .unwrap();
+    s.dockerfile("FROM base\nRUN echo from the layout > /x\n");
+    let spec = format!("base=oci-layout://{}:latest", layout.path().display());
+    let (_, out) = s.build_local(&["--build-context", &spec]);
+    assert_eq!(
+        fs::read_to_string(out.path().join("x")).unwrap(),
+        "from the layout\n"
+    );
+    let bad = format!("base=oci-layout://{}:nosuchtag", layout.path().display());
+    let b = s.build(&["--build-context", &bad]);
+    assert!(
+        !b.ok && b.progress.contains("no image tagged nosuchtag"),
+        "{}",
+        b.progress
+    );
+}

@@ -274,3 +274,62 @@ pub fn read_layout_archive(
         })
         .collect())
 }
+
+/// Reads an OCI image layout directory (`oci-layout`, `index.json`, `blobs/`) into `store`,
+/// verifying every blob the index reaches, and returns the images its index lists.
+pub fn read_layout_dir(
+    store: &ContentStore,
+    dir: &std::path::Path,
+) -> Result<Vec<LayoutImage>, OciError> {
+    let index_path = dir.join("index.json");
+    let bytes = std::fs::read(&index_path).map_err(|e| {
+        OciError::Archive(format!(
+            "{}: {e}: not an OCI image layout",
+            index_path.display()
+        ))
+    })?;
+    let index: Index = serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
+        what: index_path.display().to_string(),
+        source,
+    })?;
+    let blob = |d: &str| -> Result<(), OciError> {
+        let digest = Digest::parse(d)?;
+        if !store.has(&digest) {
+            let f = std::fs::File::open(dir.join("blobs/sha256").join(digest.hex()))
+                .map_err(|e| OciError::Archive(format!("blob {d}: {e}")))?;
+            store.put_reader(f, Some(&digest))?;
+        }
+        Ok(())
+    };
+    let mut images = Vec::new();
+    for m in index.manifests {
+        blob(&m.digest)?;
+        let value: serde_json::Value = read_json(store, &Digest::parse(&m.digest)?)?;
+        let manifests: Vec<Descriptor> = match value.get("manifests") {
+            Some(list) => {
+                serde_json::from_value(list.clone()).map_err(|source| OciError::Json {
+                    what: format!("index {}", m.digest),
+                    source,
+                })?
+            }
+            None => vec![m.clone()],
+        };
+        for child in &manifests {
+            blob(&child.digest)?;
+            let man: Manifest = read_json(store, &Digest::parse(&child.digest)?)?;
+            blob(&man.config.digest)?;
+            for l in &man.layers {
+                blob(&l.digest)?;
+            }
+        }
+        images.push(LayoutImage {
+            name: m
+                .annotations
+                .get(ANNOTATION_REF_NAME)
+                .or_else(|| m.annotations.get(ANNOTATION_IMAGE_NAME))
+                .cloned(),
+            manifest: m,
+        });
+    }
+    Ok(images)
+}

@@ -141,6 +141,10 @@ struct BuildArgs {
     /// Progress output
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
+    /// Named context: NAME=oci-layout:///DIR[:TAG] or NAME=docker-image://REF; FROM NAME and
+    /// --from=NAME then use that image
+    #[arg(long = "build-context", value_name = "NAME=SOURCE")]
+    build_contexts: Vec<String>,
     /// Secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (never stored in the image or cache)
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
@@ -272,6 +276,29 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         .always_pull = args.pull;
     let mut opts = convert_options(f, ignore.clone())?;
     opts.no_cache = args.no_cache;
+    for spec in &args.build_contexts {
+        let (name, source) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--build-context {spec:?}: use NAME=oci-layout:///DIR[:TAG] or NAME=docker-image://REF"))?;
+        let image = if let Some(path) = source.strip_prefix("oci-layout://") {
+            let (dir, tag) = match path.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') => (d, Some(t)),
+                _ => (path, None),
+            };
+            worker.load_layout_dir(
+                Path::new(dir),
+                tag,
+                &format!(
+                    "localhost/strata-context/{}:{}",
+                    name.to_ascii_lowercase(),
+                    tag.unwrap_or("latest")
+                ),
+            )?
+        } else if let Some(r) = source.strip_prefix("docker-image://") {
+            r.to_string()
+        } else {
+            bail!("--build-context {spec:?}: the source must be oci-layout:///DIR[:TAG] or docker-image://REF");
+        };
+        opts.contexts.insert(name.to_string(), image);
+    }
     opts.no_cache_filter = args.no_cache_filter.clone();
     let w = worker.clone();
     let converted = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;

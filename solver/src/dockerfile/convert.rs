@@ -29,6 +29,8 @@ pub struct ConvertOptions {
     pub no_cache: bool,
     pub no_cache_filter: Vec<String>,
     pub ignore: Ignore,
+    /// Named contexts (`--build-context NAME=...`): FROM NAME and --from=NAME use this image.
+    pub contexts: BTreeMap<String, String>,
 }
 
 /// The result: the LLB graph and the image config (rootfs filled in by the exporter).
@@ -220,6 +222,7 @@ impl Converter<'_> {
         };
         let lookup = |n: &str| self.global(n);
         let image = expand::word(image, self.escape, &lookup).map_err(|e| err(&from, e))?;
+        let image = self.opts.contexts.get(&image).cloned().unwrap_or(image);
         let total = self.stages[i].body.len() + 1;
         let label = self.stage_label(i);
         let mut state = if image == "scratch" {
@@ -719,6 +722,8 @@ impl Converter<'_> {
         what: &str,
         from: &str,
     ) -> Result<Option<Input>, DockerfileError> {
+        let mapped = self.opts.contexts.get(from).cloned();
+        let from = mapped.as_deref().unwrap_or(from);
         match self.stage_index(from, stage) {
             Some(s) if s == stage => Err(err(
                 l,

@@ -94,6 +94,40 @@ impl Worker {
         Ok(names)
     }
 
+    /// Loads the image tagged `tag` (or the only one) of the OCI layout directory `dir` and names
+    /// it `name` in the local store.
+    pub fn load_layout_dir(
+        &self,
+        dir: &Path,
+        tag: Option<&str>,
+        name: &str,
+    ) -> Result<String, WorkerError> {
+        let images = oci::read_layout_dir(&self.content, dir)?;
+        let chosen = match tag {
+            Some(t) => images
+                .into_iter()
+                .find(|i| i.name.as_deref() == Some(t))
+                .ok_or_else(|| {
+                    WorkerError::Image(format!("OCI layout {}: no image tagged {t}", dir.display()))
+                })?,
+            None if images.len() == 1 => images.into_iter().next().expect("one"),
+            None => {
+                return Err(WorkerError::Image(format!(
+                    "OCI layout {} holds {} images: name one with :TAG",
+                    dir.display(),
+                    images.len()
+                )))
+            }
+        };
+        let name = normalize(name);
+        self.db.put_image(&ImageRecord {
+            name: name.clone(),
+            manifest: chosen.manifest,
+            created: now(),
+        })?;
+        Ok(name)
+    }
+
     /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
     pub fn pull(&self, reference: &str) -> Result<String, WorkerError> {
         let r = Reference::parse(reference)?;
