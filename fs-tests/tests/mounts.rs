@@ -200,7 +200,7 @@ fn cache_sharing_between_parallel_steps() {
         df.push_str(&format!("FROM busybox AS l{i}\nRUN --mount=type=cache,id=lk,target=/c,sharing=locked echo enter $(cut -d' ' -f1 /proc/uptime) && sleep 0.5 && echo leave $(cut -d' ' -f1 /proc/uptime) # {i}\n"));
     }
     for i in 0..2 {
-        df.push_str(&format!("FROM busybox AS p{i}\nRUN --mount=type=cache,id=pv,target=/c,sharing=private ls /c | wc -l > /seen && touch /c/{i} && sleep 1 && echo private saw $(cat /seen)\n"));
+        df.push_str(&format!("FROM busybox AS p{i}\nRUN --mount=type=cache,id=pv,target=/c,sharing=private ls /c | wc -l > /seen && touch /c/{i} && sleep 2 && echo private saw $(cat /seen)\n"));
     }
     df.push_str("FROM busybox\n");
     for i in 0..4 {
