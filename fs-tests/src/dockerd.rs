@@ -97,9 +97,21 @@ impl Dockerd {
     }
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
+impl Dockerd {
+    /// Stops dockerd (it stops its containers) and keeps its data root.
+    pub fn stop(&mut self) {
         crate::terminate(&mut self.child, Duration::from_secs(15));
         crate::detach_mounts_under(self.dir.path());
+    }
+
+    /// The data root (`--data-root`).
+    pub fn data_root(&self) -> std::path::PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

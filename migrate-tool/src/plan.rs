@@ -1,0 +1,247 @@
+//! `migrate-tool plan`: what a data root holds, what a migration would do and need, and what stands
+//! in its way. Read-only.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::dataroot::{DataRoot, Driver};
+
+/// Something that stops or limits a migration.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Problem {
+    /// `blocker`: migrate refuses until it is fixed; `warning`: migrates, with the limit named.
+    pub severity: &'static str,
+    pub what: String,
+    pub fix: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub data_root: String,
+    pub driver: Driver,
+    pub images: usize,
+    pub tags: usize,
+    pub layers: usize,
+    pub layer_bytes: u64,
+    pub containers: usize,
+    pub running_containers: Vec<String>,
+    /// Bytes the migration writes (hard links for aufs and overlay; copies for devicemapper).
+    pub bytes_to_write: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// The processes of a dockerd that uses `data_root`.
+fn dockerd_pids(data_root: &Path) -> Vec<u32> {
+    let canon = data_root
+        .canonicalize()
+        .unwrap_or_else(|_| data_root.to_path_buf());
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("dockerd")) {
+            continue;
+        }
+        let root = args
+            .iter()
+            .position(|a| a == "--data-root" || a == "-g")
+            .and_then(|i| args.get(i + 1).cloned())
+            .or_else(|| {
+                args.iter()
+                    .find_map(|a| a.strip_prefix("--data-root=").map(str::to_string))
+            })
+            .unwrap_or_else(|| "/var/lib/docker".into());
+        if Path::new(&root)
+            .canonicalize()
+            .unwrap_or_else(|_| root.clone().into())
+            == canon
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn plan(root: &DataRoot) -> Plan {
+    let mut problems = Vec::new();
+    let blocker = |what: String, fix: &str| Problem {
+        severity: "blocker",
+        what,
+        fix: fix.to_string(),
+    };
+    let warning = |what: String, fix: &str| Problem {
+        severity: "warning",
+        what,
+        fix: fix.to_string(),
+    };
+    if root.driver == Driver::Overlay2 {
+        problems.push(warning(
+            format!("{} already uses overlay2", root.path.display()),
+            "nothing to migrate",
+        ));
+    }
+    for pid in dockerd_pids(&root.path) {
+        problems.push(blocker(
+            format!("dockerd (pid {pid}) is using this data root"),
+            "stop it (systemctl stop docker) before migrating",
+        ));
+    }
+    let driver_dir = root.path.join(root.driver.dir_name());
+    for l in &root.layers {
+        let present = match root.driver {
+            Driver::Overlay => driver_dir.join(&l.cache_id).join("root").is_dir(),
+            Driver::Aufs => driver_dir.join("diff").join(&l.cache_id).is_dir(),
+            Driver::Devicemapper => driver_dir.join("metadata").join(&l.cache_id).is_file(),
+            Driver::Overlay2 => driver_dir.join(&l.cache_id).join("diff").is_dir(),
+        };
+        if !present {
+            problems.push(blocker(
+                format!(
+                    "layer {} ({}): its {} directory {} is missing",
+                    l.chain_id,
+                    l.diff_id,
+                    root.driver.dir_name(),
+                    l.cache_id
+                ),
+                "restore it from a backup, or remove the images that use it (docker rmi) first",
+            ));
+        }
+        if let Some(p) = &l.parent {
+            if root.layer(p).is_none() {
+                problems.push(blocker(
+                    format!(
+                        "layer {} names parent {p}, which is not in the layer store",
+                        l.chain_id
+                    ),
+                    "the layer store is damaged: restore it from a backup",
+                ));
+            }
+        }
+        if !l.has_tar_split {
+            problems.push(warning(format!("layer {} has no tar-split data: its migrated files can be checked, but not its exact original tar", l.chain_id), "none needed; verify reports it"));
+        }
+        if root.driver == Driver::Devicemapper {
+            let meta = driver_dir.join("metadata").join(&l.cache_id);
+            if let Ok(text) = std::fs::read_to_string(&meta) {
+                if text.contains("\"deleted\":true") {
+                    problems.push(blocker(
+                        format!(
+                            "devicemapper device of layer {} is marked deleted",
+                            l.chain_id
+                        ),
+                        "remove the images that use it (docker rmi) first",
+                    ));
+                }
+            }
+        }
+    }
+    for img in &root.images {
+        let mut chain = String::new();
+        for d in &img.diff_ids {
+            chain = if chain.is_empty() {
+                d.clone()
+            } else {
+                strata_snapshotter::content::Digest::of(format!("{chain} {d}").as_bytes())
+                    .to_string()
+            };
+            if root.layer(&chain).is_none() {
+                problems.push(blocker(
+                    format!(
+                        "image {} ({}) needs layer {chain}, which is missing",
+                        img.id,
+                        img.tags.join(", ")
+                    ),
+                    "remove the image (docker rmi) or restore its layers",
+                ));
+                break;
+            }
+        }
+    }
+    let running: Vec<String> = root
+        .containers
+        .iter()
+        .filter(|c| c.running)
+        .map(|c| c.name.clone())
+        .collect();
+    for name in &running {
+        problems.push(blocker(
+            format!("container {name} is running"),
+            "stop it (docker stop) before migrating",
+        ));
+    }
+    let layer_bytes: u64 = root.layers.iter().map(|l| l.size).sum();
+    Plan {
+        data_root: root.path.display().to_string(),
+        driver: root.driver,
+        images: root.images.len(),
+        tags: root.images.iter().map(|i| i.tags.len()).sum(),
+        layers: root.layers.len(),
+        layer_bytes,
+        containers: root.containers.len(),
+        running_containers: running,
+        bytes_to_write: if root.driver == Driver::Devicemapper {
+            layer_bytes
+        } else {
+            0
+        },
+        problems,
+    }
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "data root   {} (storage driver: {})",
+            self.data_root,
+            self.driver.dir_name()
+        )?;
+        writeln!(f, "images      {} ({} tags)", self.images, self.tags)?;
+        writeln!(
+            f,
+            "layers      {} ({} bytes)",
+            self.layers, self.layer_bytes
+        )?;
+        writeln!(
+            f,
+            "containers  {} ({} running)",
+            self.containers,
+            self.running_containers.len()
+        )?;
+        let how = if self.driver == Driver::Devicemapper {
+            "copied out of the thin devices"
+        } else {
+            "hard-linked, no data copied"
+        };
+        writeln!(
+            f,
+            "to write    {} bytes (image layers are {how})",
+            self.bytes_to_write
+        )?;
+        if self.problems.is_empty() {
+            writeln!(f, "problems    none: ready to migrate")?;
+        }
+        for p in &self.problems {
+            writeln!(
+                f,
+                "{:<11} {}\n            fix: {}",
+                p.severity.to_uppercase(),
+                p.what,
+                p.fix
+            )?;
+        }
+        Ok(())
+    }
+}
