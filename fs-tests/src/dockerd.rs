@@ -21,9 +21,19 @@ impl Dockerd {
             .prefix("dockerd-")
             .tempdir()
             .unwrap();
-        let d = dir.path();
-        let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
+        let child = Dockerd::spawn(dir.path(), driver, extra);
+        let mut dd = Dockerd { dir, child };
+        dd.wait_ready();
+        dd
+    }
+
+    fn spawn(d: &Path, driver: &str, extra: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .unwrap();
+        Command::new("dockerd")
             .arg("--data-root")
             .arg(d.join("root"))
             .arg("--exec-root")
@@ -44,21 +54,29 @@ impl Dockerd {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("dockerd is missing: install Debian's docker.io (scripts/test does)");
-        let mut dd = Dockerd { dir, child };
+            .expect("dockerd is missing: install Debian's docker.io (scripts/test does)")
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !dd.try_docker(&["version"]).status.success() {
-            if let Some(s) = dd.child.try_wait().unwrap() {
-                panic!("dockerd exited with {s}: {}", dd.log());
+        while !self.try_docker(&["version"]).status.success() {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!("dockerd exited with {s}: {}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "dockerd did not start: {}",
-                dd.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        dd
+    }
+
+    /// Stops dockerd and starts it again on the same data root with another storage driver.
+    pub fn restart(&mut self, driver: &str) {
+        self.stop();
+        self.child = Dockerd::spawn(self.dir.path(), driver, &[]);
+        self.wait_ready();
     }
 
     pub fn log(&self) -> String {

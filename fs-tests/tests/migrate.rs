@@ -26,6 +26,12 @@ fn listing(root: &Path) -> BTreeMap<String, (u64, u32, i64)> {
     out
 }
 
+fn sorted(s: String) -> Vec<String> {
+    let mut v: Vec<String> = s.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
 fn plan(root: &Path) -> (bool, serde_json::Value, String) {
     let out = Command::new(strata_fs_tests::workspace_bin("migrate-tool"))
         .args(["plan", "--json", "--data-root"])
@@ -159,4 +165,272 @@ fn plan_reads_an_overlay_v1_data_root_and_writes_nothing() {
     // Not a data root at all.
     let (ok, _, text) = plan(s.path());
     assert!(!ok && text.contains("is not a Docker data root"), "{text}");
+}
+
+/// dockerd on overlay (v1) with two images (one with a whiteout and an opaque directory) and
+/// containers with and without writes; stopped, ready to migrate.
+fn overlay_v1_fixture() -> (Strata, Dockerd) {
+    let s = Strata::new();
+    let base = s.root.path().join("busybox.tar");
+    s.dockerfile("FROM busybox\n");
+    s.build_ok(&[
+        "--output",
+        &format!("type=docker,dest={},name=busybox:latest", base.display()),
+    ]);
+    let app = s.root.path().join("app.tar");
+    s.dockerfile("FROM busybox\nRUN mkdir -p /data/dir && echo old > /data/dir/old && echo kept > /data/f && ln /data/f /data/hard && ln -s f /data/sym\nRUN rm /etc/group && rm -r /data/dir && mkdir /data/dir && echo new > /data/dir/new && chmod 4755 /data/f\n");
+    s.build_ok(&[
+        "--output",
+        &format!("type=docker,dest={},name=app:1", app.display()),
+    ]);
+    let d = Dockerd::start("overlay", &[]);
+    d.load(&base);
+    d.load(&app);
+    d.docker(&[
+        "create",
+        "--name",
+        "written",
+        "--network",
+        "none",
+        "app:1",
+        "sh",
+        "-c",
+        "test -f /w && cat /w || echo earlier write > /w",
+    ]);
+    d.docker(&["start", "-a", "written"]);
+    d.docker(&[
+        "create",
+        "--name",
+        "fresh",
+        "--network",
+        "none",
+        "busybox:latest",
+        "true",
+    ]);
+    (s, d)
+}
+
+fn tool(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(strata_fs_tests::workspace_bin("migrate-tool"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn migrate_verify_and_run_on_overlay2() {
+    let (s, mut d) = overlay_v1_fixture();
+    let images = sorted(d.docker(&[
+        "images",
+        "--no-trunc",
+        "--format",
+        "{{.ID}} {{.Repository}}:{{.Tag}}",
+    ]));
+    let containers =
+        sorted(d.docker(&["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"]));
+    d.stop();
+    let root = d.data_root();
+    let daemon_json = s.root.path().join("daemon.json");
+    let source_before = listing(&root.join("overlay"));
+
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = tool(&["verify", "--data-root", root.to_str().unwrap()], &[]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(
+        listing(&root.join("overlay")),
+        source_before,
+        "the source tree is untouched until cleanup"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&daemon_json).unwrap()).unwrap();
+    assert_eq!(cfg["storage-driver"], "overlay2");
+
+    // Real dockerd on overlay2: same images, containers with their writes, and docker save's
+    // layer tars hash to the original diffIDs.
+    d.restart("overlay2");
+    assert_eq!(
+        sorted(d.docker(&[
+            "images",
+            "--no-trunc",
+            "--format",
+            "{{.ID}} {{.Repository}}:{{.Tag}}"
+        ])),
+        images
+    );
+    assert_eq!(
+        sorted(d.docker(&["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"])),
+        containers
+    );
+    let run = d.docker(&["run", "--rm", "--network", "none", "app:1", "sh", "-c", "cat /data/f /data/dir/new; ls /data/dir; test ! -e /etc/group && echo group-gone; stat -c %a /data/f"]);
+    assert_eq!(
+        run.split_whitespace().collect::<Vec<_>>(),
+        ["kept", "new", "new", "group-gone", "4755"],
+        "{run}"
+    );
+    assert_eq!(
+        d.docker(&["start", "-a", "written"]).trim(),
+        "earlier write"
+    );
+    let saved = s.root.path().join("saved.tar");
+    d.docker(&["save", "-o", saved.to_str().unwrap(), "app:1"]);
+    let diff_ids: Vec<String> = {
+        let inspect = d.docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RootFS.Layers}}",
+            "app:1",
+        ]);
+        serde_json::from_str(inspect.trim()).unwrap()
+    };
+    let mut found = Vec::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(&saved).unwrap());
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy().ends_with("layer.tar") {
+            let mut h = <sha2::Sha256 as sha2::Digest>::new();
+            std::io::copy(&mut e, &mut h).unwrap();
+            found.push(format!("sha256:{}", hex::encode(sha2::Digest::finalize(h))));
+        }
+    }
+    for id in &diff_ids {
+        assert!(
+            found.contains(id),
+            "docker save has no layer with diffID {id}: {found:?}"
+        );
+    }
+    d.stop();
+
+    // cleanup frees the old driver only now.
+    let out = tool(&["cleanup", "--data-root", root.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!root.join("overlay").exists() && !root.join("image/overlay").exists());
+}
+
+#[test]
+fn migrate_survives_sigkill_after_every_journal_step() {
+    let (s, mut d) = overlay_v1_fixture();
+    d.stop();
+    let root = d.data_root();
+    let daemon_json = s.root.path().join("daemon.json");
+    let source_before = listing(&root.join("overlay"));
+    let args = [
+        "migrate",
+        "--data-root",
+        root.to_str().unwrap(),
+        "--daemon-json",
+        daemon_json.to_str().unwrap(),
+    ];
+    let mut kills = 0;
+    loop {
+        // Each run finishes one more step, then SIGKILLs itself.
+        let out = tool(&args, &[("STRATA_MIGRATE_KILL_AFTER", "1")]);
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(9),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        kills += 1;
+        assert_eq!(
+            listing(&root.join("overlay")),
+            source_before,
+            "the source changed after {kills} kills"
+        );
+        assert!(kills < 100, "no progress");
+    }
+    assert!(kills >= 8, "only {kills} steps");
+    let verify = tool(&["verify", "--data-root", root.to_str().unwrap()], &[]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Rollback returns to overlay, and the old dockerd works again.
+    let out = tool(
+        &[
+            "rollback",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.restart("overlay");
+    assert_eq!(
+        d.docker(&["start", "-a", "written"]).trim(),
+        "earlier write"
+    );
+}
+
+#[test]
+fn altered_layer_files_stop_the_migration() {
+    let (s, mut d) = overlay_v1_fixture();
+    d.stop();
+    let root = d.data_root();
+    // Change a file of an image layer on disk behind dockerd's back.
+    let victim = std::fs::read_dir(root.join("overlay"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("root/data/f"))
+        .find(|p| p.exists())
+        .unwrap();
+    std::fs::write(&victim, "tampered").unwrap();
+    let daemon_json = s.root.path().join("daemon.json");
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("data/f")
+            && (err.contains("the file was changed")
+                || err.contains("was altered")
+                || err.contains("no regular file of this size")),
+        "{err}"
+    );
+    assert!(!root.join("overlay2").exists(), "nothing switched");
+    assert!(!daemon_json.exists(), "dockerd's config untouched");
 }

@@ -132,7 +132,15 @@ impl DataRoot {
         .into_iter()
         .find(|d| image_dir.join(d.dir_name()).join("layerdb").is_dir())
         .ok_or_else(|| DataRootError::NotDataRoot(path.to_path_buf()))?;
-        let store = image_dir.join(driver.dir_name());
+        DataRoot::open_driver(path, driver)
+    }
+
+    /// Reads the stores of `driver` in the data root at `path`.
+    pub fn open_driver(path: &Path, driver: Driver) -> Result<DataRoot, DataRootError> {
+        let store = path.join("image").join(driver.dir_name());
+        if !store.join("layerdb").is_dir() {
+            return Err(DataRootError::NotDataRoot(path.to_path_buf()));
+        }
         let mut layers = Vec::new();
         let layerdb = store.join("layerdb/sha256");
         for chain in sha_dirs(&layerdb)? {
@@ -233,6 +241,34 @@ impl DataRoot {
             images,
             containers,
         })
+    }
+
+    /// The layer store directory of this driver.
+    pub fn store(&self) -> PathBuf {
+        self.path.join("image").join(self.driver.dir_name())
+    }
+
+    /// Layers ordered so that every parent comes before its children.
+    pub fn layers_parents_first(&self) -> Vec<&Layer> {
+        let mut out: Vec<&Layer> = Vec::new();
+        let mut placed = std::collections::HashSet::new();
+        while out.len() < self.layers.len() {
+            let before = out.len();
+            for l in &self.layers {
+                if !placed.contains(&l.chain_id)
+                    && l.parent
+                        .as_ref()
+                        .is_none_or(|p| placed.contains(p) || self.layer(p).is_none())
+                {
+                    placed.insert(l.chain_id.clone());
+                    out.push(l);
+                }
+            }
+            if out.len() == before {
+                break;
+            }
+        }
+        out
     }
 
     /// Whether `chain` is in the layer store.

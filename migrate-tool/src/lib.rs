@@ -5,4 +5,8 @@
 //! - [`plan`]: what a migration would do and what stands in its way (read-only).
 
 pub mod dataroot;
+pub mod migrate;
+pub mod overlay2;
 pub mod plan;
+pub mod tarsplit;
+pub mod verify;

@@ -6,11 +6,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use migrate_tool::dataroot::DataRoot;
 
-const AFTER_HELP: &str = r#"Start with `migrate-tool plan`: it only reads, and says what it found, what a migration
-would write and what must be fixed first (dockerd running, running containers, missing layers).
+const AFTER_HELP: &str = r#"The order of work, each step safe to interrupt and rerun:
 
-  migrate-tool plan --data-root /var/lib/docker
-  migrate-tool plan --data-root /var/lib/docker --json"#;
+  migrate-tool plan    --data-root /var/lib/docker   # read-only: what is there, what stands in the way
+  systemctl stop docker                               # migrate refuses while dockerd or containers run
+  migrate-tool migrate --data-root /var/lib/docker   # builds overlay2 beside the old tree, then switches
+  migrate-tool verify  --data-root /var/lib/docker   # rebuilds every layer tar and checks its diffID
+  systemctl start docker                              # now on overlay2 (daemon.json says so)
+  migrate-tool cleanup --data-root /var/lib/docker   # only after a passing verify: frees the old driver
+  migrate-tool rollback --data-root /var/lib/docker  # instead of cleanup: back to the old driver
+
+Image layers of aufs and overlay are hard-linked, not copied: migration writes almost nothing."#;
 
 /// Move a Docker data root off the removed storage drivers onto overlay2, losing nothing.
 #[derive(Parser)]
@@ -31,6 +37,35 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Build the overlay2 tree beside the old one through a journal, then switch dockerd over
+    Migrate {
+        #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
+        data_root: PathBuf,
+        /// dockerd's config file, where storage-driver is set to overlay2
+        #[arg(long, default_value = "/etc/docker/daemon.json", value_name = "FILE")]
+        daemon_json: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every migrated layer against its diffID and metadata, and every container's files
+    Verify {
+        #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
+        data_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo a migration (before cleanup): containers and dockerd point at the old driver again
+    Rollback {
+        #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
+        data_root: PathBuf,
+        #[arg(long, default_value = "/etc/docker/daemon.json", value_name = "FILE")]
+        daemon_json: PathBuf,
+    },
+    /// Remove the old driver's data; refused until verify has passed
+    Cleanup {
+        #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
+        data_root: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +80,76 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{plan}");
             }
+            Ok(())
+        }
+        Cmd::Migrate {
+            data_root,
+            daemon_json,
+            json,
+        } => {
+            let root = DataRoot::open(&data_root)
+                .with_context(|| format!("read Docker data root {}", data_root.display()))?;
+            let report = migrate_tool::migrate::migrate(
+                &root,
+                &migrate_tool::migrate::Options { daemon_json },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("migrated {} image layers and {} containers to overlay2 ({} entries, {} bytes of metadata written)", report.layers, report.containers, report.entries, report.bytes_written);
+                println!(
+                    "next: migrate-tool verify --data-root {}",
+                    data_root.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Verify { data_root, json } => {
+            let report = migrate_tool::verify::verify(&data_root)
+                .with_context(|| format!("verify {}", data_root.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "checked {} layers ({} entries) and {} containers",
+                    report.layers, report.entries, report.containers
+                );
+                for p in &report.problems {
+                    println!("PROBLEM {p}");
+                }
+            }
+            if !report.problems.is_empty() {
+                anyhow::bail!("verify found {} problems: do not start dockerd on overlay2; run migrate-tool rollback", report.problems.len());
+            }
+            Ok(())
+        }
+        Cmd::Rollback {
+            data_root,
+            daemon_json,
+        } => {
+            migrate_tool::migrate::rollback(&data_root, &daemon_json)?;
+            println!(
+                "rolled back: {} uses its old driver again",
+                data_root.display()
+            );
+            Ok(())
+        }
+        Cmd::Cleanup { data_root } => {
+            let tmp = data_root.join(migrate_tool::migrate::TMP);
+            if !tmp.join(migrate_tool::verify::VERIFIED).exists() {
+                anyhow::bail!("refusing to remove the old driver's data: run migrate-tool verify first (it must pass)");
+            }
+            for d in [
+                data_root.join("overlay"),
+                data_root.join("image/overlay"),
+                tmp,
+            ] {
+                if d.exists() {
+                    std::fs::remove_dir_all(&d)
+                        .with_context(|| format!("remove {}", d.display()))?;
+                }
+            }
+            println!("removed the old driver's data");
             Ok(())
         }
     }

@@ -132,16 +132,32 @@ pub struct ApplyStats {
 /// Applies the (uncompressed) layer tar from `reader` into `dest`, a snapshot's own directory,
 /// converting OCI whiteouts to overlay whiteouts.
 pub fn apply(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
-    unpack(reader, dest, true)
+    unpack(reader, dest, true, None)
+}
+
+/// Like [`apply`], but regular files are hard links to the same paths under `files` (a tree that
+/// already holds this layer's files with their metadata, as an overlay v1 or aufs layer does)
+/// instead of copies: no file data is written, and the linked inodes are never modified.
+pub fn apply_linked(
+    reader: impl Read,
+    dest: &Path,
+    files: &Path,
+) -> Result<ApplyStats, LayerError> {
+    unpack(reader, dest, true, Some(files))
 }
 
 /// Extracts a plain tar archive (not a layer: `.wh.` names are ordinary files) into `dest`, with
 /// the same refusal of entries that would escape it. Used by `ADD archive.tar /dir/`.
 pub fn extract(reader: impl Read, dest: &Path) -> Result<ApplyStats, LayerError> {
-    unpack(reader, dest, false)
+    unpack(reader, dest, false, None)
 }
 
-fn unpack(reader: impl Read, dest: &Path, whiteouts: bool) -> Result<ApplyStats, LayerError> {
+fn unpack(
+    reader: impl Read,
+    dest: &Path,
+    whiteouts: bool,
+    link_from: Option<&Path>,
+) -> Result<ApplyStats, LayerError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
     let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
@@ -207,6 +223,21 @@ fn unpack(reader: impl Read, dest: &Path, whiteouts: bool) -> Result<ApplyStats,
                 }
                 dirs.push((path, meta));
                 continue;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous if link_from.is_some() => {
+                let source = link_from.expect("checked").join(&rel);
+                match fs::symlink_metadata(&source) {
+                    Ok(m) if m.is_file() && m.len() == h.size().unwrap_or(u64::MAX) => {}
+                    _ => {
+                        return Err(LayerError::Unsafe {
+                            entry: raw.display().to_string(),
+                            reason: "the source tree has no regular file of this size at this path",
+                        })
+                    }
+                }
+                remove_existing(&path, &raw)?;
+                fs::hard_link(&source, &path).map_err(entry_err(&raw))?;
+                continue; // the source inode already carries the layer's metadata
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 remove_existing(&path, &raw)?;

@@ -1,0 +1,435 @@
+//! `migrate-tool migrate`: builds the overlay2 tree beside the source in `<data-root>/migrate-overlay2.tmp`
+//! through a journal of steps, each done once and marked done (`journal/<step>.done`), then switches
+//! dockerd over. Killed at any point, a rerun skips what is done and redoes the step in flight;
+//! the source driver's files are never modified (image layer files are hard-linked, not copied).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use strata_snapshotter::layer;
+
+use crate::dataroot::{DataRoot, Driver};
+use crate::overlay2;
+use crate::tarsplit;
+
+pub const TMP: &str = "migrate-overlay2.tmp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {chain}: {reason}")]
+    Layer { chain: String, reason: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
+    let what = what.into();
+    move |source| MigrateError::Io { what, source }
+}
+
+/// The journal: one marker file per finished step.
+pub struct Journal {
+    dir: PathBuf,
+    /// Test hook: SIGKILL ourselves after this many steps (STRATA_MIGRATE_KILL_AFTER).
+    kill_after: Option<usize>,
+    done_now: usize,
+}
+
+impl Journal {
+    pub fn open(tmp: &Path) -> Result<Journal, MigrateError> {
+        let dir = tmp.join("journal");
+        fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let kill_after = std::env::var("STRATA_MIGRATE_KILL_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Ok(Journal {
+            dir,
+            kill_after,
+            done_now: 0,
+        })
+    }
+
+    pub fn is_done(&self, step: &str) -> bool {
+        self.dir.join(format!("{step}.done")).exists()
+    }
+
+    /// Runs `f` unless `step` is done, then marks it done (durably).
+    pub fn step(
+        &mut self,
+        step: &str,
+        f: impl FnOnce() -> Result<(), MigrateError>,
+    ) -> Result<(), MigrateError> {
+        if self.is_done(step) {
+            return Ok(());
+        }
+        f()?;
+        let marker = self.dir.join(format!("{step}.done"));
+        let file = fs::File::create(&marker).map_err(io(format!("write {}", marker.display())))?;
+        file.sync_all().map_err(io("sync journal"))?;
+        self.done_now += 1;
+        if self.kill_after == Some(self.done_now) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        }
+        Ok(())
+    }
+}
+
+/// Settings of a migration.
+pub struct Options {
+    /// dockerd's config, where `storage-driver` is set to overlay2.
+    pub daemon_json: PathBuf,
+}
+
+/// What a migration did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub layers: usize,
+    pub containers: usize,
+    pub entries: u64,
+    pub bytes_written: u64,
+}
+
+/// Writes `content` to `path` through a temp file and a rename.
+pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), MigrateError> {
+    let tmp = path.with_extension("migrate-tmp");
+    let mut f = fs::File::create(&tmp).map_err(io(format!("write {}", tmp.display())))?;
+    f.write_all(content)
+        .map_err(io(format!("write {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(io(format!("sync {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io(format!(
+        "rename {} to {}",
+        tmp.display(),
+        path.display()
+    )))
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<u64, MigrateError> {
+    fs::create_dir_all(dst).map_err(io(format!("create {}", dst.display())))?;
+    let mut bytes = 0;
+    for e in fs::read_dir(src).map_err(io(format!("read {}", src.display())))? {
+        let e = e.map_err(io(format!("read {}", src.display())))?;
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        if e.file_type().map_err(io("stat"))?.is_dir() {
+            bytes += copy_dir(&s, &d)?;
+        } else {
+            bytes += fs::copy(&s, &d).map_err(io(format!("copy {}", s.display())))?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Builds the overlay2 diff of image layer `chain` from the overlay v1 full tree `src_root`,
+/// replaying the layer's original tar (rebuilt from tar-split and checked against its diffID).
+fn image_layer(
+    root: &DataRoot,
+    chain: &str,
+    diff_id: &str,
+    src_root: &Path,
+    dest: &Path,
+) -> Result<u64, MigrateError> {
+    let layer_err = |reason: String| MigrateError::Layer {
+        chain: chain.to_string(),
+        reason,
+    };
+    let split = root
+        .store()
+        .join("layerdb/sha256")
+        .join(chain.trim_start_matches("sha256:"))
+        .join("tar-split.json.gz");
+    let entries = tarsplit::read(&split).map_err(|e| layer_err(e.to_string()))?;
+    let (reader, mut writer) = std::io::pipe().map_err(io("pipe"))?;
+    let src = src_root.to_path_buf();
+    let assemble = std::thread::spawn(move || -> Result<String, String> {
+        let mut hashing = HashingWriter {
+            inner: &mut writer,
+            hash: Sha256::new(),
+        };
+        tarsplit::assemble(&entries, &src, &mut hashing).map_err(|e| e.to_string())?;
+        Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
+    });
+    let applied = layer::apply_linked(reader, dest, src_root);
+    let digest = assemble
+        .join()
+        .map_err(|_| layer_err("the tar rebuild thread panicked".into()))?
+        .map_err(layer_err)?;
+    let stats = applied.map_err(|e| layer_err(e.to_string()))?;
+    if digest != diff_id {
+        return Err(layer_err(format!("its files rebuild to {digest}, not its diffID {diff_id}: the layer was altered on disk; nothing was switched")));
+    }
+    Ok(stats.entries)
+}
+
+struct HashingWriter<'a, W: Write> {
+    inner: &'a mut W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Migrates the overlay (v1) data root `root` to overlay2.
+pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> {
+    if root.driver != Driver::Overlay {
+        return Err(MigrateError::Refused(format!(
+            "{}: migrating from {} is not supported by this version yet (overlay is)",
+            root.path.display(),
+            root.driver.dir_name()
+        )));
+    }
+    let plan = crate::plan::plan(root);
+    let blockers: Vec<String> = plan
+        .problems
+        .iter()
+        .filter(|p| p.severity == "blocker")
+        .map(|p| format!("{} (fix: {})", p.what, p.fix))
+        .collect();
+    if !blockers.is_empty() {
+        return Err(MigrateError::Refused(format!(
+            "refusing to migrate:\n  {}",
+            blockers.join("\n  ")
+        )));
+    }
+    let tmp = root.path.join(TMP);
+    let mut journal = Journal::open(&tmp)?;
+    let mut report = Report::default();
+    let out = tmp.join("overlay2");
+    fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
+    let switched = journal.is_done("switch-overlay2");
+    let v1 = root.path.join("overlay");
+
+    // Image layers, parents first. A layer's link name is chosen once and kept in its dir.
+    let mut links: HashMap<String, String> = HashMap::new();
+    for l in root.layers_parents_first() {
+        let step = format!("layer-{}", l.cache_id);
+        let final_dir = if switched {
+            root.path.join("overlay2").join(&l.cache_id)
+        } else {
+            out.join(&l.cache_id)
+        };
+        let parents: Vec<String> = ancestors(root, l.parent.as_deref())
+            .iter()
+            .map(|c| links[c].clone())
+            .collect();
+        journal.step(&step, || {
+            let partial = out.join(format!("{}.partial", l.cache_id));
+            let _ = fs::remove_dir_all(&partial);
+            fs::create_dir_all(partial.join("diff"))
+                .map_err(io(format!("create {}", partial.display())))?;
+            report.entries += image_layer(
+                root,
+                &l.chain_id,
+                &l.diff_id,
+                &v1.join(&l.cache_id).join("root"),
+                &partial.join("diff"),
+            )?;
+            let link = overlay2::link_name();
+            overlay2::finish_layer(&partial, &link, &parents, true)
+                .map_err(io(format!("write {}", partial.display())))?;
+            let _ = fs::remove_dir_all(out.join(&l.cache_id));
+            fs::rename(&partial, out.join(&l.cache_id)).map_err(io("rename layer into place"))?;
+            let _ = fs::remove_file(out.join("l").join(&link));
+            std::os::unix::fs::symlink(
+                format!("../{}/diff", l.cache_id),
+                out.join("l").join(&link),
+            )
+            .map_err(io("create link"))?;
+            report.layers += 1;
+            Ok(())
+        })?;
+        let link = fs::read_to_string(final_dir.join("link"))
+            .map_err(io(format!("read {}", final_dir.join("link").display())))?;
+        links.insert(l.chain_id.clone(), link.trim().to_string());
+    }
+
+    // Containers: the init layer and the read-write layer, whose overlay v1 uppers already are in
+    // overlay2's diff format.
+    for c in &root.containers {
+        let (Some(mount), Some(parent)) = (&c.mount_id, &c.parent) else {
+            continue;
+        };
+        let image_links: Vec<String> = ancestors(root, Some(parent))
+            .iter()
+            .map(|ch| links[ch].clone())
+            .collect();
+        let mut lower = image_links.clone();
+        for (id, is_init) in [(c.init_id.clone(), true), (Some(mount.clone()), false)] {
+            let Some(id) = id else { continue };
+            let final_dir = if switched {
+                root.path.join("overlay2").join(&id)
+            } else {
+                out.join(&id)
+            };
+            let parents = lower.clone();
+            journal.step(&format!("container-{id}"), || {
+                let partial = out.join(format!("{id}.partial"));
+                let _ = fs::remove_dir_all(&partial);
+                fs::create_dir_all(&partial)
+                    .map_err(io(format!("create {}", partial.display())))?;
+                let upper = v1.join(&id).join("upper");
+                report.entries += overlay2::link_tree(&upper, &partial.join("diff"))
+                    .map_err(io(format!("link {}", upper.display())))?;
+                let link = overlay2::link_name();
+                overlay2::finish_layer(&partial, &link, &parents, false)
+                    .map_err(io(format!("write {}", partial.display())))?;
+                let _ = fs::remove_dir_all(out.join(&id));
+                fs::rename(&partial, out.join(&id))
+                    .map_err(io("rename container layer into place"))?;
+                let _ = fs::remove_file(out.join("l").join(&link));
+                std::os::unix::fs::symlink(format!("../{id}/diff"), out.join("l").join(&link))
+                    .map_err(io("create link"))?;
+                Ok(())
+            })?;
+            if is_init {
+                let link =
+                    fs::read_to_string(final_dir.join("link")).map_err(io("read init link"))?;
+                lower.insert(0, link.trim().to_string());
+            }
+        }
+        report.containers += 1;
+    }
+
+    // The image and layer store, carried over with cache ids kept.
+    journal.step("image-store", || {
+        let dst = tmp.join("image/overlay2");
+        let _ = fs::remove_dir_all(&dst);
+        report.bytes_written += copy_dir(&root.store(), &dst)?;
+        Ok(())
+    })?;
+
+    // The switch: every sub-step is idempotent, so a rerun after a kill finishes it.
+    journal.step("switch-overlay2", || {
+        if out.exists() {
+            fs::rename(&out, root.path.join("overlay2"))
+                .map_err(io("move overlay2 into the data root"))?;
+        }
+        Ok(())
+    })?;
+    journal.step("switch-image", || {
+        let src = tmp.join("image/overlay2");
+        if src.exists() {
+            fs::rename(&src, root.path.join("image/overlay2"))
+                .map_err(io("move image/overlay2 into the data root"))?;
+        }
+        Ok(())
+    })?;
+    journal.step("switch-containers", || {
+        for c in &root.containers {
+            set_driver(
+                &root
+                    .path
+                    .join("containers")
+                    .join(&c.id)
+                    .join("config.v2.json"),
+                "overlay2",
+            )?;
+        }
+        Ok(())
+    })?;
+    journal.step("switch-daemon-json", || {
+        let orig = journal_copy(&tmp);
+        let current = fs::read(&opts.daemon_json).unwrap_or_else(|_| b"{}".to_vec());
+        if !orig.exists() {
+            write_atomic(&orig, &current)?;
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&current).map_err(|e| {
+            MigrateError::Refused(format!(
+                "{}: {e}; fix the JSON and rerun",
+                opts.daemon_json.display()
+            ))
+        })?;
+        v["storage-driver"] = serde_json::json!("overlay2");
+        if let Some(dir) = opts.daemon_json.parent() {
+            fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        }
+        write_atomic(
+            &opts.daemon_json,
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )
+    })?;
+    Ok(report)
+}
+
+fn journal_copy(tmp: &Path) -> PathBuf {
+    tmp.join("journal/daemon.json.orig")
+}
+
+/// Rewrites a container's `Driver` (temp file + rename).
+pub fn set_driver(config: &Path, driver: &str) -> Result<(), MigrateError> {
+    let text = fs::read(config).map_err(io(format!("read {}", config.display())))?;
+    let mut v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| MigrateError::Refused(format!("{}: {e}", config.display())))?;
+    if v["Driver"] == driver {
+        return Ok(());
+    }
+    v["Driver"] = serde_json::json!(driver);
+    write_atomic(config, &serde_json::to_vec(&v).expect("json"))
+}
+
+/// `chain` and its ancestors, nearest first.
+fn ancestors(root: &DataRoot, chain: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = chain.map(str::to_string);
+    while let Some(c) = next {
+        next = root.layer(&c).and_then(|l| l.parent.clone());
+        out.push(c);
+    }
+    out
+}
+
+/// Undoes a migration: removes what it added and points containers and dockerd back to overlay.
+pub fn rollback(data_root: &Path, daemon_json: &Path) -> Result<(), MigrateError> {
+    let tmp = data_root.join(TMP);
+    if !tmp.exists() {
+        return Err(MigrateError::Refused(format!(
+            "{}: no migration to roll back",
+            data_root.display()
+        )));
+    }
+    let v1 = DataRoot::open_driver(data_root, Driver::Overlay).map_err(|e| {
+        MigrateError::Refused(format!(
+            "the overlay store is gone ({e}): cleanup already ran; rollback is no longer possible"
+        ))
+    })?;
+    for c in &v1.containers {
+        set_driver(
+            &data_root
+                .join("containers")
+                .join(&c.id)
+                .join("config.v2.json"),
+            "overlay",
+        )?;
+    }
+    let orig = journal_copy(&tmp);
+    if let Ok(bytes) = fs::read(&orig) {
+        write_atomic(daemon_json, &bytes)?;
+    }
+    for d in [
+        data_root.join("image/overlay2"),
+        data_root.join("overlay2"),
+        tmp,
+    ] {
+        if d.exists() {
+            fs::remove_dir_all(&d).map_err(io(format!("remove {}", d.display())))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Writing overlay2 layers exactly as dockerd's overlay2 driver lays them out:
+//! `overlay2/<id>/{diff, link, lower, work, committed}` and `overlay2/l/<26 chars> -> ../<id>/diff`,
+//! `lower` as `l/A:l/B` (nearest parent first).
+
+use std::fs;
+use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use rand::Rng;
+
+/// A new short link name: 26 characters of A-Z and 0-9, as dockerd makes them.
+pub fn link_name() -> String {
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::thread_rng();
+    (0..26)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// Writes `link`, `lower` (from the parents' link names, nearest first), `work` and, for image
+/// layers, `committed` into the layer directory `dir` (whose `diff` is filled already).
+pub fn finish_layer(
+    dir: &Path,
+    link: &str,
+    parents: &[String],
+    committed: bool,
+) -> std::io::Result<()> {
+    fs::write(dir.join("link"), link)?;
+    if !parents.is_empty() {
+        let lower: Vec<String> = parents.iter().map(|l| format!("l/{l}")).collect();
+        fs::write(dir.join("lower"), lower.join(":"))?;
+        fs::create_dir_all(dir.join("work"))?;
+        fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o700))?;
+    }
+    if committed {
+        fs::write(dir.join("committed"), "")?;
+    }
+    fs::set_permissions(
+        dir.join("diff"),
+        fs::Permissions::from_mode(fs::metadata(dir.join("diff"))?.mode() & 0o7777),
+    )
+}
+
+/// Recreates the tree `src` at `dst`: directories (with owner, mode, times, xattrs such as
+/// `trusted.overlay.opaque`), regular files as hard links (no data copied), symlinks, and device
+/// nodes (overlay whiteouts are char 0/0). An overlay upper directory has overlay2's diff format.
+pub fn link_tree(src: &Path, dst: &Path) -> std::io::Result<u64> {
+    let meta = fs::symlink_metadata(src)?;
+    let mut entries = 0;
+    if meta.is_dir() {
+        if !dst.exists() {
+            fs::create_dir(dst)?;
+        }
+        for e in fs::read_dir(src)? {
+            let e = e?;
+            entries += link_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+        copy_xattrs(src, dst)?;
+        set_meta(dst, &meta)?;
+        return Ok(entries + 1);
+    }
+    let ft = meta.file_type();
+    if ft.is_file() {
+        fs::hard_link(src, dst)?;
+        return Ok(1);
+    }
+    if ft.is_symlink() {
+        symlink(fs::read_link(src)?, dst)?;
+    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+        let kind = if ft.is_char_device() {
+            SFlag::S_IFCHR
+        } else if ft.is_block_device() {
+            SFlag::S_IFBLK
+        } else {
+            SFlag::S_IFIFO
+        };
+        mknod(
+            dst,
+            kind,
+            Mode::from_bits_truncate(meta.mode() & 0o7777),
+            meta.rdev(),
+        )
+        .map_err(std::io::Error::from)?;
+        copy_xattrs(src, dst)?;
+    } else {
+        return Ok(0); // sockets are not layer content
+    }
+    set_meta(dst, &meta)?;
+    Ok(1)
+}
+
+/// Extended attributes of the entry itself (the xattr crate never follows symlinks).
+fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
+    for name in xattr::list(src)? {
+        if let Some(v) = xattr::get(src, &name)? {
+            xattr::set(dst, &name, &v)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_meta(p: &Path, m: &fs::Metadata) -> std::io::Result<()> {
+    lchown(p, Some(m.uid()), Some(m.gid()))?;
+    if !m.file_type().is_symlink() {
+        fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    let t = TimeSpec::new(m.mtime(), m.mtime_nsec());
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(std::io::Error::from)
+}

@@ -1,0 +1,161 @@
+//! tar-split: the metadata dockerd keeps per layer (`tar-split.json.gz`) to rebuild the exact
+//! original layer tar from the layer's files. JSON lines; `type` 2 entries carry raw tar bytes
+//! (headers, padding, the end blocks) in `payload`, `type` 1 entries name a file whose `size` bytes
+//! come from the layer's tree.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use base64::Engine;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Raw {
+    #[serde(rename = "type")]
+    kind: u8,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    name_raw: Option<String>,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    payload: Option<String>,
+}
+
+/// One piece of the original tar.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// Bytes to copy as they are.
+    Segment(Vec<u8>),
+    /// `size` bytes of the file at `name` in the layer's tree.
+    File { name: String, size: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TarSplitError {
+    #[error("tar-split data {path}: line {line}: {reason}; the layer store is damaged (restore it from a backup)")]
+    Corrupt {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("tar-split data {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer file {name}: {reason}")]
+    File { name: String, reason: String },
+}
+
+/// Reads a `tar-split.json.gz`.
+pub fn read(path: &Path) -> Result<Vec<Entry>, TarSplitError> {
+    let shown = path.display().to_string();
+    let f = std::fs::File::open(path).map_err(|source| TarSplitError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .enumerate()
+    {
+        let line = line.map_err(|e| TarSplitError::Corrupt {
+            path: shown.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: Raw = serde_json::from_str(&line).map_err(|e| TarSplitError::Corrupt {
+            path: shown.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        let b64 = |s: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| TarSplitError::Corrupt {
+                    path: shown.clone(),
+                    line: i + 1,
+                    reason: e.to_string(),
+                })
+        };
+        out.push(match raw.kind {
+            2 => Entry::Segment(b64(raw.payload.as_deref().unwrap_or(""))?),
+            1 => {
+                let name = match (raw.name, raw.name_raw) {
+                    (Some(n), _) => n,
+                    (None, Some(r)) => String::from_utf8_lossy(&b64(&r)?).into_owned(),
+                    (None, None) => {
+                        return Err(TarSplitError::Corrupt {
+                            path: shown,
+                            line: i + 1,
+                            reason: "file entry without a name".into(),
+                        })
+                    }
+                };
+                Entry::File {
+                    name,
+                    size: raw.size,
+                }
+            }
+            k => {
+                return Err(TarSplitError::Corrupt {
+                    path: shown,
+                    line: i + 1,
+                    reason: format!("unknown entry type {k}"),
+                })
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Writes the original tar, taking file contents from the tree at `root`.
+pub fn assemble(entries: &[Entry], root: &Path, out: &mut dyn Write) -> Result<u64, TarSplitError> {
+    let mut total = 0;
+    for e in entries {
+        match e {
+            Entry::Segment(bytes) => {
+                out.write_all(bytes).map_err(|source| TarSplitError::Io {
+                    path: "output".into(),
+                    source,
+                })?;
+                total += bytes.len() as u64;
+            }
+            Entry::File { size: 0, .. } => {}
+            Entry::File { name, size } => {
+                let rel = name.trim_start_matches("./").trim_start_matches('/');
+                if rel.split('/').any(|c| c == "..") {
+                    return Err(TarSplitError::File {
+                        name: name.clone(),
+                        reason: "climbs out of the layer".into(),
+                    });
+                }
+                let f = std::fs::File::open(root.join(rel)).map_err(|e| TarSplitError::File {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                let n =
+                    std::io::copy(&mut f.take(*size), out).map_err(|e| TarSplitError::File {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if n != *size {
+                    return Err(TarSplitError::File {
+                        name: name.clone(),
+                        reason: format!(
+                            "{n} bytes on disk, {size} in the layer: the file was changed"
+                        ),
+                    });
+                }
+                total += n;
+            }
+        }
+    }
+    Ok(total)
+}
