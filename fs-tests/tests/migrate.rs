@@ -218,8 +218,9 @@ fn tool(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn migrate_verify_and_run_on_overlay2() {
+/// The whole journey from `legacy` (made by `convert` from a real overlay v1 root) to dockerd on
+/// overlay2, then cleanup.
+fn journey(legacy: &str, convert: fn(&Path)) {
     let (s, mut d) = overlay_v1_fixture();
     let images = sorted(d.docker(&[
         "images",
@@ -231,8 +232,9 @@ fn migrate_verify_and_run_on_overlay2() {
         sorted(d.docker(&["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"]));
     d.stop();
     let root = d.data_root();
+    convert(&root);
     let daemon_json = s.root.path().join("daemon.json");
-    let source_before = listing(&root.join("overlay"));
+    let source_before = listing(&root.join(legacy));
 
     let out = tool(
         &[
@@ -257,7 +259,7 @@ fn migrate_verify_and_run_on_overlay2() {
         String::from_utf8_lossy(&verify.stderr)
     );
     assert_eq!(
-        listing(&root.join("overlay")),
+        listing(&root.join(legacy)),
         source_before,
         "the source tree is untouched until cleanup"
     );
@@ -328,7 +330,146 @@ fn migrate_verify_and_run_on_overlay2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!root.join("overlay").exists() && !root.join("image/overlay").exists());
+    assert!(!root.join(legacy).exists() && !root.join("image").join(legacy).exists());
+}
+
+#[test]
+fn migrate_overlay_v1_and_run_on_overlay2() {
+    journey("overlay", |_| {});
+}
+
+#[test]
+fn migrate_aufs_and_run_on_overlay2() {
+    journey("aufs", overlay_to_aufs);
+}
+
+/// Rewrites a real overlay v1 data root into aufs' exact on-disk form: each layer's own files
+/// (its original tar, rebuilt from dockerd's tar-split and extracted as-is, `.wh.` files
+/// included) under `aufs/diff/<id>`, ancestors in `aufs/layers/<id>`, container branches with
+/// aufs whiteouts, and dockerd's image and layer store moved to `image/aufs` unchanged.
+fn overlay_to_aufs(root: &Path) {
+    use std::fs;
+    let store = root.join("image/overlay");
+    let mut cache = BTreeMap::new();
+    let mut parent = BTreeMap::new();
+    for e in fs::read_dir(store.join("layerdb/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        let chain = format!("sha256:{}", e.file_name().to_string_lossy());
+        cache.insert(
+            chain.clone(),
+            fs::read_to_string(e.path().join("cache-id"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        );
+        if let Ok(p) = fs::read_to_string(e.path().join("parent")) {
+            parent.insert(chain, p.trim().to_string());
+        }
+    }
+    let ancestors = |chain: &str| {
+        let mut out = Vec::new();
+        let mut next = Some(chain.to_string());
+        while let Some(c) = next {
+            out.push(cache[&c].clone());
+            next = parent.get(&c).cloned();
+        }
+        out
+    };
+    for d in ["diff", "layers", "mnt"] {
+        fs::create_dir_all(root.join("aufs").join(d)).unwrap();
+    }
+    for (chain, id) in &cache {
+        let split = store
+            .join("layerdb/sha256")
+            .join(chain.trim_start_matches("sha256:"))
+            .join("tar-split.json.gz");
+        let entries = migrate_tool::tarsplit::read(&split).unwrap();
+        let mut tar_bytes = Vec::new();
+        migrate_tool::tarsplit::assemble(
+            &entries,
+            &root.join("overlay").join(id).join("root"),
+            &mut tar_bytes,
+        )
+        .unwrap();
+        let mut ar = tar::Archive::new(&tar_bytes[..]);
+        ar.set_preserve_permissions(true);
+        ar.set_preserve_ownerships(true);
+        ar.set_preserve_mtime(true);
+        ar.set_unpack_xattrs(true);
+        ar.unpack(root.join("aufs/diff").join(id)).unwrap();
+        let lower: Vec<String> = ancestors(chain).into_iter().skip(1).collect();
+        fs::write(root.join("aufs/layers").join(id), lower.join("\n")).unwrap();
+        fs::create_dir_all(root.join("aufs/mnt").join(id)).unwrap();
+    }
+    for e in fs::read_dir(store.join("layerdb/mounts"))
+        .unwrap()
+        .flatten()
+    {
+        let mount = fs::read_to_string(e.path().join("mount-id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let init = fs::read_to_string(e.path().join("init-id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let image = ancestors(fs::read_to_string(e.path().join("parent")).unwrap().trim());
+        for (id, lower) in [
+            (init.clone(), image.clone()),
+            (mount.clone(), [vec![init.clone()], image.clone()].concat()),
+        ] {
+            let dst = root.join("aufs/diff").join(&id);
+            assert!(Command::new("cp")
+                .arg("-a")
+                .arg(root.join("overlay").join(&id).join("upper"))
+                .arg(&dst)
+                .status()
+                .unwrap()
+                .success());
+            to_aufs_whiteouts(&dst);
+            fs::write(root.join("aufs/layers").join(&id), lower.join("\n")).unwrap();
+            fs::create_dir_all(root.join("aufs/mnt").join(&id)).unwrap();
+        }
+        let config = root
+            .join("containers")
+            .join(e.file_name())
+            .join("config.v2.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+        v["Driver"] = serde_json::json!("aufs");
+        fs::write(&config, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+    fs::rename(&store, root.join("image/aufs")).unwrap();
+    fs::remove_dir_all(root.join("overlay")).unwrap();
+}
+
+/// overlay whiteouts (0/0 devices, opaque xattrs) to aufs ones (`.wh.` files).
+fn to_aufs_whiteouts(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if xattr::get(dir, "trusted.overlay.opaque")
+        .ok()
+        .flatten()
+        .as_deref()
+        == Some(b"y")
+    {
+        xattr::remove(dir, "trusted.overlay.opaque").unwrap();
+        std::fs::write(dir.join(".wh..wh..opq"), "").unwrap();
+    }
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.file_type().is_char_device() && m.rdev() == 0 {
+            std::fs::remove_file(e.path()).unwrap();
+            std::fs::write(
+                dir.join(format!(".wh.{}", e.file_name().to_string_lossy())),
+                "",
+            )
+            .unwrap();
+        } else if m.is_dir() {
+            to_aufs_whiteouts(&e.path());
+        }
+    }
 }
 
 #[test]

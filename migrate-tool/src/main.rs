@@ -139,9 +139,13 @@ fn main() -> anyhow::Result<()> {
             if !tmp.join(migrate_tool::verify::VERIFIED).exists() {
                 anyhow::bail!("refusing to remove the old driver's data: run migrate-tool verify first (it must pass)");
             }
+            let legacy = ["aufs", "overlay", "devicemapper"]
+                .into_iter()
+                .find(|d| data_root.join("image").join(d).is_dir())
+                .unwrap_or("overlay");
             for d in [
-                data_root.join("overlay"),
-                data_root.join("image/overlay"),
+                data_root.join(legacy),
+                data_root.join("image").join(legacy),
                 tmp,
             ] {
                 if d.exists() {

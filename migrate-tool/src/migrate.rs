@@ -188,9 +188,9 @@ impl<W: Write> Write for HashingWriter<'_, W> {
 
 /// Migrates the overlay (v1) data root `root` to overlay2.
 pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> {
-    if root.driver != Driver::Overlay {
+    if !matches!(root.driver, Driver::Overlay | Driver::Aufs) {
         return Err(MigrateError::Refused(format!(
-            "{}: migrating from {} is not supported by this version yet (overlay is)",
+            "{}: migrating from {} is not supported by this version yet (overlay and aufs are)",
             root.path.display(),
             root.driver.dir_name()
         )));
@@ -214,7 +214,24 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
     let out = tmp.join("overlay2");
     fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
     let switched = journal.is_done("switch-overlay2");
-    let v1 = root.path.join("overlay");
+    let legacy = root.path.join(root.driver.dir_name());
+    let aufs = root.driver == Driver::Aufs;
+    // Where a layer's files are: overlay keeps a full tree per image layer and an upper per
+    // container layer; aufs keeps every layer's own files under diff/.
+    let image_files = |id: &str| {
+        if aufs {
+            legacy.join("diff").join(id)
+        } else {
+            legacy.join(id).join("root")
+        }
+    };
+    let rw_files = |id: &str| {
+        if aufs {
+            legacy.join("diff").join(id)
+        } else {
+            legacy.join(id).join("upper")
+        }
+    };
 
     // Image layers, parents first. A layer's link name is chosen once and kept in its dir.
     let mut links: HashMap<String, String> = HashMap::new();
@@ -238,7 +255,7 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
                 root,
                 &l.chain_id,
                 &l.diff_id,
-                &v1.join(&l.cache_id).join("root"),
+                &image_files(&l.cache_id),
                 &partial.join("diff"),
             )?;
             let link = overlay2::link_name();
@@ -284,8 +301,8 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
                 let _ = fs::remove_dir_all(&partial);
                 fs::create_dir_all(&partial)
                     .map_err(io(format!("create {}", partial.display())))?;
-                let upper = v1.join(&id).join("upper");
-                report.entries += overlay2::link_tree(&upper, &partial.join("diff"))
+                let upper = rw_files(&id);
+                report.entries += overlay2::link_tree(&upper, &partial.join("diff"), aufs)
                     .map_err(io(format!("link {}", upper.display())))?;
                 let link = overlay2::link_name();
                 overlay2::finish_layer(&partial, &link, &parents, false)
@@ -404,18 +421,17 @@ pub fn rollback(data_root: &Path, daemon_json: &Path) -> Result<(), MigrateError
             data_root.display()
         )));
     }
-    let v1 = DataRoot::open_driver(data_root, Driver::Overlay).map_err(|e| {
-        MigrateError::Refused(format!(
-            "the overlay store is gone ({e}): cleanup already ran; rollback is no longer possible"
-        ))
-    })?;
-    for c in &v1.containers {
+    let legacy = [Driver::Aufs, Driver::Overlay, Driver::Devicemapper]
+        .into_iter()
+        .find_map(|d| DataRoot::open_driver(data_root, d).ok())
+        .ok_or_else(|| MigrateError::Refused("the old driver's store is gone: cleanup already ran; rollback is no longer possible".into()))?;
+    for c in &legacy.containers {
         set_driver(
             &data_root
                 .join("containers")
                 .join(&c.id)
                 .join("config.v2.json"),
-            "overlay",
+            legacy.driver.dir_name(),
         )?;
     }
     let orig = journal_copy(&tmp);

@@ -45,17 +45,46 @@ pub fn finish_layer(
 
 /// Recreates the tree `src` at `dst`: directories (with owner, mode, times, xattrs such as
 /// `trusted.overlay.opaque`), regular files as hard links (no data copied), symlinks, and device
-/// nodes (overlay whiteouts are char 0/0). An overlay upper directory has overlay2's diff format.
-pub fn link_tree(src: &Path, dst: &Path) -> std::io::Result<u64> {
+/// nodes (overlay whiteouts are char 0/0). An overlay upper directory has overlay2's diff format
+/// already; an aufs branch (`aufs`) has its whiteouts converted: `.wh.<name>` becomes a 0/0 device,
+/// `.wh..wh..opq` the opaque xattr, and aufs' own `.wh..wh.plnk|aufs|orph` are left out (a
+/// pseudo-linked file is the same inode as its real path, which is linked).
+pub fn link_tree(src: &Path, dst: &Path, aufs: bool) -> std::io::Result<u64> {
     let meta = fs::symlink_metadata(src)?;
     let mut entries = 0;
     if meta.is_dir() {
         if !dst.exists() {
             fs::create_dir(dst)?;
         }
+        let mut opaque = false;
         for e in fs::read_dir(src)? {
             let e = e?;
-            entries += link_tree(&e.path(), &dst.join(e.file_name()))?;
+            let name = e.file_name();
+            let name_str = name.to_string_lossy();
+            if aufs {
+                if name_str == ".wh..wh..opq" {
+                    opaque = true;
+                    continue;
+                }
+                if name_str.starts_with(".wh..wh.") {
+                    continue;
+                }
+                if let Some(hidden) = name_str.strip_prefix(".wh.") {
+                    mknod(
+                        &dst.join(hidden),
+                        SFlag::S_IFCHR,
+                        Mode::empty(),
+                        nix::sys::stat::makedev(0, 0),
+                    )
+                    .map_err(std::io::Error::from)?;
+                    entries += 1;
+                    continue;
+                }
+            }
+            entries += link_tree(&e.path(), &dst.join(&name), aufs)?;
+        }
+        if opaque {
+            xattr::set(dst, "trusted.overlay.opaque", b"y")?;
         }
         copy_xattrs(src, dst)?;
         set_meta(dst, &meta)?;

@@ -235,6 +235,8 @@ pub fn verify(data_root: &Path) -> Result<VerifyReport, crate::dataroot::DataRoo
         check_layer(&root, &l.chain_id, &l.diff_id, &diff, &mut report);
         report.layers += 1;
     }
+    // Container layers are compared with the source when it is overlay (same format); aufs
+    // branches differ in whiteout form and are checked through dockerd instead.
     let v1 = data_root.join("overlay");
     for c in &root.containers {
         for id in [c.init_id.clone(), c.mount_id.clone()]
