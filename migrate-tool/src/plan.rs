@@ -31,6 +31,25 @@ pub struct Plan {
     pub problems: Vec<Problem>,
 }
 
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        } else {
+            total += m.len();
+        }
+    }
+    total
+}
+
 /// The processes of a dockerd that uses `data_root`.
 fn dockerd_pids(data_root: &Path) -> Vec<u32> {
     let canon = data_root
@@ -182,6 +201,29 @@ pub fn plan(root: &DataRoot) -> Plan {
         ));
     }
     let layer_bytes: u64 = root.layers.iter().map(|l| l.size).sum();
+    // Metadata (the image and layer store is copied) plus, for devicemapper, every layer's files.
+    let store_bytes = dir_bytes(&root.store());
+    let bytes_to_write = store_bytes
+        + if root.driver == Driver::Devicemapper {
+            layer_bytes
+        } else {
+            0
+        };
+    if let Ok(fs) = nix::sys::statvfs::statvfs(&root.path) {
+        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        let needed = bytes_to_write + bytes_to_write / 10 + (64 << 20);
+        if free < needed {
+            problems.push(Problem {
+                severity: "blocker",
+                what: format!(
+                    "{} has {free} bytes free; the migration needs about {needed}",
+                    root.path.display()
+                ),
+                fix: "free space on that filesystem (docker system prune, or move other data away)"
+                    .into(),
+            });
+        }
+    }
     Plan {
         data_root: root.path.display().to_string(),
         driver: root.driver,
@@ -191,11 +233,7 @@ pub fn plan(root: &DataRoot) -> Plan {
         layer_bytes,
         containers: root.containers.len(),
         running_containers: running,
-        bytes_to_write: if root.driver == Driver::Devicemapper {
-            layer_bytes
-        } else {
-            0
-        },
+        bytes_to_write,
         problems,
     }
 }
@@ -223,7 +261,7 @@ impl std::fmt::Display for Plan {
         let how = if self.driver == Driver::Devicemapper {
             "copied out of the thin devices"
         } else {
-            "hard-linked, no data copied"
+            "hard-linked: only the layer store's metadata is written"
         };
         writeln!(
             f,
