@@ -89,10 +89,31 @@ fn main() -> anyhow::Result<()> {
         } => {
             let root = DataRoot::open(&data_root)
                 .with_context(|| format!("read Docker data root {}", data_root.display()))?;
+            let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(0)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+                    .expect("static template"),
+            );
+            let progress = |done: usize, total: usize, step: &str| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(step.to_string());
+                if bar.is_hidden() && !json {
+                    eprintln!("[{}/{total}] {step}", done + 1);
+                }
+            };
             let report = migrate_tool::migrate::migrate(
                 &root,
-                &migrate_tool::migrate::Options { daemon_json },
+                &migrate_tool::migrate::Options {
+                    daemon_json,
+                    progress: &progress,
+                },
             )?;
+            bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

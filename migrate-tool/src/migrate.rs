@@ -37,15 +37,22 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
 }
 
 /// The journal: one marker file per finished step.
-pub struct Journal {
+pub struct Journal<'a> {
     dir: PathBuf,
+    progress: &'a dyn Fn(usize, usize, &str),
+    /// Steps seen so far and in all, for progress.
+    seen: usize,
+    pub total: usize,
     /// Test hook: SIGKILL ourselves after this many steps (STRATA_MIGRATE_KILL_AFTER).
     kill_after: Option<usize>,
     done_now: usize,
 }
 
-impl Journal {
-    pub fn open(tmp: &Path) -> Result<Journal, MigrateError> {
+impl<'a> Journal<'a> {
+    pub fn open(
+        tmp: &Path,
+        progress: &'a dyn Fn(usize, usize, &str),
+    ) -> Result<Journal<'a>, MigrateError> {
         let dir = tmp.join("journal");
         fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
         let kill_after = std::env::var("STRATA_MIGRATE_KILL_AFTER")
@@ -55,6 +62,9 @@ impl Journal {
             dir,
             kill_after,
             done_now: 0,
+            progress,
+            seen: 0,
+            total: 0,
         })
     }
 
@@ -68,6 +78,8 @@ impl Journal {
         step: &str,
         f: impl FnOnce() -> Result<(), MigrateError>,
     ) -> Result<(), MigrateError> {
+        (self.progress)(self.seen, self.total, step);
+        self.seen += 1;
         if self.is_done(step) {
             return Ok(());
         }
@@ -85,9 +97,11 @@ impl Journal {
 }
 
 /// Settings of a migration.
-pub struct Options {
+pub struct Options<'a> {
     /// dockerd's config, where `storage-driver` is set to overlay2.
     pub daemon_json: PathBuf,
+    /// Told about each step as it starts: (steps done, steps in all, step name).
+    pub progress: &'a dyn Fn(usize, usize, &str),
 }
 
 /// What a migration did.
@@ -209,7 +223,14 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
         )));
     }
     let tmp = root.path.join(TMP);
-    let mut journal = Journal::open(&tmp)?;
+    let mut journal = Journal::open(&tmp, opts.progress)?;
+    let container_layers: usize = root
+        .containers
+        .iter()
+        .filter(|c| c.mount_id.is_some())
+        .map(|c| 1 + usize::from(c.init_id.is_some()))
+        .sum();
+    journal.total = root.layers.len() + container_layers + 5;
     let mut report = Report::default();
     let out = tmp.join("overlay2");
     fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;

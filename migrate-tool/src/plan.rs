@@ -210,7 +210,7 @@ pub fn plan(root: &DataRoot) -> Plan {
             0
         };
     if let Ok(fs) = nix::sys::statvfs::statvfs(&root.path) {
-        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        let free = fs.blocks_available() * fs.fragment_size();
         let needed = bytes_to_write + bytes_to_write / 10 + (64 << 20);
         if free < needed {
             problems.push(Problem {
