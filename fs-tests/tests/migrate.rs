@@ -651,3 +651,151 @@ fn bad_data_roots_are_refused_and_left_untouched() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn migrate_devicemapper_and_run_on_overlay2() {
+    journey("devicemapper", overlay_to_devicemapper);
+}
+
+/// Rewrites a real overlay v1 data root into devicemapper's form: every layer (image, init,
+/// container) a full ext4 filesystem with its files under `rootfs/`, laid into a thin pool's
+/// data file at the blocks that pool metadata (made by `thin_restore` from generated XML) maps.
+fn overlay_to_devicemapper(root: &Path) {
+    use std::fs;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const BLOCK: u64 = 128 * 512;
+    let store = root.join("image/overlay");
+    let v1 = root.join("overlay");
+    let work = root.join("dm-fixture");
+    fs::create_dir_all(&work).unwrap();
+    // (device id string, full tree) for every layer dockerd would have a device for.
+    let mut trees: Vec<(String, std::path::PathBuf, Option<std::path::PathBuf>)> = Vec::new();
+    for e in fs::read_dir(store.join("layerdb/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        let id = fs::read_to_string(e.path().join("cache-id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        trees.push((id.clone(), v1.join(&id).join("root"), None));
+    }
+    for e in fs::read_dir(store.join("layerdb/mounts"))
+        .unwrap()
+        .flatten()
+    {
+        for file in ["init-id", "mount-id"] {
+            let id = fs::read_to_string(e.path().join(file))
+                .unwrap()
+                .trim()
+                .to_string();
+            let lower = fs::read_to_string(v1.join(&id).join("lower-id"))
+                .unwrap()
+                .trim()
+                .to_string();
+            trees.push((
+                id.clone(),
+                v1.join(&lower).join("root"),
+                Some(v1.join(&id).join("upper")),
+            ));
+        }
+    }
+    let dm = root.join("devicemapper");
+    fs::create_dir_all(dm.join("devicemapper")).unwrap();
+    fs::create_dir_all(dm.join("metadata")).unwrap();
+    let mut data = fs::File::create(dm.join("devicemapper/data")).unwrap();
+    let mut xml = String::new();
+    let mut next_block = 0u64;
+    for (n, (id, base, upper)) in trees.iter().enumerate() {
+        // The layer's full filesystem: its upper (if any) over its image root, read through a
+        // read-only overlay mount, copied under rootfs/.
+        let stage = work.join(format!("{id}.stage"));
+        fs::create_dir_all(stage.join("rootfs")).unwrap();
+        let src = match upper {
+            None => base.clone(),
+            Some(u) => {
+                let m = work.join(format!("{id}.merged"));
+                fs::create_dir_all(&m).unwrap();
+                let opts = format!("lowerdir={}:{}", u.display(), base.display());
+                assert!(Command::new("mount")
+                    .args(["-t", "overlay", "overlay", "-o", &opts])
+                    .arg(&m)
+                    .status()
+                    .unwrap()
+                    .success());
+                m
+            }
+        };
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", src.display()))
+            .arg(stage.join("rootfs"))
+            .status()
+            .unwrap()
+            .success());
+        if upper.is_some() {
+            assert!(Command::new("umount").arg(&src).status().unwrap().success());
+        }
+        let image = work.join(format!("{id}.img"));
+        let size = 64u64 << 20;
+        let mk = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&stage)
+            .arg(&image)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(
+            mk.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&mk.stderr)
+        );
+        let device_id = n as u64 + 1;
+        let blocks = size / BLOCK;
+        xml.push_str(&format!("  <device dev_id=\"{device_id}\" mapped_blocks=\"{blocks}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n    <range_mapping origin_begin=\"0\" data_begin=\"{next_block}\" length=\"{blocks}\" time=\"0\"/>\n  </device>\n"));
+        let mut img = fs::File::open(&image).unwrap();
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in 0..blocks {
+            img.read_exact(&mut buf).unwrap();
+            if buf.iter().any(|x| *x != 0) {
+                data.seek(SeekFrom::Start((next_block + b) * BLOCK))
+                    .unwrap();
+                data.write_all(&buf).unwrap();
+            }
+        }
+        fs::write(dm.join("metadata").join(id), format!("{{\"device_id\":{device_id},\"size\":{size},\"transaction_id\":{device_id},\"initialized\":false,\"deleted\":false}}")).unwrap();
+        next_block += blocks;
+    }
+    data.set_len(next_block * BLOCK).unwrap();
+    let full = format!("<superblock uuid=\"\" time=\"0\" transaction=\"{}\" flags=\"0\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"{next_block}\">\n{xml}</superblock>\n", trees.len());
+    fs::write(work.join("pool.xml"), full).unwrap();
+    let meta = dm.join("devicemapper/metadata");
+    fs::File::create(&meta).unwrap().set_len(32 << 20).unwrap();
+    let out = Command::new("thin_restore")
+        .arg("-i")
+        .arg(work.join("pool.xml"))
+        .arg("-o")
+        .arg(&meta)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "thin_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(
+        dm.join("metadata/deviceset-metadata"),
+        "{\"next_device_id\":100,\"BaseDeviceUUID\":\"\",\"BaseDeviceFilesystem\":\"ext4\"}",
+    )
+    .unwrap();
+    for e in fs::read_dir(root.join("containers")).unwrap().flatten() {
+        let config = e.path().join("config.v2.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+        v["Driver"] = serde_json::json!("devicemapper");
+        fs::write(&config, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+    fs::rename(&store, root.join("image/devicemapper")).unwrap();
+    fs::remove_dir_all(&v1).unwrap();
+    fs::remove_dir_all(&work).unwrap();
+}

@@ -4,7 +4,9 @@
 //! - [`dataroot`]: reading a data root as dockerd lays it out (layer store, images, containers).
 //! - [`plan`]: what a migration would do and what stands in its way (read-only).
 
+pub mod changes;
 pub mod dataroot;
+pub mod devicemapper;
 pub mod migrate;
 pub mod overlay2;
 pub mod plan;

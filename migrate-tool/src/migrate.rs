@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use strata_snapshotter::layer;
 
 use crate::dataroot::{DataRoot, Driver};
-use crate::overlay2;
 use crate::tarsplit;
+use crate::{changes, devicemapper, overlay2};
 
 pub const TMP: &str = "migrate-overlay2.tmp";
 
@@ -151,6 +151,7 @@ fn image_layer(
     diff_id: &str,
     src_root: &Path,
     dest: &Path,
+    link: bool,
 ) -> Result<u64, MigrateError> {
     let layer_err = |reason: String| MigrateError::Layer {
         chain: chain.to_string(),
@@ -172,7 +173,12 @@ fn image_layer(
         tarsplit::assemble(&entries, &src, &mut hashing).map_err(|e| e.to_string())?;
         Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
     });
-    let applied = layer::apply_linked(reader, dest, src_root);
+    // Same filesystem: hard links. From a device image: copies.
+    let applied = if link {
+        layer::apply_linked(reader, dest, src_root)
+    } else {
+        layer::apply(reader, dest)
+    };
     let digest = assemble
         .join()
         .map_err(|_| layer_err("the tar rebuild thread panicked".into()))?
@@ -202,9 +208,12 @@ impl<W: Write> Write for HashingWriter<'_, W> {
 
 /// Migrates the overlay (v1) data root `root` to overlay2.
 pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> {
-    if !matches!(root.driver, Driver::Overlay | Driver::Aufs) {
+    if !matches!(
+        root.driver,
+        Driver::Overlay | Driver::Aufs | Driver::Devicemapper
+    ) {
         return Err(MigrateError::Refused(format!(
-            "{}: migrating from {} is not supported by this version yet (overlay and aufs are)",
+            "{}: there is nothing to migrate from {} (overlay, aufs and devicemapper are)",
             root.path.display(),
             root.driver.dir_name()
         )));
@@ -236,6 +245,11 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
     fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
     let switched = journal.is_done("switch-overlay2");
     let legacy = root.path.join(root.driver.dir_name());
+    let pool = if root.driver == Driver::Devicemapper {
+        Some(devicemapper::Pool::open(&root.path)?)
+    } else {
+        None
+    };
     let aufs = root.driver == Driver::Aufs;
     // Where a layer's files are: overlay keeps a full tree per image layer and an upper per
     // container layer; aufs keeps every layer's own files under diff/.
@@ -272,13 +286,32 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
             let _ = fs::remove_dir_all(&partial);
             fs::create_dir_all(partial.join("diff"))
                 .map_err(io(format!("create {}", partial.display())))?;
-            report.entries += image_layer(
-                root,
-                &l.chain_id,
-                &l.diff_id,
-                &image_files(&l.cache_id),
-                &partial.join("diff"),
-            )?;
+            report.entries += match &pool {
+                Some(pool) => {
+                    let dev = devicemapper::mount_device(
+                        &root.path,
+                        pool,
+                        &l.cache_id,
+                        &tmp.join("devices"),
+                    )?;
+                    image_layer(
+                        root,
+                        &l.chain_id,
+                        &l.diff_id,
+                        &dev.rootfs(),
+                        &partial.join("diff"),
+                        false,
+                    )?
+                }
+                None => image_layer(
+                    root,
+                    &l.chain_id,
+                    &l.diff_id,
+                    &image_files(&l.cache_id),
+                    &partial.join("diff"),
+                    true,
+                )?,
+            };
             let link = overlay2::link_name();
             overlay2::finish_layer(&partial, &link, &parents, true)
                 .map_err(io(format!("write {}", partial.display())))?;
@@ -322,9 +355,30 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
                 let _ = fs::remove_dir_all(&partial);
                 fs::create_dir_all(&partial)
                     .map_err(io(format!("create {}", partial.display())))?;
-                let upper = rw_files(&id);
-                report.entries += overlay2::link_tree(&upper, &partial.join("diff"), aufs)
-                    .map_err(io(format!("link {}", upper.display())))?;
+                match &pool {
+                    Some(pool) => {
+                        // Full filesystems: the layer is what it changed from the one below.
+                        let below = if is_init {
+                            root.layer(parent)
+                                .map(|l| l.cache_id.clone())
+                                .unwrap_or_default()
+                        } else {
+                            c.init_id.clone().unwrap_or_default()
+                        };
+                        let work = tmp.join("devices");
+                        let new = devicemapper::mount_device(&root.path, pool, &id, &work)?;
+                        let old = devicemapper::mount_device(&root.path, pool, &below, &work)?;
+                        fs::create_dir_all(partial.join("diff")).map_err(io("create diff"))?;
+                        report.bytes_written +=
+                            changes::diff(&new.rootfs(), &old.rootfs(), &partial.join("diff"))
+                                .map_err(io(format!("diff device {id}")))?;
+                    }
+                    None => {
+                        let upper = rw_files(&id);
+                        report.entries += overlay2::link_tree(&upper, &partial.join("diff"), aufs)
+                            .map_err(io(format!("link {}", upper.display())))?;
+                    }
+                }
                 let link = overlay2::link_name();
                 overlay2::finish_layer(&partial, &link, &parents, false)
                     .map_err(io(format!("write {}", partial.display())))?;

@@ -1,0 +1,164 @@
+//! The changes between two full trees, written as an overlay diff directory: what `new` adds or
+//! alters (entries copied with owner, mode, times and xattrs), and what it removes from `old` (0/0
+//! character devices, overlay's whiteouts). Used where a driver keeps full filesystems per layer
+//! (devicemapper) but overlay2 wants each layer's own changes.
+
+use std::fs;
+use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.file_type() == b.file_type()
+        && a.mode() == b.mode()
+        && a.uid() == b.uid()
+        && a.gid() == b.gid()
+        && (a.is_dir()
+            || (a.len() == b.len()
+                && a.mtime() == b.mtime()
+                && a.mtime_nsec() == b.mtime_nsec()
+                && a.rdev() == b.rdev()))
+}
+
+fn set_meta(p: &Path, m: &fs::Metadata) -> std::io::Result<()> {
+    lchown(p, Some(m.uid()), Some(m.gid()))?;
+    if !m.file_type().is_symlink() {
+        fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    let t = TimeSpec::new(m.mtime(), m.mtime_nsec());
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(std::io::Error::from)
+}
+
+fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
+    for name in xattr::list(src)? {
+        if let Some(v) = xattr::get(src, &name)? {
+            xattr::set(dst, &name, &v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one entry (a whole directory tree for directories).
+fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<u64> {
+    let m = fs::symlink_metadata(src)?;
+    let ft = m.file_type();
+    let mut bytes = 0;
+    if ft.is_dir() {
+        fs::create_dir(dst)?;
+        for e in fs::read_dir(src)? {
+            let e = e?;
+            bytes += copy_entry(&e.path(), &dst.join(e.file_name()))?;
+        }
+    } else if ft.is_file() {
+        bytes += fs::copy(src, dst)?;
+    } else if ft.is_symlink() {
+        symlink(fs::read_link(src)?, dst)?;
+    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+        let kind = if ft.is_char_device() {
+            SFlag::S_IFCHR
+        } else if ft.is_block_device() {
+            SFlag::S_IFBLK
+        } else {
+            SFlag::S_IFIFO
+        };
+        mknod(
+            dst,
+            kind,
+            Mode::from_bits_truncate(m.mode() & 0o7777),
+            m.rdev(),
+        )
+        .map_err(std::io::Error::from)?;
+    } else {
+        return Ok(0);
+    }
+    copy_xattrs(src, dst)?;
+    set_meta(dst, &m)?;
+    Ok(bytes)
+}
+
+/// Writes the changes from `old` to `new` into `out` (which must exist). Returns bytes copied.
+pub fn diff(new: &Path, old: &Path, out: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    let mut names: Vec<_> = fs::read_dir(new)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    for name in &names {
+        let (n, o, d) = (new.join(name), old.join(name), out.join(name));
+        let nm = fs::symlink_metadata(&n)?;
+        match fs::symlink_metadata(&o) {
+            Ok(om) if nm.is_dir() && om.is_dir() => {
+                fs::create_dir(&d)?;
+                bytes += diff(&n, &o, &d)?;
+                let changed =
+                    !same(&nm, &om) || xattr::list(&n)?.count() != xattr::list(&o)?.count();
+                if changed || fs::read_dir(&d)?.next().is_some() {
+                    copy_xattrs(&n, &d)?;
+                    set_meta(&d, &nm)?;
+                } else {
+                    fs::remove_dir(&d)?;
+                }
+            }
+            Ok(om) if same(&nm, &om) => {}
+            Ok(om) if om.is_dir() => {
+                // A directory replaced by something else: hide it, then add the new entry.
+                bytes += copy_entry(&n, &d)?;
+            }
+            _ => bytes += copy_entry(&n, &d)?,
+        }
+    }
+    for e in fs::read_dir(old)?.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        if fs::symlink_metadata(new.join(&name)).is_err() {
+            mknod(
+                &out.join(&name),
+                SFlag::S_IFCHR,
+                Mode::empty(),
+                makedev(0, 0),
+            )
+            .map_err(std::io::Error::from)?;
+        }
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_between_full_trees() {
+        let (old, new, out) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        for root in [old.path(), new.path()] {
+            fs::create_dir_all(root.join("etc/sub")).unwrap();
+            fs::write(root.join("etc/same"), "x").unwrap();
+            let t = TimeSpec::new(1_600_000_000, 0);
+            utimensat(
+                None,
+                &root.join("etc/same"),
+                &t,
+                &t,
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+        fs::write(old.path().join("etc/gone"), "g").unwrap();
+        fs::write(new.path().join("etc/added"), "a").unwrap();
+        diff(new.path(), old.path(), out.path()).unwrap();
+        assert!(out.path().join("etc/added").is_file());
+        assert!(!out.path().join("etc/same").exists());
+        assert!(
+            !out.path().join("etc/sub").exists(),
+            "unchanged directories are left out"
+        );
+        let m = fs::symlink_metadata(out.path().join("etc/gone")).unwrap();
+        assert!(m.file_type().is_char_device() && m.rdev() == 0);
+    }
+}
