@@ -6,6 +6,7 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod docker_roots;
 pub mod dockerd;
 pub mod image;
 pub mod mount;
