@@ -263,12 +263,27 @@ pub fn overlay_to_devicemapper(root: &Path) {
             assert!(Command::new("umount").arg(&src).status().unwrap().success());
         }
         let image = work.join(format!("{id}.img"));
-        let size = 64u64 << 20;
+        // Room for the tree plus ext4's own needs, in whole pool blocks.
+        let tree: u64 = String::from_utf8(
+            Command::new("du")
+                .args(["-sb"])
+                .arg(&stage)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+        let size = ((tree + tree / 4 + (48 << 20)) / BLOCK + 1) * BLOCK;
         let mk = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
             .arg(&stage)
             .arg(&image)
-            .arg("64M")
+            .arg(format!("{}k", size / 1024))
             .output()
             .unwrap();
         assert!(

@@ -1,13 +1,16 @@
-//! migrate-tool on a generated store (default ~2 GB across 50 layers) made by a real dockerd on the
-//! overlay (v1) driver: wall time and bytes written by `migrate`, `verify` throughput, against
-//! `docker save` + `docker load` of the same image into a dockerd on overlay2, in the same run.
+//! migrate-tool on generated stores made by a real dockerd on the overlay (v1) driver (and the same
+//! rewritten into aufs and devicemapper form): wall time and bytes written by `migrate`, `verify`
+//! throughput, against `docker save` + `docker load` of the same image into a dockerd on overlay2,
+//! in the same run.
 //!
-//! `migrate-bench [TOTAL_MB] [LAYERS]`
+//! `migrate-bench [TOTAL_MB] [LAYERS] [DM_TOTAL_MB] [DM_LAYERS]` (devicemapper keeps a full
+//! filesystem per layer, so its store is smaller by default).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper};
 use strata_fs_tests::dockerd::Dockerd;
 use strata_fs_tests::strata::Strata;
 
@@ -30,23 +33,14 @@ fn tool(args: &[&str]) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let total_mb: u64 = args
-        .next()
-        .map(|a| a.parse().expect("TOTAL_MB"))
-        .unwrap_or(2000);
-    let layers: u64 = args
-        .next()
-        .map(|a| a.parse().expect("LAYERS"))
-        .unwrap_or(50);
-    let per_layer = total_mb / layers;
-
+/// A stopped dockerd (overlay v1) holding one image of `layers` layers and `total_mb` MB, and the
+/// seconds `docker save` + `docker load` (into overlay2) take for it.
+fn store(total_mb: u64, layers: u64) -> (Strata, Dockerd, f64, f64) {
     let s = Strata::new();
     let mut df = String::from("FROM busybox\n");
     for i in 0..layers {
-        // Half random (incompressible) data, half many small files.
-        df.push_str(&format!("RUN head -c {}m /dev/urandom > /blob{i} && mkdir /small{i} && for j in $(seq 1 200); do echo $j > /small{i}/$j; done\n", per_layer.max(1)));
+        // Random (incompressible) data and many small files.
+        df.push_str(&format!("RUN head -c {}m /dev/urandom > /blob{i} && mkdir /small{i} && for j in $(seq 1 200); do echo $j > /small{i}/$j; done\n", (total_mb / layers).max(1)));
     }
     s.dockerfile(&df);
     let archive = s.root.path().join("big.tar");
@@ -61,11 +55,9 @@ fn main() {
         "--output",
         &format!("type=docker,dest={},name=busybox:latest", base.display()),
     ]);
-
     let mut v1 = Dockerd::start("overlay", &[]);
     v1.load(&base);
     v1.load(&archive);
-    // The peer: docker save from the old daemon + docker load into an overlay2 daemon.
     let saved = s.root.path().join("saved.tar");
     let t = Instant::now();
     v1.docker(&["save", "-o", saved.to_str().unwrap(), "big:1"]);
@@ -75,10 +67,14 @@ fn main() {
     v2.docker(&["load", "-i", saved.to_str().unwrap()]);
     let load = t.elapsed().as_secs_f64();
     drop(v2);
+    std::fs::remove_file(&saved).ok();
     v1.stop();
+    (s, v1, save, load)
+}
 
-    let root = v1.data_root();
-    let daemon_json = s.root.path().join("daemon.json");
+fn run(driver: &str, total_mb: u64, layers: u64, convert: fn(&Path)) {
+    let (s, d, save, load) = store(total_mb, layers);
+    let root = d.data_root();
     let layer_bytes: u64 = std::fs::read_dir(root.join("image/overlay/layerdb/sha256"))
         .unwrap()
         .flatten()
@@ -89,6 +85,8 @@ fn main() {
                 .unwrap_or(0)
         })
         .sum();
+    convert(&root);
+    let daemon_json = s.root.path().join("daemon.json");
     let before = used_bytes(&root);
     let migrate = tool(&[
         "migrate",
@@ -101,16 +99,29 @@ fn main() {
     let written = used_bytes(&root).saturating_sub(before);
     let verify = tool(&["verify", "--data-root", root.to_str().unwrap(), "--json"]);
     let mb = layer_bytes as f64 / 1e6;
-    println!("migrate-tool on overlay v1: {layers} layers, {mb:.0} MB of layers");
-    println!("migrate        {migrate:>7.2} s   bytes written {written} ({:.3}% of layer bytes; goal < 1%)", written as f64 * 100.0 / layer_bytes.max(1) as f64);
-    println!("verify         {verify:>7.2} s   {:.0} MB/s", mb / verify);
-    println!(
-        "docker save    {save:>7.2} s   + docker load {load:>7.2} s = {:.2} s",
-        save + load
+    println!("{driver}: {layers} layers, {mb:.0} MB of layers");
+    println!("  migrate       {migrate:>7.2} s  {:>6.0} MB/s  bytes written {written} ({:.3}% of layer bytes)", mb / migrate, written as f64 * 100.0 / layer_bytes.max(1) as f64);
+    println!("  verify        {verify:>7.2} s  {:>6.0} MB/s", mb / verify);
+    println!("  docker save + load {:.2} s ({save:.2} + {load:.2}); migrate / (save + load) = {:.3}, with verify {:.3}", save + load, migrate / (save + load), (migrate + verify) / (save + load));
+}
+
+fn main() {
+    let a: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().expect("a number"))
+        .collect();
+    let (mb, layers) = (
+        a.first().copied().unwrap_or(2000),
+        a.get(1).copied().unwrap_or(50),
+    );
+    let (dm_mb, dm_layers) = (
+        a.get(2).copied().unwrap_or(300),
+        a.get(3).copied().unwrap_or(10),
     );
     println!(
-        "ratio migrate / (save + load) = {:.3}; (migrate + verify) / (save + load) = {:.3}",
-        migrate / (save + load),
-        (migrate + verify) / (save + load)
+        "migrate-tool benchmark (goal for aufs and overlay: bytes written under 1% of layer bytes)"
     );
+    run("overlay", mb, layers, |_| {});
+    run("aufs", mb, layers, overlay_to_aufs);
+    run("devicemapper", dm_mb, dm_layers, overlay_to_devicemapper);
 }
