@@ -115,7 +115,8 @@ pub fn overlay_to_aufs(root: &Path) {
         fs::create_dir_all(root.join("aufs/mnt").join(id)).unwrap();
     }
     for e in fs::read_dir(store.join("layerdb/mounts"))
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
     {
         let mount = fs::read_to_string(e.path().join("mount-id"))
@@ -207,7 +208,8 @@ pub fn overlay_to_devicemapper(root: &Path) {
         trees.push((id.clone(), v1.join(&id).join("root"), None));
     }
     for e in fs::read_dir(store.join("layerdb/mounts"))
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
     {
         for file in ["init-id", "mount-id"] {

@@ -549,3 +549,58 @@ fn bad_data_roots_are_refused_and_left_untouched() {
 fn migrate_devicemapper_and_run_on_overlay2() {
     journey("devicemapper", overlay_to_devicemapper);
 }
+
+#[test]
+fn migrate_to_strata_makes_images_run_on_containerd_with_strata() {
+    use strata_fs_tests::containerd::Containerd;
+    use strata_fs_tests::daemon::Daemon;
+    let (s, mut d) = overlay_v1_fixture();
+    d.stop();
+    let root = d.data_root();
+    let strata = Daemon::start();
+    let c = Containerd::start(&strata.socket);
+    let daemon_json = s.root.path().join("daemon.json");
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+            "--to",
+            "strata",
+            "--containerd-address",
+            c.address.to_str().unwrap(),
+            "--namespace",
+            &c.namespace,
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("imported docker.io/library/app:1"),
+        "{stdout}"
+    );
+    // Unpacked into Strata before anything runs: the chain is there, committed.
+    let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert!(
+        ls.lines().filter(|l| l.contains("Committed")).count() >= 2,
+        "{ls}"
+    );
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        "docker.io/library/app:1",
+        "from-docker",
+        "cat",
+        "/data/f",
+    ]);
+    assert_eq!(out.trim(), "kept");
+}

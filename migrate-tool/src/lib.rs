@@ -11,4 +11,5 @@ pub mod migrate;
 pub mod overlay2;
 pub mod plan;
 pub mod tarsplit;
+pub mod to_strata;
 pub mod verify;

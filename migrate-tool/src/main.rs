@@ -26,6 +26,12 @@ struct Cli {
     command: Cmd,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Target {
+    /// containerd with snapshotter `strata` (strata-snapshotter must be its proxy plugin)
+    Strata,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Report what the data root holds and what a migration needs (read-only)
@@ -44,6 +50,19 @@ enum Cmd {
         /// dockerd's config file, where storage-driver is set to overlay2
         #[arg(long, default_value = "/etc/docker/daemon.json", value_name = "FILE")]
         daemon_json: PathBuf,
+        /// Also import every image into containerd, unpacked into the Strata snapshotter
+        #[arg(long, value_enum, value_name = "TARGET")]
+        to: Option<Target>,
+        /// containerd's socket (with --to strata)
+        #[arg(
+            long,
+            default_value = "/run/containerd/containerd.sock",
+            value_name = "SOCKET"
+        )]
+        containerd_address: PathBuf,
+        /// containerd namespace (with --to strata)
+        #[arg(long, default_value = "default")]
+        namespace: String,
         #[arg(long)]
         json: bool,
     },
@@ -85,6 +104,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Migrate {
             data_root,
             daemon_json,
+            to,
+            containerd_address,
+            namespace,
             json,
         } => {
             let root = DataRoot::open(&data_root)
@@ -122,6 +144,22 @@ fn main() -> anyhow::Result<()> {
                     "next: migrate-tool verify --data-root {}",
                     data_root.display()
                 );
+            }
+            if let Some(Target::Strata) = to {
+                let work = data_root
+                    .join(migrate_tool::migrate::TMP)
+                    .join("strata-content");
+                let names = migrate_tool::to_strata::import(
+                    &data_root,
+                    &containerd_address,
+                    &namespace,
+                    "strata",
+                    &work,
+                )?;
+                let _ = std::fs::remove_dir_all(&work);
+                for n in &names {
+                    println!("imported {n} into containerd (namespace {namespace}), unpacked into strata");
+                }
             }
             Ok(())
         }

@@ -9,6 +9,7 @@
 //! - [`filter`]: containerd's filter syntax for List/Walk.
 
 pub mod config;
+pub mod containerd;
 pub mod content;
 pub mod error;
 pub mod filter;

@@ -7,7 +7,6 @@
 //! - [`export`]: image assembly and outputs.
 //! - [`progress`]: BuildKit-style progress.
 
-pub mod containerd;
 pub mod db;
 pub mod dockerfile;
 pub mod export;

@@ -1,0 +1,361 @@
+//! Importing an image into containerd through its gRPC API (content service writes, then the image
+//! record), under a lease so containerd's garbage collector cannot take the blobs in between, with
+//! the `gc.ref` labels that keep them afterwards, and optionally unpacked into a snapshotter the way
+//! containerd's own unpacker does it (Snapshots Prepare, Diff Apply, Commit by chain ID). Used by
+//! `strata build --output type=containerd` and `migrate-tool migrate --to strata`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest,
+    RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient, ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest,
+    Image, Info as ContentInfo, InfoRequest, UpdateImageRequest, UpdateRequest, WriteAction,
+    WriteContentRequest,
+};
+use containerd_client::types::Descriptor as CtrDescriptor;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request};
+
+use crate::content::{ContentStore, Digest};
+use crate::oci::{self, Descriptor, ImageConfig, Manifest};
+
+/// An import that failed, with what containerd said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ImportError(pub String);
+
+const CHUNK: usize = 1 << 20;
+
+fn fail(what: &str) -> impl Fn(tonic::Status) -> ImportError + '_ {
+    move |s| ImportError(format!("containerd {what}: {}", s.message()))
+}
+
+fn bad(e: impl std::fmt::Display) -> ImportError {
+    ImportError(e.to_string())
+}
+
+async fn channel(address: &Path) -> Result<Channel, ImportError> {
+    let path = address.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .expect("static URI")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(path.clone())
+        }))
+        .await
+        .map_err(|e| {
+            ImportError(format!(
+                "cannot reach containerd at {}: {e}; is it running? pass its socket address",
+                address.display()
+            ))
+        })
+}
+
+struct Session {
+    namespace: String,
+    lease: Option<String>,
+}
+
+impl Session {
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("ascii namespace"),
+        );
+        if let Some(l) = &self.lease {
+            r.metadata_mut()
+                .insert("containerd-lease", l.parse().expect("ascii lease"));
+        }
+        r
+    }
+}
+
+fn nonce() -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_nanos();
+    format!("{}-{t:x}", std::process::id())
+}
+
+async fn write_blob(
+    content: &mut ContentClient<Channel>,
+    s: &Session,
+    store: &ContentStore,
+    digest: &str,
+    labels: HashMap<String, String>,
+) -> Result<(), ImportError> {
+    if labels.is_empty()
+        && content
+            .info(s.req(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+            .is_ok()
+    {
+        return Ok(());
+    }
+    let d = Digest::parse(digest).map_err(bad)?;
+    let data = store.read(&d).map_err(bad)?;
+    let total = data.len() as i64;
+    let reference = format!("strata-import-{}", d.hex());
+    let mut msgs = Vec::new();
+    for (i, chunk) in data.chunks(CHUNK).enumerate() {
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: reference.clone(),
+            total,
+            expected: digest.to_string(),
+            offset: (i * CHUNK) as i64,
+            data: chunk.to_vec(),
+            labels: HashMap::new(),
+        });
+    }
+    msgs.push(WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref: reference,
+        total,
+        expected: digest.to_string(),
+        offset: total,
+        data: Vec::new(),
+        labels: labels.clone(),
+    });
+    match content.write(s.req(tokio_stream::iter(msgs))).await {
+        Ok(resp) => {
+            let mut inbound = resp.into_inner();
+            while inbound
+                .message()
+                .await
+                .map_err(fail("content write"))?
+                .is_some()
+            {}
+            Ok(())
+        }
+        Err(e) if e.code() == Code::AlreadyExists => {
+            if !labels.is_empty() {
+                let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+                let info = ContentInfo {
+                    digest: digest.to_string(),
+                    size: total,
+                    created_at: None,
+                    updated_at: None,
+                    labels,
+                };
+                content
+                    .update(s.req(UpdateRequest {
+                        info: Some(info),
+                        update_mask: Some(prost_types::FieldMask { paths }),
+                    }))
+                    .await
+                    .map_err(fail("content labels"))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(fail("content write")(e)),
+    }
+}
+
+/// Unpacks `layers` (whose diff ids are `diff_ids`) into `snapshotter` through containerd, as its
+/// own unpacker does; returns the chain ID of the top layer.
+async fn unpack(
+    ch: &Channel,
+    s: &Session,
+    snapshotter: &str,
+    layers: &[Descriptor],
+    diff_ids: &[String],
+) -> Result<String, ImportError> {
+    let mut snaps = SnapshotsClient::new(ch.clone());
+    let mut diff = DiffClient::new(ch.clone());
+    let mut chain = String::new();
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let parent = chain.clone();
+        chain = if chain.is_empty() {
+            diff_id.clone()
+        } else {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{chain} {diff_id}")))
+            )
+        };
+        if snaps
+            .stat(s.req(StatSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: chain.clone(),
+            }))
+            .await
+            .is_ok()
+        {
+            continue;
+        }
+        let key = format!("extract-{} {chain}", nonce());
+        let prepared = snaps
+            .prepare(s.req(PrepareSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: key.clone(),
+                parent,
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(fail("snapshot prepare"))?
+            .into_inner();
+        let desc = CtrDescriptor {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size as i64,
+            annotations: HashMap::new(),
+        };
+        let applied = diff
+            .apply(s.req(ApplyRequest {
+                diff: Some(desc),
+                mounts: prepared.mounts,
+                payloads: HashMap::new(),
+            }))
+            .await;
+        if let Err(e) = applied {
+            let _ = snaps
+                .remove(s.req(RemoveSnapshotRequest {
+                    snapshotter: snapshotter.into(),
+                    key,
+                }))
+                .await;
+            return Err(fail("apply layer")(e));
+        }
+        match snaps
+            .commit(s.req(CommitSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                name: chain.clone(),
+                key: key.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Code::AlreadyExists => {
+                let _ = snaps
+                    .remove(s.req(RemoveSnapshotRequest {
+                        snapshotter: snapshotter.into(),
+                        key,
+                    }))
+                    .await;
+            }
+            Err(e) => return Err(fail("snapshot commit")(e)),
+        }
+    }
+    Ok(chain)
+}
+
+/// Imports image `manifest` from `store` into the containerd at `address` as `name`, unpacked into
+/// `snapshotter` when given.
+pub async fn import(
+    store: &ContentStore,
+    manifest: &Descriptor,
+    name: &str,
+    address: &Path,
+    namespace: &str,
+    snapshotter: Option<&str>,
+) -> Result<(), ImportError> {
+    let ch = channel(address).await?;
+    let mut leases = LeasesClient::new(ch.clone());
+    let mut s = Session {
+        namespace: namespace.to_string(),
+        lease: None,
+    };
+    let expire = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+        + 3600;
+    let lease = leases
+        .create(
+            s.req(CreateRequest {
+                id: format!("strata-{}", nonce()),
+                labels: [(
+                    "containerd.io/gc.expire".to_string(),
+                    crate::oci::rfc3339(expire),
+                )]
+                .into(),
+            }),
+        )
+        .await
+        .map_err(fail("lease"))?
+        .into_inner()
+        .lease
+        .map(|l| l.id);
+    s.lease = lease.clone();
+    let m: Manifest =
+        oci::read_json(store, &Digest::parse(&manifest.digest).map_err(bad)?).map_err(bad)?;
+    let mut content = ContentClient::new(ch.clone());
+    for l in &m.layers {
+        write_blob(&mut content, &s, store, &l.digest, HashMap::new()).await?;
+    }
+    let mut config_labels = HashMap::new();
+    if let Some(sn) = snapshotter {
+        let config: ImageConfig =
+            oci::read_json(store, &Digest::parse(&m.config.digest).map_err(bad)?).map_err(bad)?;
+        let top = unpack(&ch, &s, sn, &m.layers, &config.rootfs.diff_ids).await?;
+        // What containerd's unpacker records: the config keeps the unpacked chain alive.
+        config_labels.insert(format!("containerd.io/gc.ref.snapshot.{sn}"), top);
+    }
+    write_blob(&mut content, &s, store, &m.config.digest, config_labels).await?;
+    let mut refs = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        m.config.digest.clone(),
+    )]);
+    for (i, l) in m.layers.iter().enumerate() {
+        refs.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
+    }
+    write_blob(&mut content, &s, store, &manifest.digest, refs).await?;
+    let image = Image {
+        name: name.to_string(),
+        labels: HashMap::new(),
+        target: Some(CtrDescriptor {
+            media_type: manifest.media_type.clone(),
+            digest: manifest.digest.clone(),
+            size: manifest.size as i64,
+            annotations: HashMap::new(),
+        }),
+        created_at: None,
+        updated_at: None,
+    };
+    let mut images = ImagesClient::new(ch);
+    match images
+        .create(s.req(CreateImageRequest {
+            image: Some(image.clone()),
+        }))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Code::AlreadyExists => {
+            images
+                .update(s.req(UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: None,
+                }))
+                .await
+                .map_err(fail("image update"))?;
+        }
+        Err(e) => return Err(fail("image create")(e)),
+    }
+    if let Some(id) = lease {
+        let _ = leases
+            .delete(
+                Session {
+                    namespace: namespace.to_string(),
+                    lease: None,
+                }
+                .req(DeleteRequest { id, sync: false }),
+            )
+            .await;
+    }
+    Ok(())
+}
