@@ -293,6 +293,15 @@ pub fn overlay_to_devicemapper(root: &Path) {
             "mkfs.ext4: {}",
             String::from_utf8_lossy(&mk.stderr)
         );
+        // mke2fs may leave out a last, too small block group: take the file's own length, padded
+        // to whole pool blocks.
+        let size = fs::metadata(&image).unwrap().len().div_ceil(BLOCK) * BLOCK;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
         let device_id = n as u64 + 1;
         let blocks = size / BLOCK;
         xml.push_str(&format!("  <device dev_id=\"{device_id}\" mapped_blocks=\"{blocks}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n    <range_mapping origin_begin=\"0\" data_begin=\"{next_block}\" length=\"{blocks}\" time=\"0\"/>\n  </device>\n"));

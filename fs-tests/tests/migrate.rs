@@ -611,9 +611,20 @@ fn too_little_free_space_blocks_the_migration() {
     d.stop();
     // The data root on a small tmpfs that is almost full.
     let small = tempfile::tempdir().unwrap();
-    assert!(Command::new("mount").args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"]).arg(small.path()).status().unwrap().success());
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .unwrap()
+        .success());
     let root = small.path().join("docker");
-    assert!(Command::new("cp").arg("-a").arg(d.data_root()).arg(&root).status().unwrap().success());
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(d.data_root())
+        .arg(&root)
+        .status()
+        .unwrap()
+        .success());
     let fill = small.path().join("fill");
     let free = |p: &Path| {
         let v = nix::sys::statvfs::statvfs(p).unwrap();
@@ -622,7 +633,16 @@ fn too_little_free_space_blocks_the_migration() {
     let avail = free(small.path());
     std::fs::write(&fill, vec![1u8; (avail - (8 << 20)) as usize]).unwrap();
     let daemon_json = s.root.path().join("daemon.json");
-    let out = tool(&["migrate", "--data-root", root.to_str().unwrap(), "--daemon-json", daemon_json.to_str().unwrap()], &[]);
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let refused = !out.status.success() && err.contains("bytes free") && err.contains("free space");
     let _ = std::fs::remove_file(&fill);
