@@ -6,8 +6,6 @@ use std::path::Path;
 use std::process::Command;
 
 use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper, overlay_v1_fixture};
-use strata_fs_tests::dockerd::Dockerd;
-use strata_fs_tests::strata::Strata;
 
 /// Every entry under `root` with its size, mode and mtime: to prove a command wrote nothing.
 fn listing(root: &Path) -> BTreeMap<String, (u64, u32, i64)> {
@@ -60,45 +58,7 @@ fn problems(v: &serde_json::Value, severity: &str) -> Vec<String> {
 
 #[test]
 fn plan_reads_an_overlay_v1_data_root_and_writes_nothing() {
-    // Images built by strata, loaded into a dockerd on the overlay (v1) driver.
-    let s = Strata::new();
-    let archive = s.root.path().join("images.tar");
-    s.dockerfile("FROM busybox\nRUN rm /etc/group && mkdir /data && echo kept > /data/f\n");
-    s.build_ok(&[
-        "--output",
-        &format!("type=docker,dest={},name=app:1", archive.display()),
-    ]);
-    let base = s.root.path().join("busybox.tar");
-    s.dockerfile("FROM busybox\n");
-    s.build_ok(&[
-        "--output",
-        &format!("type=docker,dest={},name=busybox:latest", base.display()),
-    ]);
-
-    let mut d = Dockerd::start("overlay", &[]);
-    d.load(&base);
-    d.load(&archive);
-    d.docker(&[
-        "create",
-        "--name",
-        "written",
-        "--network",
-        "none",
-        "app:1",
-        "sh",
-        "-c",
-        "echo hi > /w",
-    ]);
-    d.docker(&["start", "-a", "written"]);
-    d.docker(&[
-        "create",
-        "--name",
-        "fresh",
-        "--network",
-        "none",
-        "busybox:latest",
-        "true",
-    ]);
+    let (s, mut d) = overlay_v1_fixture();
     d.docker(&[
         "run",
         "-d",
@@ -134,7 +94,7 @@ fn plan_reads_an_overlay_v1_data_root_and_writes_nothing() {
     assert_eq!(listing(&root), before, "plan must not write anything");
     assert_eq!(v["images"], 2, "{text}");
     assert_eq!(v["tags"], 2, "{text}");
-    assert_eq!(v["layers"], 2, "busybox and app's RUN layer: {text}");
+    assert_eq!(v["layers"], 3, "busybox and app's two RUN layers: {text}");
     assert_eq!(v["containers"], 3, "{text}");
     assert!(
         v["bytes_to_write"].as_u64().unwrap() < v["layer_bytes"].as_u64().unwrap() / 10,
