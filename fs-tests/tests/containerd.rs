@@ -151,6 +151,14 @@ async fn containerd_runs_containers_on_strata() {
     c.ctr(&["containers", "rm", "writer"]);
     let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
     assert!(!ls.lines().any(|l| l.starts_with("writer ")), "{ls}");
+    // Deleting a lease with --sync runs containerd's garbage collector there and then.
+    let lease = c.ctr(&["leases", "create"]);
+    let lease = lease
+        .split_whitespace()
+        .next()
+        .expect("a lease id")
+        .to_string();
+    c.ctr(&["leases", "delete", "--sync", &lease]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let active = s.try_list(&["kind==active"]).await.unwrap();

@@ -4,11 +4,11 @@
 //! (devicemapper) but overlay2 wants each layer's own changes.
 
 use std::fs;
-use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::Path;
 
-use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use strata_snapshotter::fsutil::{copy_xattrs, mknod_like, set_meta};
 
 fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     a.file_type() == b.file_type()
@@ -20,24 +20,6 @@ fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
                 && a.mtime() == b.mtime()
                 && a.mtime_nsec() == b.mtime_nsec()
                 && a.rdev() == b.rdev()))
-}
-
-fn set_meta(p: &Path, m: &fs::Metadata) -> std::io::Result<()> {
-    lchown(p, Some(m.uid()), Some(m.gid()))?;
-    if !m.file_type().is_symlink() {
-        fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
-    }
-    let t = TimeSpec::new(m.mtime(), m.mtime_nsec());
-    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(std::io::Error::from)
-}
-
-fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
-    for name in xattr::list(src)? {
-        if let Some(v) = xattr::get(src, &name)? {
-            xattr::set(dst, &name, &v)?;
-        }
-    }
-    Ok(())
 }
 
 /// Copies one entry (a whole directory tree for directories).
@@ -55,22 +37,7 @@ fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<u64> {
         bytes += fs::copy(src, dst)?;
     } else if ft.is_symlink() {
         symlink(fs::read_link(src)?, dst)?;
-    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        let kind = if ft.is_char_device() {
-            SFlag::S_IFCHR
-        } else if ft.is_block_device() {
-            SFlag::S_IFBLK
-        } else {
-            SFlag::S_IFIFO
-        };
-        mknod(
-            dst,
-            kind,
-            Mode::from_bits_truncate(m.mode() & 0o7777),
-            m.rdev(),
-        )
-        .map_err(std::io::Error::from)?;
-    } else {
+    } else if !mknod_like(dst, &m)? {
         return Ok(0);
     }
     copy_xattrs(src, dst)?;
@@ -128,6 +95,9 @@ pub fn diff(new: &Path, old: &Path, out: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn changes_between_full_trees() {

@@ -3,12 +3,12 @@
 //! `lower` as `l/A:l/B` (nearest parent first).
 
 use std::fs;
-use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
+use nix::sys::stat::{mknod, Mode, SFlag};
 use rand::Rng;
+use strata_snapshotter::fsutil::{copy_xattrs, mknod_like, set_meta};
 
 /// A new short link name: 26 characters of A-Z and 0-9, as dockerd makes them.
 pub fn link_name() -> String {
@@ -97,44 +97,11 @@ pub fn link_tree(src: &Path, dst: &Path, aufs: bool) -> std::io::Result<u64> {
     }
     if ft.is_symlink() {
         symlink(fs::read_link(src)?, dst)?;
-    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        let kind = if ft.is_char_device() {
-            SFlag::S_IFCHR
-        } else if ft.is_block_device() {
-            SFlag::S_IFBLK
-        } else {
-            SFlag::S_IFIFO
-        };
-        mknod(
-            dst,
-            kind,
-            Mode::from_bits_truncate(meta.mode() & 0o7777),
-            meta.rdev(),
-        )
-        .map_err(std::io::Error::from)?;
+    } else if mknod_like(dst, &meta)? {
         copy_xattrs(src, dst)?;
     } else {
         return Ok(0); // sockets are not layer content
     }
     set_meta(dst, &meta)?;
     Ok(1)
-}
-
-/// Extended attributes of the entry itself (the xattr crate never follows symlinks).
-fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
-    for name in xattr::list(src)? {
-        if let Some(v) = xattr::get(src, &name)? {
-            xattr::set(dst, &name, &v)?;
-        }
-    }
-    Ok(())
-}
-
-fn set_meta(p: &Path, m: &fs::Metadata) -> std::io::Result<()> {
-    lchown(p, Some(m.uid()), Some(m.gid()))?;
-    if !m.file_type().is_symlink() {
-        fs::set_permissions(p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
-    }
-    let t = TimeSpec::new(m.mtime(), m.mtime_nsec());
-    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(std::io::Error::from)
 }

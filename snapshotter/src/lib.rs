@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod content;
 pub mod error;
 pub mod filter;
+pub mod fsutil;
 pub mod layer;
 pub mod layout;
 pub mod mounts;

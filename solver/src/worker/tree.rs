@@ -6,9 +6,8 @@ use std::io;
 use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
 use sha2::{Digest, Sha256};
+use strata_snapshotter::fsutil;
 
 use super::rootfs;
 use crate::pattern::{self, Ignore};
@@ -172,20 +171,7 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
         } else if ft.is_file() {
             fs::copy(src, dst)?;
         } else {
-            let kind = if ft.is_char_device() {
-                SFlag::S_IFCHR
-            } else if ft.is_block_device() {
-                SFlag::S_IFBLK
-            } else {
-                SFlag::S_IFIFO
-            };
-            mknod(
-                dst,
-                kind,
-                Mode::from_bits_truncate(meta.mode() & 0o777),
-                meta.rdev(),
-            )
-            .map_err(io::Error::from)?;
+            fsutil::mknod_like(dst, &meta)?;
         }
     }
     finish(dst, &meta, attrs)
@@ -194,13 +180,15 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
 /// Owner, mode and times of a copied entry (after its contents, so a directory keeps its mtime).
 pub fn finish(dst: &Path, meta: &fs::Metadata, attrs: Attrs) -> io::Result<()> {
     let (uid, gid) = attrs.owner.unwrap_or((meta.uid(), meta.gid()));
-    lchown(dst, Some(uid), Some(gid))?;
-    if !meta.file_type().is_symlink() {
-        let mode = attrs.mode.unwrap_or(meta.mode() & 0o7777);
-        fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-    }
-    let t = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
-    utimensat(None, dst, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(io::Error::from)
+    let mode = attrs.mode.unwrap_or(meta.mode());
+    fsutil::apply_meta(
+        dst,
+        uid,
+        gid,
+        mode,
+        (meta.mtime(), meta.mtime_nsec()),
+        meta.file_type().is_symlink(),
+    )
 }
 
 /// Creates `path` and missing parents (mode 0755, owned by `owner`), returning it.
