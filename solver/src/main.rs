@@ -51,7 +51,7 @@ struct Cli {
 enum Cmd {
     /// Build an image from a Dockerfile and a context directory
     Build(BuildArgs),
-    /// List, load or remove images in the local store
+    /// List, load, pull, push or remove images in the local store
     #[command(subcommand)]
     Images(ImagesCmd),
     /// Show the disk used by the build cache
