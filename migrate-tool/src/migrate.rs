@@ -78,7 +78,17 @@ impl<'a> Journal<'a> {
         step: &str,
         f: impl FnOnce() -> Result<(), MigrateError>,
     ) -> Result<(), MigrateError> {
-        (self.progress)(self.seen, self.total, step);
+        self.step_labeled(step, step, f)
+    }
+
+    /// Like [`Journal::step`], shown to the user as `label` (the marker keeps the step's name).
+    pub fn step_labeled(
+        &mut self,
+        step: &str,
+        label: &str,
+        f: impl FnOnce() -> Result<(), MigrateError>,
+    ) -> Result<(), MigrateError> {
+        (self.progress)(self.seen, self.total, label);
         self.seen += 1;
         if self.is_done(step) {
             return Ok(());
@@ -281,7 +291,12 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
             .iter()
             .map(|c| links[c].clone())
             .collect();
-        journal.step(&step, || {
+        let label = format!(
+            "layer {} ({:.1} MB)",
+            &l.chain_id[..19.min(l.chain_id.len())],
+            l.size as f64 / 1e6
+        );
+        journal.step_labeled(&step, &label, || {
             let partial = out.join(format!("{}.partial", l.cache_id));
             let _ = fs::remove_dir_all(&partial);
             fs::create_dir_all(partial.join("diff"))
