@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::dataroot::{DataRoot, Driver};
+use strata_snapshotter::oci;
 
 /// Something that stops or limits a migration.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -169,12 +170,7 @@ pub fn plan(root: &DataRoot) -> Plan {
     for img in &root.images {
         let mut chain = String::new();
         for d in &img.diff_ids {
-            chain = if chain.is_empty() {
-                d.clone()
-            } else {
-                strata_snapshotter::content::Digest::of(format!("{chain} {d}").as_bytes())
-                    .to_string()
-            };
+            chain = oci::chain_id(&chain, d);
             if root.layer(&chain).is_none() {
                 problems.push(blocker(
                     format!(

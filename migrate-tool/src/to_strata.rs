@@ -6,7 +6,6 @@
 
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
 use strata_snapshotter::content::{ContentStore, Digest};
 use strata_snapshotter::oci::{self, Descriptor, Manifest};
 
@@ -57,14 +56,7 @@ pub fn import(
         let mut layers = Vec::new();
         let mut chain = String::new();
         for diff_id in &image.diff_ids {
-            chain = if chain.is_empty() {
-                diff_id.clone()
-            } else {
-                format!(
-                    "sha256:{}",
-                    hex::encode(Sha256::digest(format!("{chain} {diff_id}")))
-                )
-            };
+            chain = oci::chain_id(&chain, diff_id);
             let layer = root
                 .layer(&chain)
                 .ok_or_else(|| refused(format!("image {}: layer {chain} is missing", image.id)))?;

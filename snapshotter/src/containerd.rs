@@ -19,7 +19,6 @@ use containerd_client::services::v1::{
     WriteContentRequest,
 };
 use containerd_client::types::Descriptor as CtrDescriptor;
-use sha2::{Digest as _, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request};
 
@@ -176,14 +175,7 @@ async fn unpack(
     let mut chain = String::new();
     for (layer, diff_id) in layers.iter().zip(diff_ids) {
         let parent = chain.clone();
-        chain = if chain.is_empty() {
-            diff_id.clone()
-        } else {
-            format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{chain} {diff_id}")))
-            )
-        };
+        chain = crate::oci::chain_id(&chain, diff_id);
         if snaps
             .stat(s.req(StatSnapshotRequest {
                 snapshotter: snapshotter.into(),

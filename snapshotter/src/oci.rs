@@ -355,3 +355,13 @@ pub fn rfc3339(secs: u64) -> String {
         rem % 60
     )
 }
+
+/// The chain ID of a layer whose parent chain is `parent` ("" for the first layer): the diffID
+/// itself for the first, else sha256 of "<parent> <diff_id>", as the image spec defines it.
+pub fn chain_id(parent: &str, diff_id: &str) -> String {
+    if parent.is_empty() {
+        diff_id.to_string()
+    } else {
+        Digest::of(format!("{parent} {diff_id}").as_bytes()).to_string()
+    }
+}

@@ -314,14 +314,7 @@ impl Worker {
         let mut chain = String::new();
         let mut parent: Option<String> = None;
         for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-            chain = if chain.is_empty() {
-                diff_id.clone()
-            } else {
-                format!(
-                    "sha256:{}",
-                    hex::encode(Sha256::digest(format!("{chain} {diff_id}")))
-                )
-            };
+            chain = oci::chain_id(&chain, diff_id);
             let key = format!("layer/{chain}");
             if self.snapshots.stat(&key).is_err() {
                 // Applied straight into the new snapshot's own directory: no mount needed.
