@@ -10,6 +10,7 @@
 pub mod db;
 pub mod dockerfile;
 pub mod export;
+pub mod frontend;
 pub mod gc;
 pub mod llb;
 pub mod pattern;

@@ -9,7 +9,9 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use strata_solver::dockerfile::convert::{convert, ConvertOptions};
 use strata_solver::export::{self, Output};
-use strata_solver::llb::Graph;
+use strata_solver::frontend::{self, Frontend};
+use strata_snapshotter::oci::ImageConfig;
+use strata_solver::llb::{Definition, Graph};
 use strata_solver::pattern::Ignore;
 use strata_solver::progress::{Mode, Progress};
 use strata_solver::solver::Solver;
@@ -116,6 +118,10 @@ struct FrontendArgs {
     /// Stage to build (default: the last)
     #[arg(long)]
     target: Option<String>,
+    /// Run this local executable as the frontend for `# syntax = NAME` (NAME=PATH), or for any
+    /// name that is not docker/dockerfile (PATH); see docs/frontends.md
+    #[arg(long = "frontend-path", value_name = "[NAME=]PATH")]
+    frontend_paths: Vec<String>,
     /// Build context directory
     context: PathBuf,
 }
@@ -204,21 +210,45 @@ fn convert_options(f: &FrontendArgs, ignore: Ignore) -> anyhow::Result<ConvertOp
     })
 }
 
-fn check_syntax(syntax: Option<&str>) -> anyhow::Result<()> {
-    match syntax {
-        None => Ok(()),
-        Some(s) => {
-            let name = s.trim_start_matches("docker.io/");
-            let builtin = name == "docker/dockerfile"
-                || name.starts_with("docker/dockerfile:1")
-                || name == "docker/dockerfile:experimental";
-            if builtin {
-                Ok(())
-            } else {
-                bail!("# syntax={s}: external frontends are not supported by this version; use docker/dockerfile:1 or remove the line")
-            }
-        }
+/// Compiles the source file to LLB and an image config with the frontend its `# syntax` line
+/// names: the built-in Dockerfile frontend, or an external one run in a sandbox.
+async fn frontend(
+    worker: &Arc<Worker>,
+    f: &FrontendArgs,
+    path: &Path,
+    text: String,
+    opts: ConvertOptions,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<(Definition, ImageConfig)> {
+    let syntax = strata_solver::dockerfile::parser::syntax(&text);
+    let fe = frontend::select(syntax.as_deref(), &f.frontend_paths).map_err(anyhow::Error::msg)?;
+    if fe == Frontend::Dockerfile {
+        let w = worker.clone();
+        let c = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;
+        return Ok((c.definition, c.config));
     }
+    let (w, progress) = (worker.clone(), progress.clone());
+    let (source, context) = (path.to_path_buf(), f.context.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let v = progress.vertex(&format!(
+            "[internal] frontend {}",
+            syntax.unwrap_or_default()
+        ));
+        let req = frontend::Request {
+            source: &source,
+            context: &context,
+            build_args: &opts.build_args,
+            target: opts.target.as_deref(),
+        };
+        let r = w.run_frontend(&fe, &req, &|l| v.log(l));
+        match &r {
+            Ok(_) => v.done(),
+            Err(e) => v.error(&e.to_string()),
+        }
+        r
+    })
+    .await??;
+    Ok((r.definition, r.config))
 }
 
 fn open_worker(cli: &Cli) -> anyhow::Result<Arc<Worker>> {
@@ -300,10 +330,8 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         opts.contexts.insert(name.to_string(), image);
     }
     opts.no_cache_filter = args.no_cache_filter.clone();
-    let w = worker.clone();
-    let converted = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;
-    check_syntax(converted.syntax.as_deref())?;
-    let graph = Graph::from_definition(&converted.definition)?;
+    let (definition, config) = frontend(&worker, f, &path, text, opts, &progress).await?;
+    let graph = Graph::from_definition(&definition)?;
     let context = Context {
         dir: f
             .context
@@ -342,7 +370,6 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
 
     let v = progress.vertex("exporting to image");
     let w = worker.clone();
-    let config = converted.config.clone();
     let r = result.clone();
     let outs = outputs.clone();
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
@@ -595,8 +622,9 @@ fn main() -> anyhow::Result<()> {
             let (path, text) = read_dockerfile(f)?;
             let w = open_worker(&cli)?;
             let opts = convert_options(f, ignore_rules(&path, &f.context)?)?;
-            let converted = convert(&text, &opts, &*w)?;
-            let graph = Graph::from_definition(&converted.definition)?;
+            let progress = Arc::new(Progress::new(Mode::Quiet));
+            let (definition, _) = rt.block_on(frontend(&w, f, &path, text, opts, &progress))?;
+            let graph = Graph::from_definition(&definition)?;
             println!("{}", serde_json::to_string_pretty(&graph.to_json())?);
             Ok(())
         }

@@ -144,6 +144,17 @@ impl Solver {
                     Err(e) => v.error(&e.to_string()),
                 }
                 checksum = fetched.map_err(fail)?;
+            } else if let Some(r) = s
+                .identifier
+                .strip_prefix("docker-image://")
+                .filter(|r| !r.contains('@'))
+            {
+                // An unpinned image (from an external frontend): its key is what the tag names now.
+                let (worker, r) = (self.worker.clone(), r.to_string());
+                checksum = tokio::task::spawn_blocking(move || worker.image_digest(&r))
+                    .await
+                    .map_err(|e| fail(WorkerError::Exec(e.to_string())))?
+                    .map_err(fail)?;
             } else if s.identifier.starts_with("local://") {
                 let ctx = self
                     .context
@@ -365,10 +376,8 @@ fn run_op(
                     s.identifier
                 )));
             };
-            let digest = rest.rsplit_once('@').map(|(_, d)| d).ok_or_else(|| {
-                WorkerError::Image(format!("{rest}: source not pinned to a digest"))
-            })?;
-            Ok(match worker.unpack(digest)? {
+            let digest = worker.image_digest(rest)?;
+            Ok(match worker.unpack(&digest)? {
                 Some(top) => Ref::Snapshot(top),
                 None => Ref::Scratch,
             })

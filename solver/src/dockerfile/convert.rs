@@ -435,9 +435,11 @@ impl Converter<'_> {
                         env.push(format!("{k}={v}"));
                     }
                 }
+                // The default, like BuildKit's without CNI, is the host's network.
                 let network = match network.as_deref() {
                     Some("host") => llb::NetMode::Host,
-                    _ => llb::NetMode::None,
+                    Some("none") => llb::NetMode::None,
+                    _ => llb::NetMode::Unset,
                 };
                 let mut inputs = vec![root];
                 let wd = st.config.config.working_dir.clone();

@@ -51,6 +51,15 @@ fn directive(line: &str) -> Option<(String, String)> {
     Some((k, v.trim().to_string()))
 }
 
+/// The `# syntax = NAME` directive of a source file, read without parsing the rest (it picks
+/// the frontend, which may not read Dockerfiles at all).
+pub fn syntax(text: &str) -> Option<String> {
+    text.lines()
+        .map_while(directive)
+        .find(|(k, _)| k == "syntax")
+        .map(|(_, v)| v)
+}
+
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
     let lines: Vec<&str> = text.lines().collect();

@@ -23,6 +23,17 @@ pub struct ExecSpec<'a> {
     pub runtime: &'a str,
     pub state_dir: &'a Path,
     pub id: &'a str,
+    /// A frontend, not a build step: read-only root, no capabilities, root user without a
+    /// passwd lookup.
+    pub sandbox: bool,
+}
+
+/// Where a process's standard output goes.
+pub enum Stdout<'a> {
+    /// Line by line to a log, like stderr.
+    Log(&'a (dyn Fn(&str) + Sync)),
+    /// Kept as bytes (at most this many; more is an error).
+    Capture(usize),
 }
 
 /// Docker's default capability set: what RUN steps expect (chown, setuid for package managers,
@@ -58,7 +69,11 @@ fn docker_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, oci_spe
 const TAIL: usize = 10;
 
 fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
-    let (uid, gid) = rootfs::user(rootfs_dir, &e.meta.user).map_err(WorkerError::Exec)?;
+    let (uid, gid) = if e.sandbox {
+        (0, 0)
+    } else {
+        rootfs::user(rootfs_dir, &e.meta.user).map_err(WorkerError::Exec)?
+    };
     let cwd = if e.meta.cwd.is_empty() {
         "/".to_string()
     } else {
@@ -67,7 +82,7 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
     // BuildKit creates the working directory when it is missing.
     let cwd_path =
         rootfs::resolve(rootfs_dir, &cwd, true).map_err(|e| WorkerError::Exec(e.to_string()))?;
-    if !cwd_path.exists() {
+    if !cwd_path.exists() && !e.sandbox {
         super::tree::mkdir_all(&cwd_path, (uid, gid))
             .map_err(|err| WorkerError::Exec(format!("create working directory {cwd}: {err}")))?;
     }
@@ -85,7 +100,19 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
                 .map_err(build)?,
         )
         .no_new_privileges(true)
-        .capabilities(docker_capabilities().map_err(build)?)
+        .capabilities(if e.sandbox {
+            let none = oci_spec::runtime::Capabilities::new();
+            oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+                .bounding(none.clone())
+                .effective(none.clone())
+                .permitted(none.clone())
+                .inheritable(none.clone())
+                .ambient(none)
+                .build()
+                .map_err(build)?
+        } else {
+            docker_capabilities().map_err(build)?
+        })
         .build()
         .map_err(build)?;
     let mut spec = Spec::default();
@@ -107,12 +134,12 @@ fn spec(rootfs_dir: &Path, e: &ExecSpec) -> Result<Spec, WorkerError> {
     spec.set_root(Some(
         RootBuilder::default()
             .path(rootfs_dir)
-            .readonly(false)
+            .readonly(e.sandbox)
             .build()
             .map_err(build)?,
     ));
     if let Some(linux) = spec.linux_mut() {
-        if e.network == llb::NetMode::Host {
+        if e.network != llb::NetMode::None {
             if let Some(ns) = linux.namespaces_mut() {
                 ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
             }
@@ -130,6 +157,16 @@ pub fn run(
     e: &ExecSpec,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<(), WorkerError> {
+    run_with(rootfs_dir, e, log, Stdout::Log(log)).map(drop)
+}
+
+/// [`run`] with a choice of where stdout goes; returns what was captured.
+pub fn run_with(
+    rootfs_dir: &Path,
+    e: &ExecSpec,
+    log: &(dyn Fn(&str) + Sync),
+    stdout: Stdout,
+) -> Result<Vec<u8>, WorkerError> {
     let bundle: PathBuf = e.state_dir.join("bundles").join(e.id);
     fs::create_dir_all(&bundle)
         .map_err(|err| WorkerError::Exec(format!("create bundle {}: {err}", bundle.display())))?;
@@ -154,13 +191,28 @@ pub fn run(
             ))
         })?;
     let tail = std::sync::Mutex::new(std::collections::VecDeque::new());
+    let captured = std::sync::Mutex::new((Vec::new(), false));
     let status = std::thread::scope(|s| {
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
-        for stream in [
-            Box::new(out) as Box<dyn std::io::Read + Send>,
-            Box::new(err),
-        ] {
+        let mut logged = vec![Box::new(err) as Box<dyn std::io::Read + Send>];
+        match stdout {
+            Stdout::Log(_) => logged.push(Box::new(out)),
+            Stdout::Capture(limit) => {
+                let captured = &captured;
+                s.spawn(move || {
+                    use std::io::Read;
+                    let mut out = out;
+                    let mut buf = Vec::new();
+                    let r = (&mut out).take(limit as u64 + 1).read_to_end(&mut buf);
+                    let over = buf.len() > limit || r.is_err();
+                    // Drained so that a chatty process is never blocked on a full pipe.
+                    let _ = std::io::copy(&mut out, &mut std::io::sink());
+                    *captured.lock().unwrap_or_else(|p| p.into_inner()) = (buf, over);
+                });
+            }
+        }
+        for stream in logged {
             let tail = &tail;
             s.spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -204,9 +256,14 @@ pub fn run(
     let _ = fs::remove_dir_all(&bundle);
     let status =
         status.map_err(|err| WorkerError::Exec(format!("waiting for {}: {err}", e.runtime)))?;
+    let (out, over) = captured.into_inner().unwrap_or_else(|p| p.into_inner());
     match status {
         None => Err(WorkerError::Cancelled),
-        Some(s) if s.success() => Ok(()),
+        Some(_) if over => Err(WorkerError::Exec(format!(
+            "{}: standard output is larger than the limit",
+            e.meta.args.join(" ")
+        ))),
+        Some(s) if s.success() => Ok(out),
         Some(s) => {
             let tail: Vec<String> = tail
                 .into_inner()

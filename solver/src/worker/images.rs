@@ -394,6 +394,17 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// The manifest digest of an image source: the pinned `REF@DIGEST`, or what `REF` names in
+    /// the local store (pulled when missing).
+    pub fn image_digest(&self, reference: &str) -> Result<String, WorkerError> {
+        match reference.rsplit_once('@') {
+            Some((_, d)) if d.starts_with("sha256:") => Ok(d.to_string()),
+            _ => Ok(self.manifest(reference)?.0.digest),
+        }
+    }
+}
+
 impl ImageResolver for Worker {
     fn resolve(&self, reference: &str) -> Result<(String, ImageConfig), String> {
         let (desc, manifest) = self.manifest(reference).map_err(|e| e.to_string())?;

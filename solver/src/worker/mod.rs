@@ -205,6 +205,25 @@ impl Worker {
         }
     }
 
+    /// Runs `f` on a throwaway active snapshot on `parent`, mounted; removes it afterwards.
+    pub fn with_scratch<T>(
+        &self,
+        parent: Option<&str>,
+        f: impl FnOnce(&Path) -> Result<T, WorkerError>,
+    ) -> Result<T, WorkerError> {
+        let key = format!("tmp/{}", nonce());
+        let m = self
+            .snapshots
+            .prepare(&key, parent.unwrap_or(""), BTreeMap::new())?;
+        let mut out = None;
+        let r = self.with_mounted(&m, |p| {
+            out = Some(f(p)?);
+            Ok(())
+        });
+        let _ = self.snapshots.remove(&key);
+        r.map(|()| out.expect("set on success"))
+    }
+
     /// Runs `f` with snapshot `key` mounted read-only.
     pub fn with_view<T>(
         &self,
@@ -305,21 +324,25 @@ impl Worker {
             reset_caches,
         )?;
         let masked = |line: &str| log(&session.mask(line));
+        let mut extra = prepared.spec.clone();
+        if network != llb::NetMode::None {
+            extra.extend(mounts::name_resolution());
+        }
         let outcome = self.with_active(Self::parent_of(&root_input)?, result, |root| {
             // Mount points runc creates for extra mounts are not part of the result.
-            let stubs: Vec<std::path::PathBuf> = prepared
-                .spec
+            let stubs: Vec<std::path::PathBuf> = extra
                 .iter()
                 .filter_map(|m| first_missing(root, &m.dest))
                 .collect();
             let spec = exec::ExecSpec {
                 meta,
-                extra: &prepared.spec,
+                extra: &extra,
                 extra_env: &prepared.env,
                 network,
                 runtime: &self.runtime,
                 state_dir: &self.dir,
                 id: &id,
+                sandbox: false,
             };
             let r = exec::run(root, &spec, &masked);
             for s in stubs.iter().rev() {

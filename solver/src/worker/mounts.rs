@@ -42,6 +42,20 @@ impl Session {
     }
 }
 
+/// The host's `/etc/resolv.conf` and `/etc/hosts`, read-only, for steps on the host's network.
+pub fn name_resolution() -> Vec<SpecMount> {
+    ["/etc/resolv.conf", "/etc/hosts"]
+        .into_iter()
+        .filter(|p| Path::new(p).is_file())
+        .map(|p| SpecMount {
+            dest: p.into(),
+            source: p.into(),
+            kind: "bind",
+            options: vec!["bind".into(), "ro".into(), "nosuid".into(), "nodev".into()],
+        })
+        .collect()
+}
+
 /// A mount the runtime spec gets.
 #[derive(Debug, Clone)]
 pub struct SpecMount {
