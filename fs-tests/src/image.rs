@@ -174,3 +174,17 @@ pub fn write_oci_archive(out: &Path, name: &str, layers: &[Vec<u8>], cmd: &[&str
     let file = std::fs::File::create(out).unwrap();
     oci::write_layout_archive(&store, &manifest_desc, name, MTIME, file).unwrap();
 }
+
+/// The OCI archive of a Debian bookworm minbase image (`python` or `gcc`), made by
+/// `scripts/debian-image` with debootstrap on first use and cached under /var/cache/strata/images.
+/// Its name is `localhost/strata-test/debian-KIND:bookworm`.
+pub fn debian(kind: &str) -> std::path::PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/debian-image");
+    let out = Command::new(&script)
+        .arg(kind)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/debian-image");
+    assert!(out.status.success(), "scripts/debian-image {kind} failed");
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}

@@ -134,9 +134,14 @@ impl Worker {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // runc resolves relative sources against the bundle, so the paths must be absolute.
+        let absolute = |p: &Path| {
+            p.canonicalize()
+                .map_err(|e| WorkerError::Exec(format!("{}: {e}", p.display())))
+        };
         let mut mounts = vec![
-            bind(req.context, CONTEXT, true),
-            bind(req.source, SOURCE, true),
+            bind(&absolute(req.context)?, CONTEXT, true),
+            bind(&absolute(req.source)?, SOURCE, true),
             bind(&scratch.join("out"), OUT, false),
             SpecMount {
                 dest: "/tmp".into(),

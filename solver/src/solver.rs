@@ -164,7 +164,8 @@ impl Solver {
                     .attrs
                     .get("includepatterns")
                     .and_then(|p| serde_json::from_str(p).ok())
-                    .unwrap_or_default();
+                    // No patterns: the whole context, as in BuildKit.
+                    .unwrap_or_else(|| vec![String::new()]);
                 checksum = tokio::task::spawn_blocking(move || {
                     Source {
                         root: &ctx.dir,
