@@ -16,7 +16,11 @@ fn with_stack() -> Strata {
     let s = Strata::empty();
     let archive = image::debian("python");
     let out = s.run(&["images", "load", archive.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     s
 }
 
@@ -24,22 +28,29 @@ fn with_stack() -> Strata {
 fn run_cmd(archive: &std::path::Path, image: &str) -> String {
     let strata = Daemon::start();
     let c = Containerd::start(&strata.socket);
-    c.ctr(&["images", "import", "--snapshotter", "strata", archive.to_str().unwrap()]);
+    c.ctr(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "strata",
+        archive.to_str().unwrap(),
+    ]);
     c.ctr(&["run", "--rm", "--snapshotter", "strata", image, "app"])
 }
-
-const MANIFEST: &str = "# syntax = strata/buildpacks\n---\napplications:\n- name: hello\n  memory: 128M\n  disk_quota: 256M\n  buildpack: python_buildpack\n  command: python app.py\n  env:\n    GREETING: hello\n";
 
 #[test]
 fn buildpacks_manifest_builds_with_a_pip_cache_and_its_cmd_runs() {
     let s = with_stack();
-    s.file("manifest.yml", MANIFEST);
-    s.file("requirements.txt", "six==1.16.0\n");
-    s.file(
-        "app.py",
-        "import json, os, six\napp = json.loads(os.environ['VCAP_APPLICATION'])\nprint(os.environ['GREETING'], 'from', app['name'], app['limits']['mem'], 'six', six.__version__)\n",
+    // The example of examples/buildpacks-python, as a user would build it.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/buildpacks-python");
+    for f in ["manifest.yml", "app.py", "requirements.txt"] {
+        fs::copy(example.join(f), s.path().join(f)).unwrap();
+    }
+    let fe = format!(
+        "strata/buildpacks={}",
+        workspace_bin("strata-frontend-buildpacks").display()
     );
-    let fe = format!("strata/buildpacks={}", workspace_bin("strata-frontend-buildpacks").display());
     let manifest = s.path().join("manifest.yml");
     let archive = s.root.path().join("app.tar");
     let dest = format!("type=oci,dest={}", archive.display());
@@ -60,11 +71,19 @@ fn buildpacks_manifest_builds_with_a_pip_cache_and_its_cmd_runs() {
     };
     let a = args(&dest);
     let b = s.build_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(b.progress.contains("[internal] frontend strata/buildpacks"), "{}", b.progress);
-    assert!(b.progress.contains("Installing dependencies with pip"), "{}", b.progress);
+    assert!(
+        b.progress.contains("[internal] frontend strata/buildpacks"),
+        "{}",
+        b.progress
+    );
+    assert!(
+        b.progress.contains("Installing dependencies with pip"),
+        "{}",
+        b.progress
+    );
     assert_eq!(
         run_cmd(&archive, "docker.io/strata/hello:1").trim(),
-        "hello from hello 128M six 1.16.0"
+        "Hello from hello (six 1.16.0, memory 128M)"
     );
 
     // A source change reruns the build step; pip's downloads come from the cache mount.
@@ -84,7 +103,11 @@ fn buildpacks_manifest_builds_with_a_pip_cache_and_its_cmd_runs() {
 fn a_frontend_image_named_by_syntax_builds() {
     let s = with_stack();
     // The frontend image: the stack plus this workspace's frontend executable.
-    fs::copy(workspace_bin("strata-frontend-buildpacks"), s.path().join("fe")).unwrap();
+    fs::copy(
+        workspace_bin("strata-frontend-buildpacks"),
+        s.path().join("fe"),
+    )
+    .unwrap();
     s.dockerfile(&format!(
         "FROM {STACK}\nCOPY fe /usr/local/bin/strata-frontend-buildpacks\nENTRYPOINT [\"/usr/local/bin/strata-frontend-buildpacks\"]\n"
     ));
@@ -100,7 +123,14 @@ fn a_frontend_image_named_by_syntax_builds() {
     let archive = s.root.path().join("tool.tar");
     let dest = format!("type=oci,dest={}", archive.display());
     let manifest = s.path().join("manifest.yml");
-    let b = s.build_ok(&["-f", manifest.to_str().unwrap(), "-t", "docker.io/strata/tool:1", "--output", &dest]);
+    let b = s.build_ok(&[
+        "-f",
+        manifest.to_str().unwrap(),
+        "-t",
+        "docker.io/strata/tool:1",
+        "--output",
+        &dest,
+    ]);
     assert!(b.progress.contains("binary_buildpack"), "{}", b.progress);
     assert_eq!(
         run_cmd(&archive, "docker.io/strata/tool:1").trim(),
@@ -122,11 +152,23 @@ fn broken_and_hostile_frontends_get_clear_errors() {
     s.dockerfile("# syntax = example/fe\nanything\n");
     let build = |fe: &str| s.build(&["--frontend-path", &format!("example/fe={fe}")]);
 
-    let b = build(&script(&s, "garbage", "#!/bin/sh\nprintf 'not protobuf \\377\\377\\377'\n"));
-    assert!(!b.ok && b.progress.contains("is not an LLB definition"), "{}", b.progress);
+    let b = build(&script(
+        &s,
+        "garbage",
+        "#!/bin/sh\nprintf 'not protobuf \\377\\377\\377'\n",
+    ));
+    assert!(
+        !b.ok && b.progress.contains("is not an LLB definition"),
+        "{}",
+        b.progress
+    );
 
     let b = build(&script(&s, "silent", "#!/bin/sh\nexit 0\n"));
-    assert!(!b.ok && b.progress.contains("wrote nothing on stdout"), "{}", b.progress);
+    assert!(
+        !b.ok && b.progress.contains("wrote nothing on stdout"),
+        "{}",
+        b.progress
+    );
 
     // The sandbox: a read-only root, no network, no capabilities, the context read-only.
     let probe = script(
@@ -142,26 +184,57 @@ fn broken_and_hostile_frontends_get_clear_errors() {
     );
     let b = build(&probe);
     assert!(!b.ok, "{}", b.progress);
-    assert!(b.progress.contains("frontend example/fe failed (exit code 3)"), "{}", b.progress);
+    assert!(
+        b.progress
+            .contains("frontend example/fe failed (exit code 3)"),
+        "{}",
+        b.progress
+    );
     assert!(b.progress.contains("boom"), "{}", b.progress);
     assert!(b.progress.contains("interfaces 0"), "{}", b.progress);
-    assert!(b.progress.contains("CapEff:\t0000000000000000"), "{}", b.progress);
-    assert!(b.progress.contains("# syntax = example/fe"), "{}", b.progress);
+    assert!(
+        b.progress.contains("CapEff:\t0000000000000000"),
+        "{}",
+        b.progress
+    );
+    assert!(
+        b.progress.contains("# syntax = example/fe"),
+        "{}",
+        b.progress
+    );
     assert!(!b.progress.contains("WROTE"), "{}", b.progress);
     assert!(!std::path::Path::new("/usr/strata-frontend-was-here").exists());
     assert!(!s.path().join("x").exists());
 
     // Without --frontend-path the name is an image: not in the store, not pullable.
     let b = s.build(&[]);
-    assert!(!b.ok && b.progress.contains("frontend image example/fe"), "{}", b.progress);
+    assert!(
+        !b.ok && b.progress.contains("frontend image example/fe"),
+        "{}",
+        b.progress
+    );
 
     // The buildpacks frontend refuses what it cannot build, naming the fix.
-    s.file("manifest.yml", "# syntax = strata/buildpacks\napplications:\n- name: app\n");
-    let fe = format!("strata/buildpacks={}", workspace_bin("strata-frontend-buildpacks").display());
+    s.file(
+        "manifest.yml",
+        "# syntax = strata/buildpacks\napplications:\n- name: app\n",
+    );
+    let fe = format!(
+        "strata/buildpacks={}",
+        workspace_bin("strata-frontend-buildpacks").display()
+    );
     let manifest = s.path().join("manifest.yml");
     let b = s.build(&["-f", manifest.to_str().unwrap(), "--frontend-path", &fe]);
-    assert!(!b.ok && b.progress.contains("no buildpack detected"), "{}", b.progress);
+    assert!(
+        !b.ok && b.progress.contains("no buildpack detected"),
+        "{}",
+        b.progress
+    );
     s.file("manifest.yml", "# syntax = strata/buildpacks\napplications:\n- name: app\n  path: ../..\n  buildpack: binary_buildpack\n");
     let b = s.build(&["-f", manifest.to_str().unwrap(), "--frontend-path", &fe]);
-    assert!(!b.ok && b.progress.contains("leaves the build context"), "{}", b.progress);
+    assert!(
+        !b.ok && b.progress.contains("leaves the build context"),
+        "{}",
+        b.progress
+    );
 }

@@ -27,7 +27,10 @@ const MAX_DEFINITION: usize = 64 << 20;
 pub enum Frontend {
     Dockerfile,
     /// A local executable (`--frontend-path`).
-    Executable { name: String, path: PathBuf },
+    Executable {
+        name: String,
+        path: PathBuf,
+    },
     /// An image whose entrypoint is the frontend, pulled like a base image.
     Image(String),
 }
@@ -70,9 +73,9 @@ pub fn select(syntax: Option<&str>, paths: &[String]) -> Result<Frontend, String
 }
 
 fn executable(name: &str, path: &str) -> Result<Frontend, String> {
-    let path = Path::new(path)
-        .canonicalize()
-        .map_err(|e| format!("--frontend-path {path}: {e}; give the path of the frontend executable"))?;
+    let path = Path::new(path).canonicalize().map_err(|e| {
+        format!("--frontend-path {path}: {e}; give the path of the frontend executable")
+    })?;
     if !path.is_file() {
         return Err(format!(
             "--frontend-path {}: not a file; give the path of the frontend executable",
@@ -176,10 +179,9 @@ impl Worker {
                 (name, self.sandboxed(&root, &meta, &mounts, log))
             }
             Frontend::Image(name) => {
-                let (digest, config) = crate::dockerfile::convert::ImageResolver::resolve(
-                    self, name,
-                )
-                .map_err(|e| WorkerError::Image(format!("frontend image {name}: {e}")))?;
+                let (digest, config) =
+                    crate::dockerfile::convert::ImageResolver::resolve(self, name)
+                        .map_err(|e| WorkerError::Image(format!("frontend image {name}: {e}")))?;
                 let c = &config.config;
                 meta.args = [
                     c.entrypoint.clone().unwrap_or_default(),

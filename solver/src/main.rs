@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use strata_snapshotter::oci::ImageConfig;
 use strata_solver::dockerfile::convert::{convert, ConvertOptions};
 use strata_solver::export::{self, Output};
 use strata_solver::frontend::{self, Frontend};
-use strata_snapshotter::oci::ImageConfig;
 use strata_solver::llb::{Definition, Graph};
 use strata_solver::pattern::Ignore;
 use strata_solver::progress::{Mode, Progress};

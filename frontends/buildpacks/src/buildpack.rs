@@ -220,7 +220,10 @@ pub fn compile(
             created_by: "python_buildpack: pip install -r requirements.txt".into(),
             ..Default::default()
         });
-        env = vec![format!("PATH={VENV}/bin:{PATH}"), format!("VIRTUAL_ENV={VENV}")];
+        env = vec![
+            format!("PATH={VENV}/bin:{PATH}"),
+            format!("VIRTUAL_ENV={VENV}"),
+        ];
     }
     let definition = b.finish(Some(top));
 
@@ -270,13 +273,19 @@ mod tests {
     fn detects_and_names_buildpacks() {
         let dir = tempfile_dir();
         let a = app("applications:\n- name: x\n");
-        assert!(Buildpack::choose(&a, &dir).unwrap_err().to_string().contains("requirements.txt"));
+        assert!(Buildpack::choose(&a, &dir)
+            .unwrap_err()
+            .to_string()
+            .contains("requirements.txt"));
         std::fs::write(dir.join("requirements.txt"), "").unwrap();
         assert_eq!(Buildpack::choose(&a, &dir).unwrap(), Buildpack::Python);
         let url = app("applications:\n- name: x\n  buildpack: https://github.com/cloudfoundry/python-buildpack.git\n");
         assert_eq!(Buildpack::choose(&url, &dir).unwrap(), Buildpack::Python);
         let bad = app("applications:\n- name: x\n  buildpack: go_buildpack\n");
-        assert!(Buildpack::choose(&bad, &dir).unwrap_err().to_string().contains("python_buildpack"));
+        assert!(Buildpack::choose(&bad, &dir)
+            .unwrap_err()
+            .to_string()
+            .contains("python_buildpack"));
         std::fs::write(dir.join("Procfile"), "web: python3 app.py\n").unwrap();
         assert_eq!(start_command(&a, &dir).unwrap(), "python3 app.py");
         let _ = std::fs::remove_dir_all(&dir);
@@ -285,7 +294,13 @@ mod tests {
     #[test]
     fn python_build_uses_a_pip_cache_mount_and_sets_cmd() {
         let a = app("applications:\n- name: hello\n  memory: 128M\n  command: python app.py\n");
-        let (def, config) = compile(&a, Buildpack::Python, "python:3.12-slim", ".", "python app.py");
+        let (def, config) = compile(
+            &a,
+            Buildpack::Python,
+            "python:3.12-slim",
+            ".",
+            "python app.py",
+        );
         let g = llb::Graph::from_definition(&def).unwrap();
         let exec = g
             .ops
@@ -295,12 +310,13 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        let cache = exec.mounts.iter().find(|m| m.mount_type == MountType::Cache as i32).unwrap();
+        let cache = exec
+            .mounts
+            .iter()
+            .find(|m| m.mount_type == MountType::Cache as i32)
+            .unwrap();
         assert_eq!(cache.dest, PIP_CACHE);
-        assert_eq!(
-            config.config.cmd.as_deref().unwrap()[2],
-            "python app.py"
-        );
+        assert_eq!(config.config.cmd.as_deref().unwrap()[2], "python app.py");
         assert!(config.config.env.iter().any(|e| e == "MEMORY_LIMIT=128m"));
         assert!(config.config.env[0].starts_with("PATH=/home/vcap/deps/python/bin:"));
     }

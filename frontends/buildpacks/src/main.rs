@@ -64,7 +64,10 @@ fn run() -> anyhow::Result<()> {
     let bp = Buildpack::choose(app, &app_dir)?;
     let command = buildpack::start_command(app, &app_dir)?;
     // `stack:` may name an image; Cloud Foundry's stack names (cflinuxfs4) are not images.
-    let named = app.stack.as_deref().filter(|s| s.contains('/') || s.contains(':'));
+    let named = app
+        .stack
+        .as_deref()
+        .filter(|s| s.contains('/') || s.contains(':'));
     if let (Some(s), None) = (&app.stack, named) {
         eprintln!("-----> stack {s:?} is a Cloud Foundry stack, not an image: building on {DEFAULT_STACK} (set the STACK_IMAGE build arg to choose)");
     }

@@ -51,7 +51,9 @@ impl Manifest {
                 .applications
                 .iter()
                 .find(|a| a.name == t)
-                .ok_or_else(|| anyhow::anyhow!("manifest.yml: no application {t:?} (have: {})", names())),
+                .ok_or_else(|| {
+                    anyhow::anyhow!("manifest.yml: no application {t:?} (have: {})", names())
+                }),
             None if self.applications.len() == 1 => Ok(&self.applications[0]),
             None => anyhow::bail!(
                 "manifest.yml has {} applications ({}): choose one with --target NAME",
@@ -103,7 +105,11 @@ mod tests {
         assert_eq!(a.memory.as_deref(), Some("128M"));
         assert_eq!(a.buildpack(), Some("python_buildpack"));
         assert_eq!(a.env(), vec!["GREETING=hi", "WORKERS=4"]);
-        assert!(m.app(Some("other")).unwrap_err().to_string().contains("hello"));
+        assert!(m
+            .app(Some("other"))
+            .unwrap_err()
+            .to_string()
+            .contains("hello"));
     }
 
     #[test]
