@@ -336,7 +336,7 @@ mod tests {
     fn frontend_paths_match_by_name_or_serve_all() {
         let exe = std::env::current_exe().unwrap();
         let named = format!("strata/buildpacks={}", exe.display());
-        match select(Some("strata/buildpacks"), &[named.clone()]).unwrap() {
+        match select(Some("strata/buildpacks"), std::slice::from_ref(&named)).unwrap() {
             Frontend::Executable { name, path } => {
                 assert_eq!(name, "strata/buildpacks");
                 assert_eq!(path, exe.canonicalize().unwrap());

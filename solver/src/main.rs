@@ -15,7 +15,8 @@ use strata_solver::llb::{Definition, Graph};
 use strata_solver::pattern::Ignore;
 use strata_solver::progress::{Mode, Progress};
 use strata_solver::solver::Solver;
-use strata_solver::worker::mounts::Session;
+use strata_solver::worker::agent::Keys;
+use strata_solver::worker::mounts::{Agent, Session};
 use strata_solver::worker::{Context, Worker, CANCELLED};
 
 const AFTER_HELP: &str = r#"Examples:
@@ -154,8 +155,9 @@ struct BuildArgs {
     /// Secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (never stored in the image or cache)
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
-    /// ssh agent for RUN --mount=type=ssh: default=$SSH_AUTH_SOCK or ID=SOCKET
-    #[arg(long = "ssh", value_name = "ID=SOCKET")]
+    /// ssh agent for RUN --mount=type=ssh: default=$SSH_AUTH_SOCK, ID=SOCKET, or ID=KEYFILE[,KEYFILE]
+    /// (unencrypted keys served by an agent inside strata; keys with a passphrase: use your agent)
+    #[arg(long = "ssh", value_name = "ID=SOCKET|KEYS")]
     ssh: Vec<String>,
     /// Check the registry for newer base images even when the local store has them
     #[arg(long)]
@@ -447,23 +449,27 @@ fn session(secrets: &[String], ssh: &[String]) -> anyhow::Result<Session> {
         out.secrets.insert(id, value);
     }
     for spec in ssh {
-        let (id, path) = spec
-            .split_once('=')
-            .map(|(i, p)| (i.to_string(), p.to_string()))
-            .unwrap_or_else(|| {
-                (
-                    spec.clone(),
-                    std::env::var("SSH_AUTH_SOCK").unwrap_or_default(),
-                )
-            });
-        let p = PathBuf::from(&path);
-        let is_socket = std::fs::metadata(&p)
-            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            .unwrap_or(false);
-        if !is_socket {
-            bail!("--ssh {spec}: {path:?} is not an ssh agent socket; start ssh-agent, ssh-add your key, and pass --ssh {id}=$SSH_AUTH_SOCK");
-        }
-        out.ssh.insert(id, p);
+        let (id, value) = match spec.split_once('=') {
+            Some((i, v)) => (i.to_string(), v.to_string()),
+            None => (
+                spec.clone(),
+                std::env::var("SSH_AUTH_SOCK").unwrap_or_default(),
+            ),
+        };
+        let paths: Vec<&Path> = value.split(',').map(Path::new).collect();
+        let is_socket = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                .unwrap_or(false)
+        };
+        let agent = match paths.as_slice() {
+            [p] if is_socket(p) => Agent::Socket(p.to_path_buf()),
+            ps if !value.is_empty() && ps.iter().all(|p| p.is_file()) => Agent::Keys(Arc::new(
+                Keys::load(&id, ps).map_err(anyhow::Error::msg)?,
+            )),
+            _ => bail!("--ssh {spec}: {value:?} is neither an ssh agent socket nor key files; pass --ssh {id}=$SSH_AUTH_SOCK (after ssh-agent and ssh-add) or --ssh {id}=~/.ssh/id_ed25519"),
+        };
+        out.ssh.insert(id, agent);
     }
     Ok(out)
 }

@@ -3,6 +3,7 @@
 //!
 //! Everything here is blocking; the solver calls it on tokio's blocking pool.
 
+pub mod agent;
 pub mod exec;
 pub mod file;
 pub mod images;

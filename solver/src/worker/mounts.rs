@@ -15,15 +15,15 @@ use nix::mount::{mount, MsFlags};
 use strata_snapshotter::mounts::unmount;
 use strata_snapshotter::volumes::{Init, Lease, Sharing};
 
-use super::{nonce, rootfs, tree, Context, Ref, Worker, WorkerError};
+use super::{agent, nonce, rootfs, tree, Context, Ref, Worker, WorkerError};
 use crate::llb;
 
 /// Secrets and ssh agents the client gave this build (`--secret`, `--ssh`).
 #[derive(Default, Clone)]
 pub struct Session {
     pub secrets: HashMap<String, Vec<u8>>,
-    /// ssh id → agent socket.
-    pub ssh: HashMap<String, PathBuf>,
+    /// ssh id → the agent that answers for it.
+    pub ssh: HashMap<String, Agent>,
 }
 
 impl Session {
@@ -54,6 +54,15 @@ pub fn name_resolution() -> Vec<SpecMount> {
             options: vec!["bind".into(), "ro".into(), "nosuid".into(), "nodev".into()],
         })
         .collect()
+}
+
+/// An ssh agent a build step reaches through its socket.
+#[derive(Debug, Clone)]
+pub enum Agent {
+    /// The user's agent (`--ssh default=$SSH_AUTH_SOCK`): connections are relayed to it.
+    Socket(PathBuf),
+    /// Keys from files (`--ssh id=KEYFILE`), served by [`agent::Keys`] in this process.
+    Keys(Arc<agent::Keys>),
 }
 
 /// A mount the runtime spec gets.
@@ -420,8 +429,9 @@ impl Worker {
     }
 }
 
-/// Serves `sock`, relaying every connection to the agent at `agent`; stops when the flag is set.
-fn forward_agent(sock: &Path, agent: PathBuf) -> Result<Arc<AtomicBool>, WorkerError> {
+/// Serves `sock`: every connection is relayed to the user's agent or answered from loaded keys;
+/// stops when the flag is set.
+fn forward_agent(sock: &Path, agent: Agent) -> Result<Arc<AtomicBool>, WorkerError> {
     let listener =
         UnixListener::bind(sock).map_err(err(format!("listen on {}", sock.display())))?;
     listener
@@ -436,19 +446,9 @@ fn forward_agent(sock: &Path, agent: PathBuf) -> Result<Arc<AtomicBool>, WorkerE
                     let agent = agent.clone();
                     std::thread::spawn(move || {
                         let _ = client.set_nonblocking(false);
-                        if let Ok(upstream) = UnixStream::connect(&agent) {
-                            let (mut c1, mut u1) = (
-                                client.try_clone().expect("clone"),
-                                upstream.try_clone().expect("clone"),
-                            );
-                            let t = std::thread::spawn(move || {
-                                let _ = std::io::copy(&mut c1, &mut u1);
-                                let _ = u1.shutdown(std::net::Shutdown::Write);
-                            });
-                            let (mut c2, mut u2) = (client, upstream);
-                            let _ = std::io::copy(&mut u2, &mut c2);
-                            let _ = c2.shutdown(std::net::Shutdown::Write);
-                            let _ = t.join();
+                        match agent {
+                            Agent::Keys(keys) => keys.serve(client),
+                            Agent::Socket(path) => relay(client, &path),
                         }
                     });
                 }
@@ -457,4 +457,22 @@ fn forward_agent(sock: &Path, agent: PathBuf) -> Result<Arc<AtomicBool>, WorkerE
         }
     });
     Ok(stop)
+}
+
+/// Copies bytes both ways between a step's connection and the user's agent.
+fn relay(client: UnixStream, agent: &Path) {
+    let Ok(upstream) = UnixStream::connect(agent) else {
+        return;
+    };
+    let (Ok(mut c1), Ok(mut u1)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c1, &mut u1);
+        let _ = u1.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut c2, mut u2) = (client, upstream);
+    let _ = std::io::copy(&mut u2, &mut c2);
+    let _ = c2.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
 }
