@@ -69,3 +69,78 @@ fn build_pulls_its_base_and_pushes_the_result() {
         b.progress
     );
 }
+
+#[test]
+fn build_cache_and_cache_mounts_travel_through_the_registry() {
+    let reg = Registry::start();
+    let cache = format!("{}/app/cache:1", reg.host);
+    let dockerfile = "FROM busybox\n\
+        COPY src.txt /src.txt\n\
+        RUN --mount=type=cache,id=compiler,target=/cache,uid=7,mode=0750 echo run >> /cache/log && echo runs $(wc -l < /cache/log) owner $(stat -c '%u %a' /cache)\n\
+        RUN echo second > /second\n";
+    // Machine A builds and exports everything, cache mounts included.
+    let a = Strata::new();
+    a.dockerfile(dockerfile);
+    a.file("src.txt", "v1");
+    let to = format!("type=registry,ref={cache},mode=max,mounts=true");
+    let b = a.build_ok(&["--cache-to", &to]);
+    assert!(b.progress.contains("runs 1 owner 7 750"), "{}", b.progress);
+    assert!(b.progress.contains("exporting cache to"), "{}", b.progress);
+
+    // Machine B starts warm: nothing runs.
+    let m = Strata::new();
+    m.dockerfile(dockerfile);
+    m.file("src.txt", "v1");
+    let from = format!("type=registry,ref={cache},mounts=true");
+    let b = m.build_ok(&["--cache-from", &from]);
+    assert!(b.progress.contains("built in"), "{}", b.progress);
+    assert!(
+        b.progress.contains(", 0 run"),
+        "everything cached on B:\n{}",
+        b.progress
+    );
+    // A changed source reruns the step on B, with A's cache volume (ownership kept).
+    m.file("src.txt", "v2");
+    let b = m.build_ok(&["--cache-from", &from]);
+    assert!(b.progress.contains("runs 2 owner 7 750"), "{}", b.progress);
+
+    // mode=min exports the final image's chain: a third machine gets the last step cached.
+    let min = format!("{}/app/cache:min", reg.host);
+    a.build_ok(&["--cache-to", &format!("type=registry,ref={min}")]);
+    let c = Strata::new();
+    c.dockerfile(dockerfile);
+    c.file("src.txt", "v1");
+    let b = c.build_ok(&["--cache-from", &min]);
+    assert!(b.progress.contains(", 0 run"), "{}", b.progress);
+    let ls = String::from_utf8(c.run(&["cache", "ls"]).stdout).unwrap();
+    assert!(
+        !ls.contains("compiler"),
+        "mounts=false imports no volume: {ls}"
+    );
+
+    // Not a cache, or no registry: the build goes on cold, saying why.
+    let busybox = format!("{}/library/busybox:latest", reg.host);
+    let archive = c.root.path().join("bb.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/library/busybox:latest",
+        &[busybox_layer().finish()],
+        &["/bin/sh"],
+    );
+    reg.push_archive(&archive, "library/busybox:latest");
+    let d = Strata::new();
+    d.dockerfile(dockerfile);
+    d.file("src.txt", "v1");
+    let b = d.build_ok(&[
+        "--cache-from",
+        &busybox,
+        "--cache-from",
+        "127.0.0.1:1/nothing:here",
+    ]);
+    assert!(
+        b.progress.contains("is not a strata build cache"),
+        "{}",
+        b.progress
+    );
+    assert!(b.progress.contains("runs 1"), "{}", b.progress);
+}

@@ -95,7 +95,11 @@ impl Output {
 pub use strata_snapshotter::oci::rfc3339;
 
 /// The layer of committed snapshot `key`, diffed and stored on first use.
-fn layer_of(worker: &Worker, key: &str, epoch: Option<u64>) -> Result<LayerRecord, WorkerError> {
+pub(crate) fn layer_of(
+    worker: &Worker,
+    key: &str,
+    epoch: Option<u64>,
+) -> Result<LayerRecord, WorkerError> {
     // Base image layers keep their original blobs. Built layers diffed with a
     // SOURCE_DATE_EPOCH are remembered per epoch: their bytes differ.
     let record_key = match epoch {

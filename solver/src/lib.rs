@@ -15,5 +15,6 @@ pub mod gc;
 pub mod llb;
 pub mod pattern;
 pub mod progress;
+pub mod remote_cache;
 pub mod solver;
 pub mod worker;

@@ -397,6 +397,23 @@ impl Graph {
     }
 
     /// A human-readable JSON rendering (for `strata debug dump-llb`).
+    /// The ids of the cache mounts (`RUN --mount=type=cache`) the graph uses.
+    pub fn cache_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .ops
+            .values()
+            .filter_map(|o| match &o.kind {
+                Some(op::Kind::Exec(e)) => Some(e.mounts.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|m| m.cache_opt.as_ref().map(|c| c.id.clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let ops: Vec<serde_json::Value> = self
             .ops

@@ -14,6 +14,7 @@ use strata_solver::frontend::{self, Frontend};
 use strata_solver::llb::{Definition, Graph};
 use strata_solver::pattern::Ignore;
 use strata_solver::progress::{Mode, Progress};
+use strata_solver::remote_cache::{self, CacheSpec};
 use strata_solver::solver::Solver;
 use strata_solver::worker::agent::Keys;
 use strata_solver::worker::mounts::{Agent, Session};
@@ -159,6 +160,13 @@ struct BuildArgs {
     /// (unencrypted keys served by an agent inside strata; keys with a passphrase: use your agent)
     #[arg(long = "ssh", value_name = "ID=SOCKET|KEYS")]
     ssh: Vec<String>,
+    /// Export the build cache to a registry: type=registry,ref=REF[,mode=min|max][,mounts=true]
+    /// (max: every step; mounts: RUN --mount=type=cache volumes too)
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Import a build cache exported with --cache-to: type=registry,ref=REF[,mounts=true] or REF
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
     /// Check the registry for newer base images even when the local store has them
     #[arg(long)]
     pull: bool,
@@ -332,8 +340,32 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         opts.contexts.insert(name.to_string(), image);
     }
     opts.no_cache_filter = args.no_cache_filter.clone();
+    let cache_to = parse_cache_specs(&args.cache_to, "--cache-to")?;
+    let cache_from = parse_cache_specs(&args.cache_from, "--cache-from")?;
     let (definition, config) = frontend(&worker, f, &path, text, opts, &progress).await?;
     let graph = Graph::from_definition(&definition)?;
+    let volume_ids = graph.cache_ids();
+    for spec in cache_from {
+        let (w, p) = (worker.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || {
+            let v = p.vertex(&format!("importing cache manifest from {}", spec.reference));
+            match remote_cache::import(&w, &spec) {
+                Ok(s) => {
+                    v.log(&format!(
+                        "{} records ({} layers), {} cache volumes imported; {} already here",
+                        s.records, s.layers, s.volumes, s.kept
+                    ));
+                    v.done();
+                }
+                // A missing or unreachable cache makes a cold build, as in BuildKit.
+                Err(e) => {
+                    v.log(&format!("not imported: {e}"));
+                    v.done();
+                }
+            }
+        })
+        .await?;
+    }
     let context = Context {
         dir: f
             .context
@@ -387,6 +419,36 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         v.log(l);
     }
     v.done();
+    for spec in cache_to {
+        let (w, p, keys) = (worker.clone(), progress.clone(), solver.keys());
+        let final_chain = match &result {
+            strata_solver::worker::Ref::Snapshot(top) => {
+                let mut c = worker.snapshots.parents(top)?;
+                c.push(top.clone());
+                c
+            }
+            _ => Vec::new(),
+        };
+        let ids = volume_ids.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let v = p.vertex(&format!("exporting cache to {}", spec.reference));
+            match remote_cache::export(&w, &spec, &keys, &final_chain, &ids) {
+                Ok(s) => {
+                    v.log(&format!(
+                        "{} records, {} layers, {} cache volumes",
+                        s.records, s.layers, s.volumes
+                    ));
+                    v.done();
+                    Ok(())
+                }
+                Err(e) => {
+                    v.error(&e.to_string());
+                    Err(anyhow::anyhow!("--cache-to {}: {e}", spec.reference))
+                }
+            }
+        })
+        .await??;
+    }
     // The default GC policy, after every build.
     let w = worker.clone();
     let trimmed = tokio::task::spawn_blocking(move || {
@@ -409,6 +471,13 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         s.executed
     ));
     Ok(())
+}
+
+fn parse_cache_specs(specs: &[String], flag: &str) -> anyhow::Result<Vec<CacheSpec>> {
+    specs
+        .iter()
+        .map(|s| CacheSpec::parse(s, flag).map_err(anyhow::Error::msg))
+        .collect()
 }
 
 /// The build's secrets and ssh agents from `--secret` and `--ssh`.

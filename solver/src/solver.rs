@@ -57,6 +57,8 @@ pub struct Solver {
     by_digest: Mutex<HashMap<String, SharedVertex>>,
     by_key: Mutex<HashMap<String, SharedVertex>>,
     stats: Mutex<Stats>,
+    /// Cache keys of the snapshots this solve produced or found, in completion order.
+    keys: Mutex<Vec<String>>,
 }
 
 impl Solver {
@@ -78,11 +80,17 @@ impl Solver {
             by_digest: Mutex::new(HashMap::new()),
             by_key: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
+            keys: Mutex::new(Vec::new()),
         })
     }
 
     pub fn stats(&self) -> Stats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cache keys of every snapshot this solve produced or found in the cache.
+    pub fn keys(&self) -> Vec<String> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Solves the graph's result.
@@ -249,6 +257,12 @@ impl Solver {
             .get(&digest)
             .is_some_and(|m| m.ignore_cache);
         let done = |result: Ref| {
+            if matches!(result, Ref::Snapshot(_)) {
+                self.keys
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(key.clone());
+            }
             Ok(Arc::new(Done {
                 key: key.clone(),
                 result,

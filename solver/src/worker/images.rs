@@ -128,6 +128,19 @@ impl Worker {
         Ok(name)
     }
 
+    /// Downloads blob `blob` of repository `r` into the content store unless it is there,
+    /// verified against its digest.
+    pub fn fetch_blob(&self, r: &Reference, blob: &Descriptor) -> Result<(), WorkerError> {
+        let d = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+        if self.content.has(&d) {
+            return Ok(());
+        }
+        let mut w = self.content.writer()?;
+        self.registry.blob(r, &blob.digest, &mut w)?;
+        w.commit(Some(&d))?;
+        Ok(())
+    }
+
     /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
     pub fn pull(&self, reference: &str) -> Result<String, WorkerError> {
         let r = Reference::parse(reference)?;
@@ -155,13 +168,7 @@ impl Worker {
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| WorkerError::Image(format!("manifest of {r}: {e}")))?;
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            let d = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-            if self.content.has(&d) {
-                continue;
-            }
-            let mut w = self.content.writer()?;
-            self.registry.blob(&r, &blob.digest, &mut w)?;
-            w.commit(Some(&d))?;
+            self.fetch_blob(&r, blob)?;
         }
         let name = normalize(reference);
         let media_type = if media.is_empty() {
@@ -311,14 +318,28 @@ impl Worker {
                 config.rootfs.diff_ids.len()
             )));
         }
+        let layers: Vec<(Descriptor, String)> = manifest
+            .layers
+            .into_iter()
+            .zip(config.rootfs.diff_ids)
+            .collect();
+        Ok(self.unpack_chain(&layers)?.pop())
+    }
+
+    /// Applies `layers` (blobs in the content store, with their diff_ids; lowest first) as the
+    /// snapshots `layer/<chain ID>`, skipping those that exist; returns every snapshot's key.
+    pub fn unpack_chain(
+        &self,
+        layers: &[(Descriptor, String)],
+    ) -> Result<Vec<String>, WorkerError> {
         let mut chain = String::new();
-        let mut parent: Option<String> = None;
-        for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
+        let mut keys: Vec<String> = Vec::new();
+        for (layer, diff_id) in layers {
             chain = oci::chain_id(&chain, diff_id);
             let key = format!("layer/{chain}");
             if self.snapshots.stat(&key).is_err() {
                 // Applied straight into the new snapshot's own directory: no mount needed.
-                self.apply_layer(parent.as_deref(), &key, layer, diff_id)?;
+                self.apply_layer(keys.last().map(String::as_str), &key, layer, diff_id)?;
                 self.db.put_layer(
                     &key,
                     &LayerRecord {
@@ -327,9 +348,9 @@ impl Worker {
                     },
                 )?;
             }
-            parent = Some(key);
+            keys.push(key);
         }
-        Ok(parent)
+        Ok(keys)
     }
 
     fn apply_layer(
