@@ -54,7 +54,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build an image from a Dockerfile and a context directory
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// List, load, pull, push or remove images in the local store
     #[command(subcommand)]
     Images(ImagesCmd),
