@@ -1,0 +1,296 @@
+//! Reading zstd:chunked: locating the TOC (from the descriptor's annotations, or from the footer
+//! at the end of the blob), verifying it against the annotated checksum, and reading chunks,
+//! each verified against its digest before a byte of it is used.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::toc::{Chunk, Toc};
+use super::{
+    ChunkedError, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION, FOOTER_MAGIC,
+    FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
+};
+
+/// The largest TOC accepted, uncompressed (about two million entries).
+pub const MAX_TOC: u64 = 256 << 20;
+
+/// Reads `[start, end)` of the blob (an HTTP Range request, a file read, ...).
+pub type Fetch<'a> = dyn Fn(u64, u64) -> std::io::Result<Vec<u8>> + 'a;
+
+/// Parses the 72-byte footer: the TOC's and the tar-split's positions.
+pub fn parse_footer(footer: &[u8]) -> Result<(Position, Position), ChunkedError> {
+    let bad = |why: &str| ChunkedError::Format(format!("footer: {why}; the layer is truncated or not zstd:chunked"));
+    if footer.len() != FOOTER_SIZE {
+        return Err(bad("shorter than 72 bytes"));
+    }
+    let magic = u32::from_le_bytes(footer[0..4].try_into().expect("4 bytes"));
+    if magic & 0xFFFF_FFF0 != SKIPPABLE_MAGIC || footer[4..8] != 64u32.to_le_bytes() {
+        return Err(bad("not a 64-byte skippable frame"));
+    }
+    if &footer[64..72] != FOOTER_MAGIC {
+        return Err(bad("no GNUlInUx magic"));
+    }
+    let n = |i: usize| u64::from_le_bytes(footer[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
+    if n(3) != TOC_TYPE_CRFS {
+        return Err(bad("unknown TOC type"));
+    }
+    Ok((
+        Position {
+            offset: n(0),
+            compressed: n(1),
+            uncompressed: n(2),
+        },
+        Position {
+            offset: n(4),
+            compressed: n(5),
+            uncompressed: n(6),
+        },
+    ))
+}
+
+fn annotation<'a>(a: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    a.get(key)
+        .or_else(|| a.get(&key.replace("io.github.containers.", "io.containers.")))
+        .map(String::as_str)
+}
+
+/// The TOC position and checksum from a layer descriptor's annotations, when it has them.
+pub fn from_annotations(
+    a: &BTreeMap<String, String>,
+) -> Result<Option<(Position, Option<String>)>, ChunkedError> {
+    let Some(pos) = annotation(a, ANNOTATION_TOC_POSITION) else {
+        return Ok(None);
+    };
+    let parts: Vec<u64> = pos
+        .split(':')
+        .map(|p| p.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| ChunkedError::Format(format!("manifest-position annotation {pos:?} is not offset:size:size:type")))?;
+    match parts.as_slice() {
+        [offset, compressed, uncompressed, kind] if *kind == TOC_TYPE_CRFS => Ok(Some((
+            Position {
+                offset: *offset,
+                compressed: *compressed,
+                uncompressed: *uncompressed,
+            },
+            annotation(a, ANNOTATION_TOC_CHECKSUM).map(str::to_string),
+        ))),
+        _ => Err(ChunkedError::Format(format!(
+            "manifest-position annotation {pos:?} is not offset:size:size:1"
+        ))),
+    }
+}
+
+/// Whether a descriptor is a zstd:chunked layer (it has the TOC annotations).
+pub fn is_chunked(a: &BTreeMap<String, String>) -> bool {
+    annotation(a, ANNOTATION_TOC_POSITION).is_some()
+}
+
+/// Fetches, verifies and checks the TOC of a blob of `blob_size` bytes. Without a checksum in
+/// the annotations the TOC cannot be verified: refused unless `allow_unverified`.
+pub fn read_toc(
+    annotations: &BTreeMap<String, String>,
+    blob_size: u64,
+    fetch: &Fetch,
+    allow_unverified: bool,
+) -> Result<Toc, ChunkedError> {
+    let (pos, checksum) = match from_annotations(annotations)? {
+        Some(p) => p,
+        None => {
+            if blob_size < FOOTER_SIZE as u64 {
+                return Err(ChunkedError::Format("the blob is shorter than a footer".into()));
+            }
+            let footer = fetch(blob_size - FOOTER_SIZE as u64, blob_size)
+                .map_err(ChunkedError::io("fetch the footer"))?;
+            (parse_footer(&footer)?.0, None)
+        }
+    };
+    if pos.offset.checked_add(pos.compressed).is_none_or(|end| end > blob_size)
+        || pos.uncompressed > MAX_TOC
+    {
+        return Err(ChunkedError::Format(format!(
+            "the TOC position {}+{} ({} uncompressed) does not fit the {blob_size}-byte blob",
+            pos.offset, pos.compressed, pos.uncompressed
+        )));
+    }
+    let compressed = fetch(pos.offset, pos.offset + pos.compressed)
+        .map_err(ChunkedError::io("fetch the TOC"))?;
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&compressed)));
+    match checksum {
+        Some(expected) if expected != actual => {
+            return Err(ChunkedError::TocDigest { expected, actual })
+        }
+        Some(_) => {}
+        None if allow_unverified => {
+            tracing::warn!(toc = %actual, "zstd:chunked TOC without a checksum annotation: serving it UNVERIFIED (allow_unverified is set)");
+        }
+        None => {
+            return Err(ChunkedError::Format(
+                "the layer descriptor has no TOC checksum annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)".into(),
+            ))
+        }
+    }
+    let json = zstd::bulk::decompress(&compressed, pos.uncompressed as usize)
+        .map_err(ChunkedError::io("decompress the TOC"))?;
+    let toc: Toc = serde_json::from_slice(&json)
+        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))?;
+    toc.check(blob_size, pos.offset)?;
+    Ok(toc)
+}
+
+/// Fetches chunk `c`, decompresses it and returns its bytes only if they match its digest.
+pub fn read_chunk(c: &Chunk, fetch: &Fetch) -> Result<Vec<u8>, ChunkedError> {
+    if c.zeros {
+        return Ok(vec![0u8; c.size as usize]);
+    }
+    let compressed = fetch(c.start, c.end).map_err(ChunkedError::io(format!(
+        "fetch bytes {}..{}",
+        c.start, c.end
+    )))?;
+    let data = zstd::bulk::decompress(&compressed, c.size as usize).map_err(|e| {
+        ChunkedError::Format(format!(
+            "chunk at {}..{} does not decompress to {} bytes: {e}",
+            c.start, c.end, c.size
+        ))
+    })?;
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    if data.len() as u64 != c.size || actual != c.digest {
+        return Err(ChunkedError::ChunkDigest {
+            start: c.start,
+            expected: c.digest.clone(),
+            actual,
+        });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::write::{write, Options};
+    use super::*;
+    use std::io::Cursor;
+
+    fn layer() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h.clone(), "etc/", &[][..]).unwrap();
+        let mut f = tar::Header::new_gnu();
+        f.set_mode(0o640);
+        f.set_uid(7);
+        f.set_gid(8);
+        f.set_mtime(1_700_000_000);
+        for (name, data) in [
+            ("etc/small", b"hello\n".to_vec()),
+            ("etc/empty", Vec::new()),
+            ("big.bin", (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect()),
+        ] {
+            f.set_size(data.len() as u64);
+            b.append_data(&mut f.clone(), name, &data[..]).unwrap();
+        }
+        let long = format!("deep/{}/file", "d".repeat(150));
+        f.set_size(3);
+        b.append_data(&mut f.clone(), &long, &b"abc"[..]).unwrap();
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Symlink);
+        l.set_size(0);
+        b.append_link(&mut l, "etc/link", "small").unwrap();
+        let mut hl = tar::Header::new_gnu();
+        hl.set_entry_type(tar::EntryType::Link);
+        hl.set_size(0);
+        b.append_link(&mut hl, "etc/hard", "etc/small").unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn fetcher(blob: &[u8]) -> impl Fn(u64, u64) -> std::io::Result<Vec<u8>> + '_ {
+        move |s, e| Ok(blob[s as usize..e as usize].to_vec())
+    }
+
+    #[test]
+    fn round_trip_keeps_the_tar_and_serves_verified_chunks() {
+        let tar = layer();
+        let mut blob = Vec::new();
+        let opts = Options {
+            chunk_size: 256 << 10,
+            level: 3,
+        };
+        let w = write(Cursor::new(&tar), &mut blob, opts).unwrap();
+        // A plain zstd reader gets the original tar back: diff_id unchanged.
+        assert_eq!(zstd::stream::decode_all(&blob[..]).unwrap(), tar);
+        assert_eq!(w.diff_id, format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
+        assert_eq!(w.digest, format!("sha256:{}", hex::encode(Sha256::digest(&blob))));
+
+        let fetch = fetcher(&blob);
+        let toc = read_toc(&w.annotations, blob.len() as u64, &fetch, false).unwrap();
+        assert_eq!(toc, w.toc);
+        // Also through the footer alone (no annotations): unverified, so only when allowed.
+        assert!(read_toc(&BTreeMap::new(), blob.len() as u64, &fetch, false).is_err());
+        assert_eq!(read_toc(&BTreeMap::new(), blob.len() as u64, &fetch, true).unwrap(), toc);
+
+        let chunks = toc.chunks();
+        let big = toc.entries.iter().position(|e| e.name == "big.bin").unwrap();
+        assert_eq!(chunks[&big].len(), 5, "1.2 MB in 256 KiB chunks");
+        let mut content = Vec::new();
+        for c in &chunks[&big] {
+            assert_eq!(c.file_offset, content.len() as u64);
+            content.extend(read_chunk(c, &fetch).unwrap());
+        }
+        let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        assert_eq!(content, expected);
+        let e = &toc.entries[big];
+        assert_eq!((e.mode, e.uid, e.gid), (0o640, 7, 8));
+        assert!(toc.entries.iter().any(|e| e.name.ends_with("/file") && e.name.len() > 150));
+        assert!(toc.entries.iter().any(|e| e.kind == "hardlink" && e.link_name == "etc/small"));
+
+        // A flipped byte in a chunk's frame: refused, never served.
+        let mut bad = blob.clone();
+        let c = &chunks[&big][2];
+        bad[(c.start + c.end) as usize / 2] ^= 0xff;
+        assert!(read_chunk(c, &fetcher(&bad)).is_err());
+        // A flipped byte in the TOC: its checksum no longer matches.
+        let (pos, _) = from_annotations(&w.annotations).unwrap().unwrap();
+        let mut bad = blob.clone();
+        bad[(pos.offset + 5) as usize] ^= 0xff;
+        let err = read_toc(&w.annotations, blob.len() as u64, &fetcher(&bad), false).unwrap_err();
+        assert!(matches!(err, ChunkedError::TocDigest { .. }), "{err}");
+        // A truncated blob: no footer.
+        let short = &blob[..blob.len() - 10];
+        assert!(read_toc(&BTreeMap::new(), short.len() as u64, &fetcher(short), true).is_err());
+    }
+
+    #[test]
+    fn hostile_tocs_are_refused() {
+        let entry = |kind: &str, name: &str, link: &str| super::super::toc::Entry {
+            kind: kind.into(),
+            name: name.into(),
+            link_name: link.into(),
+            ..Default::default()
+        };
+        for entries in [
+            vec![entry("reg", "../etc/passwd", "")],
+            vec![entry("dir", "a", ""), entry("symlink", "a/l", "../../etc")],
+            vec![entry("hardlink", "h", "/etc/shadow")],
+            vec![entry("chunk", "x", "")],
+            vec![entry("socket", "s", "")],
+        ] {
+            let toc = Toc {
+                version: 1,
+                entries,
+            };
+            assert!(toc.check(1000, 900).is_err(), "{toc:?}");
+        }
+        let ok = Toc {
+            version: 1,
+            entries: vec![
+                entry("dir", "a", ""),
+                entry("symlink", "a/l", "../b"),
+                entry("symlink", "bin", "/usr/bin"),
+            ],
+        };
+        ok.check(1000, 900).unwrap();
+    }
+}

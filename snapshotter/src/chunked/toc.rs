@@ -1,0 +1,233 @@
+//! The table of contents: one entry per tar entry, plus `chunk` entries after a regular file that
+//! is split in several frames. Field names are containers/storage's (`FileMetadata`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ChunkedError;
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Toc {
+    pub version: u32,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `reg`, `dir`, `symlink`, `hardlink`, `char`, `block`, `fifo`, or `chunk`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    #[serde(rename = "linkName", default, skip_serializing_if = "String::is_empty")]
+    pub link_name: String,
+    /// Permission and set-id bits (no file type bits).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uid: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gid: u32,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modtime: Option<String>,
+    #[serde(rename = "devMajor", default, skip_serializing_if = "is_zero")]
+    pub dev_major: u32,
+    #[serde(rename = "devMinor", default, skip_serializing_if = "is_zero")]
+    pub dev_minor: u32,
+    /// Values base64-encoded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// sha256 of the whole file's content (regular files with content).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    /// The compressed frame(s) of the content (for `reg`: all its chunks; for `chunk`: one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    #[serde(rename = "endOffset", default, skip_serializing_if = "is_zero")]
+    pub end_offset: u64,
+    #[serde(rename = "chunkSize", default, skip_serializing_if = "is_zero")]
+    pub chunk_size: u64,
+    #[serde(rename = "chunkOffset", default, skip_serializing_if = "is_zero")]
+    pub chunk_offset: u64,
+    /// sha256 of this chunk's uncompressed bytes.
+    #[serde(rename = "chunkDigest", default, skip_serializing_if = "String::is_empty")]
+    pub chunk_digest: String,
+    /// `""` (data) or `zeros` (a hole).
+    #[serde(rename = "chunkType", default, skip_serializing_if = "String::is_empty")]
+    pub chunk_type: String,
+}
+
+/// One frame of a regular file's content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// Offset in the file.
+    pub file_offset: u64,
+    pub size: u64,
+    /// The compressed frame in the blob: `[start, end)`.
+    pub start: u64,
+    pub end: u64,
+    /// sha256 of the uncompressed bytes (`sha256:...`); empty only for a `zeros` hole.
+    pub digest: String,
+    pub zeros: bool,
+}
+
+/// A normalized entry name: no leading `./` or `/`, no trailing `/`.
+pub fn clean(name: &str) -> String {
+    name.trim_start_matches("./")
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn unsafe_entry(name: &str, why: impl Into<String>) -> ChunkedError {
+    ChunkedError::Unsafe {
+        name: name.to_string(),
+        why: why.into(),
+    }
+}
+
+impl Toc {
+    /// Refuses what could reach outside the layer or confuse a reader: names with `..` or NUL,
+    /// relative symlinks that climb above the root, hard links to names not earlier in the
+    /// layer, content ranges past `blob_size` or overlapping the TOC, chunks of unknown files.
+    pub fn check(&self, blob_size: u64, toc_offset: u64) -> Result<(), ChunkedError> {
+        if self.version != 1 {
+            return Err(ChunkedError::Format(format!(
+                "TOC version {} (only 1 is known)",
+                self.version
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut last_reg: Option<String> = None;
+        for e in &self.entries {
+            let name = clean(&e.name);
+            if name.split('/').any(|c| c == "..") || name.contains('\0') {
+                return Err(unsafe_entry(&e.name, "the name leaves the layer"));
+            }
+            match e.kind.as_str() {
+                "reg" | "chunk" => {
+                    if e.kind == "chunk" && last_reg.as_deref() != Some(name.as_str()) {
+                        return Err(unsafe_entry(
+                            &e.name,
+                            "a chunk that follows no regular file of that name",
+                        ));
+                    }
+                    if e.end_offset < e.offset || e.end_offset > toc_offset.min(blob_size) {
+                        return Err(unsafe_entry(
+                            &e.name,
+                            format!(
+                                "content range {}..{} is outside the layer's data",
+                                e.offset, e.end_offset
+                            ),
+                        ));
+                    }
+                    if e.kind == "reg" {
+                        last_reg = Some(name.clone());
+                    }
+                }
+                "symlink" => {
+                    if e.link_name.is_empty() {
+                        return Err(unsafe_entry(&e.name, "a symlink without a target"));
+                    }
+                    if !e.link_name.starts_with('/') {
+                        // Depth of the link's directory, then walk the target.
+                        let mut depth: i64 = name.matches('/').count() as i64;
+                        for c in e.link_name.split('/') {
+                            match c {
+                                ".." => depth -= 1,
+                                "" | "." => {}
+                                _ => depth += 1,
+                            }
+                            if depth < 0 {
+                                return Err(unsafe_entry(
+                                    &e.name,
+                                    format!("symlink to {:?} climbs above the layer's root", e.link_name),
+                                ));
+                            }
+                        }
+                    }
+                }
+                "hardlink" => {
+                    let target = clean(&e.link_name);
+                    if target.split('/').any(|c| c == "..") || !seen.contains(&target) {
+                        return Err(unsafe_entry(
+                            &e.name,
+                            format!("hard link to {:?}, which is not an earlier entry of the layer", e.link_name),
+                        ));
+                    }
+                }
+                "dir" | "char" | "block" | "fifo" => last_reg = None,
+                other => {
+                    return Err(unsafe_entry(&e.name, format!("unknown entry type {other:?}")));
+                }
+            }
+            if e.kind != "chunk" {
+                seen.insert(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunks of each regular file with content, by index of its `reg` entry.
+    pub fn chunks(&self) -> BTreeMap<usize, Vec<Chunk>> {
+        let mut out: BTreeMap<usize, Vec<Chunk>> = BTreeMap::new();
+        let mut current: Option<usize> = None;
+        for (i, e) in self.entries.iter().enumerate() {
+            match e.kind.as_str() {
+                "reg" if e.size > 0 => {
+                    current = Some(i);
+                    // Without chunk fields, the whole content is one frame.
+                    let size = if e.chunk_size > 0 { e.chunk_size } else { e.size };
+                    let digest = if e.chunk_digest.is_empty() {
+                        e.digest.clone()
+                    } else {
+                        e.chunk_digest.clone()
+                    };
+                    out.insert(
+                        i,
+                        vec![Chunk {
+                            file_offset: 0,
+                            size,
+                            start: e.offset,
+                            end: e.end_offset,
+                            digest,
+                            zeros: e.chunk_type == "zeros",
+                        }],
+                    );
+                }
+                "chunk" => {
+                    if let Some(list) = current.and_then(|c| out.get_mut(&c)) {
+                        let size = if e.chunk_size > 0 {
+                            e.chunk_size
+                        } else {
+                            self.entries[current.expect("set")].size - e.chunk_offset
+                        };
+                        // The first chunk's frame ends where the second begins.
+                        if let Some(prev) = list.last_mut() {
+                            if prev.end > e.offset && e.offset > prev.start {
+                                prev.end = e.offset;
+                            }
+                        }
+                        list.push(Chunk {
+                            file_offset: e.chunk_offset,
+                            size,
+                            start: e.offset,
+                            end: e.end_offset,
+                            digest: e.chunk_digest.clone(),
+                            zeros: e.chunk_type == "zeros",
+                        });
+                    }
+                }
+                _ => current = None,
+            }
+        }
+        out
+    }
+}
