@@ -41,7 +41,12 @@ impl Daemon {
 
     /// Starts a daemon whose root, socket and log live in `dir` (kept across restarts).
     pub fn start_in(dir: &Path) -> Daemon {
-        let mut d = Daemon::new(dir, &[]);
+        Daemon::start_in_with(dir, &[])
+    }
+
+    /// [`Daemon::start_in`] with extra arguments (kept for restarts).
+    pub fn start_in_with(dir: &Path, args: &[&str]) -> Daemon {
+        let mut d = Daemon::new(dir, args);
         d.spawn();
         d
     }
@@ -148,6 +153,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // Lazy layers' FUSE servers outlive the daemon by design; unmounted, they exit.
+        crate::detach_mounts_under(&self.root);
     }
 }
 

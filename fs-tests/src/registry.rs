@@ -30,28 +30,63 @@ impl Registry {
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
+        let child = Self::spawn(dir.path());
+        let r = Registry { dir, host, child };
+        r.wait();
+        r
+    }
+
+    fn spawn(dir: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))
+            .unwrap();
+        Command::new("docker-registry")
             .arg("serve")
-            .arg(dir.path().join("config.yml"))
+            .arg(dir.join("config.yml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect(
                 "docker-registry is missing: install Debian's docker-registry (scripts/test does)",
-            );
-        let r = Registry { dir, host, child };
+            )
+    }
+
+    fn wait(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&r.host).is_err() {
+        while std::net::TcpStream::connect(&self.host).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not listen on {}",
-                r.host
+                self.host
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        r
+    }
+
+    /// Stops the server (its storage stays).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(self.dir.path());
+        self.wait();
+    }
+
+    /// The file holding blob `digest` in the registry's storage.
+    pub fn blob_path(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     /// Copies an OCI layout archive into the registry as `repo:tag` with skopeo.

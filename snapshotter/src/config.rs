@@ -25,6 +25,44 @@ pub struct Config {
     pub address: PathBuf,
     pub async_remove: bool,
     pub log: Log,
+    pub lazy: LazyConfig,
+}
+
+/// `[lazy]`: zstd:chunked layers mounted from the registry (remote snapshots).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LazyConfig {
+    pub enabled: bool,
+    /// Serve layers whose TOC has no checksum annotation (unverifiable). Off: they are refused.
+    pub allow_unverified: bool,
+    /// Registries reached over plain HTTP (localhost and 127.0.0.1 always are).
+    pub insecure_registries: Vec<String>,
+    /// A read whose chunk the registry does not deliver in this long fails with EIO.
+    pub fetch_timeout_secs: u64,
+    pub fetch_retries: u32,
+    /// Bound of the chunk cache shared by all lazy layers.
+    pub cache_max_bytes: u64,
+    /// Fetch the rest of each layer after mounting it.
+    pub background_fetch: bool,
+    pub fetch_concurrency: usize,
+    /// `HOST:PORT` for Prometheus metrics (`/metrics`); empty: none.
+    pub metrics_address: String,
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        LazyConfig {
+            enabled: true,
+            allow_unverified: false,
+            insecure_registries: Vec::new(),
+            fetch_timeout_secs: 10,
+            fetch_retries: 1,
+            cache_max_bytes: 10 << 30,
+            background_fetch: true,
+            fetch_concurrency: 4,
+            metrics_address: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,6 +86,7 @@ impl Default for Config {
             address: DEFAULT_ADDRESS.into(),
             async_remove: false,
             log: Log::default(),
+            lazy: LazyConfig::default(),
         }
     }
 }

@@ -161,6 +161,118 @@ async fn write_blob(
     }
 }
 
+/// What Prepare gave for one layer.
+enum Prepared {
+    /// The snapshotter mounted it remotely (it answered AlreadyExists for the target).
+    Remote,
+    /// An active snapshot to apply the layer into.
+    Active {
+        key: String,
+        mounts: Vec<containerd_client::types::Mount>,
+    },
+}
+
+/// Prepares the snapshot of layer `chain` on `parent`; `labels` may ask for a remote snapshot.
+async fn prepare_layer(
+    snaps: &mut SnapshotsClient<Channel>,
+    s: &Session,
+    snapshotter: &str,
+    parent: &str,
+    chain: &str,
+    labels: HashMap<String, String>,
+) -> Result<Prepared, ImportError> {
+    let key = format!("extract-{} {chain}", nonce());
+    match snaps
+        .prepare(s.req(PrepareSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            key: key.clone(),
+            parent: parent.to_string(),
+            labels,
+        }))
+        .await
+    {
+        Ok(r) => Ok(Prepared::Active {
+            key,
+            mounts: r.into_inner().mounts,
+        }),
+        Err(e) if e.code() == Code::AlreadyExists => Ok(Prepared::Remote),
+        Err(e) => Err(fail("snapshot prepare")(e)),
+    }
+}
+
+/// Applies `layer` into the active snapshot `key` with containerd's diff service and commits
+/// it as `chain` (the layer's blob must be in containerd's content store).
+async fn apply_layer(
+    ch: &Channel,
+    s: &Session,
+    snapshotter: &str,
+    key: String,
+    mounts: Vec<containerd_client::types::Mount>,
+    layer: &Descriptor,
+    chain: &str,
+) -> Result<(), ImportError> {
+    let mut snaps = SnapshotsClient::new(ch.clone());
+    let mut diff = DiffClient::new(ch.clone());
+    let desc = CtrDescriptor {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.clone(),
+        size: layer.size as i64,
+        annotations: HashMap::new(),
+    };
+    let applied = diff
+        .apply(s.req(ApplyRequest {
+            diff: Some(desc),
+            mounts,
+            payloads: HashMap::new(),
+        }))
+        .await;
+    if let Err(e) = applied {
+        let _ = snaps
+            .remove(s.req(RemoveSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key,
+            }))
+            .await;
+        return Err(fail("apply layer")(e));
+    }
+    match snaps
+        .commit(s.req(CommitSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            name: chain.to_string(),
+            key: key.clone(),
+            labels: HashMap::new(),
+        }))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Code::AlreadyExists => {
+            let _ = snaps
+                .remove(s.req(RemoveSnapshotRequest {
+                    snapshotter: snapshotter.into(),
+                    key,
+                }))
+                .await;
+            Ok(())
+        }
+        Err(e) => Err(fail("snapshot commit")(e)),
+    }
+}
+
+async fn exists(
+    snaps: &mut SnapshotsClient<Channel>,
+    s: &Session,
+    snapshotter: &str,
+    key: &str,
+) -> bool {
+    snaps
+        .stat(s.req(StatSnapshotRequest {
+            snapshotter: snapshotter.into(),
+            key: key.to_string(),
+        }))
+        .await
+        .is_ok()
+}
+
 /// Unpacks `layers` (whose diff ids are `diff_ids`) into `snapshotter` through containerd, as its
 /// own unpacker does; returns the chain ID of the top layer.
 async fn unpack(
@@ -171,76 +283,152 @@ async fn unpack(
     diff_ids: &[String],
 ) -> Result<String, ImportError> {
     let mut snaps = SnapshotsClient::new(ch.clone());
-    let mut diff = DiffClient::new(ch.clone());
     let mut chain = String::new();
     for (layer, diff_id) in layers.iter().zip(diff_ids) {
         let parent = chain.clone();
         chain = crate::oci::chain_id(&chain, diff_id);
-        if snaps
-            .stat(s.req(StatSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                key: chain.clone(),
-            }))
-            .await
-            .is_ok()
-        {
+        if exists(&mut snaps, s, snapshotter, &chain).await {
             continue;
         }
-        let key = format!("extract-{} {chain}", nonce());
-        let prepared = snaps
-            .prepare(s.req(PrepareSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                key: key.clone(),
-                parent,
-                labels: HashMap::new(),
-            }))
-            .await
-            .map_err(fail("snapshot prepare"))?
-            .into_inner();
-        let desc = CtrDescriptor {
-            media_type: layer.media_type.clone(),
-            digest: layer.digest.clone(),
-            size: layer.size as i64,
-            annotations: HashMap::new(),
-        };
-        let applied = diff
-            .apply(s.req(ApplyRequest {
-                diff: Some(desc),
-                mounts: prepared.mounts,
-                payloads: HashMap::new(),
-            }))
-            .await;
-        if let Err(e) = applied {
-            let _ = snaps
-                .remove(s.req(RemoveSnapshotRequest {
-                    snapshotter: snapshotter.into(),
-                    key,
-                }))
-                .await;
-            return Err(fail("apply layer")(e));
-        }
-        match snaps
-            .commit(s.req(CommitSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                name: chain.clone(),
-                key: key.clone(),
-                labels: HashMap::new(),
-            }))
-            .await
+        if let Prepared::Active { key, mounts } =
+            prepare_layer(&mut snaps, s, snapshotter, &parent, &chain, HashMap::new()).await?
         {
-            Ok(_) => {}
-            Err(e) if e.code() == Code::AlreadyExists => {
-                let _ = snaps
-                    .remove(s.req(RemoveSnapshotRequest {
-                        snapshotter: snapshotter.into(),
-                        key,
-                    }))
-                    .await;
-            }
-            Err(e) => return Err(fail("snapshot commit")(e)),
+            apply_layer(ch, s, snapshotter, key, mounts, layer, &chain).await?;
         }
     }
     Ok(chain)
+}
+
+/// A connection to containerd under a lease (expiring in an hour, deleted at the end), so that
+/// its garbage collector cannot take what is written before the image record holds it.
+struct Leased {
+    ch: Channel,
+    s: Session,
+    namespace: String,
+}
+
+impl Leased {
+    async fn start(address: &Path, namespace: &str) -> Result<Leased, ImportError> {
+        let ch = channel(address).await?;
+        let mut leases = LeasesClient::new(ch.clone());
+        let mut s = Session {
+            namespace: namespace.to_string(),
+            lease: None,
+        };
+        let expire = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs()
+            + 3600;
+        s.lease = leases
+            .create(
+                s.req(CreateRequest {
+                    id: format!("strata-{}", nonce()),
+                    labels: [(
+                        "containerd.io/gc.expire".to_string(),
+                        crate::oci::rfc3339(expire),
+                    )]
+                    .into(),
+                }),
+            )
+            .await
+            .map_err(fail("lease"))?
+            .into_inner()
+            .lease
+            .map(|l| l.id);
+        Ok(Leased {
+            ch,
+            s,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    /// Writes the config (keeping snapshot `top` of `snapshotter` alive, when given) and the
+    /// manifest (keeping config and layers), then names the image.
+    async fn record(
+        &self,
+        store: &ContentStore,
+        manifest: &Descriptor,
+        m: &Manifest,
+        name: &str,
+        top: Option<(&str, &str)>,
+    ) -> Result<(), ImportError> {
+        let mut content = ContentClient::new(self.ch.clone());
+        let mut config_labels = HashMap::new();
+        if let Some((sn, chain)) = top {
+            // What containerd's unpacker records: the config keeps the unpacked chain alive.
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{sn}"),
+                chain.to_string(),
+            );
+        }
+        write_blob(
+            &mut content,
+            &self.s,
+            store,
+            &m.config.digest,
+            config_labels,
+        )
+        .await?;
+        let mut refs = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            m.config.digest.clone(),
+        )]);
+        for (i, l) in m.layers.iter().enumerate() {
+            refs.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
+        }
+        write_blob(&mut content, &self.s, store, &manifest.digest, refs).await?;
+        let image = Image {
+            name: name.to_string(),
+            labels: HashMap::new(),
+            target: Some(CtrDescriptor {
+                media_type: manifest.media_type.clone(),
+                digest: manifest.digest.clone(),
+                size: manifest.size as i64,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = ImagesClient::new(self.ch.clone());
+        match images
+            .create(self.s.req(CreateImageRequest {
+                image: Some(image.clone()),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Code::AlreadyExists => {
+                images
+                    .update(self.s.req(UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                    }))
+                    .await
+                    .map_err(fail("image update"))?;
+                Ok(())
+            }
+            Err(e) => Err(fail("image create")(e)),
+        }
+    }
+
+    async fn end(self) {
+        if let Some(id) = self.s.lease.clone() {
+            let mut leases = LeasesClient::new(self.ch.clone());
+            let _ = leases
+                .delete(
+                    Session {
+                        namespace: self.namespace.clone(),
+                        lease: None,
+                    }
+                    .req(DeleteRequest { id, sync: false }),
+                )
+                .await;
+        }
+    }
 }
 
 /// Imports image `manifest` from `store` into the containerd at `address` as `name`, unpacked into
@@ -253,101 +441,106 @@ pub async fn import(
     namespace: &str,
     snapshotter: Option<&str>,
 ) -> Result<(), ImportError> {
-    let ch = channel(address).await?;
-    let mut leases = LeasesClient::new(ch.clone());
-    let mut s = Session {
-        namespace: namespace.to_string(),
-        lease: None,
-    };
-    let expire = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-        + 3600;
-    let lease = leases
-        .create(
-            s.req(CreateRequest {
-                id: format!("strata-{}", nonce()),
-                labels: [(
-                    "containerd.io/gc.expire".to_string(),
-                    crate::oci::rfc3339(expire),
-                )]
-                .into(),
-            }),
-        )
-        .await
-        .map_err(fail("lease"))?
-        .into_inner()
-        .lease
-        .map(|l| l.id);
-    s.lease = lease.clone();
+    let l = Leased::start(address, namespace).await?;
     let m: Manifest =
         oci::read_json(store, &Digest::parse(&manifest.digest).map_err(bad)?).map_err(bad)?;
-    let mut content = ContentClient::new(ch.clone());
-    for l in &m.layers {
-        write_blob(&mut content, &s, store, &l.digest, HashMap::new()).await?;
+    let mut content = ContentClient::new(l.ch.clone());
+    for layer in &m.layers {
+        write_blob(&mut content, &l.s, store, &layer.digest, HashMap::new()).await?;
     }
-    let mut config_labels = HashMap::new();
+    let mut top = None;
     if let Some(sn) = snapshotter {
         let config: ImageConfig =
             oci::read_json(store, &Digest::parse(&m.config.digest).map_err(bad)?).map_err(bad)?;
-        let top = unpack(&ch, &s, sn, &m.layers, &config.rootfs.diff_ids).await?;
-        // What containerd's unpacker records: the config keeps the unpacked chain alive.
-        config_labels.insert(format!("containerd.io/gc.ref.snapshot.{sn}"), top);
+        top = Some((
+            sn,
+            unpack(&l.ch, &l.s, sn, &m.layers, &config.rootfs.diff_ids).await?,
+        ));
     }
-    write_blob(&mut content, &s, store, &m.config.digest, config_labels).await?;
-    let mut refs = HashMap::from([(
-        "containerd.io/gc.ref.content.config".to_string(),
-        m.config.digest.clone(),
-    )]);
-    for (i, l) in m.layers.iter().enumerate() {
-        refs.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            l.digest.clone(),
-        );
-    }
-    write_blob(&mut content, &s, store, &manifest.digest, refs).await?;
-    let image = Image {
-        name: name.to_string(),
-        labels: HashMap::new(),
-        target: Some(CtrDescriptor {
-            media_type: manifest.media_type.clone(),
-            digest: manifest.digest.clone(),
-            size: manifest.size as i64,
-            annotations: HashMap::new(),
-        }),
-        created_at: None,
-        updated_at: None,
-    };
-    let mut images = ImagesClient::new(ch);
-    match images
-        .create(s.req(CreateImageRequest {
-            image: Some(image.clone()),
-        }))
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.code() == Code::AlreadyExists => {
-            images
-                .update(s.req(UpdateImageRequest {
-                    image: Some(image),
-                    update_mask: None,
-                }))
-                .await
-                .map_err(fail("image update"))?;
+    l.record(
+        store,
+        manifest,
+        &m,
+        name,
+        top.as_ref().map(|(a, b)| (*a, b.as_str())),
+    )
+    .await?;
+    l.end().await;
+    Ok(())
+}
+
+/// How one layer of a lazy pull went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerPull {
+    /// Already there.
+    Present,
+    /// Mounted from the registry by the snapshotter.
+    Lazy,
+    /// Not zstd:chunked: downloaded (this many bytes) and applied.
+    Pulled(u64),
+}
+
+/// `strata-snapshotter pull --lazy`: stores the manifest and config of `image` (already in
+/// `store`) in containerd, prepares each layer in `snapshotter` with the remote-snapshot labels,
+/// and names the image. Layers the snapshotter does not mount remotely are downloaded with
+/// `fetch_layer` and applied. `report(i, how)` follows each layer.
+/// Where a lazy pull goes.
+pub struct Destination<'a> {
+    /// containerd's socket.
+    pub address: &'a Path,
+    pub namespace: &'a str,
+    pub snapshotter: &'a str,
+}
+
+pub async fn pull_lazy(
+    store: &ContentStore,
+    reference: &str,
+    manifest: &Descriptor,
+    name: &str,
+    to: &Destination<'_>,
+    fetch_layer: &(dyn Fn(&Descriptor) -> Result<(), String> + Sync),
+    report: &(dyn Fn(usize, &LayerPull) + Sync),
+) -> Result<(), ImportError> {
+    let (address, namespace, snapshotter) = (to.address, to.namespace, to.snapshotter);
+    let l = Leased::start(address, namespace).await?;
+    let m: Manifest =
+        oci::read_json(store, &Digest::parse(&manifest.digest).map_err(bad)?).map_err(bad)?;
+    let config: ImageConfig =
+        oci::read_json(store, &Digest::parse(&m.config.digest).map_err(bad)?).map_err(bad)?;
+    let mut snaps = SnapshotsClient::new(l.ch.clone());
+    let mut content = ContentClient::new(l.ch.clone());
+    let mut chain = String::new();
+    for (i, (layer, diff_id)) in m.layers.iter().zip(&config.rootfs.diff_ids).enumerate() {
+        let parent = chain.clone();
+        chain = crate::oci::chain_id(&chain, diff_id);
+        if exists(&mut snaps, &l.s, snapshotter, &chain).await {
+            report(i, &LayerPull::Present);
+            continue;
         }
-        Err(e) => return Err(fail("image create")(e)),
+        let labels = HashMap::from([
+            (crate::lazy::LABEL_TARGET.to_string(), chain.clone()),
+            (
+                crate::lazy::LABEL_IMAGE_REF.to_string(),
+                reference.to_string(),
+            ),
+            (
+                crate::lazy::LABEL_MANIFEST.to_string(),
+                manifest.digest.clone(),
+            ),
+            (crate::lazy::LABEL_LAYER.to_string(), layer.digest.clone()),
+        ]);
+        match prepare_layer(&mut snaps, &l.s, snapshotter, &parent, &chain, labels).await? {
+            Prepared::Remote => report(i, &LayerPull::Lazy),
+            Prepared::Active { key, mounts } => {
+                fetch_layer(layer).map_err(ImportError)?;
+                write_blob(&mut content, &l.s, store, &layer.digest, HashMap::new()).await?;
+                apply_layer(&l.ch, &l.s, snapshotter, key, mounts, layer, &chain).await?;
+                report(i, &LayerPull::Pulled(layer.size));
+            }
+        }
     }
-    if let Some(id) = lease {
-        let _ = leases
-            .delete(
-                Session {
-                    namespace: namespace.to_string(),
-                    lease: None,
-                }
-                .req(DeleteRequest { id, sync: false }),
-            )
-            .await;
-    }
+    l.record(store, manifest, &m, name, Some((snapshotter, &chain)))
+        .await?;
+    l.end().await;
     Ok(())
 }

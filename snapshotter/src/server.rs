@@ -39,7 +39,11 @@ async fn bind(address: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves `snapshots` on `address` until a termination signal, then removes the socket.
-pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> anyhow::Result<()> {
+pub async fn serve(
+    snapshots: Arc<Snapshots>,
+    lazy: Option<Arc<crate::lazy::remote::Lazy>>,
+    address: &Path,
+) -> anyhow::Result<()> {
     let listener = bind(address).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -52,7 +56,7 @@ pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> anyhow::Result<
     info!(address = %address.display(), "serving containerd snapshots API");
     let result = tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Service::new(
-            snapshots,
+            snapshots, lazy,
         ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

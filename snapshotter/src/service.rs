@@ -16,17 +16,19 @@ use tonic::Status;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::lazy::remote::Lazy;
 use crate::snapshots::{Snapshot, Snapshots};
 use crate::store::Kind;
 
 /// The gRPC service over one snapshotter root.
 pub struct Service {
     snapshots: Arc<Snapshots>,
+    lazy: Option<Arc<Lazy>>,
 }
 
 impl Service {
-    pub fn new(snapshots: Arc<Snapshots>) -> Service {
-        Service { snapshots }
+    pub fn new(snapshots: Arc<Snapshots>, lazy: Option<Arc<Lazy>>) -> Service {
+        Service { snapshots, lazy }
     }
 
     async fn run<T: Send + 'static>(
@@ -122,6 +124,13 @@ impl Snapshotter for Service {
     ) -> Result<Vec<Mount>, Status> {
         let k = key.clone();
         let labels = labels(labels_);
+        if let Some(lazy) = self.lazy.clone().filter(|l| l.wants(&labels)) {
+            return self
+                .run("prepare (lazy)", &key, move |s| {
+                    lazy.prepare(s, &k, &parent, labels)
+                })
+                .await;
+        }
         self.run("prepare", &key, move |s| s.prepare(&k, &parent, labels))
             .await
     }

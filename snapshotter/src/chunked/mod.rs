@@ -8,6 +8,7 @@
 //! - [`write`]: layer tar → zstd:chunked blob + the descriptor annotations.
 //! - [`read`]: the footer and annotations → the TOC, verified against its checksum.
 
+pub mod convert;
 pub mod read;
 pub mod toc;
 pub mod write;
@@ -32,6 +33,11 @@ pub const FOOTER_SIZE: usize = 8 + 64;
 pub const FOOTER_MAGIC: &[u8; 8] = b"GNUlInUx";
 /// The TOC type of the footer and the position annotation: CRFS-style JSON.
 pub const TOC_TYPE_CRFS: u64 = 1;
+
+/// Whether a layer descriptor is zstd:chunked (it carries the TOC annotations).
+pub fn is_chunked_descriptor(d: &crate::oci::Descriptor) -> bool {
+    read::is_chunked(&d.annotations)
+}
 
 /// Where a compressed TOC or tar-split sits in the blob (not counting its skippable-frame header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -20,7 +20,11 @@ pub type Fetch<'a> = dyn Fn(u64, u64) -> std::io::Result<Vec<u8>> + 'a;
 
 /// Parses the 72-byte footer: the TOC's and the tar-split's positions.
 pub fn parse_footer(footer: &[u8]) -> Result<(Position, Position), ChunkedError> {
-    let bad = |why: &str| ChunkedError::Format(format!("footer: {why}; the layer is truncated or not zstd:chunked"));
+    let bad = |why: &str| {
+        ChunkedError::Format(format!(
+            "footer: {why}; the layer is truncated or not zstd:chunked"
+        ))
+    };
     if footer.len() != FOOTER_SIZE {
         return Err(bad("shorter than 72 bytes"));
     }
@@ -31,7 +35,8 @@ pub fn parse_footer(footer: &[u8]) -> Result<(Position, Position), ChunkedError>
     if &footer[64..72] != FOOTER_MAGIC {
         return Err(bad("no GNUlInUx magic"));
     }
-    let n = |i: usize| u64::from_le_bytes(footer[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
+    let n =
+        |i: usize| u64::from_le_bytes(footer[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
     if n(3) != TOC_TYPE_CRFS {
         return Err(bad("unknown TOC type"));
     }
@@ -66,7 +71,11 @@ pub fn from_annotations(
         .split(':')
         .map(|p| p.parse::<u64>())
         .collect::<Result<_, _>>()
-        .map_err(|_| ChunkedError::Format(format!("manifest-position annotation {pos:?} is not offset:size:size:type")))?;
+        .map_err(|_| {
+            ChunkedError::Format(format!(
+                "manifest-position annotation {pos:?} is not offset:size:size:type"
+            ))
+        })?;
     match parts.as_slice() {
         [offset, compressed, uncompressed, kind] if *kind == TOC_TYPE_CRFS => Ok(Some((
             Position {
@@ -99,14 +108,19 @@ pub fn read_toc(
         Some(p) => p,
         None => {
             if blob_size < FOOTER_SIZE as u64 {
-                return Err(ChunkedError::Format("the blob is shorter than a footer".into()));
+                return Err(ChunkedError::Format(
+                    "the blob is shorter than a footer".into(),
+                ));
             }
             let footer = fetch(blob_size - FOOTER_SIZE as u64, blob_size)
                 .map_err(ChunkedError::io("fetch the footer"))?;
             (parse_footer(&footer)?.0, None)
         }
     };
-    if pos.offset.checked_add(pos.compressed).is_none_or(|end| end > blob_size)
+    if pos
+        .offset
+        .checked_add(pos.compressed)
+        .is_none_or(|end| end > blob_size)
         || pos.uncompressed > MAX_TOC
     {
         return Err(ChunkedError::Format(format!(
@@ -187,7 +201,10 @@ mod tests {
         for (name, data) in [
             ("etc/small", b"hello\n".to_vec()),
             ("etc/empty", Vec::new()),
-            ("big.bin", (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect()),
+            (
+                "big.bin",
+                (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect(),
+            ),
         ] {
             f.set_size(data.len() as u64);
             b.append_data(&mut f.clone(), name, &data[..]).unwrap();
@@ -221,18 +238,31 @@ mod tests {
         let w = write(Cursor::new(&tar), &mut blob, opts).unwrap();
         // A plain zstd reader gets the original tar back: diff_id unchanged.
         assert_eq!(zstd::stream::decode_all(&blob[..]).unwrap(), tar);
-        assert_eq!(w.diff_id, format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
-        assert_eq!(w.digest, format!("sha256:{}", hex::encode(Sha256::digest(&blob))));
+        assert_eq!(
+            w.diff_id,
+            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+        );
+        assert_eq!(
+            w.digest,
+            format!("sha256:{}", hex::encode(Sha256::digest(&blob)))
+        );
 
         let fetch = fetcher(&blob);
         let toc = read_toc(&w.annotations, blob.len() as u64, &fetch, false).unwrap();
         assert_eq!(toc, w.toc);
         // Also through the footer alone (no annotations): unverified, so only when allowed.
         assert!(read_toc(&BTreeMap::new(), blob.len() as u64, &fetch, false).is_err());
-        assert_eq!(read_toc(&BTreeMap::new(), blob.len() as u64, &fetch, true).unwrap(), toc);
+        assert_eq!(
+            read_toc(&BTreeMap::new(), blob.len() as u64, &fetch, true).unwrap(),
+            toc
+        );
 
         let chunks = toc.chunks();
-        let big = toc.entries.iter().position(|e| e.name == "big.bin").unwrap();
+        let big = toc
+            .entries
+            .iter()
+            .position(|e| e.name == "big.bin")
+            .unwrap();
         assert_eq!(chunks[&big].len(), 5, "1.2 MB in 256 KiB chunks");
         let mut content = Vec::new();
         for c in &chunks[&big] {
@@ -243,8 +273,14 @@ mod tests {
         assert_eq!(content, expected);
         let e = &toc.entries[big];
         assert_eq!((e.mode, e.uid, e.gid), (0o640, 7, 8));
-        assert!(toc.entries.iter().any(|e| e.name.ends_with("/file") && e.name.len() > 150));
-        assert!(toc.entries.iter().any(|e| e.kind == "hardlink" && e.link_name == "etc/small"));
+        assert!(toc
+            .entries
+            .iter()
+            .any(|e| e.name.ends_with("/file") && e.name.len() > 150));
+        assert!(toc
+            .entries
+            .iter()
+            .any(|e| e.kind == "hardlink" && e.link_name == "etc/small"));
 
         // A flipped byte in a chunk's frame: refused, never served.
         let mut bad = blob.clone();

@@ -57,10 +57,18 @@ pub struct Entry {
     #[serde(rename = "chunkOffset", default, skip_serializing_if = "is_zero")]
     pub chunk_offset: u64,
     /// sha256 of this chunk's uncompressed bytes.
-    #[serde(rename = "chunkDigest", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_digest: String,
     /// `""` (data) or `zeros` (a hole).
-    #[serde(rename = "chunkType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_type: String,
 }
 
@@ -148,7 +156,10 @@ impl Toc {
                             if depth < 0 {
                                 return Err(unsafe_entry(
                                     &e.name,
-                                    format!("symlink to {:?} climbs above the layer's root", e.link_name),
+                                    format!(
+                                        "symlink to {:?} climbs above the layer's root",
+                                        e.link_name
+                                    ),
                                 ));
                             }
                         }
@@ -159,13 +170,19 @@ impl Toc {
                     if target.split('/').any(|c| c == "..") || !seen.contains(&target) {
                         return Err(unsafe_entry(
                             &e.name,
-                            format!("hard link to {:?}, which is not an earlier entry of the layer", e.link_name),
+                            format!(
+                                "hard link to {:?}, which is not an earlier entry of the layer",
+                                e.link_name
+                            ),
                         ));
                     }
                 }
                 "dir" | "char" | "block" | "fifo" => last_reg = None,
                 other => {
-                    return Err(unsafe_entry(&e.name, format!("unknown entry type {other:?}")));
+                    return Err(unsafe_entry(
+                        &e.name,
+                        format!("unknown entry type {other:?}"),
+                    ));
                 }
             }
             if e.kind != "chunk" {
@@ -184,7 +201,11 @@ impl Toc {
                 "reg" if e.size > 0 => {
                     current = Some(i);
                     // Without chunk fields, the whole content is one frame.
-                    let size = if e.chunk_size > 0 { e.chunk_size } else { e.size };
+                    let size = if e.chunk_size > 0 {
+                        e.chunk_size
+                    } else {
+                        e.size
+                    };
                     let digest = if e.chunk_digest.is_empty() {
                         e.digest.clone()
                     } else {

@@ -83,7 +83,10 @@ impl<W: Write> Out<W> {
             compressed: z.len() as u64,
             uncompressed: data.len() as u64,
         };
-        Ok((position, format!("sha256:{}", hex::encode(Sha256::digest(&z)))))
+        Ok((
+            position,
+            format!("sha256:{}", hex::encode(Sha256::digest(&z))),
+        ))
     }
 }
 
@@ -97,7 +100,11 @@ fn crc64_iso(crc: u64, data: &[u8]) -> u64 {
         for (i, slot) in t.iter_mut().enumerate() {
             let mut crc = i as u64;
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ POLY } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ POLY
+                } else {
+                    crc >> 1
+                };
             }
             *slot = crc;
         }
@@ -215,7 +222,9 @@ pub fn write(
             .as_ustar()
             .map(|_| ())
             .or_else(|| header.as_gnu().map(|_| ()))
-            .ok_or_else(|| ChunkedError::Format("a header block is neither ustar nor GNU tar".into()))?;
+            .ok_or_else(|| {
+                ChunkedError::Format("a header block is neither ustar nor GNU tar".into())
+            })?;
         let size = header
             .entry_size()
             .map_err(ChunkedError::io("tar header size"))?;
@@ -228,7 +237,9 @@ pub fn write(
         {
             let mut data = vec![0u8; padded(size) as usize];
             if !read_exact_or_eof(&mut input, &mut data)? {
-                return Err(ChunkedError::Format("the tar ends inside an extension record".into()));
+                return Err(ChunkedError::Format(
+                    "the tar ends inside an extension record".into(),
+                ));
             }
             pending.extend_from_slice(&data);
             let data = &data[..size as usize];
@@ -296,9 +307,10 @@ pub fn write(
         };
         for (k, v) in std::mem::take(&mut pax) {
             if let Some(x) = k.strip_prefix("SCHILY.xattr.") {
-                entry
-                    .xattrs
-                    .insert(x.to_string(), base64::engine::general_purpose::STANDARD.encode(v));
+                entry.xattrs.insert(
+                    x.to_string(),
+                    base64::engine::general_purpose::STANDARD.encode(v),
+                );
             }
         }
         if entry.name.is_empty() {
@@ -309,7 +321,9 @@ pub fn write(
             // Content of other types (none in practice) stays in the raw stream.
             let mut data = vec![0u8; padded(size) as usize];
             if !read_exact_or_eof(&mut input, &mut data)? && size > 0 {
-                return Err(ChunkedError::Format(format!("{name}: the tar ends inside its data")));
+                return Err(ChunkedError::Format(format!(
+                    "{name}: the tar ends inside its data"
+                )));
             }
             pending.extend_from_slice(&data);
             split.segment(&pending);
@@ -335,7 +349,9 @@ pub fn write(
             let n = left.min(opts.chunk_size.max(1));
             let mut data = vec![0u8; n as usize];
             if !read_exact_or_eof(&mut input, &mut data)? {
-                return Err(ChunkedError::Format(format!("{name}: the tar ends inside its data")));
+                return Err(ChunkedError::Format(format!(
+                    "{name}: the tar ends inside its data"
+                )));
             }
             file_hash.update(&data);
             crc = crc64_iso(crc, &data);
@@ -366,7 +382,9 @@ pub fn write(
         let pad = (padded(size) - size) as usize;
         let mut padding = vec![0u8; pad];
         if pad > 0 && !read_exact_or_eof(&mut input, &mut padding)? {
-            return Err(ChunkedError::Format(format!("{name}: the tar ends inside its padding")));
+            return Err(ChunkedError::Format(format!(
+                "{name}: the tar ends inside its padding"
+            )));
         }
         pending.extend_from_slice(&padding);
     }
@@ -392,14 +410,13 @@ pub fn write(
     }
     footer.extend_from_slice(FOOTER_MAGIC);
     out.put(&footer)?;
-    out.inner.flush().map_err(ChunkedError::io("write the layer"))?;
+    out.inner
+        .flush()
+        .map_err(ChunkedError::io("write the layer"))?;
     let blob = out.hash.finalize();
     // The checksums cover the compressed bytes of the TOC and tar-split frames.
     let annotations = BTreeMap::from([
-        (
-            ANNOTATION_TOC_CHECKSUM.to_string(),
-            toc_digest,
-        ),
+        (ANNOTATION_TOC_CHECKSUM.to_string(), toc_digest),
         (
             ANNOTATION_TOC_POSITION.to_string(),
             format!(
@@ -407,10 +424,7 @@ pub fn write(
                 toc_pos.offset, toc_pos.compressed, toc_pos.uncompressed
             ),
         ),
-        (
-            ANNOTATION_TARSPLIT_CHECKSUM.to_string(),
-            split_digest,
-        ),
+        (ANNOTATION_TARSPLIT_CHECKSUM.to_string(), split_digest),
         (
             ANNOTATION_TARSPLIT_POSITION.to_string(),
             format!(

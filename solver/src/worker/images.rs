@@ -8,6 +8,7 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 use strata_snapshotter::content::Digest;
+use strata_snapshotter::image;
 use strata_snapshotter::layer;
 use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Index, Manifest};
 use strata_snapshotter::registry::Reference;
@@ -131,58 +132,14 @@ impl Worker {
     /// Downloads blob `blob` of repository `r` into the content store unless it is there,
     /// verified against its digest.
     pub fn fetch_blob(&self, r: &Reference, blob: &Descriptor) -> Result<(), WorkerError> {
-        let d = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-        if self.content.has(&d) {
-            return Ok(());
-        }
-        let mut w = self.content.writer()?;
-        self.registry.blob(r, &blob.digest, &mut w)?;
-        w.commit(Some(&d))?;
-        Ok(())
+        image::fetch_blob(&self.registry, r, &self.content, blob).map_err(image_error)
     }
 
     /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
     pub fn pull(&self, reference: &str) -> Result<String, WorkerError> {
         let r = Reference::parse(reference)?;
-        let (bytes, media, digest) = self.registry.manifest(&r)?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| WorkerError::Image(format!("manifest of {r}: {e}")))?;
-        let (bytes, media, digest) = if value.get("manifests").is_some() {
-            let index: Index = serde_json::from_value(value)
-                .map_err(|e| WorkerError::Image(format!("index of {r}: {e}")))?;
-            let m = index
-                .manifests
-                .iter()
-                .find(|m| {
-                    m.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-                })
-                .ok_or_else(|| WorkerError::Image(format!("{r} has no linux/amd64 image")))?;
-            self.registry.manifest(&r.with_digest(&m.digest))?
-        } else {
-            (bytes, media, digest)
-        };
-        let want = Digest::parse(&digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-        self.content.put_reader(&bytes[..], Some(&want))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| WorkerError::Image(format!("manifest of {r}: {e}")))?;
-        for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            self.fetch_blob(&r, blob)?;
-        }
+        let (desc, _) = image::pull(&self.registry, &r, &self.content).map_err(image_error)?;
         let name = normalize(reference);
-        let media_type = if media.is_empty() {
-            oci::MEDIA_MANIFEST.to_string()
-        } else {
-            media
-        };
-        let desc = Descriptor {
-            media_type,
-            digest,
-            size: bytes.len() as u64,
-            annotations: Default::default(),
-            platform: None,
-        };
         self.db.put_image(&ImageRecord {
             name: name.clone(),
             manifest: desc,
@@ -203,17 +160,7 @@ impl Worker {
                 *layer = self.gzip_layer(layer)?;
             }
         }
-        for blob in m.layers.iter().chain(std::iter::once(&m.config)) {
-            let bd = Digest::parse(&blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-            self.registry
-                .push_blob(&r, &blob.digest, &self.content.read(&bd)?)?;
-        }
-        let pushed = oci::put_json(&self.content, oci::MEDIA_MANIFEST, &m)?;
-        let bytes = self
-            .content
-            .read(&Digest::parse(&pushed.digest).map_err(|e| WorkerError::Image(e.to_string()))?)?;
-        self.registry
-            .push_manifest(&r, &bytes, oci::MEDIA_MANIFEST)?;
+        image::push(&self.registry, &r, &self.content, &m).map_err(image_error)?;
         Ok(())
     }
 
@@ -412,6 +359,13 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+}
+
+fn image_error(e: image::ImageError) -> WorkerError {
+    match e {
+        image::ImageError::Registry(r) => r.into(),
+        other => WorkerError::Image(other.to_string()),
     }
 }
 

@@ -1,0 +1,428 @@
+//! Lazy layers end to end: an image converted to zstd:chunked in a real registry, pulled lazily
+//! through containerd into strata, run with `ctr run` before the layer is fetched, and compared
+//! file by file with the original; tampered chunks, bad TOCs, a stopped registry, a restarted
+//! snapshotter.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use strata_fs_tests::containerd::Containerd;
+use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::image::{busybox_layer, write_oci_archive, LayerBuilder};
+use strata_fs_tests::registry::Registry;
+use strata_fs_tests::workspace_bin;
+
+/// Deterministic bytes that zstd cannot shrink much.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The data layer: many small files, a few large ones (several chunks each), a symlink, and a
+/// whiteout of a busybox file. Returns the layer and the expected sha256 of each file.
+fn data_layer(small: usize, big: usize, big_size: usize) -> (Vec<u8>, BTreeMap<String, String>) {
+    let mut b = LayerBuilder::default();
+    let mut sums = BTreeMap::new();
+    for i in 0..small {
+        let data = noise(i as u64, 500 + (i * 37) % 7000);
+        let path = format!("data/small/f{i:04}");
+        sums.insert(format!("/{path}"), hex::encode(Sha256::digest(&data)));
+        b.file(&path, 0o644, &data);
+    }
+    for i in 0..big {
+        let data = noise(1000 + i as u64, big_size);
+        let path = format!("data/big-{i}");
+        sums.insert(format!("/{path}"), hex::encode(Sha256::digest(&data)));
+        b.file(&path, 0o600, &data);
+    }
+    b.symlink("data/link", "big-0");
+    b.whiteout("bin", "vi");
+    (b.finish(), sums)
+}
+
+struct Setup {
+    reg: Registry,
+    lazy_ref: String,
+    sums: BTreeMap<String, String>,
+    dir: tempfile::TempDir,
+}
+
+fn setup(small: usize, big: usize, big_size: usize) -> Setup {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, sums) = data_layer(small, big, big_size);
+    let archive = dir.path().join("app.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/strata/app:1",
+        &[busybox_layer().finish(), data],
+        &["/bin/sh"],
+    );
+    reg.push_archive(&archive, "strata/app:1");
+    let lazy_ref = format!("{}/strata/app:lazy", reg.host);
+    let out = Command::new(workspace_bin("strata-snapshotter"))
+        .args(["convert", "--chunk-size", "1048576"])
+        .arg(format!("{}/strata/app:1", reg.host))
+        .arg(&lazy_ref)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Setup {
+        reg,
+        lazy_ref,
+        sums,
+        dir,
+    }
+}
+
+fn config(dir: &Path, extra: &str) -> String {
+    let p = dir.join("snapshotter.toml");
+    std::fs::write(
+        &p,
+        format!("[lazy]\nfetch_timeout_secs = 3\nfetch_retries = 0\n{extra}"),
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+fn pull_lazy(c: &Containerd, reference: &str) -> std::process::Output {
+    Command::new(workspace_bin("strata-snapshotter"))
+        .args(["pull", "--lazy", reference, "--containerd-address"])
+        .arg(&c.address)
+        .args(["--namespace", &c.namespace])
+        .output()
+        .unwrap()
+}
+
+fn status(d: &Daemon) -> String {
+    let out = Command::new(workspace_bin("strata-snapshotter"))
+        .arg("--root")
+        .arg(&d.root)
+        .args(["status", "--prometheus"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
+    let s = setup(300, 3, 5 << 20);
+    let cfg = config(s.dir.path(), "background_fetch = false\n");
+    let d = Daemon::start_with(&["--config", &cfg]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "pull --lazy: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("mounted lazily"), "{text}");
+
+    // A few files read: right content, and most of the layer never fetched.
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "few",
+        "sha256sum",
+        "/data/small/f0007",
+        "/data/big-1",
+    ]);
+    for line in run.lines() {
+        let (sum, path) = line.split_once("  ").unwrap();
+        assert_eq!(s.sums[path], sum, "{path}");
+    }
+    let st = status(&d);
+    let (fetched, total) = (
+        metric(&st, "strata_lazy_fetched_bytes_total"),
+        metric(&st, "strata_lazy_layer_bytes"),
+    );
+    assert!(
+        fetched > 0 && fetched < total / 2,
+        "fetched {fetched} of {total}:\n{st}"
+    );
+
+    // Everything, through FUSE: equal to the original, whiteout and symlink included.
+    let all = c.ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "all", "sh", "-c",
+        "find /data -type f -exec sha256sum {} + ; readlink /data/link; test -e /bin/vi || echo vi-gone; test -e /bin/ls && echo ls-here"]);
+    let mut seen = BTreeMap::new();
+    for line in all.lines() {
+        if let Some((sum, path)) = line.split_once("  ") {
+            seen.insert(path.to_string(), sum.to_string());
+        }
+    }
+    assert_eq!(seen, s.sums);
+    assert!(
+        all.contains("\nbig-0\n") || all.contains("big-0\n"),
+        "{all}"
+    );
+    assert!(all.contains("vi-gone") && all.contains("ls-here"), "{all}");
+    assert_eq!(metric(&status(&d), "strata_lazy_verify_failures_total"), 0);
+}
+
+/// The data layer's descriptor and its TOC, from the registry.
+fn data_layer_toc(
+    s: &Setup,
+) -> (
+    strata_snapshotter::oci::Descriptor,
+    strata_snapshotter::chunked::toc::Toc,
+) {
+    use strata_snapshotter::registry::{Client, Options, Reference};
+    let c = Client::new(Options::default());
+    let r = Reference::parse(&s.lazy_ref).unwrap();
+    let (bytes, _, _) = c.manifest(&r).unwrap();
+    let m: strata_snapshotter::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
+    let layer = m.layers[1].clone();
+    let fetch = |a: u64, b: u64| -> std::io::Result<Vec<u8>> {
+        c.blob_range(&r, &layer.digest, a, b)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let toc =
+        strata_snapshotter::chunked::read::read_toc(&layer.annotations, layer.size, &fetch, false)
+            .unwrap();
+    (layer, toc)
+}
+
+#[test]
+fn tampered_chunks_fail_with_eio_and_are_never_served() {
+    let s = setup(20, 3, 3 << 20);
+    let (layer, toc) = data_layer_toc(&s);
+    let big2 = toc.entries.iter().find(|e| e.name == "data/big-2").unwrap();
+    // Flip a byte inside big-2's second chunk in the registry's storage.
+    let second = toc
+        .entries
+        .iter()
+        .filter(|e| e.name == "data/big-2" && e.kind == "chunk")
+        .next()
+        .unwrap();
+    let path = s.reg.blob_path(&layer.digest);
+    let mut blob = std::fs::read(&path).unwrap();
+    blob[((second.offset + second.end_offset) / 2) as usize] ^= 0x55;
+    std::fs::write(&path, &blob).unwrap();
+    assert!(big2.size > second.chunk_offset);
+
+    let cfg = config(s.dir.path(), "background_fetch = false\n");
+    let d = Daemon::start_with(&["--config", &cfg]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = c.try_ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "bad", "sh", "-c",
+        "head -c 1048576 /data/big-2 | sha256sum; cat /data/big-2 > /dev/null && echo READ-ALL || echo read-failed; sha256sum /data/big-0"]);
+    let text =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(
+        text.contains("read-failed") && !text.contains("READ-ALL"),
+        "{text}"
+    );
+    assert!(
+        text.contains("I/O error") || text.contains("Input/output error"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&s.sums["/data/big-0"]),
+        "other files still read: {text}"
+    );
+    let st = status(&d);
+    assert!(
+        metric(&st, "strata_lazy_verify_failures_total") >= 1,
+        "{st}"
+    );
+    // The bad bytes were not cached: no cached chunk has the bad chunk's digest mismatch.
+    let cache = d.root.join("lazy/chunks");
+    for e in std::fs::read_dir(&cache).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        let data = std::fs::read(e.path()).unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(&data)),
+            name,
+            "the cache holds only verified chunks"
+        );
+    }
+    let log = std::fs::read_dir(d.root.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("lazy/serve.log")).ok())
+        .collect::<String>();
+    assert!(log.contains("not served"), "the failure is logged: {log}");
+}
+
+#[test]
+fn bad_tocs_and_plain_layers() {
+    let s = setup(5, 1, 100_000);
+    use strata_snapshotter::registry::{Client, Options, Reference};
+    let client = Client::new(Options::default());
+    let r = Reference::parse(&s.lazy_ref).unwrap();
+    let (bytes, _, _) = client.manifest(&r).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let key = "io.github.containers.zstd-chunked.manifest-checksum";
+    m["layers"][1]["annotations"][key] = format!("sha256:{}", "0".repeat(64)).into();
+    let bad_ref = Reference::parse(&format!("{}/strata/app:badtoc", s.reg.host)).unwrap();
+    client
+        .push_manifest(
+            &bad_ref,
+            &serde_json::to_vec(&m).unwrap(),
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+        .unwrap();
+
+    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &bad_ref.to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("TOC's digest"),
+        "{err}"
+    );
+
+    // A layer that is not zstd:chunked is pulled whole, and said so.
+    let plain = format!("{}/strata/app:1", s.reg.host);
+    let out = pull_lazy(&c, &plain);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("not zstd:chunked: pulled whole"),
+        "{err}"
+    );
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &plain,
+        "plain",
+        "sha256sum",
+        "/data/big-0",
+    ]);
+    assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
+    assert!(d.log_text().contains("falling back to a full pull"));
+}
+
+#[test]
+fn a_stopped_registry_gives_eio_in_bounded_time_and_reads_resume() {
+    let mut s = setup(5, 2, 2 << 20);
+    let d = Daemon::start_with(&[
+        "--config",
+        &config(s.dir.path(), "background_fetch = false\n"),
+    ]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.reg.stop();
+    let started = std::time::Instant::now();
+    let run = c.try_ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "down",
+        "sh",
+        "-c",
+        "cat /data/big-1 > /dev/null && echo READ || echo failed",
+    ]);
+    let text =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(text.contains("failed"), "{text}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    s.reg.start_again();
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "up",
+        "sha256sum",
+        "/data/big-1",
+    ]);
+    assert!(run.contains(&s.sums["/data/big-1"]), "{run}");
+    assert!(metric(&status(&d), "strata_lazy_fetch_errors_total") >= 1);
+}
+
+#[test]
+fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
+    let s = setup(200, 2, 2 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(s.dir.path(), "background_fetch = false\n");
+    let mut d = Daemon::start_in_with(dir.path(), &["--config", &cfg]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The container reads every file, a few at a time, for about four seconds.
+    let reader = {
+        let (addr, ns, image) = (c.address.clone(), c.namespace.clone(), s.lazy_ref.clone());
+        std::thread::spawn(move || {
+            Command::new("ctr")
+                .arg("--address").arg(&addr).args(["--namespace", &ns])
+                .args(["run", "--rm", "--snapshotter", "strata", &image, "reader", "sh", "-c",
+                    "for i in $(seq 0 199); do f=$(printf /data/small/f%04d $i); sha256sum $f > /dev/null || echo FAIL $f; sleep 0.02; done; sha256sum /data/big-1; echo done"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    d.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    d.start_again();
+    let out = reader.join().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("done") && !text.contains("FAIL"), "{text}");
+    assert!(text.contains(&s.sums["/data/big-1"]), "{text}");
+    // After the restart the layers are still served and still listed.
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "after",
+        "sha256sum",
+        "/data/big-0",
+    ]);
+    assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
+    assert!(metric(&status(&d), "strata_lazy_layer_bytes") > 0);
+}

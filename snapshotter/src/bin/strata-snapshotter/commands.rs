@@ -1,0 +1,154 @@
+//! The one-shot commands: `convert` and `pull --lazy`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use strata_snapshotter::chunked::{convert, write};
+use strata_snapshotter::containerd::{pull_lazy as containerd_pull_lazy, Destination, LayerPull};
+use strata_snapshotter::content::{ContentStore, Digest};
+use strata_snapshotter::image;
+use strata_snapshotter::oci::{self, Descriptor, Manifest};
+use strata_snapshotter::registry::{Client, Options, Reference};
+
+fn client(insecure: Vec<String>) -> Client {
+    Client::new(Options {
+        insecure,
+        ..Default::default()
+    })
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+/// Reads SRC (`oci-archive:FILE`, `oci:DIR`, or a registry reference) into `store`.
+fn read_source(
+    store: &ContentStore,
+    src: &str,
+    c: &Client,
+) -> anyhow::Result<(Descriptor, Manifest)> {
+    let from_layout = |images: Vec<oci::LayoutImage>| -> anyhow::Result<(Descriptor, Manifest)> {
+        let first = images
+            .into_iter()
+            .next()
+            .context("the layout lists no image")?;
+        let m: Manifest = oci::read_json(store, &Digest::parse(&first.manifest.digest)?)?;
+        Ok((first.manifest, m))
+    };
+    if let Some(path) = src.strip_prefix("oci-archive:") {
+        let f = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
+        from_layout(oci::read_layout_archive(store, f)?)
+    } else if let Some(dir) = src.strip_prefix("oci:") {
+        from_layout(oci::read_layout_dir(store, Path::new(dir))?)
+    } else {
+        let r = Reference::parse(src.trim_start_matches("docker://"))?;
+        Ok(image::pull(c, &r, store)?)
+    }
+}
+
+pub fn convert(src: &str, dst: &str, chunk_size: u64, insecure: Vec<String>) -> anyhow::Result<()> {
+    let c = client(insecure);
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-convert-")
+        .tempdir()
+        .context("create a work directory")?;
+    let store = ContentStore::open(tmp.path())?;
+    let (_, manifest) = read_source(&store, src, &c).with_context(|| format!("read {src}"))?;
+    let b = bar(manifest.layers.len() as u64, "converting to zstd:chunked");
+    let opts = write::Options {
+        chunk_size,
+        ..Default::default()
+    };
+    let out = convert::convert(&store, &manifest, opts, &|i, _, _| b.set_position(i as u64))?;
+    b.finish_and_clear();
+    let before: u64 = manifest.layers.iter().map(|l| l.size).sum();
+    let after: u64 = out.layers.iter().map(|l| l.size).sum();
+    if let Some(path) = dst.strip_prefix("oci-archive:") {
+        let desc = oci::put_json(&store, oci::MEDIA_MANIFEST, &out)?;
+        let f = std::fs::File::create(path).with_context(|| format!("create {path}"))?;
+        oci::write_layout_archive(&store, &desc, "localhost/converted:latest", 0, f)?;
+    } else {
+        let r = Reference::parse(dst.trim_start_matches("docker://"))?;
+        image::push(&c, &r, &store, &out)?;
+    }
+    println!(
+        "converted {} layers: {before} -> {after} bytes; wrote {dst}",
+        out.layers.len()
+    );
+    Ok(())
+}
+
+pub fn pull_lazy(
+    reference: &str,
+    address: &Path,
+    namespace: &str,
+    snapshotter: &str,
+    insecure: Vec<String>,
+) -> anyhow::Result<()> {
+    let c = client(insecure);
+    let r = Reference::parse(reference.trim_start_matches("docker://"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-pull-")
+        .tempdir()
+        .context("create a work directory")?;
+    let store = ContentStore::open(tmp.path())?;
+    let (desc, manifest) = image::fetch_manifest(&c, &r, &store)?;
+    image::fetch_blob(&c, &r, &store, &manifest.config)?;
+    let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
+    let b = bar(manifest.layers.len() as u64, &format!("pulling {r} lazily"));
+    let fetched = std::sync::atomic::AtomicU64::new(0);
+    let fetch_layer = |l: &Descriptor| -> Result<(), String> {
+        image::fetch_blob(&c, &r, &store, l).map_err(|e| e.to_string())
+    };
+    let report = |i: usize, how: &LayerPull| {
+        b.set_position(i as u64 + 1);
+        let line = match how {
+            LayerPull::Present => "already present".to_string(),
+            LayerPull::Lazy => "mounted lazily".to_string(),
+            LayerPull::Pulled(n) => {
+                fetched.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+                format!("not zstd:chunked: pulled whole ({n} bytes)")
+            }
+        };
+        // Printed even when the bar is hidden (no terminal).
+        b.suspend(|| {
+            eprintln!(
+                "layer {}/{}: {}: {line}",
+                i + 1,
+                manifest.layers.len(),
+                manifest.layers[i].digest
+            )
+        });
+    };
+    let name = r.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(containerd_pull_lazy(
+        &store,
+        &name,
+        &desc,
+        &name,
+        &Destination {
+            address,
+            namespace,
+            snapshotter,
+        },
+        &fetch_layer,
+        &report,
+    ))?;
+    b.finish_and_clear();
+    println!(
+        "pulled {name}: {} of {total} layer bytes downloaded; the rest is fetched on demand (see `strata-snapshotter status`)",
+        fetched.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! `strata-snapshotter`: the daemon containerd talks to as proxy snapshot plugin `strata`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use strata_snapshotter::config::{Config, LogFormat, DEFAULT_CONFIG};
+use strata_snapshotter::lazy::remote::Lazy;
+use strata_snapshotter::{server, Options, Snapshots};
+
+mod commands;
+use tracing_subscriber::EnvFilter;
+
+const AFTER_HELP: &str = r#"Plug it into containerd (/etc/containerd/config.toml), then restart containerd:
+
+  [proxy_plugins.strata]
+    type = "snapshot"
+    address = "/run/strata/snapshotter.sock"
+
+and use it:  ctr images pull --snapshotter strata docker.io/library/busybox:latest
+             ctr run --rm --snapshotter strata docker.io/library/busybox:latest demo echo hi
+
+Lazy pulls (zstd:chunked layers mounted from the registry over FUSE):
+  strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked
+  strata-snapshotter pull --lazy registry.example.com/app:1-chunked
+  ctr run --rm --snapshotter strata registry.example.com/app:1-chunked demo cat /etc/os-release
+  strata-snapshotter status
+
+Config file (TOML; flags override it):
+  root = "/var/lib/strata"
+  address = "/run/strata/snapshotter.sock"
+  async_remove = false          # true: Remove drops metadata only, Cleanup reclaims disk
+  [log]
+  level = "info"                # or a filter such as "strata_snapshotter=debug"
+  format = "text"               # or "json"
+  [lazy]
+  enabled = true
+  allow_unverified = false      # serve layers whose TOC has no checksum annotation
+  insecure_registries = []      # plain HTTP (localhost and 127.0.0.1 always are)
+  fetch_timeout_secs = 10       # a read the registry cannot serve in time fails with EIO
+  cache_max_bytes = 10737418240 # chunk cache bound (shared by all layers)
+  background_fetch = true       # fetch the rest of each layer after mounting it
+  metrics_address = ""          # e.g. "127.0.0.1:9109" for Prometheus /metrics
+
+Stop it with SIGTERM or SIGINT; after a crash the next start repairs the root."#;
+
+/// containerd snapshotter: overlay2-style layered snapshots with crash-safe metadata.
+#[derive(Parser, Debug)]
+#[command(name = "strata-snapshotter", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Directory holding snapshots and metadata [default: /var/lib/strata]
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Unix socket to serve containerd's Snapshots API on [default: /run/strata/snapshotter.sock]
+    #[arg(long, value_name = "SOCKET")]
+    address: Option<PathBuf>,
+    /// TOML config file; a missing file is an error only when given explicitly
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log level or tracing filter (overrides the config's log.level and RUST_LOG)
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log format
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<Format>,
+    /// Remove only metadata on Remove; reclaim directories at the next Cleanup
+    #[arg(long)]
+    async_remove: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Rewrite an image's layers as zstd:chunked so that it can be pulled lazily. SRC and DST:
+    /// a registry reference, oci-archive:FILE, or (SRC only) oci:DIR
+    Convert {
+        src: String,
+        dst: String,
+        /// Files larger than this are cut in chunks fetched independently
+        #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+        chunk_size: u64,
+        /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
+    },
+    /// Pull an image into containerd, mounting its zstd:chunked layers from the registry instead
+    /// of downloading them (like `ctr-remote image rpull`); other layers are pulled whole
+    Pull {
+        /// Required: the layers are mounted lazily
+        #[arg(long)]
+        lazy: bool,
+        reference: String,
+        /// containerd's socket
+        #[arg(
+            long,
+            default_value = "/run/containerd/containerd.sock",
+            value_name = "SOCKET"
+        )]
+        containerd_address: PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "strata")]
+        snapshotter: String,
+        /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
+    },
+    /// Per lazy layer: bytes fetched / total, cache hits, chunk verification failures, fetch
+    /// errors (--prometheus: the metrics endpoint's text)
+    Status {
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Serve one lazy layer over FUSE (started by the daemon)
+    #[command(hide = true)]
+    ServeLayer { state: PathBuf, mountpoint: PathBuf },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let explicit = cli.config.is_some();
+    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let mut config = Config::load(&path, explicit)?;
+    if let Some(root) = cli.root {
+        config.root = root;
+    }
+    if let Some(address) = cli.address {
+        config.address = address;
+    }
+    if let Some(level) = cli.log_level.or_else(|| std::env::var("RUST_LOG").ok()) {
+        config.log.level = level;
+    }
+    if let Some(format) = cli.log_format {
+        config.log.format = match format {
+            Format::Text => LogFormat::Text,
+            Format::Json => LogFormat::Json,
+        };
+    }
+    config.async_remove |= cli.async_remove;
+    init_logging(&config);
+
+    match cli.command {
+        None => {}
+        Some(Cmd::ServeLayer { state, mountpoint }) => {
+            return strata_snapshotter::lazy::fs::serve(&state, &mountpoint)
+        }
+        Some(Cmd::Status { prometheus }) => return status(&config.root, prometheus),
+        Some(Cmd::Convert {
+            src,
+            dst,
+            chunk_size,
+            insecure_registry,
+        }) => return commands::convert(&src, &dst, chunk_size, insecure_registry),
+        Some(Cmd::Pull {
+            lazy,
+            reference,
+            containerd_address,
+            namespace,
+            snapshotter,
+            insecure_registry,
+        }) => {
+            if !lazy {
+                anyhow::bail!(
+                    "pull only pulls lazily: add --lazy (or use `ctr images pull` for a full pull)"
+                );
+            }
+            return commands::pull_lazy(
+                &reference,
+                &containerd_address,
+                &namespace,
+                &snapshotter,
+                insecure_registry,
+            );
+        }
+    }
+
+    let options = Options {
+        async_remove: config.async_remove,
+    };
+    let snapshots = Snapshots::open(&config.root, options)
+        .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
+    let lazy = Arc::new(Lazy::new(&config.root, config.lazy.clone())?);
+    let remounted = lazy.restore(&snapshots)?;
+    if remounted > 0 {
+        tracing::info!(remounted, "lazy layers mounted again");
+    }
+    if !config.lazy.metrics_address.is_empty() {
+        strata_snapshotter::lazy::serve_metrics(
+            &config.lazy.metrics_address,
+            config.root.clone(),
+            lazy.clone(),
+        )
+        .with_context(|| format!("metrics on {}", config.lazy.metrics_address))?;
+    }
+    // One async thread: requests are tiny and all disk work runs on the blocking pool, so a single
+    // thread saves the cross-thread wake-ups that dominated latency (direct Mounts p50 396 -> 285 µs).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    runtime.block_on(server::serve(
+        Arc::new(snapshots),
+        config.lazy.enabled.then_some(lazy),
+        &config.address,
+    ))
+}
+
+fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
+    if prometheus {
+        print!("{}", strata_snapshotter::lazy::prometheus(root, 0));
+        return Ok(());
+    }
+    let layers = strata_snapshotter::lazy::layer_stats(root);
+    if layers.is_empty() {
+        println!("no lazy layers under {}", root.display());
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>21} {:>6} {:>10} {:>13} {:>12}",
+        "LAYER", "FETCHED / TOTAL", "%", "CACHE HITS", "VERIFY FAILS", "FETCH ERRORS"
+    );
+    for (digest, s) in layers {
+        let pct = if s.total_bytes > 0 {
+            100.0 * s.fetched_bytes as f64 / s.total_bytes as f64
+        } else {
+            0.0
+        };
+        println!(
+            "{:<20} {:>21} {:>5.1}% {:>10} {:>13} {:>12}",
+            &digest[..19.min(digest.len())],
+            format!("{} / {}", s.fetched_bytes, s.total_bytes),
+            pct,
+            s.cache_hits,
+            s.verify_failures,
+            s.fetch_errors
+        );
+    }
+    Ok(())
+}

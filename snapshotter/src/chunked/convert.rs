@@ -1,0 +1,74 @@
+//! Converting an image's layers to zstd:chunked (`strata-snapshotter convert`, and a library
+//! call for exporters): each layer is decompressed and rewritten frame by frame; its tar bytes
+//! stay the same, so the config (diff_ids) is unchanged and only the manifest is new.
+
+use std::io::{BufReader, Read};
+
+use super::write::{write, Options};
+use super::{is_chunked_descriptor, MEDIA_LAYER_ZSTD};
+use crate::content::{ContentStore, Digest};
+use crate::oci::{self, Descriptor, ImageConfig, Manifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("layer {digest}: {reason}")]
+    Layer { digest: String, reason: String },
+    #[error(transparent)]
+    Content(#[from] crate::content::ContentError),
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+}
+
+/// Converts every layer of `manifest` (with its blobs in `store`) that is not zstd:chunked yet;
+/// `progress(i, n, digest)` is called before layer `i` of `n`. Returns the new manifest.
+pub fn convert(
+    store: &ContentStore,
+    manifest: &Manifest,
+    opts: Options,
+    progress: &dyn Fn(usize, usize, &str),
+) -> Result<Manifest, ConvertError> {
+    let config: ImageConfig = oci::read_json(store, &Digest::parse(&manifest.config.digest)?)?;
+    let mut out = manifest.clone();
+    out.media_type = oci::MEDIA_MANIFEST.into();
+    for (i, layer) in out.layers.iter_mut().enumerate() {
+        progress(i, manifest.layers.len(), &layer.digest);
+        if is_chunked_descriptor(layer) {
+            continue;
+        }
+        let bad = |reason: String| ConvertError::Layer {
+            digest: layer.digest.clone(),
+            reason,
+        };
+        let blob = BufReader::new(store.open_blob(&Digest::parse(&layer.digest)?)?);
+        let plain: Box<dyn Read> = match layer.media_type.as_str() {
+            m if m.ends_with("gzip") => Box::new(flate2::read::GzDecoder::new(blob)),
+            m if m.ends_with("zstd") => {
+                Box::new(zstd::stream::read::Decoder::new(blob).map_err(|e| bad(e.to_string()))?)
+            }
+            m if m.ends_with("tar") || m == oci::DOCKER_LAYER => Box::new(blob),
+            m => {
+                return Err(bad(format!(
+                    "media type {m} is not a layer this converter reads"
+                )))
+            }
+        };
+        let mut w = store.writer()?;
+        let written = write(plain, &mut w, opts).map_err(|e| bad(e.to_string()))?;
+        let digest = w.commit(None)?;
+        if config.rootfs.diff_ids.get(i) != Some(&written.diff_id) {
+            return Err(bad(format!(
+                "its tar hashes to {}, not the config's diff_id {:?}: the image is corrupt",
+                written.diff_id,
+                config.rootfs.diff_ids.get(i)
+            )));
+        }
+        *layer = Descriptor {
+            media_type: MEDIA_LAYER_ZSTD.into(),
+            digest: digest.to_string(),
+            size: written.size,
+            annotations: written.annotations,
+            platform: None,
+        };
+    }
+    Ok(out)
+}

@@ -1,0 +1,552 @@
+//! The read-only FUSE filesystem of one lazy layer, served by its own process
+//! (`strata-snapshotter serve-layer`) so that it outlives restarts of the daemon. Metadata comes
+//! from the TOC index; reads fetch exactly the chunks they need (HTTP Range), verify each one's
+//! sha256 before use, and keep it in the shared chunk cache. A background fetcher pulls the rest
+//! of the layer at bounded concurrency, in the order containers first read files when that order
+//! was recorded by an earlier mount of the same layer.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tracing::{info, warn};
+
+use super::cache::ChunkCache;
+use super::index::{Index, Kind, Node};
+use super::{LayerSpec, Stats};
+use crate::chunked::read::read_chunk;
+use crate::chunked::toc::Chunk;
+use crate::registry::{Client, Reference};
+
+/// The layer is immutable: the kernel may keep attributes and pages for as long as it likes.
+const TTL: Duration = Duration::from_secs(3600);
+/// Uncompressed chunks kept in memory for the many small reads of one chunk.
+const HOT_CHUNKS: usize = 16;
+
+/// Fetches, verifies and caches chunks of one layer blob.
+pub struct Fetcher {
+    client: Client,
+    reference: Reference,
+    digest: String,
+    cache: ChunkCache,
+    hot: Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
+    /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
+    inflight: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
+    pub stats: Stats,
+}
+
+impl Fetcher {
+    pub fn new(spec: &LayerSpec, cache: ChunkCache) -> anyhow::Result<Fetcher> {
+        Ok(Fetcher {
+            client: Client::new(spec.registry_options()),
+            reference: Reference::parse(&spec.reference)?,
+            digest: spec.digest.clone(),
+            cache,
+            hot: Mutex::new(VecDeque::new()),
+            inflight: Mutex::new(std::collections::HashMap::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The bytes of chunk `c`: from memory, the disk cache, or the registry (verified).
+    pub fn chunk(&self, c: &Chunk) -> Result<Arc<Vec<u8>>, String> {
+        if let Some(hit) = self.hot(c) {
+            return Ok(hit);
+        }
+        let lock = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(c.digest.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.load(c)
+        };
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) <= 2 {
+            inflight.remove(&c.digest);
+        }
+        result
+    }
+
+    fn hot(&self, c: &Chunk) -> Option<Arc<Vec<u8>>> {
+        self.hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(d, _)| *d == c.digest)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// [`Self::chunk`] under the chunk's lock.
+    fn load(&self, c: &Chunk) -> Result<Arc<Vec<u8>>, String> {
+        if let Some(hit) = self
+            .hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(d, _)| *d == c.digest)
+            .map(|(_, v)| v.clone())
+        {
+            return Ok(hit);
+        }
+        let data = match self.cache.get(&c.digest, c.size) {
+            Some(d) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                d
+            }
+            None => {
+                let fetch = |start: u64, end: u64| -> std::io::Result<Vec<u8>> {
+                    self.client
+                        .blob_range(&self.reference, &self.digest, start, end)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                };
+                match read_chunk(c, &fetch) {
+                    Ok(d) => {
+                        self.stats
+                            .fetched_bytes
+                            .fetch_add(c.end - c.start, Ordering::Relaxed);
+                        self.cache.put(&c.digest, &d);
+                        d
+                    }
+                    Err(e) => {
+                        let verify = matches!(e, crate::chunked::ChunkedError::ChunkDigest { .. });
+                        let counter = if verify {
+                            &self.stats.verify_failures
+                        } else {
+                            &self.stats.fetch_errors
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        warn!(layer = %self.digest, error = %e, "chunk not served");
+                        return Err(e.to_string());
+                    }
+                }
+            }
+        };
+        let data = Arc::new(data);
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        hot.push_back((c.digest.clone(), data.clone()));
+        if hot.len() > HOT_CHUNKS {
+            hot.pop_front();
+        }
+        Ok(data)
+    }
+
+    pub fn cached(&self, c: &Chunk) -> bool {
+        c.zeros || self.cache.has(&c.digest)
+    }
+}
+
+/// Records the order in which files are first opened, for the prefetch of later mounts.
+struct Recorder {
+    file: Option<Mutex<std::fs::File>>,
+    seen: Mutex<HashSet<u64>>,
+}
+
+impl Recorder {
+    fn opened(&self, ino: u64, path: &str) {
+        let Some(f) = &self.file else { return };
+        if self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino)
+        {
+            let _ = writeln!(f.lock().unwrap_or_else(|p| p.into_inner()), "{path}");
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct LazyFs {
+    index: Arc<Index>,
+    fetcher: Arc<Fetcher>,
+    recorder: Recorder,
+    jobs: mpsc::Sender<Job>,
+}
+
+fn to_system_time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+fn attr(ino: u64, n: &Node) -> FileAttr {
+    let kind = match n.kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    };
+    let t = to_system_time(n.mtime);
+    FileAttr {
+        ino,
+        size: n.size,
+        blocks: n.size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind,
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: n.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl LazyFs {
+    pub fn new(
+        index: Arc<Index>,
+        fetcher: Arc<Fetcher>,
+        record_to: Option<PathBuf>,
+        workers: usize,
+    ) -> LazyFs {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let rx = rx.clone();
+            std::thread::spawn(move || loop {
+                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                job();
+            });
+        }
+        LazyFs {
+            index,
+            fetcher,
+            recorder: Recorder {
+                file: record_to.and_then(|p| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .ok()
+                        .map(Mutex::new)
+                }),
+                seen: Mutex::new(HashSet::new()),
+            },
+            jobs: tx,
+        }
+    }
+}
+
+/// Bytes `offset..offset+size` of a file with `chunks`.
+fn read_range(
+    fetcher: &Fetcher,
+    chunks: &[Chunk],
+    file_size: u64,
+    offset: u64,
+    size: u64,
+) -> Result<Vec<u8>, String> {
+    let end = (offset + size).min(file_size);
+    let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+    for c in chunks {
+        let (cs, ce) = (c.file_offset, c.file_offset + c.size);
+        if ce <= offset || cs >= end {
+            continue;
+        }
+        let data = fetcher.chunk(c)?;
+        let from = offset.max(cs) - cs;
+        let to = end.min(ce) - cs;
+        out.extend_from_slice(&data[from as usize..to as usize]);
+    }
+    Ok(out)
+}
+
+impl Filesystem for LazyFs {
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let found = self.index.node(parent).and_then(|p| {
+            let ino = *p.children.get(name.to_str()?)?;
+            Some((ino, self.index.node(ino)?))
+        });
+        match found {
+            Some((ino, n)) => reply.entry(&TTL, &attr(ino, n), 0),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.index.node(ino) {
+            Some(n) => reply.attr(&TTL, &attr(ino, n)),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        match self.index.node(ino) {
+            Some(n) if n.kind == Kind::Symlink => reply.data(n.link.as_bytes()),
+            Some(_) => reply.error(libc::EINVAL),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(libc::EROFS);
+        }
+        match self.index.node(ino) {
+            Some(n) => {
+                if n.kind == Kind::File {
+                    self.recorder.opened(ino, &n.path);
+                }
+                reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE)
+            }
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let (index, fetcher) = (self.index.clone(), self.fetcher.clone());
+        // Fetching may take a round trip: off the session thread, so other requests go on.
+        let job = Box::new(move || {
+            let Some(n) = index.node(ino) else {
+                return reply.error(libc::ENOENT);
+            };
+            match read_range(
+                &fetcher,
+                &n.chunks,
+                n.size,
+                offset.max(0) as u64,
+                size as u64,
+            ) {
+                Ok(data) => reply.data(&data),
+                Err(_) => reply.error(libc::EIO),
+            }
+        });
+        if let Err(e) = self.jobs.send(job) {
+            (e.0)();
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(n) = self.index.node(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let mut entries: Vec<(u64, FileType, &str)> = vec![
+            (ino, FileType::Directory, "."),
+            (n.parent, FileType::Directory, ".."),
+        ];
+        for (name, child) in &n.children {
+            if let Some(c) = self.index.node(*child) {
+                entries.push((*child, attr(*child, c).kind, name));
+            }
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, (i + 1) as i64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let Some(n) = self.index.node(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let name = name.to_string_lossy();
+        let value: Option<Vec<u8>> = if n.opaque && name == "trusted.overlay.opaque" {
+            Some(b"y".to_vec())
+        } else {
+            n.xattrs.get(name.as_ref()).cloned()
+        };
+        match value {
+            None => reply.error(libc::ENODATA),
+            Some(v) if size == 0 => reply.size(v.len() as u32),
+            Some(v) if v.len() > size as usize => reply.error(libc::ERANGE),
+            Some(v) => reply.data(&v),
+        }
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.index.node(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let mut list = Vec::new();
+        for k in n.xattrs.keys() {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if list.len() > size as usize {
+            reply.error(libc::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let blocks = self.index.total_bytes.div_ceil(4096);
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.index.nodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+}
+
+/// Fetches every chunk not yet cached, in `order` first (paths), then in TOC order, with
+/// `concurrency` threads; stops when `stop` is set.
+pub fn background_fetch(
+    index: Arc<Index>,
+    fetcher: Arc<Fetcher>,
+    order: Vec<String>,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) {
+    let by_path: std::collections::HashMap<&str, usize> = index
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.kind == Kind::File)
+        .map(|(i, n)| (n.path.as_str(), i))
+        .collect();
+    let mut queue: Vec<usize> = order
+        .iter()
+        .filter_map(|p| by_path.get(p.as_str()).copied())
+        .collect();
+    let first: HashSet<usize> = queue.iter().copied().collect();
+    queue.extend(
+        index
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| n.kind == Kind::File && !first.contains(i))
+            .map(|(i, _)| i),
+    );
+    let chunks: Vec<Chunk> = queue
+        .into_iter()
+        .flat_map(|i| index.nodes[i].chunks.clone())
+        .collect();
+    let chunks = Arc::new(chunks);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (chunks, next, fetcher, stop) =
+            (chunks.clone(), next.clone(), fetcher.clone(), stop.clone());
+        workers.push(std::thread::spawn(move || loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+            let Some(c) = chunks.get(i) else { return };
+            if fetcher.cached(c) {
+                continue;
+            }
+            // Errors are counted by the fetcher; a later read retries.
+            let _ = fetcher.chunk(c);
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    info!(layer = %fetcher.digest, "background fetch finished");
+}
+
+/// Mounts the layer described in `state` at `mountpoint` and serves it until unmounted.
+pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
+    let spec = LayerSpec::load(state)?;
+    let toc = super::load_toc(state)?;
+    let index = Arc::new(Index::build(&toc));
+    drop(toc);
+    let cache = ChunkCache::open(&spec.cache_dir, spec.cache_max_bytes)?;
+    let fetcher = Arc::new(Fetcher::new(&spec, cache)?);
+    fetcher
+        .stats
+        .total_bytes
+        .store(spec.size, Ordering::Relaxed);
+    let access = super::access_log(&spec);
+    // The first mount of a layer records; later mounts replay that order.
+    let order: Vec<String> = std::fs::read_to_string(&access)
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default();
+    let record_to = order.is_empty().then(|| access.clone());
+    let fs = LazyFs::new(
+        index.clone(),
+        fetcher.clone(),
+        record_to,
+        spec.fetch_concurrency.max(4),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    if spec.background_fetch {
+        let (i, f, s, n) = (
+            index.clone(),
+            fetcher.clone(),
+            stop.clone(),
+            spec.fetch_concurrency,
+        );
+        std::thread::spawn(move || background_fetch(i, f, order, n, s));
+    }
+    {
+        let (f, state) = (fetcher.clone(), state.to_path_buf());
+        std::thread::spawn(move || loop {
+            f.stats.write(&state);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+    }
+    let options = [
+        MountOption::FSName(format!("strata:{}", spec.digest)),
+        MountOption::Subtype("strata".into()),
+        MountOption::RO,
+        MountOption::AllowOther,
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::Dev,
+        MountOption::Exec,
+    ];
+    info!(layer = %spec.digest, mountpoint = %mountpoint.display(), "serving lazy layer");
+    let result = fuser::mount2(fs, mountpoint, &options);
+    stop.store(true, Ordering::SeqCst);
+    fetcher.stats.write(state);
+    result.map_err(|e| anyhow::anyhow!("FUSE mount at {}: {e}", mountpoint.display()))
+}

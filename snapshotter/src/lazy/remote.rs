@@ -1,0 +1,236 @@
+//! The daemon's side of lazy layers: answering a remote-snapshot Prepare (see the module docs
+//! of [`super`]), and remounting lazy layers at start.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use containerd_snapshots::api::types::Mount;
+use tracing::{info, warn};
+
+use super::{is_mounted, LayerSpec, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
+use crate::chunked::read::{is_chunked, read_toc};
+use crate::config::LazyConfig;
+use crate::error::{Error, Result};
+use crate::oci::{Descriptor, Manifest};
+use crate::registry::{Client, Reference};
+use crate::snapshots::Snapshots;
+
+/// How long a new mount may take to appear.
+const MOUNT_WAIT: Duration = Duration::from_secs(20);
+
+pub struct Lazy {
+    root: PathBuf,
+    cfg: LazyConfig,
+    exe: PathBuf,
+    client: Client,
+    /// Layers that were not zstd:chunked and went to a normal pull.
+    pub fell_back: AtomicU64,
+}
+
+fn refused(what: impl std::fmt::Display) -> Error {
+    Error::FailedPrecondition(format!("lazy layer: {what}"))
+}
+
+impl Lazy {
+    pub fn new(root: &Path, cfg: LazyConfig) -> Result<Lazy> {
+        let exe =
+            std::env::current_exe().map_err(Error::io("find the strata-snapshotter executable"))?;
+        let client = Client::new(crate::registry::Options {
+            insecure: cfg.insecure_registries.clone(),
+            timeout: Duration::from_secs(cfg.fetch_timeout_secs.max(1)),
+            retries: cfg.fetch_retries,
+        });
+        Ok(Lazy {
+            root: root.to_path_buf(),
+            cfg,
+            exe,
+            client,
+            fell_back: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a Prepare asks for a remote snapshot.
+    pub fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.cfg.enabled
+            && [LABEL_TARGET, LABEL_IMAGE_REF, LABEL_MANIFEST, LABEL_LAYER]
+                .iter()
+                .all(|l| labels.contains_key(*l))
+    }
+
+    /// The layer's descriptor, from the image's manifest in the registry.
+    fn descriptor(&self, labels: &BTreeMap<String, String>) -> Result<(Reference, Descriptor)> {
+        let image = Reference::parse(&labels[LABEL_IMAGE_REF]).map_err(refused)?;
+        let manifest_ref = image.with_digest(&labels[LABEL_MANIFEST]);
+        let (bytes, _, _) = self.client.manifest(&manifest_ref).map_err(refused)?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("manifest {manifest_ref}: {e}")))?;
+        let layer = manifest
+            .layers
+            .into_iter()
+            .find(|l| l.digest == labels[LABEL_LAYER])
+            .ok_or_else(|| {
+                refused(format!(
+                    "manifest {manifest_ref} has no layer {}",
+                    labels[LABEL_LAYER]
+                ))
+            })?;
+        Ok((image, layer))
+    }
+
+    /// Prepares `key` as a lazy layer and commits it as the target: answers AlreadyExists (what
+    /// containerd expects of a remote snapshot). A layer that is not zstd:chunked is prepared
+    /// as an ordinary active snapshot for containerd to pull into, and said so.
+    pub fn prepare(
+        &self,
+        s: &Snapshots,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let target = labels[LABEL_TARGET].clone();
+        if s.stat(&target).is_ok() {
+            return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
+        }
+        let (image, layer) = self.descriptor(&labels)?;
+        if !is_chunked(&layer.annotations) {
+            self.fell_back.fetch_add(1, Ordering::Relaxed);
+            info!(layer = %layer.digest, media_type = %layer.media_type, "not a zstd:chunked layer: falling back to a full pull");
+            return s.prepare(key, parent, labels);
+        }
+        let fetch = |start: u64, end: u64| -> std::io::Result<Vec<u8>> {
+            self.client
+                .blob_range(&image, &layer.digest, start, end)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let toc = read_toc(
+            &layer.annotations,
+            layer.size,
+            &fetch,
+            self.cfg.allow_unverified,
+        )
+        .map_err(|e| refused(format!("{}: {e}", layer.digest)))?;
+        let mounts = s.prepare(key, parent, labels.clone())?;
+        let snapshot_dir =
+            |k: &str| -> Result<PathBuf> { Ok(s.layout().snapshot_dir(s.stat(k)?.record.id)) };
+        let result = (|| -> Result<()> {
+            let dir = snapshot_dir(key)?;
+            let state = dir.join("lazy");
+            std::fs::create_dir_all(&state).map_err(Error::io("create lazy state"))?;
+            let spec = LayerSpec {
+                reference: format!("{}/{}", image.registry, image.repository),
+                digest: layer.digest.clone(),
+                size: layer.size,
+                annotations: layer.annotations.clone(),
+                insecure: self.cfg.insecure_registries.clone(),
+                timeout_secs: self.cfg.fetch_timeout_secs,
+                retries: self.cfg.fetch_retries,
+                cache_dir: self.root.join("lazy").join("chunks"),
+                cache_max_bytes: self.cfg.cache_max_bytes,
+                access_dir: self.root.join("lazy").join("access"),
+                background_fetch: self.cfg.background_fetch,
+                fetch_concurrency: self.cfg.fetch_concurrency,
+            };
+            std::fs::create_dir_all(&spec.access_dir).map_err(Error::io("create access dir"))?;
+            write_json(&state.join("layer.json"), &spec)?;
+            write_json(&state.join("toc.json"), &toc)?;
+            self.spawn(&state, &dir.join("fs"))?;
+            s.commit(&target, key, labels)
+        })();
+        if let Err(e) = result {
+            if let Ok(dir) = snapshot_dir(key) {
+                super::detach(&dir);
+            }
+            let _ = s.remove(key);
+            return Err(e);
+        }
+        let _ = mounts;
+        info!(layer = %layer.digest, target, files = toc.entries.len(), "lazy layer mounted");
+        Err(Error::AlreadyExists(format!(
+            "target snapshot {target:?} (lazy)"
+        )))
+    }
+
+    /// Starts the serving process for `state` at `mountpoint` and waits for the mount.
+    fn spawn(&self, state: &Path, mountpoint: &Path) -> Result<()> {
+        let log = std::fs::File::create(state.join("serve.log"))
+            .map_err(Error::io("create serve.log"))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("serve-layer")
+            .arg(state)
+            .arg(mountpoint)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(Error::io("serve.log"))?)
+            .stderr(log);
+        // Its own session: it outlives this daemon (and its signals).
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(Error::io("start serve-layer"))?;
+        std::fs::write(state.join("pid"), child.id().to_string())
+            .map_err(Error::io("write pid"))?;
+        let deadline = Instant::now() + MOUNT_WAIT;
+        loop {
+            if is_mounted(mountpoint) {
+                // Reaped by a thread so it never lingers as a zombie of the daemon.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
+                return Err(refused(format!(
+                    "the FUSE server exited ({status}): {}",
+                    log.lines().last().unwrap_or("")
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(refused(format!(
+                    "no FUSE mount at {} after {}s",
+                    mountpoint.display(),
+                    MOUNT_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Remounts every lazy layer whose mount is gone (a reboot, a killed server); live mounts
+    /// are left to their processes.
+    pub fn restore(&self, s: &Snapshots) -> Result<usize> {
+        let mut remounted = 0;
+        for snap in s.list(&[])? {
+            let dir = s.layout().snapshot_dir(snap.record.id);
+            let state = dir.join("lazy");
+            if !state.join("layer.json").is_file() {
+                continue;
+            }
+            let fs = dir.join("fs");
+            if is_mounted(&fs) {
+                continue;
+            }
+            super::detach(&dir);
+            match self.spawn(&state, &fs) {
+                Ok(()) => remounted += 1,
+                Err(e) => warn!(key = %snap.key, error = %e, "lazy layer could not be remounted"),
+            }
+        }
+        Ok(remounted)
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(v).expect("serializes"))
+        .map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("rename {}", path.display())))
+}
