@@ -217,8 +217,7 @@ fn tampered_chunks_fail_with_eio_and_are_never_served() {
     let second = toc
         .entries
         .iter()
-        .filter(|e| e.name == "data/big-2" && e.kind == "chunk")
-        .next()
+        .find(|e| e.name == "data/big-2" && e.kind == "chunk")
         .unwrap();
     let path = s.reg.blob_path(&layer.digest);
     let mut blob = std::fs::read(&path).unwrap();
