@@ -46,6 +46,8 @@ fn data_layer(small: usize, big: usize, big_size: usize) -> (Vec<u8>, BTreeMap<S
     }
     b.symlink("data/link", "big-0");
     b.whiteout("bin", "vi");
+    b.opaque("usr/sbin");
+    b.file("usr/sbin/only-this", 0o755, b"#!/bin/sh\n");
     (b.finish(), sums)
 }
 
@@ -127,7 +129,15 @@ fn metric(text: &str, name: &str) -> u64 {
 #[test]
 fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
     let s = setup(300, 3, 5 << 20);
-    let cfg = config(s.dir.path(), "background_fetch = false\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(
+        s.dir.path(),
+        &format!("background_fetch = false\nmetrics_address = \"127.0.0.1:{port}\"\n"),
+    );
     let d = Daemon::start_with(&["--config", &cfg]);
     let c = Containerd::start(&d.socket);
     let out = pull_lazy(&c, &s.lazy_ref);
@@ -169,7 +179,7 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
 
     // Everything, through FUSE: equal to the original, whiteout and symlink included.
     let all = c.ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "all", "sh", "-c",
-        "find /data -type f -exec sha256sum {} + ; readlink /data/link; test -e /bin/vi || echo vi-gone; test -e /bin/ls && echo ls-here"]);
+        "find /data -type f -exec sha256sum {} + ; readlink /data/link; test -e /bin/vi || echo vi-gone; test -e /bin/ls && echo ls-here; echo sbin: $(ls /usr/sbin)"]);
     let mut seen = BTreeMap::new();
     for line in all.lines() {
         if let Some((sum, path)) = line.split_once("  ") {
@@ -182,7 +192,29 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         "{all}"
     );
     assert!(all.contains("vi-gone") && all.contains("ls-here"), "{all}");
+    assert!(
+        all.contains("sbin: only-this\n"),
+        "an opaque directory hides the layer below: {all}"
+    );
     assert_eq!(metric(&status(&d), "strata_lazy_verify_failures_total"), 0);
+    // The metrics endpoint serves the same counters.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut conn, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut body).unwrap();
+    assert!(
+        body.contains("strata_lazy_fetched_bytes_total{layer=\"sha256:"),
+        "{body}"
+    );
+    // The first mount recorded the order files were opened in, for later prefetches.
+    let recorded: String = std::fs::read_dir(d.root.join("lazy/access"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    let first = recorded.lines().position(|l| l == "data/small/f0007");
+    let later = recorded.lines().position(|l| l == "data/small/f0001");
+    assert!(first.is_some() && first < later, "{recorded}");
 }
 
 /// The data layer's descriptor and its TOC, from the registry.
@@ -424,4 +456,68 @@ fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
     ]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
     assert!(metric(&status(&d), "strata_lazy_layer_bytes") > 0);
+}
+
+/// Layers written by another implementation (skopeo's containers/image) are served too.
+#[test]
+fn layers_converted_by_skopeo_are_served() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, sums) = data_layer(50, 1, 3 << 20);
+    let archive = dir.path().join("app.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/strata/app:1",
+        &[busybox_layer().finish(), data],
+        &["/bin/sh"],
+    );
+    let image = format!("{}/strata/app:skopeo", reg.host);
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-compress-format",
+            "zstd:chunked",
+            "--dest-compress",
+        ])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Daemon::start_with(&[
+        "--config",
+        &config(dir.path(), "background_fetch = false\n"),
+    ]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &image);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("mounted lazily"),
+        "{err}\n{}",
+        d.log_text()
+    );
+    let all = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &image,
+        "sk",
+        "sh",
+        "-c",
+        "find /data -type f -exec sha256sum {} +",
+    ]);
+    let mut seen = BTreeMap::new();
+    for line in all.lines() {
+        if let Some((sum, path)) = line.split_once("  ") {
+            seen.insert(path.to_string(), sum.to_string());
+        }
+    }
+    assert_eq!(seen, sums);
 }

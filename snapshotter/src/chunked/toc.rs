@@ -102,6 +102,31 @@ fn unsafe_entry(name: &str, why: impl Into<String>) -> ChunkedError {
 }
 
 impl Toc {
+    /// Fills in the `endOffset`s that writers may omit (containers/storage leaves them out of
+    /// `chunk` entries, older versions out of some files): a frame run ends where the next entry
+    /// with content starts, the last one where the TOC starts (`data_end`). Readers decompress
+    /// only the entry's size from such a range.
+    pub fn fill_end_offsets(&mut self, data_end: u64) {
+        let data: Vec<usize> = (0..self.entries.len())
+            .filter(|i| {
+                let e = &self.entries[*i];
+                (e.kind == "reg" && e.size > 0) || e.kind == "chunk"
+            })
+            .collect();
+        for (n, &i) in data.iter().enumerate() {
+            if self.entries[i].end_offset != 0 {
+                continue;
+            }
+            let start = self.entries[i].offset;
+            let next = data[n + 1..]
+                .iter()
+                .map(|j| self.entries[*j].offset)
+                .find(|o| *o > start)
+                .unwrap_or(data_end);
+            self.entries[i].end_offset = next;
+        }
+    }
+
     /// Refuses what could reach outside the layer or confuse a reader: names with `..` or NUL,
     /// relative symlinks that climb above the root, hard links to names not earlier in the
     /// layer, content ranges past `blob_size` or overlapping the TOC, chunks of unknown files.
