@@ -41,10 +41,12 @@ pub struct Fetcher {
     /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
     inflight: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
     pub stats: Stats,
+    /// Where `stats.json` goes, rewritten after every fetch so `status` is never stale.
+    state: PathBuf,
 }
 
 impl Fetcher {
-    pub fn new(spec: &LayerSpec, cache: ChunkCache) -> anyhow::Result<Fetcher> {
+    pub fn new(spec: &LayerSpec, cache: ChunkCache, state: &Path) -> anyhow::Result<Fetcher> {
         Ok(Fetcher {
             client: Client::new(spec.registry_options()),
             reference: Reference::parse(&spec.reference)?,
@@ -53,6 +55,7 @@ impl Fetcher {
             hot: Mutex::new(VecDeque::new()),
             inflight: Mutex::new(std::collections::HashMap::new()),
             stats: Stats::default(),
+            state: state.to_path_buf(),
         })
     }
 
@@ -72,6 +75,7 @@ impl Fetcher {
             let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
             self.load(c)
         };
+        self.stats.write(&self.state);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
             inflight.remove(&c.digest);
@@ -500,7 +504,7 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
     let index = Arc::new(Index::build(&toc));
     drop(toc);
     let cache = ChunkCache::open(&spec.cache_dir, spec.cache_max_bytes)?;
-    let fetcher = Arc::new(Fetcher::new(&spec, cache)?);
+    let fetcher = Arc::new(Fetcher::new(&spec, cache, state)?);
     fetcher
         .stats
         .total_bytes
@@ -527,13 +531,7 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
         );
         std::thread::spawn(move || background_fetch(i, f, order, n, s));
     }
-    {
-        let (f, state) = (fetcher.clone(), state.to_path_buf());
-        std::thread::spawn(move || loop {
-            f.stats.write(&state);
-            std::thread::sleep(Duration::from_millis(500));
-        });
-    }
+    fetcher.stats.write(state);
     let options = [
         MountOption::FSName(format!("strata:{}", spec.digest)),
         MountOption::Subtype("strata".into()),

@@ -1,0 +1,222 @@
+//! Lazy pull benchmark, in one run against the same registry behind the same bandwidth limit
+//! (a rate-limiting TCP proxy in this program), for each limit:
+//! - time from pull start to a container's first output: `strata-snapshotter pull --lazy` +
+//!   `ctr run --snapshotter strata` vs `ctr images pull` + `ctr run` on containerd's overlayfs;
+//!   and the bytes fetched before that output;
+//! - sequential read throughput of the large files once cached, through the FUSE lower vs on
+//!   overlayfs (page cache dropped before each).
+//!
+//! `lazy-bench [IMAGE_MB] [MBIT,...]` (defaults: 300 and 100,1000).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_fs_tests::containerd::Containerd;
+use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::image::{busybox_layer, write_oci_archive, LayerBuilder};
+use strata_fs_tests::registry::Registry;
+use strata_fs_tests::workspace_bin;
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A proxy to `upstream` whose responses share `bytes_per_sec`.
+fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_read, mut c_write, sent) = (server, client, sent.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    let n = match s_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let total = sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                    let due = Duration::from_secs_f64(total as f64 / bytes_per_sec as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                    if c_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn snapshotter(args: &[&str]) -> String {
+    let out = Command::new(workspace_bin("strata-snapshotter"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "strata-snapshotter {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metric(d: &Daemon, name: &str) -> u64 {
+    let text = snapshotter(&["--root", d.root.to_str().unwrap(), "status", "--prometheus"]);
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// MB/s of reading the large files inside a container (timed inside it).
+fn read_throughput(c: &Containerd, snapshotter: &str, image: &str, id: &str, bytes: u64) -> f64 {
+    drop_caches();
+    let out = c.ctr(&["run", "--rm", "--snapshotter", snapshotter, image, id, "sh", "-c",
+        "a=$(cut -d' ' -f1 /proc/uptime); cat /data/big-* > /dev/null; b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"]);
+    let t: Vec<f64> = out.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    bytes as f64 / 1e6 / (t[1] - t[0]).max(0.01)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mb: usize = args.first().map(|a| a.parse().unwrap()).unwrap_or(300);
+    let rates: Vec<u64> = args
+        .get(1)
+        .map(|a| a.split(',').map(|r| r.parse().unwrap()).collect())
+        .unwrap_or(vec![100, 1000]);
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = LayerBuilder::default();
+    let small = 2000;
+    for i in 0..small {
+        b.file(
+            &format!("data/small/f{i:04}"),
+            0o644,
+            &noise(i as u64, 1000 + (i * 37) % 6000),
+        );
+    }
+    let big_size = 14 << 20;
+    let bigs = (mb.saturating_sub(8) << 20) / big_size;
+    for i in 0..bigs {
+        b.file(
+            &format!("data/big-{i:02}"),
+            0o644,
+            &noise(10_000 + i as u64, big_size),
+        );
+    }
+    let big_bytes = (bigs * big_size) as u64;
+    let archive = dir.path().join("app.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/strata/app:1",
+        &[busybox_layer().finish(), b.finish()],
+        &["/bin/sh"],
+    );
+    reg.push_archive(&archive, "strata/app:1");
+    snapshotter(&[
+        "convert",
+        &format!("{}/strata/app:1", reg.host),
+        &format!("{}/strata/app:lazy", reg.host),
+    ]);
+    println!("lazy-bench: image of {mb} MB ({small} small files, {bigs} x 14 MB), zstd:chunked with 4 MiB chunks");
+
+    let last = rates.last().copied();
+    for mbit in rates {
+        let proxy = throttled_proxy(reg.host.clone(), mbit * 1_000_000 / 8);
+        // Lazy: strata.
+        let d = Daemon::start();
+        let c = Containerd::start(&d.socket);
+        let lazy = format!("{proxy}/strata/app:lazy");
+        let t = Instant::now();
+        snapshotter(&[
+            "pull",
+            "--lazy",
+            &lazy,
+            "--containerd-address",
+            c.address.to_str().unwrap(),
+            "--namespace",
+            &c.namespace,
+        ]);
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &lazy,
+            "first",
+            "sha256sum",
+            "/data/small/f0007",
+        ]);
+        let lazy_first = t.elapsed().as_secs_f64();
+        assert!(out.starts_with(char::is_alphanumeric), "{out}");
+        let fetched = metric(&d, "strata_lazy_fetched_bytes_total");
+        // Full pull + run on containerd's overlayfs, through the same proxy.
+        let full = format!("{proxy}/strata/app:1");
+        let t = Instant::now();
+        c.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "overlayfs",
+            &full,
+        ]);
+        c.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "overlayfs",
+            &full,
+            "firstfull",
+            "sha256sum",
+            "/data/small/f0007",
+        ]);
+        let full_first = t.elapsed().as_secs_f64();
+        println!("  {mbit} Mbit/s: first output lazy {lazy_first:.2}s vs full pull + run {full_first:.2}s: ratio {:.3}; fetched before first output {:.1} MB of {mb} MB", lazy_first / full_first, fetched as f64 / 1e6);
+        if Some(mbit) == last {
+            // Let the background fetch finish, then compare cached reads.
+            let total = metric(&d, "strata_lazy_layer_bytes");
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while metric(&d, "strata_lazy_fetched_bytes_total") < total * 95 / 100
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let warm = read_throughput(&c, "strata", &lazy, "warm", big_bytes);
+            let fuse = read_throughput(&c, "strata", &lazy, "fuse", big_bytes);
+            let overlay = read_throughput(&c, "overlayfs", &full, "overlay", big_bytes);
+            println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}", big_bytes / 1_000_000, fuse / overlay);
+        }
+    }
+}
