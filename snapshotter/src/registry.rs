@@ -124,6 +124,9 @@ impl std::fmt::Display for Reference {
     }
 }
 
+/// Blobs larger than this are uploaded in pieces of this size.
+const UPLOAD_CHUNK: usize = 16 << 20;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -444,11 +447,39 @@ impl Client {
                 status: resp.status(),
                 body: "no Location for the upload".into(),
             })?;
-        let location = if location.starts_with("http") {
-            location.to_string()
-        } else {
-            format!("{}{location}", base.trim_end_matches("/v2"))
+        let absolute = |l: &str| {
+            if l.starts_with("http") {
+                l.to_string()
+            } else {
+                format!("{}{l}", base.trim_end_matches("/v2"))
+            }
         };
+        let location = absolute(location);
+        // Large blobs go up in chunks (PATCH with Content-Range), so a slow link never has
+        // one request longer than the timeout allows; small ones in the closing PUT.
+        let mut location = location;
+        let mut body: &[u8] = data;
+        if data.len() > UPLOAD_CHUNK {
+            for (i, piece) in data.chunks(UPLOAD_CHUNK).enumerate() {
+                let from = i * UPLOAD_CHUNK;
+                let range = format!("{from}-{}", from + piece.len() - 1);
+                let resp = self.send(
+                    r,
+                    true,
+                    &what,
+                    &|a| {
+                        a.request("PATCH", &location)
+                            .set("Content-Type", "application/octet-stream")
+                            .set("Content-Range", &range)
+                    },
+                    Some(piece),
+                )?;
+                if let Some(next) = resp.header("location") {
+                    location = absolute(next);
+                }
+            }
+            body = &[];
+        }
         let sep = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{sep}digest={digest}");
         self.send(
@@ -456,7 +487,7 @@ impl Client {
             true,
             &what,
             &|a| a.put(&put).set("Content-Type", "application/octet-stream"),
-            Some(data),
+            Some(body),
         )?;
         Ok(())
     }
