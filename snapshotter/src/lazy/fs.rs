@@ -279,6 +279,12 @@ fn read_range(
 }
 
 impl Filesystem for LazyFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), libc::c_int> {
+        // Reads are answered from worker threads: let the kernel keep many in flight.
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let found = self.index.node(parent).and_then(|p| {
             let ino = *p.children.get(name.to_str()?)?;
