@@ -197,6 +197,16 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         "an opaque directory hides the layer below: {all}"
     );
     assert_eq!(metric(&status(&d), "strata_lazy_verify_failures_total"), 0);
+    // Writes in the container copy files up from the FUSE lower; deletes leave whiteouts.
+    let rw = c.ctr(&[
+        "run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "rw", "sh", "-c",
+        "echo more >> /data/small/f0001 && tail -c 5 /data/small/f0001; rm /data/big-0 && test ! -e /data/big-0 && echo removed; mv /data/small /data/moved && ls /data/moved | wc -l; chmod 600 /data/moved/f0002 && stat -c %a /data/moved/f0002",
+    ]);
+    assert_eq!(
+        rw.split_whitespace().collect::<Vec<_>>(),
+        ["more", "removed", "300", "600"],
+        "{rw}"
+    );
     // The metrics endpoint serves the same counters.
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut conn, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();

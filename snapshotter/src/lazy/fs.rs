@@ -149,6 +149,46 @@ impl Fetcher {
     pub fn cached(&self, c: &Chunk) -> bool {
         c.zeros || self.cache.has(&c.digest)
     }
+
+    /// Fetches the chunks of `run` that are not cached with one Range request, verifies each
+    /// and caches it. Failures are counted; reads retry them.
+    pub fn prefetch(&self, run: &[Chunk]) {
+        let missing: Vec<&Chunk> = run.iter().filter(|c| !self.cached(c)).collect();
+        let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
+            return;
+        };
+        let (start, end) = (first.start, last.end);
+        let bytes = match self
+            .client
+            .blob_range(&self.reference, &self.digest, start, end)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(layer = %self.digest, error = %e, "background fetch failed");
+                return;
+            }
+        };
+        self.stats
+            .fetched_bytes
+            .fetch_add(end - start, Ordering::Relaxed);
+        let slice = |a: u64, b: u64| -> std::io::Result<Vec<u8>> {
+            bytes
+                .get((a - start) as usize..(b - start) as usize)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::other("short range"))
+        };
+        for c in missing {
+            match read_chunk(c, &slice) {
+                Ok(d) => self.cache.put(&c.digest, &d),
+                Err(e) => {
+                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(layer = %self.digest, error = %e, "chunk not cached");
+                }
+            }
+        }
+        self.stats.write(&self.state);
+    }
 }
 
 /// Records the order in which files are first opened, for the prefetch of later mounts.
@@ -279,7 +319,11 @@ fn read_range(
 }
 
 impl Filesystem for LazyFs {
-    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), libc::c_int> {
+    fn init(
+        &mut self,
+        _req: &Request<'_>,
+        config: &mut fuser::KernelConfig,
+    ) -> Result<(), libc::c_int> {
         // Reads are answered from worker threads: let the kernel keep many in flight.
         let _ = config.set_max_background(64);
         Ok(())
@@ -445,6 +489,31 @@ impl Filesystem for LazyFs {
     }
 }
 
+/// Largest byte range fetched in one request by the background fetcher.
+const MAX_RUN: u64 = 8 << 20;
+/// Bytes between two chunks' frames (tar headers) still fetched to merge their ranges.
+const MAX_GAP: u64 = 64 << 10;
+
+/// Groups chunks (in fetch order) into runs whose frames lie close together in the blob, so
+/// that one Range request fetches a run.
+fn runs(chunks: Vec<Chunk>) -> Vec<Vec<Chunk>> {
+    let mut out: Vec<Vec<Chunk>> = Vec::new();
+    for c in chunks {
+        if let Some(run) = out.last_mut() {
+            let (first, last) = (&run[0], &run[run.len() - 1]);
+            if c.start >= last.end
+                && c.start - last.end <= MAX_GAP
+                && c.end - first.start <= MAX_RUN
+            {
+                run.push(c);
+                continue;
+            }
+        }
+        out.push(vec![c]);
+    }
+    out
+}
+
 /// Fetches every chunk not yet cached, in `order` first (paths), then in TOC order, with
 /// `concurrency` threads; stops when `stop` is set.
 pub fn background_fetch(
@@ -477,24 +546,21 @@ pub fn background_fetch(
     let chunks: Vec<Chunk> = queue
         .into_iter()
         .flat_map(|i| index.nodes[i].chunks.clone())
+        .filter(|c| !c.zeros)
         .collect();
-    let chunks = Arc::new(chunks);
+    let runs = Arc::new(runs(chunks));
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (chunks, next, fetcher, stop) =
-            (chunks.clone(), next.clone(), fetcher.clone(), stop.clone());
+        let (runs, next, fetcher, stop) =
+            (runs.clone(), next.clone(), fetcher.clone(), stop.clone());
         workers.push(std::thread::spawn(move || loop {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             let i = next.fetch_add(1, Ordering::SeqCst) as usize;
-            let Some(c) = chunks.get(i) else { return };
-            if fetcher.cached(c) {
-                continue;
-            }
-            // Errors are counted by the fetcher; a later read retries.
-            let _ = fetcher.chunk(c);
+            let Some(run) = runs.get(i) else { return };
+            fetcher.prefetch(run);
         }));
     }
     for w in workers {
@@ -553,4 +619,33 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
     stop.store(true, Ordering::SeqCst);
     fetcher.stats.write(state);
     result.map_err(|e| anyhow::anyhow!("FUSE mount at {}: {e}", mountpoint.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(start: u64, end: u64) -> Chunk {
+        Chunk {
+            file_offset: 0,
+            size: 1,
+            start,
+            end,
+            digest: format!("sha256:{start}"),
+            zeros: false,
+        }
+    }
+
+    #[test]
+    fn close_chunks_merge_into_bounded_runs() {
+        let r = runs(vec![
+            chunk(0, 100),
+            chunk(612, 1000),                   // a header frame between: merged
+            chunk(1000 + MAX_GAP + 1, 2 << 20), // too far: new run
+            chunk(2 << 20, 9 << 20),            // adjacent but the run would pass MAX_RUN
+            chunk(500, 600),                    // behind: new run
+        ]);
+        let sizes: Vec<usize> = r.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 1, 1, 1]);
+    }
 }
