@@ -1,15 +1,14 @@
 //! The read-only FUSE filesystem of one lazy layer, served by its own process
 //! (`strata-snapshotter serve-layer`) so that it outlives restarts of the daemon. Metadata comes
-//! from the TOC index; reads fetch exactly the chunks they need (HTTP Range), verify each one's
-//! sha256 before use, and keep it in the shared chunk cache. A background fetcher pulls the rest
-//! of the layer at bounded concurrency, in the order containers first read files when that order
-//! was recorded by an earlier mount of the same layer.
+//! from the TOC index; reads get exactly the chunks they touch from [`Fetcher`], off the session
+//! thread. The first mount of a layer records the order files are opened in; later mounts
+//! prefetch in that order.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,179 +16,16 @@ use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use super::cache::ChunkCache;
+use super::fetch::{background_fetch, Fetcher};
 use super::index::{Index, Kind, Node};
-use super::{LayerSpec, Stats};
-use crate::chunked::read::read_chunk;
+use super::LayerSpec;
 use crate::chunked::toc::Chunk;
-use crate::registry::{Client, Reference};
 
 /// The layer is immutable: the kernel may keep attributes and pages for as long as it likes.
 const TTL: Duration = Duration::from_secs(3600);
-/// Uncompressed chunks kept in memory for the many small reads of one chunk.
-const HOT_CHUNKS: usize = 16;
-
-/// Fetches, verifies and caches chunks of one layer blob.
-pub struct Fetcher {
-    client: Client,
-    reference: Reference,
-    digest: String,
-    cache: ChunkCache,
-    hot: Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
-    /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
-    inflight: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
-    pub stats: Stats,
-    /// Where `stats.json` goes, rewritten after every fetch so `status` is never stale.
-    state: PathBuf,
-}
-
-impl Fetcher {
-    pub fn new(spec: &LayerSpec, cache: ChunkCache, state: &Path) -> anyhow::Result<Fetcher> {
-        Ok(Fetcher {
-            client: Client::new(spec.registry_options()),
-            reference: Reference::parse(&spec.reference)?,
-            digest: spec.digest.clone(),
-            cache,
-            hot: Mutex::new(VecDeque::new()),
-            inflight: Mutex::new(std::collections::HashMap::new()),
-            stats: Stats::default(),
-            state: state.to_path_buf(),
-        })
-    }
-
-    /// The bytes of chunk `c`: from memory, the disk cache, or the registry (verified).
-    pub fn chunk(&self, c: &Chunk) -> Result<Arc<Vec<u8>>, String> {
-        if let Some(hit) = self.hot(c) {
-            return Ok(hit);
-        }
-        let lock = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(c.digest.clone())
-            .or_default()
-            .clone();
-        let result = {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.load(c)
-        };
-        self.stats.write(&self.state);
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&lock) <= 2 {
-            inflight.remove(&c.digest);
-        }
-        result
-    }
-
-    fn hot(&self, c: &Chunk) -> Option<Arc<Vec<u8>>> {
-        self.hot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(d, _)| *d == c.digest)
-            .map(|(_, v)| v.clone())
-    }
-
-    /// [`Self::chunk`] under the chunk's lock.
-    fn load(&self, c: &Chunk) -> Result<Arc<Vec<u8>>, String> {
-        if let Some(hit) = self
-            .hot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(d, _)| *d == c.digest)
-            .map(|(_, v)| v.clone())
-        {
-            return Ok(hit);
-        }
-        let data = match self.cache.get(&c.digest, c.size) {
-            Some(d) => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                d
-            }
-            None => {
-                let fetch = |start: u64, end: u64| -> std::io::Result<Vec<u8>> {
-                    self.client
-                        .blob_range(&self.reference, &self.digest, start, end)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                };
-                match read_chunk(c, &fetch) {
-                    Ok(d) => {
-                        self.stats
-                            .fetched_bytes
-                            .fetch_add(c.end - c.start, Ordering::Relaxed);
-                        self.cache.put(&c.digest, &d);
-                        d
-                    }
-                    Err(e) => {
-                        let verify = matches!(e, crate::chunked::ChunkedError::ChunkDigest { .. });
-                        let counter = if verify {
-                            &self.stats.verify_failures
-                        } else {
-                            &self.stats.fetch_errors
-                        };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        warn!(layer = %self.digest, error = %e, "chunk not served");
-                        return Err(e.to_string());
-                    }
-                }
-            }
-        };
-        let data = Arc::new(data);
-        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
-        hot.push_back((c.digest.clone(), data.clone()));
-        if hot.len() > HOT_CHUNKS {
-            hot.pop_front();
-        }
-        Ok(data)
-    }
-
-    pub fn cached(&self, c: &Chunk) -> bool {
-        c.zeros || self.cache.has(&c.digest)
-    }
-
-    /// Fetches the chunks of `run` that are not cached with one Range request, verifies each
-    /// and caches it. Failures are counted; reads retry them.
-    pub fn prefetch(&self, run: &[Chunk]) {
-        let missing: Vec<&Chunk> = run.iter().filter(|c| !self.cached(c)).collect();
-        let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
-            return;
-        };
-        let (start, end) = (first.start, last.end);
-        let bytes = match self
-            .client
-            .blob_range(&self.reference, &self.digest, start, end)
-        {
-            Ok(b) => b,
-            Err(e) => {
-                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(layer = %self.digest, error = %e, "background fetch failed");
-                return;
-            }
-        };
-        self.stats
-            .fetched_bytes
-            .fetch_add(end - start, Ordering::Relaxed);
-        let slice = |a: u64, b: u64| -> std::io::Result<Vec<u8>> {
-            bytes
-                .get((a - start) as usize..(b - start) as usize)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| std::io::Error::other("short range"))
-        };
-        for c in missing {
-            match read_chunk(c, &slice) {
-                Ok(d) => self.cache.put(&c.digest, &d),
-                Err(e) => {
-                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                    warn!(layer = %self.digest, error = %e, "chunk not cached");
-                }
-            }
-        }
-        self.stats.write(&self.state);
-    }
-}
 
 /// Records the order in which files are first opened, for the prefetch of later mounts.
 struct Recorder {
@@ -489,86 +325,6 @@ impl Filesystem for LazyFs {
     }
 }
 
-/// Largest byte range fetched in one request by the background fetcher.
-const MAX_RUN: u64 = 8 << 20;
-/// Bytes between two chunks' frames (tar headers) still fetched to merge their ranges.
-const MAX_GAP: u64 = 64 << 10;
-
-/// Groups chunks (in fetch order) into runs whose frames lie close together in the blob, so
-/// that one Range request fetches a run.
-fn runs(chunks: Vec<Chunk>) -> Vec<Vec<Chunk>> {
-    let mut out: Vec<Vec<Chunk>> = Vec::new();
-    for c in chunks {
-        if let Some(run) = out.last_mut() {
-            let (first, last) = (&run[0], &run[run.len() - 1]);
-            if c.start >= last.end
-                && c.start - last.end <= MAX_GAP
-                && c.end - first.start <= MAX_RUN
-            {
-                run.push(c);
-                continue;
-            }
-        }
-        out.push(vec![c]);
-    }
-    out
-}
-
-/// Fetches every chunk not yet cached, in `order` first (paths), then in TOC order, with
-/// `concurrency` threads; stops when `stop` is set.
-pub fn background_fetch(
-    index: Arc<Index>,
-    fetcher: Arc<Fetcher>,
-    order: Vec<String>,
-    concurrency: usize,
-    stop: Arc<AtomicBool>,
-) {
-    let by_path: std::collections::HashMap<&str, usize> = index
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.kind == Kind::File)
-        .map(|(i, n)| (n.path.as_str(), i))
-        .collect();
-    let mut queue: Vec<usize> = order
-        .iter()
-        .filter_map(|p| by_path.get(p.as_str()).copied())
-        .collect();
-    let first: HashSet<usize> = queue.iter().copied().collect();
-    queue.extend(
-        index
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| n.kind == Kind::File && !first.contains(i))
-            .map(|(i, _)| i),
-    );
-    let chunks: Vec<Chunk> = queue
-        .into_iter()
-        .flat_map(|i| index.nodes[i].chunks.clone())
-        .filter(|c| !c.zeros)
-        .collect();
-    let runs = Arc::new(runs(chunks));
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (runs, next, fetcher, stop) =
-            (runs.clone(), next.clone(), fetcher.clone(), stop.clone());
-        workers.push(std::thread::spawn(move || loop {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let i = next.fetch_add(1, Ordering::SeqCst) as usize;
-            let Some(run) = runs.get(i) else { return };
-            fetcher.prefetch(run);
-        }));
-    }
-    for w in workers {
-        let _ = w.join();
-    }
-    info!(layer = %fetcher.digest, "background fetch finished");
-}
-
 /// Mounts the layer described in `state` at `mountpoint` and serves it until unmounted.
 pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
     let spec = LayerSpec::load(state)?;
@@ -619,33 +375,4 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
     stop.store(true, Ordering::SeqCst);
     fetcher.stats.write(state);
     result.map_err(|e| anyhow::anyhow!("FUSE mount at {}: {e}", mountpoint.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(start: u64, end: u64) -> Chunk {
-        Chunk {
-            file_offset: 0,
-            size: 1,
-            start,
-            end,
-            digest: format!("sha256:{start}"),
-            zeros: false,
-        }
-    }
-
-    #[test]
-    fn close_chunks_merge_into_bounded_runs() {
-        let r = runs(vec![
-            chunk(0, 100),
-            chunk(612, 1000),                   // a header frame between: merged
-            chunk(1000 + MAX_GAP + 1, 2 << 20), // too far: new run
-            chunk(2 << 20, 9 << 20),            // adjacent but the run would pass MAX_RUN
-            chunk(500, 600),                    // behind: new run
-        ]);
-        let sizes: Vec<usize> = r.iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![2, 1, 1, 1]);
-    }
 }

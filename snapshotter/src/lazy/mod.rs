@@ -16,6 +16,7 @@
 //! `pid`, `stats.json` ([`Stats`]), `serve.log`.
 
 pub mod cache;
+pub mod fetch;
 pub mod fs;
 pub mod index;
 pub mod remote;
