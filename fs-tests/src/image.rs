@@ -188,3 +188,16 @@ pub fn debian(kind: &str) -> std::path::PathBuf {
     assert!(out.status.success(), "scripts/debian-image {kind} failed");
     std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
+
+/// Deterministic bytes that compress poorly (xorshift), for test and benchmark files.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -72,6 +72,19 @@ impl Strata {
         s
     }
 
+    /// A fresh root with the OCI archive `archive` loaded, and an empty context.
+    pub fn with_image(archive: &Path) -> Strata {
+        let s = Strata::empty();
+        let out = s.run(&["images", "load", archive.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "images load {}: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s
+    }
+
     /// A fresh root with no images, and an empty context.
     pub fn empty() -> Strata {
         crate::require_root();

@@ -13,15 +13,7 @@ const STACK: &str = "localhost/strata-test/debian-python:bookworm";
 
 /// A root with the Debian python stack loaded.
 fn with_stack() -> Strata {
-    let s = Strata::empty();
-    let archive = image::debian("python");
-    let out = s.run(&["images", "load", archive.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s
+    Strata::with_image(&image::debian("python"))
 }
 
 /// Imports `archive` into containerd on strata and runs `image`'s CMD.

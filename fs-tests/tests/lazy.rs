@@ -10,22 +10,9 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::Daemon;
-use strata_fs_tests::image::{busybox_layer, write_oci_archive, LayerBuilder};
+use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::workspace_bin;
-
-/// Deterministic bytes that zstd cannot shrink much.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// The data layer: many small files, a few large ones (several chunks each), a symlink, and a
 /// whiteout of a busybox file. Returns the layer and the expected sha256 of each file.
@@ -51,6 +38,27 @@ fn data_layer(small: usize, big: usize, big_size: usize) -> (Vec<u8>, BTreeMap<S
     (b.finish(), sums)
 }
 
+/// `sha256sum` output as path → sum.
+fn sums_of(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, path)| (path.to_string(), sum.to_string()))
+        .collect()
+}
+
+/// An OCI archive of busybox with `data` on top.
+fn app_archive(dir: &Path, data: Vec<u8>) -> std::path::PathBuf {
+    let archive = dir.join("app.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/strata/app:1",
+        &[busybox_layer().finish(), data],
+        &["/bin/sh"],
+    );
+    archive
+}
+
 struct Setup {
     reg: Registry,
     lazy_ref: String,
@@ -62,13 +70,7 @@ fn setup(small: usize, big: usize, big_size: usize) -> Setup {
     let reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
     let (data, sums) = data_layer(small, big, big_size);
-    let archive = dir.path().join("app.tar");
-    write_oci_archive(
-        &archive,
-        "docker.io/strata/app:1",
-        &[busybox_layer().finish(), data],
-        &["/bin/sh"],
-    );
+    let archive = app_archive(dir.path(), data);
     reg.push_archive(&archive, "strata/app:1");
     let lazy_ref = format!("{}/strata/app:lazy", reg.host);
     let out = Command::new(workspace_bin("strata-snapshotter"))
@@ -180,12 +182,7 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
     // Everything, through FUSE: equal to the original, whiteout and symlink included.
     let all = c.ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "all", "sh", "-c",
         "find /data -type f -exec sha256sum {} + ; readlink /data/link; test -e /bin/vi || echo vi-gone; test -e /bin/ls && echo ls-here; echo sbin: $(ls /usr/sbin)"]);
-    let mut seen = BTreeMap::new();
-    for line in all.lines() {
-        if let Some((sum, path)) = line.split_once("  ") {
-            seen.insert(path.to_string(), sum.to_string());
-        }
-    }
+    let seen = sums_of(&all);
     assert_eq!(seen, s.sums);
     assert!(
         all.contains("\nbig-0\n") || all.contains("big-0\n"),
@@ -474,13 +471,7 @@ fn layers_converted_by_skopeo_are_served() {
     let reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
     let (data, sums) = data_layer(50, 1, 3 << 20);
-    let archive = dir.path().join("app.tar");
-    write_oci_archive(
-        &archive,
-        "docker.io/strata/app:1",
-        &[busybox_layer().finish(), data],
-        &["/bin/sh"],
-    );
+    let archive = app_archive(dir.path(), data);
     let image = format!("{}/strata/app:skopeo", reg.host);
     let out = Command::new("skopeo")
         .args([
@@ -523,11 +514,6 @@ fn layers_converted_by_skopeo_are_served() {
         "-c",
         "find /data -type f -exec sha256sum {} +",
     ]);
-    let mut seen = BTreeMap::new();
-    for line in all.lines() {
-        if let Some((sum, path)) = line.split_once("  ") {
-            seen.insert(path.to_string(), sum.to_string());
-        }
-    }
+    let seen = sums_of(&all);
     assert_eq!(seen, sums);
 }

@@ -21,15 +21,7 @@ fn keygen(dir: &Path, name: &str, kind: &str, passphrase: &str) -> String {
 }
 
 fn stack() -> Strata {
-    let s = Strata::empty();
-    let archive = image::debian("python");
-    let out = s.run(&["images", "load", archive.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s
+    Strata::with_image(&image::debian("python"))
 }
 
 const FROM: &str = "FROM localhost/strata-test/debian-python:bookworm\n";

@@ -41,14 +41,7 @@ fn main() {
         .collect();
     let files = args.first().copied().unwrap_or(300);
     let repeats = args.get(1).copied().unwrap_or(3);
-    let s = Strata::empty();
-    let archive = image::debian("gcc");
-    let out = s.run(&["images", "load", archive.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let s = Strata::with_image(&image::debian("gcc"));
 
     let mut main_c = String::from("#include <stdio.h>\n#include <stdint.h>\n");
     for i in 0..files {

@@ -17,21 +17,9 @@ use std::time::{Duration, Instant};
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::Daemon;
-use strata_fs_tests::image::{busybox_layer, write_oci_archive, LayerBuilder};
+use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::workspace_bin;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A proxy to `upstream` whose responses share `bytes_per_sec`.
 fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {

@@ -43,6 +43,30 @@ pub struct Node {
     pub path: String,
 }
 
+impl Node {
+    /// A directory with default metadata (an implicit parent until its entry names it).
+    fn dir(name: &str, parent: u64, path: &str) -> Node {
+        Node {
+            kind: Kind::Dir,
+            name: name.to_string(),
+            parent,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            rdev: 0,
+            nlink: 2,
+            link: String::new(),
+            opaque: false,
+            xattrs: BTreeMap::new(),
+            children: BTreeMap::new(),
+            chunks: Vec::new(),
+            path: path.to_string(),
+        }
+    }
+}
+
 /// Inodes by number (`ino - 1` is the index).
 #[derive(Debug)]
 pub struct Index {
@@ -74,24 +98,7 @@ fn rfc3339_seconds(t: &str) -> Option<i64> {
 
 impl Index {
     pub fn build(toc: &Toc) -> Index {
-        let mut nodes = vec![Node {
-            kind: Kind::Dir,
-            name: String::new(),
-            parent: ROOT,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            size: 0,
-            rdev: 0,
-            nlink: 2,
-            link: String::new(),
-            opaque: false,
-            xattrs: BTreeMap::new(),
-            children: BTreeMap::new(),
-            chunks: Vec::new(),
-            path: String::new(),
-        }];
+        let mut nodes = vec![Node::dir("", ROOT, "")];
         let mut by_path: BTreeMap<String, u64> = BTreeMap::from([(String::new(), ROOT)]);
         let chunks = toc.chunks();
         let mut total = 0u64;
@@ -103,24 +110,7 @@ impl Index {
             let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
             let parent = dir_of(nodes, by_path, parent_path);
             let ino = nodes.len() as u64 + 1;
-            nodes.push(Node {
-                kind: Kind::Dir,
-                name: name.to_string(),
-                parent,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                size: 0,
-                rdev: 0,
-                nlink: 2,
-                link: String::new(),
-                opaque: false,
-                xattrs: BTreeMap::new(),
-                children: BTreeMap::new(),
-                chunks: Vec::new(),
-                path: path.to_string(),
-            });
+            nodes.push(Node::dir(name, parent, path));
             nodes[parent as usize - 1]
                 .children
                 .insert(name.to_string(), ino);

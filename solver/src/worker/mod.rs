@@ -216,13 +216,7 @@ impl Worker {
         let m = self
             .snapshots
             .prepare(&key, parent.unwrap_or(""), BTreeMap::new())?;
-        let mut out = None;
-        let r = self.with_mounted(&m, |p| {
-            out = Some(f(p)?);
-            Ok(())
-        });
-        let _ = self.snapshots.remove(&key);
-        r.map(|()| out.expect("set on success"))
+        self.with_temporary(&key, &m, f)
     }
 
     /// Runs `f` with snapshot `key` mounted read-only.
@@ -233,12 +227,22 @@ impl Worker {
     ) -> Result<T, WorkerError> {
         let view = format!("tmp/{}", nonce());
         let m = self.snapshots.view(&view, key, BTreeMap::new())?;
+        self.with_temporary(&view, &m, f)
+    }
+
+    /// Runs `f` on the snapshot `key` mounted from `m`, then removes the snapshot.
+    fn with_temporary<T>(
+        &self,
+        key: &str,
+        m: &[strata_snapshotter::api::types::Mount],
+        f: impl FnOnce(&Path) -> Result<T, WorkerError>,
+    ) -> Result<T, WorkerError> {
         let mut out = None;
-        let r = self.with_mounted(&m, |p| {
+        let r = self.with_mounted(m, |p| {
             out = Some(f(p)?);
             Ok(())
         });
-        let _ = self.snapshots.remove(&view);
+        let _ = self.snapshots.remove(key);
         r.map(|()| out.expect("set on success"))
     }
 
