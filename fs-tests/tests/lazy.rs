@@ -517,3 +517,119 @@ fn layers_converted_by_skopeo_are_served() {
     let seen = sums_of(&all);
     assert_eq!(seen, sums);
 }
+
+/// FUSE mounts of strata under `root`.
+fn fuse_mounts(root: &Path) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&*root.to_string_lossy()) && l.contains(" strata:sha256:"))
+        .count()
+}
+
+#[test]
+fn lazy_snapshots_follow_the_snapshotter_rules() {
+    let s = setup(30, 1, 1 << 20);
+    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fuse_mounts(&d.root),
+        2,
+        "one FUSE mount per layer: {}",
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+    );
+    // Committed, parent chained, with usage; a second lazy pull finds them present.
+    let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{ls}"
+    );
+    let top = ls
+        .lines()
+        .find(|l| {
+            l.contains("sha256:")
+                && l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("sha256:"))
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let usage = c.ctr(&["snapshots", "--snapshotter", "strata", "usage", &top]);
+    assert!(usage.lines().count() >= 2, "{usage}");
+    let again = pull_lazy(&c, &s.lazy_ref);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already present"));
+    // A view of the lazy chain reads through FUSE.
+    c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "view",
+        "lazy-view",
+        &top,
+    ]);
+    let mounts = c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "mounts",
+        "/mnt",
+        "lazy-view",
+    ]);
+    assert!(
+        mounts.contains("lowerdir=") || mounts.contains("bind"),
+        "{mounts}"
+    );
+    c.ctr(&["snapshots", "--snapshotter", "strata", "rm", "lazy-view"]);
+    // Removing the image lets containerd's GC remove the lazy snapshots: mounts and servers go.
+    c.ctr(&["images", "rm", "--sync", &s.lazy_ref]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fuse_mounts(&d.root) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        fuse_mounts(&d.root),
+        0,
+        "{}",
+        c.ctr(&["snapshots", "--snapshotter", "strata", "ls"])
+    );
+    let servers = Command::new("pgrep")
+        .args(["-f", &format!("serve-layer {}", d.root.display())])
+        .output()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let still = Command::new("pgrep")
+        .args(["-f", &format!("serve-layer {}", d.root.display())])
+        .output()
+        .unwrap();
+    assert!(
+        still.stdout.is_empty(),
+        "servers left: {}",
+        String::from_utf8_lossy(&servers.stdout)
+    );
+    // And the image can be pulled lazily again.
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "again",
+        "sha256sum",
+        "/data/big-0",
+    ]);
+    assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
+}
