@@ -633,3 +633,61 @@ fn lazy_snapshots_follow_the_snapshotter_rules() {
     ]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
 }
+
+#[test]
+fn a_prefetch_list_puts_its_files_first_and_the_image_stays_valid() {
+    let s = setup(20, 2, 1 << 20);
+    let list = s.dir.path().join("prefetch.txt");
+    std::fs::write(&list, "/data/big-1\n/data/small/f0013\n/not/there\n").unwrap();
+    let ordered = format!("{}/strata/app:ordered", s.reg.host);
+    let out = Command::new(workspace_bin("strata-snapshotter"))
+        .args(["convert", "--prefetch"])
+        .arg(&list)
+        .arg(format!("{}/strata/app:1", s.reg.host))
+        .arg(&ordered)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s2 = Setup {
+        lazy_ref: ordered.clone(),
+        ..s
+    };
+    let (_, toc) = data_layer_toc(&s2);
+    let data: Vec<&str> = toc
+        .entries
+        .iter()
+        .filter(|e| e.kind == "reg" && e.size > 0)
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(&data[..2], ["data/big-1", "data/small/f0013"], "{data:?}");
+    // containerd's own full pull checks every layer against the (new) diff_ids.
+    let d = Daemon::start();
+    let c = Containerd::start(&d.socket);
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &ordered,
+    ]);
+    let run = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        &ordered,
+        "o",
+        "sha256sum",
+        "/data/big-1",
+        "/data/small/f0013",
+    ]);
+    assert_eq!(sums_of(&run).len(), 2);
+    for (path, sum) in sums_of(&run) {
+        assert_eq!(s2.sums[&path], sum, "{path}");
+    }
+}

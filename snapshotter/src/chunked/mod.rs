@@ -10,6 +10,7 @@
 
 pub mod convert;
 pub mod read;
+pub mod reorder;
 pub mod toc;
 pub mod write;
 

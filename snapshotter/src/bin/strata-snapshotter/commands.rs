@@ -54,7 +54,23 @@ fn read_source(
     }
 }
 
-pub fn convert(src: &str, dst: &str, chunk_size: u64, insecure: Vec<String>) -> anyhow::Result<()> {
+pub fn convert(
+    src: &str,
+    dst: &str,
+    chunk_size: u64,
+    prefetch: Option<&Path>,
+    insecure: Vec<String>,
+) -> anyhow::Result<()> {
+    let order: Vec<String> = match prefetch {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("read the prefetch list {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
+        None => Vec::new(),
+    };
     let c = client(insecure);
     let tmp = tempfile::Builder::new()
         .prefix("strata-convert-")
@@ -67,7 +83,9 @@ pub fn convert(src: &str, dst: &str, chunk_size: u64, insecure: Vec<String>) -> 
         chunk_size,
         ..Default::default()
     };
-    let out = convert::convert(&store, &manifest, opts, &|i, _, _| b.set_position(i as u64))?;
+    let out = convert::convert(&store, &manifest, opts, &order, &|i, _, _| {
+        b.set_position(i as u64)
+    })?;
     b.finish_and_clear();
     let before: u64 = manifest.layers.iter().map(|l| l.size).sum();
     let after: u64 = out.layers.iter().map(|l| l.size).sum();

@@ -81,6 +81,9 @@ enum Cmd {
         /// Files larger than this are cut in chunks fetched independently
         #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
         chunk_size: u64,
+        /// Paths in the order a workload reads them (one per line): placed first in their layers
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
         /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
@@ -168,8 +171,17 @@ fn main() -> anyhow::Result<()> {
             src,
             dst,
             chunk_size,
+            prefetch,
             insecure_registry,
-        }) => return commands::convert(&src, &dst, chunk_size, insecure_registry),
+        }) => {
+            return commands::convert(
+                &src,
+                &dst,
+                chunk_size,
+                prefetch.as_deref(),
+                insecure_registry,
+            )
+        }
         Some(Cmd::Pull {
             lazy,
             reference,
