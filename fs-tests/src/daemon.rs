@@ -173,6 +173,8 @@ pub async fn connect(path: &Path) -> Channel {
 /// Thin convenience over the gRPC client, for tests.
 pub struct Snap {
     pub client: SnapshotsClient<Channel>,
+    /// With `STRATA_LAZY_LOWERS=1`, [`Snap::layer`] makes lazy layers.
+    lazy: Option<crate::lazy_lowers::LazyLowers>,
 }
 
 use std::collections::HashMap;
@@ -186,6 +188,7 @@ impl Snap {
     pub async fn new(d: &Daemon) -> Snap {
         Snap {
             client: d.client().await,
+            lazy: crate::lazy_lowers::wanted().then(crate::lazy_lowers::LazyLowers::new),
         }
     }
 
@@ -345,13 +348,29 @@ impl Snap {
         self.client.cleanup(req).await.unwrap();
     }
 
-    /// Prepares `key` on `parent`, runs `f` on the mounted tree, and commits it as `name`.
+    /// Prepares `key` on `parent`, runs `f` on the mounted tree, and commits it as `name` (or,
+    /// with lazy lowers, pushes it and prepares it again as a remote snapshot named `name`).
     pub async fn layer(&mut self, name: &str, parent: &str, f: impl FnOnce(&Path)) {
         let key = format!("{name}-active");
-        let m = crate::mount::Mounted::new(&self.prepare(&key, parent).await);
+        let mounts = self.prepare(&key, parent).await;
+        let m = crate::mount::Mounted::new(&mounts);
         f(m.path());
         m.unmount();
-        self.commit(name, &key).await;
+        let Some(lazy) = self.lazy.as_mut() else {
+            return self.commit(name, &key).await;
+        };
+        let labels = lazy.push(&mounts, name);
+        self.remove(&key).await;
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: "strata".into(),
+            key: format!("{name}-lazy"),
+            parent: parent.into(),
+            labels,
+        };
+        match self.client.prepare(req).await {
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {}
+            other => panic!("lazy prepare of {name}: expected AlreadyExists, got {other:?}"),
+        }
     }
 }
 

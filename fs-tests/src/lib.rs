@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod docker_roots;
 pub mod dockerd;
 pub mod image;
+pub mod lazy_lowers;
 pub mod mount;
 pub mod registry;
 pub mod strata;
