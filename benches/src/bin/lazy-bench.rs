@@ -205,6 +205,21 @@ fn main() {
             let fuse = read_throughput(&c, "strata", &lazy, "fuse", big_bytes);
             let overlay = read_throughput(&c, "overlayfs", &full, "overlay", big_bytes);
             println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}", big_bytes / 1_000_000, fuse / overlay);
+            // Memory of the FUSE servers (the TOC index lives in them).
+            let pids = Command::new("pgrep")
+                .args(["-f", "serve-layer"])
+                .output()
+                .unwrap();
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS")) {
+                    println!(
+                        "  serve-layer {pid}: {}",
+                        rss.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
+                    );
+                }
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
@@ -29,6 +29,8 @@ pub struct Fetcher {
     hot: Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
     /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
     inflight: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Reads waiting on the registry: the background fetch yields to them.
+    foreground: AtomicUsize,
     pub stats: Stats,
     /// Where `stats.json` goes, rewritten after every fetch so `status` is never stale.
     state: PathBuf,
@@ -43,6 +45,7 @@ impl Fetcher {
             cache,
             hot: Mutex::new(VecDeque::new()),
             inflight: Mutex::new(HashMap::new()),
+            foreground: AtomicUsize::new(0),
             stats: Stats::default(),
             state: state.to_path_buf(),
         })
@@ -104,7 +107,10 @@ impl Fetcher {
                         .blob_range(&self.reference, &self.digest, start, end)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 };
-                match read_chunk(c, &fetch) {
+                self.foreground.fetch_add(1, Ordering::SeqCst);
+                let result = read_chunk(c, &fetch);
+                self.foreground.fetch_sub(1, Ordering::SeqCst);
+                match result {
                     Ok(d) => {
                         self.stats
                             .fetched_bytes
@@ -142,6 +148,10 @@ impl Fetcher {
     /// Fetches the chunks of `run` that are not cached with one Range request, verifies each
     /// and caches it. Failures are counted; reads retry them.
     pub fn prefetch(&self, run: &[Chunk]) {
+        // Containers' reads first: the link is theirs while they wait.
+        while self.foreground.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let missing: Vec<&Chunk> = run.iter().filter(|c| !self.cached(c)).collect();
         let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
             return;
@@ -180,6 +190,8 @@ impl Fetcher {
     }
 }
 
+/// How long after mounting the background fetch starts.
+const BACKGROUND_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest byte range fetched in one request by the background fetcher.
 const MAX_RUN: u64 = 8 << 20;
 /// Bytes between two chunks' frames (tar headers) still fetched to merge their ranges.
@@ -240,6 +252,8 @@ pub fn background_fetch(
         .filter(|c| !c.zeros)
         .collect();
     let runs = Arc::new(runs(chunks));
+    // The first reads of a new container come before the background.
+    std::thread::sleep(BACKGROUND_DELAY);
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
