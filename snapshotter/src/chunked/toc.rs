@@ -73,7 +73,7 @@ pub struct Entry {
 }
 
 /// One frame of a regular file's content.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
     /// Offset in the file.
     pub file_offset: u64,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 use super::cache::ChunkCache;
-use super::index::{Index, Kind};
+use super::nodes::Nodes;
 use super::{LayerSpec, Stats};
 use crate::chunked::read::read_chunk;
 use crate::chunked::toc::Chunk;
@@ -220,35 +220,19 @@ fn runs(chunks: Vec<Chunk>) -> Vec<Vec<Chunk>> {
 /// Fetches every chunk not yet cached, in `order` first (paths), then in TOC order, with
 /// `concurrency` threads; stops when `stop` is set.
 pub fn background_fetch(
-    index: Arc<Index>,
+    index: Arc<Nodes>,
     fetcher: Arc<Fetcher>,
     order: Vec<String>,
     concurrency: usize,
     stop: Arc<AtomicBool>,
 ) {
-    let by_path: std::collections::HashMap<&str, usize> = index
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.kind == Kind::File)
-        .map(|(i, n)| (n.path.as_str(), i))
-        .collect();
-    let mut queue: Vec<usize> = order
-        .iter()
-        .filter_map(|p| by_path.get(p.as_str()).copied())
-        .collect();
-    let first: HashSet<usize> = queue.iter().copied().collect();
-    queue.extend(
-        index
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| n.kind == Kind::File && !first.contains(i))
-            .map(|(i, _)| i),
-    );
+    let mut queue: Vec<u64> = order.iter().filter_map(|p| index.file(p)).collect();
+    let first: HashSet<u64> = queue.iter().copied().collect();
+    queue.extend(index.files().into_iter().filter(|i| !first.contains(i)));
     let chunks: Vec<Chunk> = queue
         .into_iter()
-        .flat_map(|i| index.nodes[i].chunks.clone())
+        .filter_map(|i| index.node(i))
+        .flat_map(|n| n.chunks)
         .filter(|c| !c.zeros)
         .collect();
     let runs = Arc::new(runs(chunks));

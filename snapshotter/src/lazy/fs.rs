@@ -20,7 +20,8 @@ use tracing::info;
 
 use super::cache::ChunkCache;
 use super::fetch::{background_fetch, Fetcher};
-use super::index::{Index, Kind, Node};
+use super::index::{Kind, Node};
+use super::nodes::Nodes;
 use super::LayerSpec;
 use crate::chunked::toc::Chunk;
 
@@ -50,7 +51,7 @@ impl Recorder {
 type Job = Box<dyn FnOnce() + Send>;
 
 pub struct LazyFs {
-    index: Arc<Index>,
+    index: Arc<Nodes>,
     fetcher: Arc<Fetcher>,
     recorder: Recorder,
     jobs: mpsc::Sender<Job>,
@@ -95,7 +96,7 @@ fn attr(ino: u64, n: &Node) -> FileAttr {
 
 impl LazyFs {
     pub fn new(
-        index: Arc<Index>,
+        index: Arc<Nodes>,
         fetcher: Arc<Fetcher>,
         record_to: Option<PathBuf>,
         workers: usize,
@@ -166,19 +167,19 @@ impl Filesystem for LazyFs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let found = self.index.node(parent).and_then(|p| {
-            let ino = *p.children.get(name.to_str()?)?;
-            Some((ino, self.index.node(ino)?))
-        });
+        let found = name
+            .to_str()
+            .and_then(|name| self.index.child(parent, name))
+            .and_then(|ino| Some((ino, self.index.node(ino)?)));
         match found {
-            Some((ino, n)) => reply.entry(&TTL, &attr(ino, n), 0),
+            Some((ino, n)) => reply.entry(&TTL, &attr(ino, &n), 0),
             None => reply.error(libc::ENOENT),
         }
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         match self.index.node(ino) {
-            Some(n) => reply.attr(&TTL, &attr(ino, n)),
+            Some(n) => reply.attr(&TTL, &attr(ino, &n)),
             None => reply.error(libc::ENOENT),
         }
     }
@@ -250,17 +251,21 @@ impl Filesystem for LazyFs {
         let Some(n) = self.index.node(ino) else {
             return reply.error(libc::ENOENT);
         };
-        let mut entries: Vec<(u64, FileType, &str)> = vec![
-            (ino, FileType::Directory, "."),
-            (n.parent, FileType::Directory, ".."),
-        ];
-        for (name, child) in &n.children {
-            if let Some(c) = self.index.node(*child) {
-                entries.push((*child, attr(*child, c).kind, name));
-            }
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(ino, (i + 1) as i64, kind, name) {
+        // Position 0 is ".", 1 is "..", 2.. the children by name; `offset` is where to go on.
+        let children = self.index.children(ino);
+        for pos in offset.max(0) as usize..children.len() + 2 {
+            let (child, kind, name) = match pos {
+                0 => (ino, FileType::Directory, "."),
+                1 => (n.parent, FileType::Directory, ".."),
+                _ => {
+                    let (name, child) = &children[pos - 2];
+                    let Some(c) = self.index.node(*child) else {
+                        continue;
+                    };
+                    (*child, attr(*child, &c).kind, name.as_str())
+                }
+            };
+            if reply.add(child, (pos + 1) as i64, kind, name) {
                 break;
             }
         }
@@ -312,25 +317,16 @@ impl Filesystem for LazyFs {
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
         let blocks = self.index.total_bytes.div_ceil(4096);
-        reply.statfs(
-            blocks,
-            0,
-            0,
-            self.index.nodes.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        reply.statfs(blocks, 0, 0, self.index.count, 0, 4096, 255, 4096);
     }
 }
 
 /// Mounts the layer described in `state` at `mountpoint` and serves it until unmounted.
 pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
     let spec = LayerSpec::load(state)?;
-    let toc = super::load_toc(state)?;
-    let index = Arc::new(Index::build(&toc));
-    drop(toc);
+    let index = Arc::new(Nodes::open_or_build(&state.join("index"), || {
+        super::load_toc(state)
+    })?);
     let cache = ChunkCache::open(&spec.cache_dir, spec.cache_max_bytes)?;
     let fetcher = Arc::new(Fetcher::new(&spec, cache, state)?);
     fetcher

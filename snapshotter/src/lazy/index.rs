@@ -10,7 +10,7 @@ pub const ROOT: u64 = 1;
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Dir,
     File,
@@ -20,7 +20,7 @@ pub enum Kind {
     Fifo,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub kind: Kind,
     pub name: String,
@@ -36,6 +36,8 @@ pub struct Node {
     pub opaque: bool,
     /// Extended attributes, decoded.
     pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Only while building: the persisted tree keeps children as keys of their own.
+    #[serde(skip)]
     pub children: BTreeMap<String, u64>,
     /// Content chunks of a regular file, in file order.
     pub chunks: Vec<Chunk>,

@@ -19,6 +19,7 @@ pub mod cache;
 pub mod fetch;
 pub mod fs;
 pub mod index;
+pub mod nodes;
 pub mod remote;
 
 use std::collections::BTreeMap;
