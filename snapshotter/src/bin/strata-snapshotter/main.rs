@@ -76,7 +76,9 @@ enum Cmd {
     /// Rewrite an image's layers as zstd:chunked so that it can be pulled lazily. SRC and DST:
     /// a registry reference, oci-archive:FILE, or (SRC only) oci:DIR
     Convert {
+        /// The image to convert
         src: String,
+        /// Where the converted image goes (a registry reference or oci-archive:FILE)
         dst: String,
         /// Files larger than this are cut in chunks fetched independently
         #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
@@ -94,6 +96,7 @@ enum Cmd {
         /// Required: the layers are mounted lazily
         #[arg(long)]
         lazy: bool,
+        /// The image, e.g. registry.example.com/app:1 (made lazy-pullable by `convert`)
         reference: String,
         /// containerd's socket
         #[arg(
@@ -102,8 +105,10 @@ enum Cmd {
             value_name = "SOCKET"
         )]
         containerd_address: PathBuf,
+        /// containerd namespace the image goes to (`ctr -n`)
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// containerd's name for this snapshotter (its proxy_plugins entry)
         #[arg(long, default_value = "strata")]
         snapshotter: String,
         /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
@@ -113,6 +118,7 @@ enum Cmd {
     /// Per lazy layer: bytes fetched / total, cache hits, chunk verification failures, fetch
     /// errors (--prometheus: the metrics endpoint's text)
     Status {
+        /// Print Prometheus' text format instead of a table
         #[arg(long)]
         prometheus: bool,
     },
