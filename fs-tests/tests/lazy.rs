@@ -59,6 +59,20 @@ fn app_archive(dir: &Path, data: Vec<u8>) -> std::path::PathBuf {
     archive
 }
 
+/// `strata-snapshotter convert ARGS`, which must succeed.
+fn convert(args: &[&str]) {
+    let out = Command::new(workspace_bin("strata-snapshotter"))
+        .arg("convert")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 struct Setup {
     reg: Registry,
     lazy_ref: String,
@@ -73,17 +87,8 @@ fn setup(small: usize, big: usize, big_size: usize) -> Setup {
     let archive = app_archive(dir.path(), data);
     reg.push_archive(&archive, "strata/app:1");
     let lazy_ref = format!("{}/strata/app:lazy", reg.host);
-    let out = Command::new(workspace_bin("strata-snapshotter"))
-        .args(["convert", "--chunk-size", "1048576"])
-        .arg(format!("{}/strata/app:1", reg.host))
-        .arg(&lazy_ref)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let src = format!("{}/strata/app:1", reg.host);
+    convert(&["--chunk-size", "1048576", &src, &lazy_ref]);
     Setup {
         reg,
         lazy_ref,
@@ -640,18 +645,8 @@ fn a_prefetch_list_puts_its_files_first_and_the_image_stays_valid() {
     let list = s.dir.path().join("prefetch.txt");
     std::fs::write(&list, "/data/big-1\n/data/small/f0013\n/not/there\n").unwrap();
     let ordered = format!("{}/strata/app:ordered", s.reg.host);
-    let out = Command::new(workspace_bin("strata-snapshotter"))
-        .args(["convert", "--prefetch"])
-        .arg(&list)
-        .arg(format!("{}/strata/app:1", s.reg.host))
-        .arg(&ordered)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let src = format!("{}/strata/app:1", s.reg.host);
+    convert(&["--prefetch", list.to_str().unwrap(), &src, &ordered]);
     let s2 = Setup {
         lazy_ref: ordered.clone(),
         ..s
