@@ -150,6 +150,27 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `strata-snapshotter status --prometheus` for this daemon's root.
+    pub fn lazy_metrics(&self) -> String {
+        let out = Command::new(crate::workspace_bin("strata-snapshotter"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(["status", "--prometheus"])
+            .output()
+            .expect("run strata-snapshotter status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The sum over all layers of metric `name` in Prometheus text `text`.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 use strata_fs_tests::containerd::Containerd;
-use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::daemon::{metric, Daemon};
 use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::workspace_bin;
@@ -116,23 +116,6 @@ fn pull_lazy(c: &Containerd, reference: &str) -> std::process::Output {
         .unwrap()
 }
 
-fn status(d: &Daemon) -> String {
-    let out = Command::new(workspace_bin("strata-snapshotter"))
-        .arg("--root")
-        .arg(&d.root)
-        .args(["status", "--prometheus"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
     let s = setup(300, 3, 5 << 20);
@@ -174,7 +157,7 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         let (sum, path) = line.split_once("  ").unwrap();
         assert_eq!(s.sums[path], sum, "{path}");
     }
-    let st = status(&d);
+    let st = d.lazy_metrics();
     let (fetched, total) = (
         metric(&st, "strata_lazy_fetched_bytes_total"),
         metric(&st, "strata_lazy_layer_bytes"),
@@ -198,7 +181,10 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         all.contains("sbin: only-this\n"),
         "an opaque directory hides the layer below: {all}"
     );
-    assert_eq!(metric(&status(&d), "strata_lazy_verify_failures_total"), 0);
+    assert_eq!(
+        metric(&d.lazy_metrics(), "strata_lazy_verify_failures_total"),
+        0
+    );
     // Writes in the container copy files up from the FUSE lower; deletes leave whiteouts.
     let rw = c.ctr(&[
         "run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "rw", "sh", "-c",
@@ -294,7 +280,7 @@ fn tampered_chunks_fail_with_eio_and_are_never_served() {
         text.contains(&s.sums["/data/big-0"]),
         "other files still read: {text}"
     );
-    let st = status(&d);
+    let st = d.lazy_metrics();
     assert!(
         metric(&st, "strata_lazy_verify_failures_total") >= 1,
         "{st}"
@@ -418,7 +404,7 @@ fn a_stopped_registry_gives_eio_in_bounded_time_and_reads_resume() {
         "/data/big-1",
     ]);
     assert!(run.contains(&s.sums["/data/big-1"]), "{run}");
-    assert!(metric(&status(&d), "strata_lazy_fetch_errors_total") >= 1);
+    assert!(metric(&d.lazy_metrics(), "strata_lazy_fetch_errors_total") >= 1);
 }
 
 #[test]
@@ -467,7 +453,7 @@ fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
         "/data/big-0",
     ]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
-    assert!(metric(&status(&d), "strata_lazy_layer_bytes") > 0);
+    assert!(metric(&d.lazy_metrics(), "strata_lazy_layer_bytes") > 0);
 }
 
 /// Layers written by another implementation (skopeo's containers/image) are served too.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_fs_tests::containerd::Containerd;
-use strata_fs_tests::daemon::Daemon;
+use strata_fs_tests::daemon::{metric, Daemon};
 use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::workspace_bin;
@@ -75,12 +75,8 @@ fn snapshotter(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn metric(d: &Daemon, name: &str) -> u64 {
-    let text = snapshotter(&["--root", d.root.to_str().unwrap(), "status", "--prometheus"]);
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+fn lazy_metric(d: &Daemon, name: &str) -> u64 {
+    metric(&d.lazy_metrics(), name)
 }
 
 fn drop_caches() {
@@ -168,7 +164,7 @@ fn main() {
         ]);
         let lazy_first = t.elapsed().as_secs_f64();
         assert!(out.starts_with(char::is_alphanumeric), "{out}");
-        let fetched = metric(&d, "strata_lazy_fetched_bytes_total");
+        let fetched = lazy_metric(&d, "strata_lazy_fetched_bytes_total");
         // Full pull + run on containerd's overlayfs, through the same proxy.
         let full = format!("{proxy}/strata/app:1");
         let t = Instant::now();
@@ -194,9 +190,9 @@ fn main() {
         println!("  {mbit} Mbit/s: first output lazy {lazy_first:.2}s vs full pull + run {full_first:.2}s: ratio {:.3}; fetched before first output {:.1} MB of {mb} MB", lazy_first / full_first, fetched as f64 / 1e6);
         if Some(mbit) == last {
             // Let the background fetch finish, then compare cached reads.
-            let total = metric(&d, "strata_lazy_layer_bytes");
+            let total = lazy_metric(&d, "strata_lazy_layer_bytes");
             let deadline = Instant::now() + Duration::from_secs(300);
-            while metric(&d, "strata_lazy_fetched_bytes_total") < total * 95 / 100
+            while lazy_metric(&d, "strata_lazy_fetched_bytes_total") < total * 95 / 100
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(500));
