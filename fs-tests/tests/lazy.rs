@@ -509,13 +509,91 @@ fn layers_converted_by_skopeo_are_served() {
     assert_eq!(seen, sums);
 }
 
-/// FUSE mounts of strata under `root`.
-fn fuse_mounts(root: &Path) -> usize {
+/// Mount points of strata's FUSE mounts under `root`.
+fn fuse_mountpoints(root: &Path) -> Vec<std::path::PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter(|l| l.contains(&*root.to_string_lossy()) && l.contains(" strata:sha256:"))
-        .count()
+        .filter(|l| l.contains(" strata:sha256:"))
+        .filter_map(|l| l.split(' ').nth(4).map(std::path::PathBuf::from))
+        .filter(|p| p.starts_with(root))
+        .collect()
+}
+
+fn fuse_mounts(root: &Path) -> usize {
+    fuse_mountpoints(root).len()
+}
+
+/// Once a layer is fetched, the kernel reads its files straight from the cache (FUSE
+/// passthrough): a file opened then reads whole while its serving process is frozen, which a
+/// read answered by that process could not.
+#[test]
+fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
+    let s = setup(40, 2, 3 << 20);
+    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
+    let c = Containerd::start(&d.socket);
+    let out = pull_lazy(&c, &s.lazy_ref);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mountpoint = fuse_mountpoints(&d.root)
+        .into_iter()
+        .find(|m| m.join("data/big-1").exists())
+        .expect("the data layer is mounted");
+    // The background fetch brings every chunk; then an open is passed through.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let file = loop {
+        let before = metric(&d.lazy_metrics(), "strata_lazy_passthrough_opens_total");
+        let f = std::fs::File::open(mountpoint.join("data/big-1")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        if metric(&d.lazy_metrics(), "strata_lazy_passthrough_opens_total") > before {
+            break f;
+        }
+        drop(f);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no open was passed through:\n{}",
+            d.lazy_metrics()
+        );
+    };
+    let pid: i32 = std::fs::read_to_string(mountpoint.parent().unwrap().join("lazy/pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let server = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(server, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut file = file;
+        let mut data = Vec::new();
+        let _ = tx.send(std::io::Read::read_to_end(&mut file, &mut data).map(|_| data));
+    });
+    let read = rx.recv_timeout(std::time::Duration::from_secs(20));
+    nix::sys::signal::kill(server, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let data = read
+        .expect("a passed-through read does not wait for the frozen server")
+        .unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&data)), s.sums["/data/big-1"]);
+    // And through overlayfs in a container, every file still equals the original.
+    let all = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &s.lazy_ref,
+        "pt",
+        "sh",
+        "-c",
+        "find /data -type f -exec sha256sum {} +",
+    ]);
+    assert_eq!(sums_of(&all), s.sums);
+    assert_eq!(
+        metric(&d.lazy_metrics(), "strata_lazy_verify_failures_total"),
+        0
+    );
 }
 
 #[test]

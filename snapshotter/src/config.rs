@@ -45,6 +45,9 @@ pub struct LazyConfig {
     /// Fetch the rest of each layer after mounting it.
     pub background_fetch: bool,
     pub fetch_concurrency: usize,
+    /// Let the kernel read fully fetched files straight from the cache (FUSE passthrough,
+    /// Linux 6.9+; without it reads go through the serving process).
+    pub passthrough: bool,
     /// `HOST:PORT` for Prometheus metrics (`/metrics`); empty: none.
     pub metrics_address: String,
 }
@@ -60,6 +63,7 @@ impl Default for LazyConfig {
             cache_max_bytes: 10 << 30,
             background_fetch: true,
             fetch_concurrency: 4,
+            passthrough: true,
             metrics_address: String::new(),
         }
     }

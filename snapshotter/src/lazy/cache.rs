@@ -1,13 +1,21 @@
 //! The chunk cache shared by every lazy layer on the machine: verified, uncompressed chunks in
 //! files named by their sha256, bounded in size (oldest first out), written atomically (a
 //! temporary name, then rename) so a killed process never leaves a partial chunk behind.
+//!
+//! Whole files live in the same place under the same rule (named by the sha256 of their
+//! content): they back FUSE passthrough. A file of one chunk is its chunk; a file of several is
+//! assembled from its cached chunks and verified against its TOC digest.
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::chunked::toc::Chunk;
 
 pub struct ChunkCache {
     dir: PathBuf,
@@ -63,6 +71,58 @@ impl ChunkCache {
         let used = self.used.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
         if used > self.max_bytes {
             self.evict();
+        }
+    }
+
+    /// The file whose content has sha256 `digest`, `size` bytes made of `chunks`: cached, or
+    /// assembled now when every chunk is cached. None while a chunk is missing or the assembled
+    /// bytes do not match `digest` (then nothing is kept).
+    pub fn whole_file(&self, digest: &str, size: u64, chunks: &[Chunk]) -> Option<PathBuf> {
+        let path = self.dir.join(name(digest)?);
+        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
+            return Some(path);
+        }
+        if !chunks.iter().all(|c| c.zeros || self.has(&c.digest)) {
+            return None;
+        }
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{}", name(digest)?, std::process::id()));
+        let assembled = (|| -> std::io::Result<String> {
+            let mut out = BufWriter::new(fs::File::create(&tmp)?);
+            let mut hash = Sha256::new();
+            let mut at = 0;
+            for c in chunks {
+                let data = if c.zeros {
+                    vec![0; c.size as usize]
+                } else {
+                    self.get(&c.digest, c.size)
+                        .ok_or_else(|| std::io::Error::other("chunk evicted"))?
+                };
+                if c.file_offset != at {
+                    return Err(std::io::Error::other("chunks leave a gap"));
+                }
+                at += c.size;
+                hash.update(&data);
+                out.write_all(&data)?;
+            }
+            if at != size {
+                return Err(std::io::Error::other("chunks do not cover the file"));
+            }
+            out.into_inner()?.sync_data()?;
+            Ok(format!("sha256:{}", hex::encode(hash.finalize())))
+        })();
+        match assembled {
+            Ok(d) if d == digest && fs::rename(&tmp, &path).is_ok() => {
+                if self.used.fetch_add(size, Ordering::SeqCst) + size > self.max_bytes {
+                    self.evict();
+                }
+                Some(path)
+            }
+            _ => {
+                let _ = fs::remove_file(&tmp);
+                None
+            }
         }
     }
 
@@ -124,5 +184,54 @@ mod tests {
             before,
             "not a digest: not stored"
         );
+    }
+
+    #[test]
+    fn whole_files_are_assembled_from_cached_chunks_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        let (a, b) = (vec![1u8; 300], vec![2u8; 200]);
+        let chunk = |at: u64, data: &[u8], zeros: bool| Chunk {
+            file_offset: at,
+            size: data.len() as u64,
+            start: 0,
+            end: 0,
+            digest: if zeros { String::new() } else { sha(data) },
+            zeros,
+        };
+        let hole = vec![0u8; 100];
+        let chunks = [
+            chunk(0, &a, false),
+            chunk(300, &hole, true),
+            chunk(400, &b, false),
+        ];
+        let whole = [a.clone(), hole.clone(), b.clone()].concat();
+        let digest = sha(&whole);
+        c.put(&chunks[0].digest, &a);
+        assert_eq!(
+            c.whole_file(&digest, 600, &chunks),
+            None,
+            "a chunk is missing"
+        );
+        c.put(&chunks[2].digest, &b);
+        let path = c.whole_file(&digest, 600, &chunks).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(c.whole_file(&digest, 600, &chunks), Some(path), "kept");
+        // A file of one chunk is that chunk.
+        assert_eq!(
+            c.whole_file(&chunks[0].digest, 300, &chunks[..1]),
+            Some(dir.path().join(&chunks[0].digest[7..]))
+        );
+        // Chunks that do not make the named content leave nothing behind.
+        let wrong = sha(b"something else");
+        assert_eq!(c.whole_file(&wrong, 600, &chunks), None);
+        assert_eq!(c.whole_file(&digest, 500, &chunks), None, "size");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "two chunks and one file: {names:?}");
     }
 }

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::cache::ChunkCache;
 use super::nodes::Nodes;
+use super::passthrough::Passthrough;
 use super::{LayerSpec, Stats};
 use crate::chunked::read::read_chunk;
 use crate::chunked::toc::Chunk;
@@ -25,7 +26,7 @@ pub struct Fetcher {
     client: Client,
     reference: Reference,
     pub(super) digest: String,
-    cache: ChunkCache,
+    pub(super) cache: ChunkCache,
     hot: Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
     /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
     inflight: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -218,20 +219,22 @@ fn runs(chunks: Vec<Chunk>) -> Vec<Vec<Chunk>> {
 }
 
 /// Fetches every chunk not yet cached, in `order` first (paths), then in TOC order, with
-/// `concurrency` threads; stops when `stop` is set.
+/// `concurrency` threads; stops when `stop` is set. Then, when the kernel passes files
+/// through, assembles the whole copies of files of several chunks, so no open waits for that.
 pub fn background_fetch(
     index: Arc<Nodes>,
     fetcher: Arc<Fetcher>,
     order: Vec<String>,
     concurrency: usize,
     stop: Arc<AtomicBool>,
+    passthrough: Arc<Passthrough>,
 ) {
     let mut queue: Vec<u64> = order.iter().filter_map(|p| index.file(p)).collect();
     let first: HashSet<u64> = queue.iter().copied().collect();
     queue.extend(index.files().into_iter().filter(|i| !first.contains(i)));
     let chunks: Vec<Chunk> = queue
-        .into_iter()
-        .filter_map(|i| index.node(i))
+        .iter()
+        .filter_map(|i| index.node(*i))
         .flat_map(|n| n.chunks)
         .filter(|c| !c.zeros)
         .collect();
@@ -256,6 +259,14 @@ pub fn background_fetch(
         let _ = w.join();
     }
     info!(layer = %fetcher.digest, "background fetch finished");
+    for ino in queue {
+        if stop.load(Ordering::Relaxed) || !passthrough.enabled() {
+            return;
+        }
+        if let Some(n) = index.node(ino).filter(|n| n.chunks.len() > 1) {
+            fetcher.cache.whole_file(&n.digest, n.size, &n.chunks);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The read-only FUSE filesystem of one lazy layer, served by its own process
 //! (`strata-snapshotter serve-layer`) so that it outlives restarts of the daemon. Metadata comes
 //! from the TOC index; reads get exactly the chunks they touch from [`Fetcher`], off the session
-//! thread. The first mount of a layer records the order files are opened in; later mounts
-//! prefetch in that order.
+//! thread. Fully fetched files are passed through to a whole copy in the cache
+//! ([`super::passthrough`]). The first mount of a layer records the order files are opened in;
+//! later mounts prefetch in that order.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -13,15 +14,18 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::cache::ChunkCache;
 use super::fetch::{background_fetch, Fetcher};
 use super::index::{Kind, Node};
 use super::nodes::Nodes;
+use super::passthrough::Passthrough;
 use super::LayerSpec;
 use crate::chunked::toc::Chunk;
 
@@ -54,7 +58,10 @@ pub struct LazyFs {
     index: Arc<Nodes>,
     fetcher: Arc<Fetcher>,
     recorder: Recorder,
-    jobs: mpsc::Sender<Job>,
+    passthrough: Arc<Passthrough>,
+    /// Whether to ask the kernel for passthrough (`[lazy] passthrough`).
+    want_passthrough: bool,
+    jobs: Mutex<mpsc::Sender<Job>>,
 }
 
 fn to_system_time(secs: i64) -> SystemTime {
@@ -76,7 +83,7 @@ fn attr(ino: u64, n: &Node) -> FileAttr {
     };
     let t = to_system_time(n.mtime);
     FileAttr {
-        ino,
+        ino: INodeNo(ino),
         size: n.size,
         blocks: n.size.div_ceil(512),
         atime: t,
@@ -100,6 +107,7 @@ impl LazyFs {
         fetcher: Arc<Fetcher>,
         record_to: Option<PathBuf>,
         workers: usize,
+        passthrough: Option<Arc<Passthrough>>,
     ) -> LazyFs {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -127,7 +135,21 @@ impl LazyFs {
                 }),
                 seen: Mutex::new(HashSet::new()),
             },
-            jobs: tx,
+            want_passthrough: passthrough.is_some(),
+            passthrough: passthrough.unwrap_or_else(|| Arc::new(Passthrough::default())),
+            jobs: Mutex::new(tx),
+        }
+    }
+
+    /// Runs `job` on a worker thread, so that the session thread goes on with other requests.
+    fn spawn(&self, job: Job) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(e) = sent {
+            (e.0)();
         }
     }
 }
@@ -156,106 +178,132 @@ fn read_range(
 }
 
 impl Filesystem for LazyFs {
-    fn init(
-        &mut self,
-        _req: &Request<'_>,
-        config: &mut fuser::KernelConfig,
-    ) -> Result<(), libc::c_int> {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Reads are answered from worker threads: let the kernel keep many in flight.
         let _ = config.set_max_background(64);
+        // Passthrough needs a stack depth of 1: overlayfs still stacks on this mount, and the
+        // backing files must then live on a plain filesystem.
+        if self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.enable();
+        } else if self.want_passthrough {
+            warn!("the kernel offers no FUSE passthrough (Linux 6.9+); reads go through the cache");
+        }
         Ok(())
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = name
             .to_str()
-            .and_then(|name| self.index.child(parent, name))
+            .and_then(|name| self.index.child(parent.0, name))
             .and_then(|ino| Some((ino, self.index.node(ino)?)));
         match found {
-            Some((ino, n)) => reply.entry(&TTL, &attr(ino, &n), 0),
-            None => reply.error(libc::ENOENT),
+            Some((ino, n)) => reply.entry(&TTL, &attr(ino, &n), Generation(0)),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        match self.index.node(ino) {
-            Some(n) => reply.attr(&TTL, &attr(ino, &n)),
-            None => reply.error(libc::ENOENT),
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.index.node(ino.0) {
+            Some(n) => reply.attr(&TTL, &attr(ino.0, &n)),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
-        match self.index.node(ino) {
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.index.node(ino.0) {
             Some(n) if n.kind == Kind::Symlink => reply.data(n.link.as_bytes()),
-            Some(_) => reply.error(libc::EINVAL),
-            None => reply.error(libc::ENOENT),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(libc::EROFS);
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
         }
-        match self.index.node(ino) {
-            Some(n) => {
-                if n.kind == Kind::File {
-                    self.recorder.opened(ino, &n.path);
-                }
-                reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE)
-            }
-            None => reply.error(libc::ENOENT),
+        let Some(n) = self.index.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != Kind::File {
+            return reply.opened(super::passthrough::CACHED, FopenFlags::FOPEN_KEEP_CACHE);
         }
+        self.recorder.opened(ino.0, &n.path);
+        let (passthrough, fetcher) = (self.passthrough.clone(), self.fetcher.clone());
+        // Passthrough may first assemble the file from its chunks.
+        self.spawn(Box::new(move || {
+            passthrough.open(ino.0, &n, &fetcher, reply)
+        }));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.passthrough.release(ino.0, fh);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written.
+        reply.ok();
     }
 
     fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         size: u32,
-        _flags: i32,
-        _lock: Option<u64>,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let (index, fetcher) = (self.index.clone(), self.fetcher.clone());
-        // Fetching may take a round trip: off the session thread, so other requests go on.
-        let job = Box::new(move || {
-            let Some(n) = index.node(ino) else {
-                return reply.error(libc::ENOENT);
+        // Fetching may take a round trip.
+        self.spawn(Box::new(move || {
+            let Some(n) = index.node(ino.0) else {
+                return reply.error(Errno::ENOENT);
             };
-            match read_range(
-                &fetcher,
-                &n.chunks,
-                n.size,
-                offset.max(0) as u64,
-                size as u64,
-            ) {
+            match read_range(&fetcher, &n.chunks, n.size, offset, size as u64) {
                 Ok(data) => reply.data(&data),
-                Err(_) => reply.error(libc::EIO),
+                Err(_) => reply.error(Errno::EIO),
             }
-        });
-        if let Err(e) = self.jobs.send(job) {
-            (e.0)();
-        }
+        }));
     }
 
     fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(n) = self.index.node(ino) else {
-            return reply.error(libc::ENOENT);
+        let Some(n) = self.index.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
         };
         // Position 0 is ".", 1 is "..", 2.. the children by name; `offset` is where to go on.
-        let children = self.index.children(ino);
-        for pos in offset.max(0) as usize..children.len() + 2 {
+        let children = self.index.children(ino.0);
+        for pos in offset as usize..children.len() + 2 {
             let (child, kind, name) = match pos {
-                0 => (ino, FileType::Directory, "."),
+                0 => (ino.0, FileType::Directory, "."),
                 1 => (n.parent, FileType::Directory, ".."),
                 _ => {
                     let (name, child) = &children[pos - 2];
@@ -265,23 +313,16 @@ impl Filesystem for LazyFs {
                     (*child, attr(*child, &c).kind, name.as_str())
                 }
             };
-            if reply.add(child, (pos + 1) as i64, kind, name) {
+            if reply.add(INodeNo(child), (pos + 1) as u64, kind, name) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn getxattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        name: &OsStr,
-        size: u32,
-        reply: ReplyXattr,
-    ) {
-        let Some(n) = self.index.node(ino) else {
-            return reply.error(libc::ENOENT);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.index.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
         };
         let name = name.to_string_lossy();
         let value: Option<Vec<u8>> = if n.opaque && name == "trusted.overlay.opaque" {
@@ -290,16 +331,16 @@ impl Filesystem for LazyFs {
             n.xattrs.get(name.as_ref()).cloned()
         };
         match value {
-            None => reply.error(libc::ENODATA),
+            None => reply.error(Errno::NO_XATTR),
             Some(v) if size == 0 => reply.size(v.len() as u32),
-            Some(v) if v.len() > size as usize => reply.error(libc::ERANGE),
+            Some(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
             Some(v) => reply.data(&v),
         }
     }
 
-    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
-        let Some(n) = self.index.node(ino) else {
-            return reply.error(libc::ENOENT);
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.index.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
         };
         let mut list = Vec::new();
         for k in n.xattrs.keys() {
@@ -309,13 +350,13 @@ impl Filesystem for LazyFs {
         if size == 0 {
             reply.size(list.len() as u32)
         } else if list.len() > size as usize {
-            reply.error(libc::ERANGE)
+            reply.error(Errno::ERANGE)
         } else {
             reply.data(&list)
         }
     }
 
-    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.index.total_bytes.div_ceil(4096);
         reply.statfs(blocks, 0, 0, self.index.count, 0, 4096, 255, 4096);
     }
@@ -339,11 +380,13 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
         .map(|t| t.lines().map(str::to_string).collect())
         .unwrap_or_default();
     let record_to = order.is_empty().then(|| access.clone());
+    let passthrough = Arc::new(Passthrough::default());
     let fs = LazyFs::new(
         index.clone(),
         fetcher.clone(),
         record_to,
         spec.fetch_concurrency.max(4),
+        spec.passthrough.then(|| passthrough.clone()),
     );
     let stop = Arc::new(AtomicBool::new(false));
     if spec.background_fetch {
@@ -353,21 +396,37 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
             stop.clone(),
             spec.fetch_concurrency,
         );
-        std::thread::spawn(move || background_fetch(i, f, order, n, s));
+        std::thread::spawn(move || background_fetch(i, f, order, n, s, passthrough));
     }
     fetcher.stats.write(state);
-    let options = [
+    {
+        // Counters that change without a fetch (passthrough opens) reach `stats.json` too.
+        let (fetcher, stop, state) = (fetcher.clone(), stop.clone(), state.to_path_buf());
+        std::thread::spawn(move || {
+            let mut written = fetcher.stats.snapshot();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = fetcher.stats.snapshot();
+                if now != written {
+                    fetcher.stats.write(&state);
+                    written = now;
+                }
+            }
+        });
+    }
+    let mut config = Config::default();
+    config.mount_options = vec![
         MountOption::FSName(format!("strata:{}", spec.digest)),
         MountOption::Subtype("strata".into()),
         MountOption::RO,
-        MountOption::AllowOther,
         MountOption::DefaultPermissions,
         MountOption::Suid,
         MountOption::Dev,
         MountOption::Exec,
     ];
+    config.acl = SessionACL::All;
     info!(layer = %spec.digest, mountpoint = %mountpoint.display(), "serving lazy layer");
-    let result = fuser::mount2(fs, mountpoint, &options);
+    let result = fuser::mount(fs, mountpoint, &config);
     stop.store(true, Ordering::SeqCst);
     fetcher.stats.write(state);
     result.map_err(|e| anyhow::anyhow!("FUSE mount at {}: {e}", mountpoint.display()))

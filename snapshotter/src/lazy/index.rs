@@ -41,6 +41,9 @@ pub struct Node {
     pub children: BTreeMap<String, u64>,
     /// Content chunks of a regular file, in file order.
     pub chunks: Vec<Chunk>,
+    /// sha256 of a regular file's content (`sha256:...`); empty in indexes older than it.
+    #[serde(default)]
+    pub digest: String,
     /// The TOC name, for access-order records.
     pub path: String,
 }
@@ -64,6 +67,7 @@ impl Node {
             xattrs: BTreeMap::new(),
             children: BTreeMap::new(),
             chunks: Vec::new(),
+            digest: String::new(),
             path: path.to_string(),
         }
     }
@@ -223,6 +227,11 @@ impl Index {
                 xattrs: BTreeMap::new(),
                 children: BTreeMap::new(),
                 chunks: node_chunks,
+                digest: if kind == Kind::File {
+                    e.digest.clone()
+                } else {
+                    String::new()
+                },
                 path: path.clone(),
             };
             fields(&mut node);

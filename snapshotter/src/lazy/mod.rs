@@ -20,6 +20,7 @@ pub mod fetch;
 pub mod fs;
 pub mod index;
 pub mod nodes;
+pub mod passthrough;
 pub mod remote;
 
 use std::collections::BTreeMap;
@@ -51,6 +52,13 @@ pub struct LayerSpec {
     pub access_dir: PathBuf,
     pub background_fetch: bool,
     pub fetch_concurrency: usize,
+    /// Ask the kernel for FUSE passthrough of fully fetched files.
+    #[serde(default = "yes")]
+    pub passthrough: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl LayerSpec {
@@ -89,6 +97,7 @@ pub struct Stats {
     pub cache_hits: AtomicU64,
     pub verify_failures: AtomicU64,
     pub fetch_errors: AtomicU64,
+    pub passthrough_opens: AtomicU64,
 }
 
 /// `stats.json`.
@@ -99,6 +108,9 @@ pub struct StatsSnapshot {
     pub cache_hits: u64,
     pub verify_failures: u64,
     pub fetch_errors: u64,
+    /// Opens passed through to a whole cached file (read by the kernel, not by the server).
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 impl Stats {
@@ -109,6 +121,7 @@ impl Stats {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
             fetch_errors: self.fetch_errors.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
         }
     }
 
@@ -191,7 +204,7 @@ pub fn prometheus(root: &Path, fell_back: u64) -> String {
     let layers = layer_stats(root);
     let mut out = String::new();
     type Metric = (&'static str, &'static str, fn(&StatsSnapshot) -> u64);
-    let metrics: [Metric; 5] = [
+    let metrics: [Metric; 6] = [
         (
             "strata_lazy_layer_bytes",
             "Compressed size of the layer blob",
@@ -216,6 +229,11 @@ pub fn prometheus(root: &Path, fell_back: u64) -> String {
             "strata_lazy_fetch_errors_total",
             "Chunk fetches that failed",
             |s| s.fetch_errors,
+        ),
+        (
+            "strata_lazy_passthrough_opens_total",
+            "Opens passed through to a whole cached file (FUSE passthrough)",
+            |s| s.passthrough_opens,
         ),
     ];
     for (name, help, get) in metrics {

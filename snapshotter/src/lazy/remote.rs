@@ -133,6 +133,7 @@ impl Lazy {
                 access_dir: self.root.join("lazy").join("access"),
                 background_fetch: self.cfg.background_fetch,
                 fetch_concurrency: self.cfg.fetch_concurrency,
+                passthrough: self.cfg.passthrough,
             };
             std::fs::create_dir_all(&spec.access_dir).map_err(Error::io("create access dir"))?;
             write_json(&state.join("layer.json"), &spec)?;

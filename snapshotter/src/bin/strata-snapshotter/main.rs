@@ -253,8 +253,14 @@ fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>21} {:>6} {:>10} {:>13} {:>12}",
-        "LAYER", "FETCHED / TOTAL", "%", "CACHE HITS", "VERIFY FAILS", "FETCH ERRORS"
+        "{:<20} {:>21} {:>6} {:>10} {:>13} {:>12} {:>12}",
+        "LAYER",
+        "FETCHED / TOTAL",
+        "%",
+        "CACHE HITS",
+        "VERIFY FAILS",
+        "FETCH ERRORS",
+        "PASSTHROUGH"
     );
     for (digest, s) in layers {
         let pct = if s.total_bytes > 0 {
@@ -263,13 +269,14 @@ fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
             0.0
         };
         println!(
-            "{:<20} {:>21} {:>5.1}% {:>10} {:>13} {:>12}",
+            "{:<20} {:>21} {:>5.1}% {:>10} {:>13} {:>12} {:>12}",
             &digest[..19.min(digest.len())],
             format!("{} / {}", s.fetched_bytes, s.total_bytes),
             pct,
             s.cache_hits,
             s.verify_failures,
-            s.fetch_errors
+            s.fetch_errors,
+            s.passthrough_opens
         );
     }
     Ok(())
