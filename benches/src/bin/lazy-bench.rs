@@ -200,7 +200,7 @@ fn main() {
             let warm = read_throughput(&c, "strata", &lazy, "warm", big_bytes);
             let fuse = read_throughput(&c, "strata", &lazy, "fuse", big_bytes);
             let overlay = read_throughput(&c, "overlayfs", &full, "overlay", big_bytes);
-            println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}", big_bytes / 1_000_000, fuse / overlay);
+            println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}; opens passed through: {}", big_bytes / 1_000_000, fuse / overlay, lazy_metric(&d, "strata_lazy_passthrough_opens_total"));
             // Memory of the FUSE servers (the TOC index lives in them).
             let pids = Command::new("pgrep")
                 .args(["-f", "serve-layer"])
