@@ -28,7 +28,7 @@ pub struct Config {
     pub lazy: LazyConfig,
 }
 
-/// `[lazy]`: zstd:chunked layers mounted from the registry (remote snapshots).
+/// `[lazy]`: zstd:chunked and eStargz layers mounted from the registry (remote snapshots).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LazyConfig {

@@ -476,7 +476,7 @@ pub enum LayerPull {
     Present,
     /// Mounted from the registry by the snapshotter.
     Lazy,
-    /// Not zstd:chunked: downloaded (this many bytes) and applied.
+    /// Neither zstd:chunked nor eStargz: downloaded (this many bytes) and applied.
     Pulled(u64),
 }
 

@@ -7,8 +7,10 @@
 //! - [`toc`]: the TOC entries (CRFS JSON, containers/storage field names) and their checks.
 //! - [`write`]: layer tar → zstd:chunked blob + the descriptor annotations.
 //! - [`read`]: the footer and annotations → the TOC, verified against its checksum.
+//! - [`estargz`]: the same for eStargz (gzip) layers, which share the TOC format.
 
 pub mod convert;
+pub mod estargz;
 pub mod read;
 pub mod reorder;
 pub mod toc;
@@ -40,6 +42,24 @@ pub fn is_chunked_descriptor(d: &crate::oci::Descriptor) -> bool {
     read::is_chunked(&d.annotations)
 }
 
+/// How a lazy layer's chunk frames are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Zstd,
+    Gzip,
+}
+
+impl Codec {
+    /// The codec of a lazy layer, from its descriptor's annotations.
+    pub fn of(annotations: &std::collections::BTreeMap<String, String>) -> Codec {
+        if estargz::is_estargz(annotations) {
+            Codec::Gzip
+        } else {
+            Codec::Zstd
+        }
+    }
+}
+
 /// Where a compressed TOC or tar-split sits in the blob (not counting its skippable-frame header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Position {
@@ -50,19 +70,19 @@ pub struct Position {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkedError {
-    #[error("zstd:chunked layer: {0}")]
+    #[error("lazy layer: {0}")]
     Format(String),
-    #[error("zstd:chunked layer: the TOC's digest is {actual}, not {expected} from the layer's annotation: the layer was altered; refusing it")]
+    #[error("lazy layer: the TOC's digest is {actual}, not {expected} from the layer's annotation: the layer was altered; refusing it")]
     TocDigest { expected: String, actual: String },
-    #[error("zstd:chunked layer: the chunk at byte {start} decompresses to {actual}, not {expected}: the blob was altered or damaged; not served")]
+    #[error("lazy layer: the chunk at byte {start} decompresses to {actual}, not {expected}: the blob was altered or damaged; not served")]
     ChunkDigest {
         start: u64,
         expected: String,
         actual: String,
     },
-    #[error("zstd:chunked layer: unsafe TOC entry {name:?}: {why}")]
+    #[error("lazy layer: unsafe TOC entry {name:?}: {why}")]
     Unsafe { name: String, why: String },
-    #[error("zstd:chunked layer: {what}: {source}")]
+    #[error("lazy layer: {what}: {source}")]
     Io {
         what: String,
         #[source]

@@ -8,8 +8,8 @@ use sha2::{Digest, Sha256};
 
 use super::toc::{Chunk, Toc};
 use super::{
-    ChunkedError, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION, FOOTER_MAGIC,
-    FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
+    estargz, ChunkedError, Codec, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION,
+    FOOTER_MAGIC, FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
 };
 
 /// The largest TOC accepted, uncompressed (about two million entries).
@@ -96,9 +96,31 @@ pub fn is_chunked(a: &BTreeMap<String, String>) -> bool {
     annotation(a, ANNOTATION_TOC_POSITION).is_some()
 }
 
-/// Fetches, verifies and checks the TOC of a blob of `blob_size` bytes. Without a checksum in
-/// the annotations the TOC cannot be verified: refused unless `allow_unverified`.
+/// Whether a descriptor is a layer that can be served lazily: zstd:chunked or eStargz.
+pub fn is_lazy(a: &BTreeMap<String, String>) -> bool {
+    is_chunked(a) || estargz::is_estargz(a)
+}
+
+/// Fetches, verifies and checks the TOC of a zstd:chunked or eStargz blob of `blob_size`
+/// bytes. Without a checksum in the annotations the TOC cannot be verified: refused unless
+/// `allow_unverified`.
 pub fn read_toc(
+    annotations: &BTreeMap<String, String>,
+    blob_size: u64,
+    fetch: &Fetch,
+    allow_unverified: bool,
+) -> Result<Toc, ChunkedError> {
+    let mut toc = if estargz::is_estargz(annotations) {
+        estargz::read_toc(annotations, blob_size, fetch, allow_unverified)?
+    } else {
+        read_chunked_toc(annotations, blob_size, fetch, allow_unverified)?
+    };
+    estargz::hide_landmarks(annotations, &mut toc);
+    Ok(toc)
+}
+
+/// [`read_toc`] of zstd:chunked.
+fn read_chunked_toc(
     annotations: &BTreeMap<String, String>,
     blob_size: u64,
     fetch: &Fetch,
@@ -155,7 +177,7 @@ pub fn read_toc(
 }
 
 /// Fetches chunk `c`, decompresses it and returns its bytes only if they match its digest.
-pub fn read_chunk(c: &Chunk, fetch: &Fetch) -> Result<Vec<u8>, ChunkedError> {
+pub fn read_chunk(c: &Chunk, codec: Codec, fetch: &Fetch) -> Result<Vec<u8>, ChunkedError> {
     if c.zeros {
         return Ok(vec![0u8; c.size as usize]);
     }
@@ -163,10 +185,23 @@ pub fn read_chunk(c: &Chunk, fetch: &Fetch) -> Result<Vec<u8>, ChunkedError> {
         "fetch bytes {}..{}",
         c.start, c.end
     )))?;
-    // The range may run on into the next entry's header frame: only `size` bytes are the chunk.
+    // The range may run on into the next entry's header: only `size` bytes, after `inner`
+    // bytes of other files sharing the frame, are the chunk.
     let mut data = Vec::with_capacity(c.size as usize);
-    let decoded = zstd::stream::read::Decoder::new(&compressed[..])
-        .and_then(|d| std::io::Read::read_to_end(&mut std::io::Read::take(d, c.size), &mut data));
+    let decoded = match codec {
+        Codec::Zstd => zstd::stream::read::Decoder::new(&compressed[..])
+            .map(|d| Box::new(d) as Box<dyn std::io::Read>),
+        Codec::Gzip => {
+            Ok(Box::new(flate2::read::GzDecoder::new(&compressed[..])) as Box<dyn std::io::Read>)
+        }
+    }
+    .and_then(|mut d| {
+        std::io::copy(
+            &mut std::io::Read::take(&mut d, c.inner),
+            &mut std::io::sink(),
+        )?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(d, c.size), &mut data)
+    });
     if let Err(e) = decoded {
         // Bytes that are not even zstd are as altered as bytes with the wrong digest.
         return Err(ChunkedError::ChunkDigest {
@@ -274,7 +309,7 @@ mod tests {
         let mut content = Vec::new();
         for c in &chunks[&big] {
             assert_eq!(c.file_offset, content.len() as u64);
-            content.extend(read_chunk(c, &fetch).unwrap());
+            content.extend(read_chunk(c, Codec::Zstd, &fetch).unwrap());
         }
         let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
         assert_eq!(content, expected);
@@ -293,7 +328,7 @@ mod tests {
         let mut bad = blob.clone();
         let c = &chunks[&big][2];
         bad[(c.start + c.end) as usize / 2] ^= 0xff;
-        assert!(read_chunk(c, &fetcher(&bad)).is_err());
+        assert!(read_chunk(c, Codec::Zstd, &fetcher(&bad)).is_err());
         // A flipped byte in the TOC: its checksum no longer matches.
         let (pos, _) = from_annotations(&w.annotations).unwrap().unwrap();
         let mut bad = blob.clone();

@@ -70,6 +70,10 @@ pub struct Entry {
         skip_serializing_if = "String::is_empty"
     )]
     pub chunk_type: String,
+    /// eStargz: where this chunk starts in the decompressed stream of the member at `offset`
+    /// (several small files may share one gzip member).
+    #[serde(rename = "innerOffset", default, skip_serializing_if = "is_zero")]
+    pub inner_offset: u64,
 }
 
 /// One frame of a regular file's content.
@@ -84,6 +88,9 @@ pub struct Chunk {
     /// sha256 of the uncompressed bytes (`sha256:...`); empty only for a `zeros` hole.
     pub digest: String,
     pub zeros: bool,
+    /// Bytes of the decompressed frame before this chunk (eStargz members shared by files).
+    #[serde(default)]
+    pub inner: u64,
 }
 
 /// A normalized entry name: no leading `./` or `/`, no trailing `/`.
@@ -138,7 +145,7 @@ impl Toc {
             )));
         }
         let mut seen = std::collections::HashSet::new();
-        let mut last_reg: Option<String> = None;
+        let mut last_reg: Option<(String, u64)> = None;
         for e in &self.entries {
             let name = clean(&e.name);
             if name.split('/').any(|c| c == "..") || name.contains('\0') {
@@ -146,11 +153,34 @@ impl Toc {
             }
             match e.kind.as_str() {
                 "reg" | "chunk" => {
-                    if e.kind == "chunk" && last_reg.as_deref() != Some(name.as_str()) {
-                        return Err(unsafe_entry(
-                            &e.name,
-                            "a chunk that follows no regular file of that name",
-                        ));
+                    if e.kind == "chunk" {
+                        match &last_reg {
+                            Some((reg, _)) if *reg != name => {
+                                return Err(unsafe_entry(
+                                    &e.name,
+                                    "a chunk that follows no regular file of that name",
+                                ))
+                            }
+                            None => {
+                                return Err(unsafe_entry(
+                                    &e.name,
+                                    "a chunk that follows no regular file of that name",
+                                ))
+                            }
+                            Some((_, size))
+                                if e.chunk_offset >= *size
+                                    || e.chunk_offset.saturating_add(e.chunk_size) > *size =>
+                            {
+                                return Err(unsafe_entry(
+                                    &e.name,
+                                    format!(
+                                        "chunk {}+{} lies outside its {size}-byte file",
+                                        e.chunk_offset, e.chunk_size
+                                    ),
+                                ))
+                            }
+                            Some(_) => {}
+                        }
                     }
                     if e.end_offset < e.offset || e.end_offset > toc_offset.min(blob_size) {
                         return Err(unsafe_entry(
@@ -162,7 +192,7 @@ impl Toc {
                         ));
                     }
                     if e.kind == "reg" {
-                        last_reg = Some(name.clone());
+                        last_reg = Some((name.clone(), e.size));
                     }
                 }
                 "symlink" => {
@@ -245,6 +275,7 @@ impl Toc {
                             end: e.end_offset,
                             digest,
                             zeros: e.chunk_type == "zeros",
+                            inner: e.inner_offset,
                         }],
                     );
                 }
@@ -253,7 +284,9 @@ impl Toc {
                         let size = if e.chunk_size > 0 {
                             e.chunk_size
                         } else {
-                            self.entries[current.expect("set")].size - e.chunk_offset
+                            self.entries[current.expect("set")]
+                                .size
+                                .saturating_sub(e.chunk_offset)
                         };
                         // The first chunk's frame ends where the second begins.
                         if let Some(prev) = list.last_mut() {
@@ -268,6 +301,7 @@ impl Toc {
                             end: e.end_offset,
                             digest: e.chunk_digest.clone(),
                             zeros: e.chunk_type == "zeros",
+                            inner: e.inner_offset,
                         });
                     }
                 }
@@ -275,5 +309,44 @@ impl Toc {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_outside_their_file_are_refused() {
+        let reg = Entry {
+            kind: "reg".into(),
+            name: "f".into(),
+            size: 10,
+            chunk_size: 4,
+            offset: 0,
+            end_offset: 5,
+            ..Default::default()
+        };
+        let chunk = |chunk_offset: u64, chunk_size: u64| Entry {
+            kind: "chunk".into(),
+            name: "f".into(),
+            chunk_offset,
+            chunk_size,
+            offset: 5,
+            end_offset: 9,
+            ..Default::default()
+        };
+        let toc = |c: Entry| Toc {
+            version: 1,
+            entries: vec![reg.clone(), c],
+        };
+        assert!(toc(chunk(4, 0)).check(100, 50).is_ok());
+        for bad in [chunk(10, 0), chunk(40, 0), chunk(4, 7)] {
+            let err = toc(bad).check(100, 50).unwrap_err();
+            assert!(
+                err.to_string().contains("outside its 10-byte file"),
+                "{err}"
+            );
+        }
     }
 }

@@ -199,6 +199,7 @@ mod tests {
             end: 0,
             digest: if zeros { String::new() } else { sha(data) },
             zeros,
+            inner: 0,
         };
         let hole = vec![0u8; 100];
         let chunks = [

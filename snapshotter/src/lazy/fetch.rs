@@ -16,6 +16,7 @@ use super::passthrough::Passthrough;
 use super::{LayerSpec, Stats};
 use crate::chunked::read::read_chunk;
 use crate::chunked::toc::Chunk;
+use crate::chunked::Codec;
 use crate::registry::{Client, Reference};
 
 /// Uncompressed chunks kept in memory for the many small reads of one chunk.
@@ -26,6 +27,7 @@ pub struct Fetcher {
     client: Client,
     reference: Reference,
     pub(super) digest: String,
+    codec: Codec,
     pub(super) cache: ChunkCache,
     hot: Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
     /// One lock per chunk being fetched: concurrent readers of a chunk wait for one fetch.
@@ -43,6 +45,7 @@ impl Fetcher {
             client: Client::new(spec.registry_options()),
             reference: Reference::parse(&spec.reference)?,
             digest: spec.digest.clone(),
+            codec: Codec::of(&spec.annotations),
             cache,
             hot: Mutex::new(VecDeque::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -50,6 +53,11 @@ impl Fetcher {
             stats: Stats::default(),
             state: state.to_path_buf(),
         })
+    }
+
+    /// Writes the counters to `stats.json`.
+    pub fn publish(&self) {
+        self.stats.write(&self.state);
     }
 
     /// The bytes of chunk `c`: from memory, the disk cache, or the registry (verified).
@@ -68,7 +76,7 @@ impl Fetcher {
             let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
             self.load(c)
         };
-        self.stats.write(&self.state);
+        self.publish();
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
             inflight.remove(&c.digest);
@@ -109,7 +117,7 @@ impl Fetcher {
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 };
                 self.foreground.fetch_add(1, Ordering::SeqCst);
-                let result = read_chunk(c, &fetch);
+                let result = read_chunk(c, self.codec, &fetch);
                 self.foreground.fetch_sub(1, Ordering::SeqCst);
                 match result {
                     Ok(d) => {
@@ -179,7 +187,7 @@ impl Fetcher {
                 .ok_or_else(|| std::io::Error::other("short range"))
         };
         for c in missing {
-            match read_chunk(c, &slice) {
+            match read_chunk(c, self.codec, &slice) {
                 Ok(d) => self.cache.put(&c.digest, &d),
                 Err(e) => {
                     self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +195,7 @@ impl Fetcher {
                 }
             }
         }
-        self.stats.write(&self.state);
+        self.publish();
     }
 }
 
@@ -281,6 +289,7 @@ mod tests {
             end,
             digest: format!("sha256:{start}"),
             zeros: false,
+            inner: 0,
         }
     }
 

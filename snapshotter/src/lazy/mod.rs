@@ -1,5 +1,5 @@
-//! Lazy layers: zstd:chunked layers mounted from the registry over FUSE instead of being
-//! downloaded (containerd's "remote snapshot" protocol).
+//! Lazy layers: zstd:chunked and eStargz layers mounted from the registry over FUSE instead of
+//! being downloaded (containerd's "remote snapshot" protocol).
 //!
 //! A Prepare whose labels name the target (`containerd.io/snapshot.ref`), the image and the
 //! layer (`containerd.io/snapshot/cri.image-ref`, `.cri.manifest-digest`, `.cri.layer-digest`,
@@ -250,7 +250,7 @@ pub fn prometheus(root: &Path, fell_back: u64) -> String {
         }
     }
     out.push_str(&format!(
-        "# HELP strata_lazy_fallback_layers_total Layers that were not zstd:chunked and were pulled whole\n# TYPE strata_lazy_fallback_layers_total counter\nstrata_lazy_fallback_layers_total {fell_back}\n"
+        "# HELP strata_lazy_fallback_layers_total Layers that were neither zstd:chunked nor eStargz and were pulled whole\n# TYPE strata_lazy_fallback_layers_total counter\nstrata_lazy_fallback_layers_total {fell_back}\n"
     ));
     out
 }

@@ -57,10 +57,14 @@ impl Passthrough {
             .flatten();
         let mut opens = self.lock();
         let o = opens.entry(ino).or_default();
+        let mut fresh = false;
         if o.passed.is_none() && o.cached == 0 {
             if let Some(path) = backing {
                 match std::fs::File::open(&path).and_then(|f| reply.open_backing(f)) {
-                    Ok(id) => o.passed = Some((Arc::new(id), 0)),
+                    Ok(id) => {
+                        o.passed = Some((Arc::new(id), 0));
+                        fresh = true;
+                    }
                     Err(e) => {
                         // An old kernel or a backing store it refuses (e.g. on overlayfs):
                         // every later open goes through the cache.
@@ -83,6 +87,11 @@ impl Passthrough {
                 o.cached += 1;
                 reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE);
             }
+        }
+        drop(opens);
+        if fresh {
+            // A file newly passed through shows in `status` now, not at the next tick.
+            fetcher.publish();
         }
     }
 

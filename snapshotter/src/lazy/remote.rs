@@ -12,7 +12,7 @@ use containerd_snapshots::api::types::Mount;
 use tracing::{info, warn};
 
 use super::{is_mounted, LayerSpec, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
-use crate::chunked::read::{is_chunked, read_toc};
+use crate::chunked::read::{is_lazy, read_toc};
 use crate::config::LazyConfig;
 use crate::error::{Error, Result};
 use crate::oci::{Descriptor, Manifest};
@@ -96,9 +96,9 @@ impl Lazy {
             return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
         }
         let (image, layer) = self.descriptor(&labels)?;
-        if !is_chunked(&layer.annotations) {
+        if !is_lazy(&layer.annotations) {
             self.fell_back.fetch_add(1, Ordering::Relaxed);
-            info!(layer = %layer.digest, media_type = %layer.media_type, "not a zstd:chunked layer: falling back to a full pull");
+            info!(layer = %layer.digest, media_type = %layer.media_type, "neither zstd:chunked nor eStargz: falling back to a full pull");
             return s.prepare(key, parent, labels);
         }
         let fetch = |start: u64, end: u64| -> std::io::Result<Vec<u8>> {

@@ -133,7 +133,7 @@ pub fn pull_lazy(
             LayerPull::Lazy => "mounted lazily".to_string(),
             LayerPull::Pulled(n) => {
                 fetched.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
-                format!("not zstd:chunked: pulled whole ({n} bytes)")
+                format!("neither zstd:chunked nor eStargz: pulled whole ({n} bytes)")
             }
         };
         // Printed even when the bar is hidden (no terminal).

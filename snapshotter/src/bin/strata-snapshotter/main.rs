@@ -21,7 +21,7 @@ const AFTER_HELP: &str = r#"Plug it into containerd (/etc/containerd/config.toml
 and use it:  ctr images pull --snapshotter strata docker.io/library/busybox:latest
              ctr run --rm --snapshotter strata docker.io/library/busybox:latest demo echo hi
 
-Lazy pulls (zstd:chunked layers mounted from the registry over FUSE):
+Lazy pulls (zstd:chunked or eStargz layers mounted from the registry over FUSE):
   strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked
   strata-snapshotter pull --lazy registry.example.com/app:1-chunked
   ctr run --rm --snapshotter strata registry.example.com/app:1-chunked demo cat /etc/os-release
@@ -90,8 +90,9 @@ enum Cmd {
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
     },
-    /// Pull an image into containerd, mounting its zstd:chunked layers from the registry instead
-    /// of downloading them (like `ctr-remote image rpull`); other layers are pulled whole
+    /// Pull an image into containerd, mounting its zstd:chunked and eStargz layers from the
+    /// registry instead of downloading them (like `ctr-remote image rpull`); other layers are
+    /// pulled whole
     Pull {
         /// Required: the layers are mounted lazily
         #[arg(long)]
