@@ -14,6 +14,8 @@ pub struct Containerd {
     child: Option<Child>,
 }
 
+static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Containerd {
     /// Starts containerd with proxy plugin `strata` at `strata_socket`.
     pub fn start(strata_socket: &Path) -> Containerd {
@@ -47,7 +49,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
         let mut c = Containerd {
             address,
-            namespace: "strata-test".into(),
+            // One namespace per instance: runc keeps its state under /run/containerd/runc/NS,
+            // shared by every containerd, so equal container ids in parallel tests would collide.
+            namespace: format!(
+                "strata-test-{}-{}",
+                std::process::id(),
+                INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             child: None,
             dir,
         };
