@@ -62,7 +62,7 @@ impl ChunkCache {
         if path.exists() {
             return;
         }
-        let tmp = self.dir.join(format!(".tmp-{n}-{}", std::process::id()));
+        let tmp = self.tmp(n);
         let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(data));
         if written.is_err() || fs::rename(&tmp, &path).is_err() {
             let _ = fs::remove_file(&tmp);
@@ -85,9 +85,7 @@ impl ChunkCache {
         if !chunks.iter().all(|c| c.zeros || self.has(&c.digest)) {
             return None;
         }
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{}-{}", name(digest)?, std::process::id()));
+        let tmp = self.tmp(name(digest)?);
         let assembled = (|| -> std::io::Result<String> {
             let mut out = BufWriter::new(fs::File::create(&tmp)?);
             let mut hash = Sha256::new();
@@ -124,6 +122,14 @@ impl ChunkCache {
                 None
             }
         }
+    }
+
+    /// A temporary name no other writer uses, even of the same content.
+    fn tmp(&self, name: &str) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(format!(".tmp-{name}-{}-{n}", std::process::id()))
     }
 
     /// Removes the oldest chunks until the cache holds 90% of its bound.
