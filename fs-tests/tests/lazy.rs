@@ -705,6 +705,20 @@ fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
         .expect("a passed-through read does not wait for the frozen server")
         .unwrap();
     assert_eq!(hex::encode(Sha256::digest(&data)), s.sums["/data/big-1"]);
+    // The cache holds the file once: whole, named by its sha256, its chunks dropped.
+    let cache = d.root.join("lazy/chunks");
+    assert!(cache.join(&s.sums["/data/big-1"]).is_file());
+    let (_, toc) = data_layer_toc(&s);
+    let chunks: Vec<&str> = toc
+        .entries
+        .iter()
+        .filter(|e| e.name == "data/big-1" && !e.chunk_digest.is_empty())
+        .map(|e| e.chunk_digest.trim_start_matches("sha256:"))
+        .collect();
+    assert_eq!(chunks.len(), 3, "3 MiB in 1 MiB chunks");
+    for c in chunks {
+        assert!(!cache.join(c).exists(), "chunk {c} is kept beside its file");
+    }
     // And through overlayfs in a container, every file still equals the original.
     let all = c.ctr(&[
         "run",

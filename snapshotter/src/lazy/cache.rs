@@ -3,8 +3,9 @@
 //! temporary name, then rename) so a killed process never leaves a partial chunk behind.
 //!
 //! Whole files live in the same place under the same rule (named by the sha256 of their
-//! content): they back FUSE passthrough. A file of one chunk is its chunk; a file of several is
-//! assembled from its cached chunks and verified against its TOC digest.
+//! content): they back FUSE passthrough and serve reads directly. A file of one chunk is its
+//! chunk; a file of several is assembled from its cached chunks, verified against its TOC
+//! digest, and then replaces them, so no content is kept twice.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -78,10 +79,10 @@ impl ChunkCache {
     /// assembled now when every chunk is cached. None while a chunk is missing or the assembled
     /// bytes do not match `digest` (then nothing is kept).
     pub fn whole_file(&self, digest: &str, size: u64, chunks: &[Chunk]) -> Option<PathBuf> {
-        let path = self.dir.join(name(digest)?);
-        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
+        if let Some(path) = self.file(digest, size) {
             return Some(path);
         }
+        let path = self.dir.join(name(digest)?);
         if !chunks.iter().all(|c| c.zeros || self.has(&c.digest)) {
             return None;
         }
@@ -112,7 +113,15 @@ impl ChunkCache {
         })();
         match assembled {
             Ok(d) if d == digest && fs::rename(&tmp, &path).is_ok() => {
-                if self.used.fetch_add(size, Ordering::SeqCst) + size > self.max_bytes {
+                self.used.fetch_add(size, Ordering::SeqCst);
+                // The file now serves the chunks' bytes (see `read`).
+                for c in chunks.iter().filter(|c| !c.zeros && c.digest != digest) {
+                    let chunk = name(&c.digest).map(|n| self.dir.join(n));
+                    if chunk.is_some_and(|p| fs::remove_file(p).is_ok()) {
+                        self.used.fetch_sub(c.size, Ordering::SeqCst);
+                    }
+                }
+                if self.used() > self.max_bytes {
                     self.evict();
                 }
                 Some(path)
@@ -122,6 +131,24 @@ impl ChunkCache {
                 None
             }
         }
+    }
+
+    /// The cached whole file with sha256 `digest` and `size` bytes.
+    pub fn file(&self, digest: &str, size: u64) -> Option<PathBuf> {
+        let path = self.dir.join(name(digest)?);
+        fs::metadata(&path)
+            .is_ok_and(|m| m.is_file() && m.len() == size)
+            .then_some(path)
+    }
+
+    /// Bytes `offset..offset+len` (cut at the end) of the cached whole file with sha256
+    /// `digest` and `size` bytes, when it is cached.
+    pub fn read(&self, digest: &str, size: u64, offset: u64, len: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::open(self.file(digest, size)?).ok()?;
+        let mut buf = vec![0; len.min(size.saturating_sub(offset)) as usize];
+        f.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
     }
 
     /// A temporary name no other writer uses, even of the same content.
@@ -221,15 +248,15 @@ mod tests {
             None,
             "a chunk is missing"
         );
-        c.put(&chunks[2].digest, &b);
-        let path = c.whole_file(&digest, 600, &chunks).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), whole);
-        assert_eq!(c.whole_file(&digest, 600, &chunks), Some(path), "kept");
         // A file of one chunk is that chunk.
         assert_eq!(
             c.whole_file(&chunks[0].digest, 300, &chunks[..1]),
             Some(dir.path().join(&chunks[0].digest[7..]))
         );
+        c.put(&chunks[2].digest, &b);
+        let path = c.whole_file(&digest, 600, &chunks).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(c.whole_file(&digest, 600, &chunks), Some(path), "kept");
         // Chunks that do not make the named content leave nothing behind.
         let wrong = sha(b"something else");
         assert_eq!(c.whole_file(&wrong, 600, &chunks), None);
@@ -239,6 +266,10 @@ mod tests {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 3, "two chunks and one file: {names:?}");
+        assert_eq!(names.len(), 1, "the file replaced its chunks: {names:?}");
+        assert_eq!(c.read(&digest, 600, 290, 20).unwrap(), whole[290..310]);
+        assert_eq!(c.read(&digest, 600, 590, 20).unwrap(), whole[590..]);
+        assert_eq!(c.read(&digest, 600, 700, 20).unwrap(), b"");
+        assert!(c.read(&wrong, 600, 0, 1).is_none());
     }
 }

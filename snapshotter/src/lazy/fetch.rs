@@ -243,6 +243,8 @@ pub fn background_fetch(
     let chunks: Vec<Chunk> = queue
         .iter()
         .filter_map(|i| index.node(*i))
+        // A whole cached file has no chunks of its own left to fetch.
+        .filter(|n| fetcher.cache.file(&n.digest, n.size).is_none())
         .flat_map(|n| n.chunks)
         .filter(|c| !c.zeros)
         .collect();

@@ -281,6 +281,10 @@ impl Filesystem for LazyFs {
             let Some(n) = index.node(ino.0) else {
                 return reply.error(Errno::ENOENT);
             };
+            if let Some(data) = fetcher.cache.read(&n.digest, n.size, offset, size as u64) {
+                fetcher.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return reply.data(&data);
+            }
             match read_range(&fetcher, &n.chunks, n.size, offset, size as u64) {
                 Ok(data) => reply.data(&data),
                 Err(_) => reply.error(Errno::EIO),

@@ -217,7 +217,7 @@ pub fn prometheus(root: &Path, fell_back: u64) -> String {
         ),
         (
             "strata_lazy_cache_hits_total",
-            "Chunks served from the chunk cache",
+            "Chunks and whole-file reads served from the cache",
             |s| s.cache_hits,
         ),
         (

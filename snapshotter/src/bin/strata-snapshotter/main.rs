@@ -41,6 +41,7 @@ Config file (TOML; flags override it):
   fetch_timeout_secs = 10       # a read the registry cannot serve in time fails with EIO
   cache_max_bytes = 10737418240 # chunk cache bound (shared by all layers)
   background_fetch = true       # fetch the rest of each layer after mounting it
+  passthrough = true            # fully fetched files read by the kernel directly (Linux 6.9+)
   metrics_address = ""          # e.g. "127.0.0.1:9109" for Prometheus /metrics
 
 Stop it with SIGTERM or SIGINT; after a crash the next start repairs the root."#;
