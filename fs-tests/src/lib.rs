@@ -37,6 +37,20 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Runs `strata-snapshotter ARGS`, which must succeed; returns its stdout.
+pub fn snapshotter_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_bin("strata-snapshotter"))
+        .args(args)
+        .output()
+        .expect("run strata-snapshotter");
+    assert!(
+        out.status.success(),
+        "strata-snapshotter {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Panics with a clear message unless running as root: these suites mount filesystems.
 pub fn require_root() {
     assert!(

@@ -12,7 +12,7 @@ use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{metric, Daemon};
 use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
-use strata_fs_tests::workspace_bin;
+use strata_fs_tests::{snapshotter_cli, workspace_bin};
 
 /// The data layer: many small files, a few large ones (several chunks each), a symlink, and a
 /// whiteout of a busybox file. Returns the layer and the expected sha256 of each file.
@@ -61,16 +61,7 @@ fn app_archive(dir: &Path, data: Vec<u8>) -> std::path::PathBuf {
 
 /// `strata-snapshotter convert ARGS`, which must succeed.
 fn convert(args: &[&str]) {
-    let out = Command::new(workspace_bin("strata-snapshotter"))
-        .arg("convert")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapshotter_cli(&[&["convert"], args].concat());
 }
 
 struct Setup {
@@ -107,13 +98,29 @@ fn config(dir: &Path, extra: &str) -> String {
     p.display().to_string()
 }
 
-fn pull_lazy(c: &Containerd, reference: &str) -> std::process::Output {
+fn try_pull_lazy(c: &Containerd, reference: &str) -> std::process::Output {
     Command::new(workspace_bin("strata-snapshotter"))
         .args(["pull", "--lazy", reference, "--containerd-address"])
         .arg(&c.address)
         .args(["--namespace", &c.namespace])
         .output()
         .unwrap()
+}
+
+/// `strata-snapshotter pull --lazy`, which must succeed; returns what it printed.
+fn pull_lazy(c: &Containerd, reference: &str) -> String {
+    let out = try_pull_lazy(c, reference);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pull --lazy {reference}: {text}");
+    text
+}
+
+/// strata-snapshotter with `[lazy]` settings `extra` (config file in `dir`), and its containerd.
+fn lazy_daemon(dir: &Path, extra: &str) -> (Daemon, Containerd) {
+    let d = Daemon::start_with(&["--config", &config(dir, extra)]);
+    let c = Containerd::start(&d.socket);
+    (d, c)
 }
 
 #[test]
@@ -124,21 +131,11 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = config(
+    let (d, c) = lazy_daemon(
         s.dir.path(),
         &format!("background_fetch = false\nmetrics_address = \"127.0.0.1:{port}\"\n"),
     );
-    let d = Daemon::start_with(&["--config", &cfg]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "pull --lazy: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log_text()
-    );
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = pull_lazy(&c, &s.lazy_ref);
     assert!(text.contains("mounted lazily"), "{text}");
 
     // A few files read: right content, and most of the layer never fetched.
@@ -255,15 +252,8 @@ fn tampered_chunks_fail_with_eio_and_are_never_served() {
     std::fs::write(&path, &blob).unwrap();
     assert!(big2.size > second.chunk_offset);
 
-    let cfg = config(s.dir.path(), "background_fetch = false\n");
-    let d = Daemon::start_with(&["--config", &cfg]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (d, c) = lazy_daemon(s.dir.path(), "background_fetch = false\n");
+    pull_lazy(&c, &s.lazy_ref);
     let run = c.try_ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "bad", "sh", "-c",
         "head -c 1048576 /data/big-2 | sha256sum; cat /data/big-2 > /dev/null && echo READ-ALL || echo read-failed; sha256sum /data/big-0"]);
     let text =
@@ -326,9 +316,8 @@ fn bad_tocs_and_plain_layers() {
         )
         .unwrap();
 
-    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &bad_ref.to_string());
+    let (d, c) = lazy_daemon(s.dir.path(), "");
+    let out = try_pull_lazy(&c, &bad_ref.to_string());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("TOC's digest"),
@@ -337,11 +326,10 @@ fn bad_tocs_and_plain_layers() {
 
     // A layer that is not zstd:chunked is pulled whole, and said so.
     let plain = format!("{}/strata/app:1", s.reg.host);
-    let out = pull_lazy(&c, &plain);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let text = pull_lazy(&c, &plain);
     assert!(
-        out.status.success() && err.contains("neither zstd:chunked nor eStargz: pulled whole"),
-        "{err}"
+        text.contains("neither zstd:chunked nor eStargz: pulled whole"),
+        "{text}"
     );
     let run = c.ctr(&[
         "run",
@@ -360,17 +348,8 @@ fn bad_tocs_and_plain_layers() {
 #[test]
 fn a_stopped_registry_gives_eio_in_bounded_time_and_reads_resume() {
     let mut s = setup(5, 2, 2 << 20);
-    let d = Daemon::start_with(&[
-        "--config",
-        &config(s.dir.path(), "background_fetch = false\n"),
-    ]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (d, c) = lazy_daemon(s.dir.path(), "background_fetch = false\n");
+    pull_lazy(&c, &s.lazy_ref);
     s.reg.stop();
     let started = std::time::Instant::now();
     let run = c.try_ctr(&[
@@ -414,12 +393,7 @@ fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
     let cfg = config(s.dir.path(), "background_fetch = false\n");
     let mut d = Daemon::start_in_with(dir.path(), &["--config", &cfg]);
     let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pull_lazy(&c, &s.lazy_ref);
     // The container reads every file, a few at a time, for about four seconds.
     let reader = {
         let (addr, ns, image) = (c.address.clone(), c.namespace.clone(), s.lazy_ref.clone());
@@ -482,18 +456,9 @@ fn layers_converted_by_skopeo_are_served() {
         "skopeo: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let d = Daemon::start_with(&[
-        "--config",
-        &config(dir.path(), "background_fetch = false\n"),
-    ]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &image);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && err.contains("mounted lazily"),
-        "{err}\n{}",
-        d.log_text()
-    );
+    let (_daemon, c) = lazy_daemon(dir.path(), "background_fetch = false\n");
+    let text = pull_lazy(&c, &image);
+    assert!(text.contains("mounted lazily"), "{text}");
     let all = c.ctr(&[
         "run",
         "--rm",
@@ -535,11 +500,7 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let (data, sums) = data_layer(60, 2, 3 << 20);
     let archive = app_archive(dir.path(), data);
-    let d = Daemon::start_with(&[
-        "--config",
-        &config(dir.path(), "background_fetch = false\n"),
-    ]);
-    let c = Containerd::start(&d.socket);
+    let (d, c) = lazy_daemon(dir.path(), "background_fetch = false\n");
     // Converted in a namespace of its own, so the pull below starts from nothing.
     let ns = "convert";
     ctr_remote(
@@ -574,20 +535,15 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
             client
                 .push_manifest(&bad, &serde_json::to_vec(&m).unwrap(), media)
                 .unwrap();
-            let out = pull_lazy(&c, &bad.to_string());
+            let out = try_pull_lazy(&c, &bad.to_string());
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success() && err.contains("TOC's digest"),
                 "{err}"
             );
         }
-        let out = pull_lazy(&c, &image);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && err.contains("mounted lazily"),
-            "{format}: {err}\n{}",
-            d.log_text()
-        );
+        let text = pull_lazy(&c, &image);
+        assert!(text.contains("mounted lazily"), "{format}: {text}");
         let st = d.lazy_metrics();
         let before = metric(&st, "strata_lazy_fetched_bytes_total");
         let hits_before = metric(&st, "strata_lazy_cache_hits_total")
@@ -658,14 +614,8 @@ fn fuse_mounts(root: &Path) -> usize {
 #[test]
 fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
     let s = setup(40, 2, 3 << 20);
-    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (d, c) = lazy_daemon(s.dir.path(), "");
+    pull_lazy(&c, &s.lazy_ref);
     let mountpoint = fuse_mountpoints(&d.root)
         .into_iter()
         .find(|m| m.join("data/big-1").exists())
@@ -741,14 +691,8 @@ fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
 #[test]
 fn lazy_snapshots_follow_the_snapshotter_rules() {
     let s = setup(30, 1, 1 << 20);
-    let d = Daemon::start_with(&["--config", &config(s.dir.path(), "")]);
-    let c = Containerd::start(&d.socket);
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (d, c) = lazy_daemon(s.dir.path(), "");
+    pull_lazy(&c, &s.lazy_ref);
     assert_eq!(
         fuse_mounts(&d.root),
         2,
@@ -775,8 +719,7 @@ fn lazy_snapshots_follow_the_snapshotter_rules() {
         .to_string();
     let usage = c.ctr(&["snapshots", "--snapshotter", "strata", "usage", &top]);
     assert!(usage.lines().count() >= 2, "{usage}");
-    let again = pull_lazy(&c, &s.lazy_ref);
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already present"));
+    assert!(pull_lazy(&c, &s.lazy_ref).contains("already present"));
     // A view of the lazy chain reads through FUSE.
     c.ctr(&[
         "snapshots",
@@ -826,12 +769,7 @@ fn lazy_snapshots_follow_the_snapshotter_rules() {
         String::from_utf8_lossy(&servers.stdout)
     );
     // And the image can be pulled lazily again.
-    let out = pull_lazy(&c, &s.lazy_ref);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pull_lazy(&c, &s.lazy_ref);
     let run = c.ctr(&[
         "run",
         "--rm",

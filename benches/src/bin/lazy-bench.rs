@@ -19,7 +19,7 @@ use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{metric, Daemon};
 use strata_fs_tests::image::{busybox_layer, noise, write_oci_archive, LayerBuilder};
 use strata_fs_tests::registry::Registry;
-use strata_fs_tests::workspace_bin;
+use strata_fs_tests::snapshotter_cli;
 
 /// A proxy to `upstream` whose responses share `bytes_per_sec`.
 fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {
@@ -60,19 +60,6 @@ fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {
         }
     });
     addr
-}
-
-fn snapshotter(args: &[&str]) -> String {
-    let out = Command::new(workspace_bin("strata-snapshotter"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "strata-snapshotter {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn lazy_metric(d: &Daemon, name: &str) -> u64 {
@@ -142,7 +129,7 @@ fn main() {
         &["/bin/sh"],
     );
     reg.push_archive(&archive, "strata/app:1");
-    snapshotter(&[
+    snapshotter_cli(&[
         "convert",
         &format!("{}/strata/app:1", reg.host),
         &format!("{}/strata/app:lazy", reg.host),
@@ -157,7 +144,7 @@ fn main() {
         let c = Containerd::start(&d.socket);
         let lazy = format!("{proxy}/strata/app:lazy");
         let t = Instant::now();
-        snapshotter(&[
+        snapshotter_cli(&[
             "pull",
             "--lazy",
             &lazy,

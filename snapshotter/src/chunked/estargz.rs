@@ -8,9 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use sha2::{Digest, Sha256};
-
-use super::read::{Fetch, MAX_TOC};
+use super::read::{parse_toc, verify_toc, Fetch, MAX_TOC};
 use super::toc::Toc;
 use super::ChunkedError;
 
@@ -72,26 +70,13 @@ pub fn read_toc(
     }
     let member = fetch(toc_at, footer_at).map_err(ChunkedError::io("fetch the TOC"))?;
     let json = toc_json(&member)?;
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
-    match annotations.get(ANNOTATION_TOC_DIGEST) {
-        Some(expected) if *expected != actual => {
-            return Err(ChunkedError::TocDigest {
-                expected: expected.clone(),
-                actual,
-            })
-        }
-        Some(_) => {}
-        None if allow_unverified => {
-            tracing::warn!(toc = %actual, "eStargz TOC without a toc.digest annotation: serving it UNVERIFIED (allow_unverified is set)");
-        }
-        None => {
-            return Err(ChunkedError::Format(
-                "the layer descriptor has no toc.digest annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)".into(),
-            ))
-        }
-    }
-    let mut toc: Toc = serde_json::from_slice(&json)
-        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))?;
+    verify_toc(
+        &json,
+        annotations.get(ANNOTATION_TOC_DIGEST).map(String::as_str),
+        ANNOTATION_TOC_DIGEST,
+        allow_unverified,
+    )?;
+    let mut toc = parse_toc(&json)?;
     // Content ends where the TOC's member begins.
     toc.fill_end_offsets(toc_at);
     toc.check(blob_size, toc_at)?;
@@ -139,6 +124,7 @@ fn toc_json(member: &[u8]) -> Result<Vec<u8>, ChunkedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     /// A footer as the format defines it, for offset `at`.
     fn footer(at: u64) -> Vec<u8> {

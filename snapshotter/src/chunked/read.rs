@@ -152,28 +152,49 @@ fn read_chunked_toc(
     }
     let compressed = fetch(pos.offset, pos.offset + pos.compressed)
         .map_err(ChunkedError::io("fetch the TOC"))?;
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&compressed)));
-    match checksum {
-        Some(expected) if expected != actual => {
-            return Err(ChunkedError::TocDigest { expected, actual })
-        }
-        Some(_) => {}
-        None if allow_unverified => {
-            tracing::warn!(toc = %actual, "zstd:chunked TOC without a checksum annotation: serving it UNVERIFIED (allow_unverified is set)");
-        }
-        None => {
-            return Err(ChunkedError::Format(
-                "the layer descriptor has no TOC checksum annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)".into(),
-            ))
-        }
-    }
+    verify_toc(
+        &compressed,
+        checksum.as_deref(),
+        ANNOTATION_TOC_CHECKSUM,
+        allow_unverified,
+    )?;
     let json = zstd::bulk::decompress(&compressed, pos.uncompressed as usize)
         .map_err(ChunkedError::io("decompress the TOC"))?;
-    let mut toc: Toc = serde_json::from_slice(&json)
-        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))?;
+    let mut toc = parse_toc(&json)?;
     toc.fill_end_offsets(pos.offset.saturating_sub(8));
     toc.check(blob_size, pos.offset)?;
     Ok(toc)
+}
+
+/// Checks the TOC's `bytes` (what annotation `annotation` is the digest of) against `expected`.
+/// Without an expected digest the TOC cannot be verified: refused unless `allow_unverified`, then
+/// served with a warning.
+pub(super) fn verify_toc(
+    bytes: &[u8],
+    expected: Option<&str>,
+    annotation: &str,
+    allow_unverified: bool,
+) -> Result<(), ChunkedError> {
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    match expected {
+        Some(expected) if expected != actual => Err(ChunkedError::TocDigest {
+            expected: expected.to_string(),
+            actual,
+        }),
+        Some(_) => Ok(()),
+        None if allow_unverified => {
+            tracing::warn!(toc = %actual, annotation, "TOC without its checksum annotation: serving it UNVERIFIED (allow_unverified is set)");
+            Ok(())
+        }
+        None => Err(ChunkedError::Format(format!(
+            "the layer descriptor has no {annotation} annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)"
+        ))),
+    }
+}
+
+pub(super) fn parse_toc(json: &[u8]) -> Result<Toc, ChunkedError> {
+    serde_json::from_slice(json)
+        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))
 }
 
 /// Fetches chunk `c`, decompresses it and returns its bytes only if they match its digest.
