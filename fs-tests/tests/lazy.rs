@@ -116,6 +116,11 @@ fn pull_lazy(c: &Containerd, reference: &str) -> String {
     text
 }
 
+/// `ctr run --rm --snapshotter strata IMAGE ID CMD...`, which must succeed; returns its stdout.
+fn ctr_run(c: &Containerd, image: &str, id: &str, cmd: &[&str]) -> String {
+    c.ctr(&[&["run", "--rm", "--snapshotter", "strata", image, id], cmd].concat())
+}
+
 /// strata-snapshotter with `[lazy]` settings `extra` (config file in `dir`), and its containerd.
 fn lazy_daemon(dir: &Path, extra: &str) -> (Daemon, Containerd) {
     let d = Daemon::start_with(&["--config", &config(dir, extra)]);
@@ -139,17 +144,12 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
     assert!(text.contains("mounted lazily"), "{text}");
 
     // A few files read: right content, and most of the layer never fetched.
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
+    let run = ctr_run(
+        &c,
         &s.lazy_ref,
         "few",
-        "sha256sum",
-        "/data/small/f0007",
-        "/data/big-1",
-    ]);
+        &["sha256sum", "/data/small/f0007", "/data/big-1"],
+    );
     for line in run.lines() {
         let (sum, path) = line.split_once("  ").unwrap();
         assert_eq!(s.sums[path], sum, "{path}");
@@ -165,7 +165,7 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
     );
 
     // Everything, through FUSE: equal to the original, whiteout and symlink included.
-    let all = c.ctr(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "all", "sh", "-c",
+    let all = ctr_run(&c, &s.lazy_ref, "all", &["sh", "-c",
         "find /data -type f -exec sha256sum {} + ; readlink /data/link; test -e /bin/vi || echo vi-gone; test -e /bin/ls && echo ls-here; echo sbin: $(ls /usr/sbin)"]);
     let seen = sums_of(&all);
     assert_eq!(seen, s.sums);
@@ -183,10 +183,8 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
         0
     );
     // Writes in the container copy files up from the FUSE lower; deletes leave whiteouts.
-    let rw = c.ctr(&[
-        "run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "rw", "sh", "-c",
-        "echo more >> /data/small/f0001 && tail -c 5 /data/small/f0001; rm /data/big-0 && test ! -e /data/big-0 && echo removed; mv /data/small /data/moved && ls /data/moved | wc -l; chmod 600 /data/moved/f0002 && stat -c %a /data/moved/f0002",
-    ]);
+    let rw = ctr_run(&c, &s.lazy_ref, "rw", &["sh", "-c",
+        "echo more >> /data/small/f0001 && tail -c 5 /data/small/f0001; rm /data/big-0 && test ! -e /data/big-0 && echo removed; mv /data/small /data/moved && ls /data/moved | wc -l; chmod 600 /data/moved/f0002 && stat -c %a /data/moved/f0002"]);
     assert_eq!(
         rw.split_whitespace().collect::<Vec<_>>(),
         ["more", "removed", "300", "600"],
@@ -331,16 +329,7 @@ fn bad_tocs_and_plain_layers() {
         text.contains("neither zstd:chunked nor eStargz: pulled whole"),
         "{text}"
     );
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &plain,
-        "plain",
-        "sha256sum",
-        "/data/big-0",
-    ]);
+    let run = ctr_run(&c, &plain, "plain", &["sha256sum", "/data/big-0"]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
     assert!(d.log_text().contains("falling back to a full pull"));
 }
@@ -372,16 +361,7 @@ fn a_stopped_registry_gives_eio_in_bounded_time_and_reads_resume() {
         started.elapsed()
     );
     s.reg.start_again();
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &s.lazy_ref,
-        "up",
-        "sha256sum",
-        "/data/big-1",
-    ]);
+    let run = ctr_run(&c, &s.lazy_ref, "up", &["sha256sum", "/data/big-1"]);
     assert!(run.contains(&s.sums["/data/big-1"]), "{run}");
     assert!(metric(&d.lazy_metrics(), "strata_lazy_fetch_errors_total") >= 1);
 }
@@ -416,16 +396,7 @@ fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
     assert!(text.contains("done") && !text.contains("FAIL"), "{text}");
     assert!(text.contains(&s.sums["/data/big-1"]), "{text}");
     // After the restart the layers are still served and still listed.
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &s.lazy_ref,
-        "after",
-        "sha256sum",
-        "/data/big-0",
-    ]);
+    let run = ctr_run(&c, &s.lazy_ref, "after", &["sha256sum", "/data/big-0"]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
     assert!(metric(&d.lazy_metrics(), "strata_lazy_layer_bytes") > 0);
 }
@@ -459,17 +430,12 @@ fn layers_converted_by_skopeo_are_served() {
     let (_daemon, c) = lazy_daemon(dir.path(), "background_fetch = false\n");
     let text = pull_lazy(&c, &image);
     assert!(text.contains("mounted lazily"), "{text}");
-    let all = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
+    let all = ctr_run(
+        &c,
         &image,
         "sk",
-        "sh",
-        "-c",
-        "find /data -type f -exec sha256sum {} +",
-    ]);
+        &["sh", "-c", "find /data -type f -exec sha256sum {} +"],
+    );
     let seen = sums_of(&all);
     assert_eq!(seen, sums);
 }
@@ -548,16 +514,12 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
         let before = metric(&st, "strata_lazy_fetched_bytes_total");
         let hits_before = metric(&st, "strata_lazy_cache_hits_total")
             + metric(&st, "strata_lazy_passthrough_opens_total");
-        let one = c.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "strata",
+        let one = ctr_run(
+            &c,
             &image,
             &format!("{format}-one"),
-            "sha256sum",
-            "/data/big-1",
-        ]);
+            &["sha256sum", "/data/big-1"],
+        );
         assert!(one.contains(&sums["/data/big-1"]), "{format}: {one}");
         let st = d.lazy_metrics();
         let fetched = metric(&st, "strata_lazy_fetched_bytes_total") - before;
@@ -577,10 +539,8 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
                 "{format}: fetched {fetched} bytes, {hits} cache hits or passthrough opens"
             );
         }
-        let all = c.ctr(&[
-            "run", "--rm", "--snapshotter", "strata", &image, &format!("{format}-all"), "sh", "-c",
-            "find /data -type f -exec sha256sum {} + ; echo landmarks: $(ls -a / | grep -c landmark)",
-        ]);
+        let all = ctr_run(&c, &image, &format!("{format}-all"), &["sh", "-c",
+            "find /data -type f -exec sha256sum {} + ; echo landmarks: $(ls -a / | grep -c landmark)"]);
         assert_eq!(sums_of(&all), sums, "{format}");
         assert!(
             all.contains("landmarks: 0\n"),
@@ -670,17 +630,12 @@ fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
         assert!(!cache.join(c).exists(), "chunk {c} is kept beside its file");
     }
     // And through overlayfs in a container, every file still equals the original.
-    let all = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
+    let all = ctr_run(
+        &c,
         &s.lazy_ref,
         "pt",
-        "sh",
-        "-c",
-        "find /data -type f -exec sha256sum {} +",
-    ]);
+        &["sh", "-c", "find /data -type f -exec sha256sum {} +"],
+    );
     assert_eq!(sums_of(&all), s.sums);
     assert_eq!(
         metric(&d.lazy_metrics(), "strata_lazy_verify_failures_total"),
@@ -770,16 +725,7 @@ fn lazy_snapshots_follow_the_snapshotter_rules() {
     );
     // And the image can be pulled lazily again.
     pull_lazy(&c, &s.lazy_ref);
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &s.lazy_ref,
-        "again",
-        "sha256sum",
-        "/data/big-0",
-    ]);
+    let run = ctr_run(&c, &s.lazy_ref, "again", &["sha256sum", "/data/big-0"]);
     assert!(run.contains(&s.sums["/data/big-0"]), "{run}");
 }
 
