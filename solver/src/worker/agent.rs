@@ -37,7 +37,13 @@ impl Keys {
         for path in paths {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("--ssh {id}: cannot read key {}: {e}", path.display()))?;
-            let key = PrivateKey::from_openssh(&text).map_err(|e| {
+            let key = PrivateKey::from_openssh(&text)
+                .or_else(|e| {
+                    padded_ecdsa(&text)
+                        .and_then(|blob| PrivateKey::from_bytes(&blob).ok())
+                        .ok_or(e)
+                })
+                .map_err(|e| {
                 format!(
                     "--ssh {id}: {} is not an OpenSSH private key ({e}); convert it with `ssh-keygen -p -f {}` or load it into ssh-agent and pass --ssh {id}=$SSH_AUTH_SOCK",
                     path.display(),
@@ -152,6 +158,77 @@ fn sign_rsa(
     ssh_key::Signature::new(Algorithm::Rsa { hash: Some(hash) }, bytes.ok()?).ok()
 }
 
+/// The binary form of an unencrypted OpenSSH ECDSA key file whose private scalar is shorter
+/// than its curve's size, the scalar padded with zeros. OpenSSH writes the scalar as a minimal
+/// mpint, so about one P-256 key in 256 has a shorter one, which ssh-key 0.6.7 refuses
+/// ("length invalid"). None for any other key: nothing to mend.
+fn padded_ecdsa(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
+    let magic = b"openssh-key-v1\0";
+    let mut rest = blob.strip_prefix(magic)?;
+    let (cipher, kdf, options) = (
+        take_string(&mut rest)?,
+        take_string(&mut rest)?,
+        take_string(&mut rest)?,
+    );
+    if cipher != b"none" || rest.get(..4)? != 1u32.to_be_bytes() {
+        return None;
+    }
+    rest = &rest[4..];
+    let public = take_string(&mut rest)?;
+    let mut private = take_string(&mut rest)?;
+    let checks = private.get(..8)?;
+    private = &private[8..];
+    let kind = take_string(&mut private)?;
+    let size = match kind {
+        b"ecdsa-sha2-nistp256" => 32,
+        b"ecdsa-sha2-nistp384" => 48,
+        _ => return None,
+    };
+    let (curve, point, scalar, comment) = (
+        take_string(&mut private)?,
+        take_string(&mut private)?,
+        take_string(&mut private)?,
+        take_string(&mut private)?,
+    );
+    if scalar.len() >= size {
+        return None;
+    }
+    let mut section = checks.to_vec();
+    for field in [
+        kind,
+        curve,
+        point,
+        &[vec![0; size - scalar.len()], scalar.to_vec()].concat(),
+        comment,
+    ] {
+        put_string(&mut section, field);
+    }
+    // The private section is padded 1, 2, 3, ... to the cipher's block size (8 for none).
+    for pad in 1..=7u8 {
+        if section.len() % 8 == 0 {
+            break;
+        }
+        section.push(pad);
+    }
+    let mut out = magic.to_vec();
+    for field in [cipher, kdf, options] {
+        put_string(&mut out, field);
+    }
+    out.extend_from_slice(&1u32.to_be_bytes());
+    put_string(&mut out, public);
+    put_string(&mut out, &section);
+    Some(out)
+}
+
 fn put_string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s);
@@ -215,5 +292,43 @@ mod tests {
         // An unknown key or message: failure, never a panic.
         assert!(keys.answer(&[SIGN_REQUEST, 0, 0, 0, 9]).is_none());
         assert!(keys.answer(&[99]).is_none());
+    }
+
+    /// A P-256 key whose scalar OpenSSH wrote in 31 bytes (generated for this test only).
+    const SHORT_SCALAR_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAaAAAABNlY2RzYS
+1zaGEyLW5pc3RwMjU2AAAACG5pc3RwMjU2AAAAQQTPFp+DiUgY0H6O5Fmot5SCSlw3ltI9
+xEv87xJgUnJFNsC8aJPueqh/cS9FS14Bvizrbya4ac9LhKPpD6Q9/bY7AAAAqHzB3nV8wd
+51AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBM8Wn4OJSBjQfo7k
+Wai3lIJKXDeW0j3ES/zvEmBSckU2wLxok+56qH9xL0VLXgG+LOtvJrhpz0uEo+kPpD39tj
+sAAAAfKilORCeQWi2kaZa+1KvavjpTk2L1PK6fWznYt6oVgAAAAAxzaG9ydC1zY2FsYXIB
+AgMEBQ==
+-----END OPENSSH PRIVATE KEY-----
+";
+    const SHORT_SCALAR_PUB: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBM8Wn4OJSBjQfo7kWai3lIJKXDeW0j3ES/zvEmBSckU2wLxok+56qH9xL0VLXgG+LOtvJrhpz0uEo+kPpD39tjs= short-scalar";
+
+    #[test]
+    fn ecdsa_keys_with_a_short_scalar_load_and_sign() {
+        assert!(
+            PrivateKey::from_openssh(SHORT_SCALAR_KEY).is_err(),
+            "ssh-key alone refuses it"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short");
+        std::fs::write(&path, SHORT_SCALAR_KEY).unwrap();
+        let keys = Keys::load("t", &[path.as_path()]).unwrap();
+        let public = ssh_key::PublicKey::from_openssh(SHORT_SCALAR_PUB).unwrap();
+        assert_eq!(keys.keys[0].public_key().key_data(), public.key_data());
+        let mut req = vec![SIGN_REQUEST];
+        put_string(&mut req, &public.to_bytes().unwrap());
+        put_string(&mut req, b"session hash");
+        req.extend_from_slice(&0u32.to_be_bytes());
+        let reply = keys.answer(&req).unwrap();
+        let mut rest = &reply[1..];
+        let mut blob = take_string(&mut rest).unwrap();
+        let sig = ssh_key::Signature::decode(&mut blob).unwrap();
+        public.key_data().verify(b"session hash", &sig).unwrap();
+        // Other keys are left to ssh-key as they are.
+        assert!(padded_ecdsa("not a key").is_none());
     }
 }
