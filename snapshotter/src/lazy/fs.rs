@@ -107,7 +107,8 @@ impl LazyFs {
         fetcher: Arc<Fetcher>,
         record_to: Option<PathBuf>,
         workers: usize,
-        passthrough: Option<Arc<Passthrough>>,
+        passthrough: Arc<Passthrough>,
+        want_passthrough: bool,
     ) -> LazyFs {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -135,8 +136,8 @@ impl LazyFs {
                 }),
                 seen: Mutex::new(HashSet::new()),
             },
-            want_passthrough: passthrough.is_some(),
-            passthrough: passthrough.unwrap_or_else(|| Arc::new(Passthrough::default())),
+            want_passthrough,
+            passthrough,
             jobs: Mutex::new(tx),
         }
     }
@@ -390,7 +391,8 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
         fetcher.clone(),
         record_to,
         spec.fetch_concurrency.max(4),
-        spec.passthrough.then(|| passthrough.clone()),
+        passthrough.clone(),
+        spec.passthrough,
     );
     let stop = Arc::new(AtomicBool::new(false));
     if spec.background_fetch {
