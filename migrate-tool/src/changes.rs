@@ -8,18 +8,15 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::Path;
 
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use strata_snapshotter::fsutil::{copy_xattrs, mknod_like, set_meta};
+use strata_snapshotter::fsutil::{clone_attrs, copy_sparse, mknod_like, xattrs};
 
 fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     a.file_type() == b.file_type()
         && a.mode() == b.mode()
         && a.uid() == b.uid()
         && a.gid() == b.gid()
-        && (a.is_dir()
-            || (a.len() == b.len()
-                && a.mtime() == b.mtime()
-                && a.mtime_nsec() == b.mtime_nsec()
-                && a.rdev() == b.rdev()))
+        && (a.mtime(), a.mtime_nsec()) == (b.mtime(), b.mtime_nsec())
+        && (a.is_dir() || (a.len() == b.len() && a.rdev() == b.rdev()))
 }
 
 /// Copies one entry (a whole directory tree for directories).
@@ -34,14 +31,13 @@ fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<u64> {
             bytes += copy_entry(&e.path(), &dst.join(e.file_name()))?;
         }
     } else if ft.is_file() {
-        bytes += fs::copy(src, dst)?;
+        bytes += copy_sparse(src, dst)?;
     } else if ft.is_symlink() {
         symlink(fs::read_link(src)?, dst)?;
     } else if !mknod_like(dst, &m)? {
         return Ok(0);
     }
-    copy_xattrs(src, dst)?;
-    set_meta(dst, &m)?;
+    clone_attrs(src, dst, &m)?;
     Ok(bytes)
 }
 
@@ -60,16 +56,14 @@ pub fn diff(new: &Path, old: &Path, out: &Path) -> std::io::Result<u64> {
             Ok(om) if nm.is_dir() && om.is_dir() => {
                 fs::create_dir(&d)?;
                 bytes += diff(&n, &o, &d)?;
-                let changed =
-                    !same(&nm, &om) || xattr::list(&n)?.count() != xattr::list(&o)?.count();
+                let changed = !same(&nm, &om) || xattrs(&n)? != xattrs(&o)?;
                 if changed || fs::read_dir(&d)?.next().is_some() {
-                    copy_xattrs(&n, &d)?;
-                    set_meta(&d, &nm)?;
+                    clone_attrs(&n, &d, &nm)?;
                 } else {
                     fs::remove_dir(&d)?;
                 }
             }
-            Ok(om) if same(&nm, &om) => {}
+            Ok(om) if same(&nm, &om) && xattrs(&n)? == xattrs(&o)? => {}
             Ok(om) if om.is_dir() => {
                 // A directory replaced by something else: hide it, then add the new entry.
                 bytes += copy_entry(&n, &d)?;

@@ -301,7 +301,7 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
             let _ = fs::remove_dir_all(&partial);
             fs::create_dir_all(partial.join("diff"))
                 .map_err(io(format!("create {}", partial.display())))?;
-            report.entries += match &pool {
+            let built = match &pool {
                 Some(pool) => {
                     let dev = devicemapper::mount_device(
                         &root.path,
@@ -316,7 +316,7 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
                         &dev.rootfs(),
                         &partial.join("diff"),
                         false,
-                    )?
+                    )
                 }
                 None => image_layer(
                     root,
@@ -325,8 +325,12 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
                     &image_files(&l.cache_id),
                     &partial.join("diff"),
                     true,
-                )?,
+                ),
             };
+            // A refused layer leaves nothing behind, least of all links to what it named.
+            report.entries += built.inspect_err(|_| {
+                let _ = fs::remove_dir_all(&partial);
+            })?;
             let link = overlay2::link_name();
             overlay2::finish_layer(&partial, &link, &parents, true)
                 .map_err(io(format!("write {}", partial.display())))?;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use nix::sys::stat::{mknod, Mode, SFlag};
 use rand::Rng;
-use strata_snapshotter::fsutil::{copy_xattrs, mknod_like, set_meta};
+use strata_snapshotter::fsutil::{clone_attrs, mknod_like};
 
 /// A new short link name: 26 characters of A-Z and 0-9, as dockerd makes them.
 pub fn link_name() -> String {
@@ -84,10 +84,10 @@ pub fn link_tree(src: &Path, dst: &Path, aufs: bool) -> std::io::Result<u64> {
             entries += link_tree(&e.path(), &dst.join(&name), aufs)?;
         }
         if opaque {
+            // clone_attrs adds the source's xattrs; the aufs marker became this one.
             xattr::set(dst, "trusted.overlay.opaque", b"y")?;
         }
-        copy_xattrs(src, dst)?;
-        set_meta(dst, &meta)?;
+        clone_attrs(src, dst, &meta)?;
         return Ok(entries + 1);
     }
     let ft = meta.file_type();
@@ -97,11 +97,9 @@ pub fn link_tree(src: &Path, dst: &Path, aufs: bool) -> std::io::Result<u64> {
     }
     if ft.is_symlink() {
         symlink(fs::read_link(src)?, dst)?;
-    } else if mknod_like(dst, &meta)? {
-        copy_xattrs(src, dst)?;
-    } else {
+    } else if !mknod_like(dst, &meta)? {
         return Ok(0); // sockets are not layer content
     }
-    set_meta(dst, &meta)?;
+    clone_attrs(src, dst, &meta)?;
     Ok(1)
 }

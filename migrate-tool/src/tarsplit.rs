@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use base64::Engine;
+use nix::fcntl::OFlag;
 use serde::Deserialize;
+use strata_snapshotter::fsutil;
 
 #[derive(Debug, Deserialize)]
 struct Raw {
@@ -115,8 +117,14 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, TarSplitError> {
     Ok(out)
 }
 
-/// Writes the original tar, taking file contents from the tree at `root`.
+/// Writes the original tar, taking file contents from the tree at `root`. Every file is opened
+/// beneath `root` without following symlinks: a tree where `dir/file` passes through a symlink is
+/// refused rather than read from wherever the symlink points.
 pub fn assemble(entries: &[Entry], root: &Path, out: &mut dyn Write) -> Result<u64, TarSplitError> {
+    let dir = std::fs::File::open(root).map_err(|source| TarSplitError::Io {
+        path: root.display().to_string(),
+        source,
+    })?;
     let mut total = 0;
     for e in entries {
         match e {
@@ -128,34 +136,31 @@ pub fn assemble(entries: &[Entry], root: &Path, out: &mut dyn Write) -> Result<u
                 total += bytes.len() as u64;
             }
             Entry::File { size: 0, .. } => {}
-            Entry::File { name, size } => {
-                let rel = name.trim_start_matches("./").trim_start_matches('/');
-                if rel.split('/').any(|c| c == "..") {
-                    return Err(TarSplitError::File {
-                        name: name.clone(),
-                        reason: "climbs out of the layer".into(),
-                    });
-                }
-                let f = std::fs::File::open(root.join(rel)).map_err(|e| TarSplitError::File {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
-                let n =
-                    std::io::copy(&mut f.take(*size), out).map_err(|e| TarSplitError::File {
-                        name: name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if n != *size {
-                    return Err(TarSplitError::File {
-                        name: name.clone(),
-                        reason: format!(
-                            "{n} bytes on disk, {size} in the layer: the file was changed"
-                        ),
-                    });
-                }
-                total += n;
-            }
+            Entry::File { name, size } => total += copy_file(&dir, name, *size, out)?,
         }
     }
     Ok(total)
+}
+
+/// Copies exactly `size` bytes of layer file `name` (beneath `dir`) to `out`.
+fn copy_file(
+    dir: &std::fs::File,
+    name: &str,
+    size: u64,
+    out: &mut dyn Write,
+) -> Result<u64, TarSplitError> {
+    let err = |reason: String| TarSplitError::File {
+        name: name.to_string(),
+        reason,
+    };
+    let rel = Path::new(name.trim_start_matches("./"));
+    let fd = fsutil::open_beneath_fd(dir, rel, OFlag::O_RDONLY).map_err(|e| err(e.to_string()))?;
+    let f = std::fs::File::from(fd);
+    let n = std::io::copy(&mut f.take(size), out).map_err(|e| err(e.to_string()))?;
+    if n != size {
+        return Err(err(format!(
+            "{n} bytes on disk, {size} in the layer: the file was changed"
+        )));
+    }
+    Ok(n)
 }

@@ -67,7 +67,6 @@ fn check_layer(
                 .trim_start_matches("./")
                 .trim_end_matches('/')
                 .to_string();
-            let h = e.header().clone();
             let file = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -104,54 +103,17 @@ fn check_layer(
             if name.is_empty() {
                 continue;
             }
-            let Ok(m) = fs::symlink_metadata(diff.join(&name)) else {
+            let on_disk = diff.join(&name);
+            let Ok(m) = fs::symlink_metadata(&on_disk) else {
                 report
                     .problems
                     .push(format!("layer {chain}: {name} is missing"));
                 continue;
             };
-            let want_mode = h.mode().unwrap_or(0) & 0o7777;
-            let kind_ok = match h.entry_type() {
-                tar::EntryType::Directory => m.is_dir(),
-                tar::EntryType::Symlink => {
-                    m.file_type().is_symlink()
-                        && e.link_name().ok().flatten().map(|l| l.into_owned())
-                            == fs::read_link(diff.join(&name)).ok()
-                }
-                tar::EntryType::Link | tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    m.is_file()
-                }
-                tar::EntryType::Char => m.file_type().is_char_device(),
-                tar::EntryType::Block => m.file_type().is_block_device(),
-                tar::EntryType::Fifo => m.file_type().is_fifo(),
-                _ => true,
-            };
-            if !kind_ok {
+            for field in differences(e, &on_disk, &m, diff) {
                 report
                     .problems
-                    .push(format!("layer {chain}: {name} has the wrong type"));
-                continue;
-            }
-            if h.entry_type() == tar::EntryType::Link {
-                continue; // shares its target's metadata
-            }
-            let symlink = m.file_type().is_symlink();
-            let mismatch = (!symlink && m.mode() & 0o7777 != want_mode)
-                || u64::from(m.uid()) != h.uid().unwrap_or(0)
-                || u64::from(m.gid()) != h.gid().unwrap_or(0)
-                || (!m.is_dir() && m.mtime() as u64 != h.mtime().unwrap_or(0));
-            if mismatch {
-                report.problems.push(format!(
-                    "layer {chain}: {name}: mode/owner/time {:o} {}:{} {} on disk, {:o} {}:{} {} in the layer",
-                    m.mode() & 0o7777,
-                    m.uid(),
-                    m.gid(),
-                    m.mtime(),
-                    want_mode,
-                    h.uid().unwrap_or(0),
-                    h.gid().unwrap_or(0),
-                    h.mtime().unwrap_or(0)
-                ));
+                    .push(format!("layer {chain}: {name}: {field}"));
             }
         }
     }
@@ -184,7 +146,115 @@ impl<W: std::io::Write> std::io::Write for Tee<'_, W> {
     }
 }
 
-/// Type, mode, owner, size, mtime and link target of every entry under `root`.
+/// How the entry at `path` (metadata `m`) under the layer directory `diff` differs from its tar
+/// header: one line per field (type, link target, size, device, mode, owner, mtime to the
+/// nanosecond, each xattr), each naming the field and both values.
+fn differences<R: std::io::Read>(
+    mut e: tar::Entry<'_, R>,
+    path: &Path,
+    m: &fs::Metadata,
+    diff: &Path,
+) -> Vec<String> {
+    let kind = e.header().entry_type();
+    let ft = m.file_type();
+    let kind_ok = match kind {
+        tar::EntryType::Directory => m.is_dir(),
+        tar::EntryType::Symlink => ft.is_symlink(),
+        tar::EntryType::Link | tar::EntryType::Regular | tar::EntryType::Continuous => m.is_file(),
+        tar::EntryType::Char => ft.is_char_device(),
+        tar::EntryType::Block => ft.is_block_device(),
+        tar::EntryType::Fifo => ft.is_fifo(),
+        _ => true,
+    };
+    if !kind_ok {
+        return vec![format!("type: {ft:?} on disk, {kind:?} in the layer")];
+    }
+    let link = e.link_name().ok().flatten().map(|l| l.into_owned());
+    if kind == tar::EntryType::Link {
+        let target = link.map(|l| diff.join(l.to_string_lossy().trim_start_matches("./")));
+        let same = target
+            .and_then(|t| fs::symlink_metadata(t).ok())
+            .is_some_and(|t| (t.dev(), t.ino()) == (m.dev(), m.ino()));
+        return if same {
+            Vec::new()
+        } else {
+            vec!["hard link: not the same file as its target".into()]
+        };
+    }
+    let mut out = Vec::new();
+    if kind == tar::EntryType::Symlink && link != fs::read_link(path).ok() {
+        out.push(format!(
+            "symlink target: {:?} on disk, {link:?} in the layer",
+            fs::read_link(path).ok()
+        ));
+    }
+    let size = e.header().size().unwrap_or(0);
+    if m.is_file() && m.len() != size {
+        out.push(format!("size: {} on disk, {size} in the layer", m.len()));
+    }
+    if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+        let h = e.header();
+        let want = (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let got = (
+            nix::sys::stat::major(m.rdev()) as u32,
+            nix::sys::stat::minor(m.rdev()) as u32,
+        );
+        if got != want {
+            out.push(format!("device: {got:?} on disk, {want:?} in the layer"));
+        }
+    }
+    let want = match strata_snapshotter::layer::entry_attrs(&mut e) {
+        Ok(a) => a,
+        Err(err) => return vec![format!("unreadable header: {err}")],
+    };
+    if !ft.is_symlink() && m.mode() & 0o7777 != want.mode & 0o7777 {
+        out.push(format!(
+            "mode: {:o} on disk, {:o} in the layer",
+            m.mode() & 0o7777,
+            want.mode & 0o7777
+        ));
+    }
+    if (m.uid(), m.gid()) != (want.uid, want.gid) {
+        out.push(format!(
+            "owner: {}:{} on disk, {}:{} in the layer",
+            m.uid(),
+            m.gid(),
+            want.uid,
+            want.gid
+        ));
+    }
+    let mtime = (m.mtime(), m.mtime_nsec());
+    if mtime != want.mtime {
+        out.push(format!(
+            "mtime: {}.{:09} on disk, {}.{:09} in the layer",
+            mtime.0, mtime.1, want.mtime.0, want.mtime.1
+        ));
+    }
+    let disk: Vec<_> = strata_snapshotter::fsutil::xattrs(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| !k.to_string_lossy().starts_with("trusted.overlay."))
+        .collect();
+    if disk != want.xattrs {
+        let names = |v: &[(std::ffi::OsString, Vec<u8>)]| {
+            v.iter()
+                .map(|(k, _)| k.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        out.push(format!(
+            "xattrs: [{}] on disk, [{}] in the layer (names; values compared too)",
+            names(&disk),
+            names(&want.xattrs)
+        ));
+    }
+    out
+}
+
+/// Type, mode, owner, size, mtime (ns), device, link target and xattrs of every entry under `root`.
 fn listing(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -196,18 +266,20 @@ fn listing(root: &Path) -> BTreeMap<String, String> {
         let link = fs::read_link(&p)
             .map(|l| l.display().to_string())
             .unwrap_or_default();
-        let mtime = if m.is_dir() { 0 } else { m.mtime() };
+        let xattrs = strata_snapshotter::fsutil::xattrs(&p).unwrap_or_default();
         out.insert(
             rel,
             format!(
-                "{:o} {}:{} {} {} {} {}",
+                "{:o} {}:{} {} {}.{:09} {} {} {:?}",
                 m.mode(),
                 m.uid(),
                 m.gid(),
                 if m.is_dir() { 0 } else { m.len() },
-                mtime,
+                m.mtime(),
+                m.mtime_nsec(),
                 m.rdev(),
-                link
+                link,
+                xattrs
             ),
         );
         if m.is_dir() {

@@ -13,9 +13,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
+use crate::fsutil;
 use crate::layout::remove_tree;
 
 const WHITEOUT: &str = ".wh.";
@@ -105,21 +105,54 @@ fn remove_existing(path: &Path, entry: &Path) -> Result<(), LayerError> {
     remove_tree(path).map_err(|e| entry_err(entry)(io::Error::other(e.to_string())))
 }
 
-struct Meta {
-    mode: u32,
-    uid: u64,
-    gid: u64,
-    mtime: u64,
+/// A PAX time (`1614834367.123456789`, possibly negative) as seconds and nanoseconds.
+fn pax_time(v: &str) -> Option<(i64, i64)> {
+    let (neg, v) = v.strip_prefix('-').map_or((false, v), |r| (true, r));
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return frac
+            .is_empty()
+            .then_some((if neg { -secs } else { secs }, 0));
+    }
+    let digits = &frac[..frac.len().min(9)];
+    let nanos: i64 = digits.parse::<i64>().ok()? * 10i64.pow(9 - digits.len() as u32);
+    Some(if neg && nanos > 0 {
+        (-secs - 1, 1_000_000_000 - nanos)
+    } else {
+        (if neg { -secs } else { secs }, nanos)
+    })
 }
 
-fn set_meta(path: &Path, m: &Meta, is_symlink: bool) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(m.uid as u32), Some(m.gid as u32))?;
-    if !is_symlink {
-        // After chown: chown clears setuid/setgid bits.
-        fs::set_permissions(path, fs::Permissions::from_mode(m.mode & 0o7777))?;
+/// The attributes a layer entry gives its file: owner, mode, times (PAX `mtime`/`atime` to the
+/// nanosecond where present, else the header's whole seconds) and xattrs (`SCHILY.xattr.*`).
+pub fn entry_attrs<R: Read>(e: &mut tar::Entry<'_, R>) -> io::Result<fsutil::Attrs> {
+    let h = e.header();
+    let mut a = fsutil::Attrs {
+        uid: h.uid()? as u32,
+        gid: h.gid()? as u32,
+        mode: h.mode()?,
+        mtime: (h.mtime()? as i64, 0),
+        atime: None,
+        xattrs: Vec::new(),
+    };
+    if let Some(exts) = e.pax_extensions()? {
+        for x in exts {
+            let x = x?;
+            let Ok(key) = x.key() else { continue };
+            if let Some(name) = key.strip_prefix(PAX_XATTR) {
+                a.xattrs.push((name.into(), x.value_bytes().to_vec()));
+            }
+            let time = || x.value().ok().and_then(pax_time);
+            match key {
+                "mtime" => a.mtime = time().unwrap_or(a.mtime),
+                "atime" => a.atime = time(),
+                _ => {}
+            }
+        }
     }
-    let t = TimeSpec::new(m.mtime as i64, 0);
-    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(nix_err)
+    a.xattrs.sort();
+    Ok(a)
 }
 
 /// What applying a layer did.
@@ -160,7 +193,10 @@ fn unpack(
 ) -> Result<ApplyStats, LayerError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
-    let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
+    let links = link_from
+        .map(|p| fs::File::open(p).map_err(|e| entry_err(p)(e)))
+        .transpose()?;
+    let mut dirs: Vec<(PathBuf, fsutil::Attrs)> = Vec::new();
     for entry in archive.entries().map_err(LayerError::Read)? {
         let mut e = entry.map_err(LayerError::Read)?;
         let raw = e.path().map_err(LayerError::Read)?.into_owned();
@@ -171,142 +207,191 @@ fn unpack(
         };
         ensure_parents(dest, &rel, &raw)?;
         let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
-        let name_bytes = name.as_bytes();
-        if whiteouts && name_bytes == OPAQUE.as_bytes() {
-            xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(entry_err(&raw))?;
-            continue;
-        }
-        if let Some(hidden) = name_bytes
-            .strip_prefix(WHITEOUT.as_bytes())
-            .filter(|_| whiteouts)
-        {
-            if hidden.starts_with(WHITEOUT.as_bytes()) {
-                continue; // aufs bookkeeping (.wh..wh.plnk and friends): not content
-            }
-            let target = parent.join(OsStr::from_bytes(hidden));
-            remove_existing(&target, &raw)?;
-            mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
-                .map_err(|e| entry_err(&raw)(nix_err(e)))?;
+        if whiteouts && whiteout(&parent, name.as_bytes(), &raw)? {
             continue;
         }
         let path = dest.join(&rel);
-        let h = e.header().clone();
-        let meta = Meta {
-            mode: h.mode().map_err(LayerError::Read)?,
-            uid: h.uid().map_err(LayerError::Read)?,
-            gid: h.gid().map_err(LayerError::Read)?,
-            mtime: h.mtime().map_err(LayerError::Read)?,
-        };
-        let kind = h.entry_type();
-        let xattrs: Vec<(String, Vec<u8>)> = match e.pax_extensions().map_err(LayerError::Read)? {
-            None => Vec::new(),
-            Some(exts) => exts
-                .filter_map(Result::ok)
-                .filter_map(|x| {
-                    let key = x.key().ok()?.strip_prefix(PAX_XATTR)?.to_string();
-                    Some((key, x.value_bytes().to_vec()))
-                })
-                .collect(),
-        };
-        match kind {
-            tar::EntryType::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_existing(&path, &raw)?;
-                        fs::create_dir(&path).map_err(entry_err(&raw))?;
-                    }
-                    Err(_) => fs::create_dir(&path).map_err(entry_err(&raw))?,
-                }
-                for (k, v) in &xattrs {
-                    xattr::set(&path, k, v).map_err(entry_err(&raw))?;
-                }
-                dirs.push((path, meta));
+        let attrs = entry_attrs(&mut e).map_err(LayerError::Read)?;
+        let kind = e.header().entry_type();
+        let placed = match (kind, &links) {
+            (tar::EntryType::Directory, _) => {
+                make_dir(&path, &raw)?;
+                dirs.push((path, attrs));
                 continue;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous if link_from.is_some() => {
-                let source = link_from.expect("checked").join(&rel);
-                match fs::symlink_metadata(&source) {
-                    Ok(m) if m.is_file() && m.len() == h.size().unwrap_or(u64::MAX) => {}
-                    _ => {
-                        return Err(LayerError::Unsafe {
-                            entry: raw.display().to_string(),
-                            reason: "the source tree has no regular file of this size at this path",
-                        })
-                    }
-                }
-                remove_existing(&path, &raw)?;
-                fs::hard_link(&source, &path).map_err(entry_err(&raw))?;
+            (tar::EntryType::Regular | tar::EntryType::Continuous, Some(files)) => {
+                let size = e.header().size().map_err(LayerError::Read)?;
+                link_source(files, &rel, size, &path, &raw)?;
                 continue; // the source inode already carries the layer's metadata
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                remove_existing(&path, &raw)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(entry_err(&raw))?;
-                stats.bytes += io::copy(&mut e, &mut f).map_err(entry_err(&raw))?;
-            }
-            tar::EntryType::Symlink => {
-                let target =
-                    e.link_name()
-                        .map_err(LayerError::Read)?
-                        .ok_or_else(|| LayerError::Unsafe {
-                            entry: raw.display().to_string(),
-                            reason: "a symlink without a target",
-                        })?;
-                remove_existing(&path, &raw)?;
-                symlink(&target, &path).map_err(entry_err(&raw))?;
-            }
-            tar::EntryType::Link => {
-                let target = e.link_name().map_err(LayerError::Read)?.unwrap_or_default();
-                let target_rel = clean(&target)?;
-                ensure_parents(dest, &target_rel, &raw)?;
-                let source = dest.join(&target_rel);
-                match fs::symlink_metadata(&source) {
-                    Ok(m) if m.is_file() => {}
-                    _ => {
-                        return Err(LayerError::Unsafe {
-                            entry: raw.display().to_string(),
-                            reason:
-                                "a hard link to something that is not a regular file of this layer",
-                        })
-                    }
-                }
-                remove_existing(&path, &raw)?;
-                fs::hard_link(&source, &path).map_err(entry_err(&raw))?;
+            (tar::EntryType::Link, _) => {
+                hard_link_within(dest, &mut e, &path, &raw)?;
                 continue; // the link shares the target's metadata
             }
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let major = h.device_major().ok().flatten().unwrap_or(0) as u64;
-                let minor = h.device_minor().ok().flatten().unwrap_or(0) as u64;
-                let flag = match kind {
-                    tar::EntryType::Char => SFlag::S_IFCHR,
-                    tar::EntryType::Block => SFlag::S_IFBLK,
-                    _ => SFlag::S_IFIFO,
-                };
-                remove_existing(&path, &raw)?;
-                mknod(
-                    &path,
-                    flag,
-                    Mode::from_bits_truncate(meta.mode & 0o777),
-                    makedev(major, minor),
-                )
-                .map_err(|e| entry_err(&raw)(nix_err(e)))?;
-            }
-            _ => continue, // pax/gnu headers are consumed by the reader; others carry no files
+            _ => place(&mut e, kind, &attrs, &path, &raw, &mut stats)?,
+        };
+        if placed {
+            fsutil::restore(&path, &attrs, kind == tar::EntryType::Symlink)
+                .map_err(entry_err(&raw))?;
         }
-        for (k, v) in &xattrs {
-            xattr::set(&path, k, v).map_err(entry_err(&raw))?;
-        }
-        set_meta(&path, &meta, kind == tar::EntryType::Symlink).map_err(entry_err(&raw))?;
     }
     // Directories last, deepest first: adding children changed their mtimes.
-    for (path, meta) in dirs.iter().rev() {
-        set_meta(path, meta, false).map_err(entry_err(path))?;
+    for (path, attrs) in dirs.iter().rev() {
+        fsutil::restore(path, attrs, false).map_err(entry_err(path))?;
     }
     Ok(stats)
+}
+
+/// Turns an OCI whiteout named `name` in `parent` into overlay's form; false when it is none.
+fn whiteout(parent: &Path, name: &[u8], raw: &Path) -> Result<bool, LayerError> {
+    if name == OPAQUE.as_bytes() {
+        xattr::set(parent, OPAQUE_XATTR, b"y").map_err(entry_err(raw))?;
+        return Ok(true);
+    }
+    let Some(hidden) = name.strip_prefix(WHITEOUT.as_bytes()) else {
+        return Ok(false);
+    };
+    if hidden.starts_with(WHITEOUT.as_bytes()) {
+        return Ok(true); // aufs bookkeeping (.wh..wh.plnk and friends): not content
+    }
+    let target = parent.join(OsStr::from_bytes(hidden));
+    remove_existing(&target, raw)?;
+    mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+        .map_err(|e| entry_err(raw)(nix_err(e)))?;
+    Ok(true)
+}
+
+fn make_dir(path: &Path, raw: &Path) -> Result<(), LayerError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            remove_existing(path, raw)?;
+            fs::create_dir(path).map_err(entry_err(raw))
+        }
+        Err(_) => fs::create_dir(path).map_err(entry_err(raw)),
+    }
+}
+
+/// Hard-links `path` to the regular file `rel` of `size` bytes under the open tree `files`,
+/// resolved beneath it without following symlinks: a tree whose `dir/file` passes through a
+/// symlink is refused, so nothing outside it is ever linked in.
+fn link_source(
+    files: &fs::File,
+    rel: &Path,
+    size: u64,
+    path: &Path,
+    raw: &Path,
+) -> Result<(), LayerError> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::os::fd::AsRawFd;
+    let unsafe_source = |reason| LayerError::Unsafe {
+        entry: raw.display().to_string(),
+        reason,
+    };
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let name = rel.file_name().unwrap_or_default();
+    let dir = fsutil::open_beneath_fd(files, parent, OFlag::O_PATH | OFlag::O_DIRECTORY).map_err(
+        |_| {
+            unsafe_source("its directory in the source tree is missing or passes through a symlink")
+        },
+    )?;
+    let st = nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW);
+    match st {
+        Ok(st)
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+                && st.st_size as u64 == size => {}
+        _ => {
+            return Err(unsafe_source(
+                "the source tree has no regular file of this size at this path",
+            ))
+        }
+    }
+    remove_existing(path, raw)?;
+    nix::unistd::linkat(
+        Some(dir.as_raw_fd()),
+        name,
+        None,
+        path.as_os_str(),
+        AtFlags::empty(),
+    )
+    .map_err(|e| entry_err(raw)(nix_err(e)))
+}
+
+/// A hard link entry: to a regular file this layer already placed under `dest`.
+fn hard_link_within<R: Read>(
+    dest: &Path,
+    e: &mut tar::Entry<'_, R>,
+    path: &Path,
+    raw: &Path,
+) -> Result<(), LayerError> {
+    let target = e.link_name().map_err(LayerError::Read)?.unwrap_or_default();
+    let target_rel = clean(&target)?;
+    ensure_parents(dest, &target_rel, raw)?;
+    let source = dest.join(&target_rel);
+    match fs::symlink_metadata(&source) {
+        Ok(m) if m.is_file() => {}
+        _ => {
+            return Err(LayerError::Unsafe {
+                entry: raw.display().to_string(),
+                reason: "a hard link to something that is not a regular file of this layer",
+            })
+        }
+    }
+    remove_existing(path, raw)?;
+    fs::hard_link(&source, path).map_err(entry_err(raw))
+}
+
+/// Writes a file, symlink or device entry at `path`; false for entries that carry no file.
+fn place<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    kind: tar::EntryType,
+    attrs: &fsutil::Attrs,
+    path: &Path,
+    raw: &Path,
+    stats: &mut ApplyStats,
+) -> Result<bool, LayerError> {
+    match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            remove_existing(path, raw)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(entry_err(raw))?;
+            stats.bytes += fsutil::write_sparse(e, &mut f).map_err(entry_err(raw))?;
+        }
+        tar::EntryType::Symlink => {
+            let target =
+                e.link_name()
+                    .map_err(LayerError::Read)?
+                    .ok_or_else(|| LayerError::Unsafe {
+                        entry: raw.display().to_string(),
+                        reason: "a symlink without a target",
+                    })?;
+            remove_existing(path, raw)?;
+            symlink(&target, path).map_err(entry_err(raw))?;
+        }
+        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+            let h = e.header();
+            let major = h.device_major().ok().flatten().unwrap_or(0) as u64;
+            let minor = h.device_minor().ok().flatten().unwrap_or(0) as u64;
+            let flag = match kind {
+                tar::EntryType::Char => SFlag::S_IFCHR,
+                tar::EntryType::Block => SFlag::S_IFBLK,
+                _ => SFlag::S_IFIFO,
+            };
+            remove_existing(path, raw)?;
+            mknod(
+                path,
+                flag,
+                Mode::from_bits_truncate(attrs.mode & 0o777),
+                makedev(major, minor),
+            )
+            .map_err(|e| entry_err(raw)(nix_err(e)))?;
+        }
+        _ => return Ok(false), // pax/gnu headers are consumed by the reader; others carry no files
+    }
+    Ok(true)
 }
 
 /// Options of [`diff`].
@@ -519,6 +604,70 @@ mod tests {
         let got: Vec<(&str, tar::EntryType)> =
             names.iter().map(|(n, k)| (n.as_str(), *k)).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn nanosecond_times_capabilities_owners_and_holes_survive_apply() {
+        let cap = [1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut data = vec![0u8; 1 << 20];
+        data[512 << 10] = 1;
+        let layer = tar_of(|b| {
+            b.append_pax_extensions([
+                ("mtime", &b"1614834367.123456789"[..]),
+                ("atime", &b"1614834300.5"[..]),
+                ("SCHILY.xattr.security.capability", &cap[..]),
+            ])
+            .unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o4755);
+            h.set_uid(1234);
+            h.set_gid(5678);
+            h.set_mtime(1614834367);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, "bin", &data[..]).unwrap();
+            b.append_pax_extensions([("mtime", &b"1614834368.000000001"[..])])
+                .unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o1777);
+            h.set_mtime(1614834368);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            b.append_data(&mut h, "tmp/", io::empty()).unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        apply(&layer[..], dir.path()).unwrap();
+        let bin = dir.path().join("bin");
+        let m = fs::metadata(&bin).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4755));
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1614834367, 123456789));
+        assert_eq!((m.atime(), m.atime_nsec()), (1614834300, 500000000));
+        assert_eq!(
+            xattr::get(&bin, "security.capability").unwrap().unwrap(),
+            cap
+        );
+        assert_eq!(fs::read(&bin).unwrap(), data);
+        assert!(
+            m.blocks() * 512 <= 16 << 10,
+            "{} blocks: not sparse",
+            m.blocks()
+        );
+        let t = fs::metadata(dir.path().join("tmp")).unwrap();
+        assert_eq!(
+            (t.mtime(), t.mtime_nsec(), t.mode() & 0o7777),
+            (1614834368, 1, 0o1777)
+        );
+    }
+
+    #[test]
+    fn pax_times_parse_to_the_nanosecond() {
+        assert_eq!(pax_time("12.5"), Some((12, 500_000_000)));
+        assert_eq!(pax_time("12"), Some((12, 0)));
+        assert_eq!(pax_time("1.1234567891"), Some((1, 123_456_789)));
+        assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(pax_time("x"), None);
+        assert_eq!(pax_time("1.x"), None);
     }
 
     #[test]

@@ -181,14 +181,15 @@ pub fn copy(source: &Source, src: &Path, rel: &str, dst: &Path, attrs: Attrs) ->
 pub fn finish(dst: &Path, meta: &fs::Metadata, attrs: Attrs) -> io::Result<()> {
     let (uid, gid) = attrs.owner.unwrap_or((meta.uid(), meta.gid()));
     let mode = attrs.mode.unwrap_or(meta.mode());
-    fsutil::apply_meta(
-        dst,
+    let a = fsutil::Attrs {
         uid,
         gid,
         mode,
-        (meta.mtime(), meta.mtime_nsec()),
-        meta.file_type().is_symlink(),
-    )
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        atime: None,
+        xattrs: Vec::new(),
+    };
+    fsutil::restore(dst, &a, meta.file_type().is_symlink())
 }
 
 /// Creates `path` and missing parents (mode 0755, owned by `owner`), returning it.
