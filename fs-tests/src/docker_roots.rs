@@ -11,7 +11,8 @@ use std::process::Command;
 use crate::dockerd::Dockerd;
 use crate::strata::Strata;
 
-/// dockerd on overlay (v1) with two images (one with a whiteout and an opaque directory) and
+/// dockerd on overlay (v1) with three images (one with a whiteout and an opaque directory, one
+/// the [`crate::attr_layer`]) and
 /// containers with and without writes; stopped, ready to migrate.
 pub fn overlay_v1_fixture() -> (Strata, Dockerd) {
     let s = Strata::new();
@@ -27,9 +28,12 @@ pub fn overlay_v1_fixture() -> (Strata, Dockerd) {
         "--output",
         &format!("type=docker,dest={},name=app:1", app.display()),
     ]);
+    let attrs = s.root.path().join("attrs.tar");
+    crate::attr_layer::write_archive(&attrs);
     let d = Dockerd::start("overlay", &[]);
     d.load(&base);
     d.load(&app);
+    d.load(&attrs);
     d.docker(&[
         "create",
         "--name",
@@ -104,12 +108,10 @@ pub fn overlay_to_aufs(root: &Path) {
             &mut tar_bytes,
         )
         .unwrap();
-        let mut ar = tar::Archive::new(&tar_bytes[..]);
-        ar.set_preserve_permissions(true);
-        ar.set_preserve_ownerships(true);
-        ar.set_preserve_mtime(true);
-        ar.set_unpack_xattrs(true);
-        ar.unpack(root.join("aufs/diff").join(id)).unwrap();
+        // As dockerd's aufs driver extracted it: `.wh.` names kept, every attribute set.
+        let dir = root.join("aufs/diff").join(id);
+        fs::create_dir_all(&dir).unwrap();
+        strata_snapshotter::layer::extract(&tar_bytes[..], &dir).unwrap();
         let lower: Vec<String> = ancestors(chain).into_iter().skip(1).collect();
         fs::write(root.join("aufs/layers").join(id), lower.join("\n")).unwrap();
         fs::create_dir_all(root.join("aufs/mnt").join(id)).unwrap();

@@ -4,6 +4,7 @@
 //! its handle drops. The suites need root (mounts); they fail loudly, never skip, when a tool is
 //! missing: `scripts/test` installs them.
 
+pub mod attr_layer;
 pub mod containerd;
 pub mod daemon;
 pub mod docker_roots;

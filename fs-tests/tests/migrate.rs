@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
+use strata_fs_tests::attr_layer;
 use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper, overlay_v1_fixture};
 
 /// Every entry under `root` with its size, mode and mtime: to prove a command wrote nothing.
@@ -150,6 +151,14 @@ fn journey(legacy: &str, convert: fn(&Path)) {
         sorted(d.docker(&["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"]));
     d.stop();
     let root = d.data_root();
+    let attrs_source = attr_layer::files(&root, "overlay", "overlay", "/root");
+    attr_layer::dig_holes(&attrs_source);
+    let fixture = attr_layer::check(&attrs_source);
+    assert!(
+        fixture.is_empty(),
+        "dockerd's own copy differs from the layer:\n{}",
+        fixture.join("\n")
+    );
     convert(&root);
     let daemon_json = s.root.path().join("daemon.json");
     let source_before = listing(&root.join(legacy));
@@ -184,6 +193,13 @@ fn journey(legacy: &str, convert: fn(&Path)) {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&daemon_json).unwrap()).unwrap();
     assert_eq!(cfg["storage-driver"], "overlay2");
+    let migrated = attr_layer::files(&root, "overlay2", "overlay2", "/diff");
+    let lost = attr_layer::check(&migrated);
+    assert!(
+        lost.is_empty(),
+        "{legacy} -> overlay2 lost attributes:\n{}",
+        lost.join("\n")
+    );
 
     // Real dockerd on overlay2: same images, containers with their writes, and docker save's
     // layer tars hash to the original diffIDs.
@@ -267,6 +283,14 @@ fn sigkill_after_every_step(legacy: &str, convert: fn(&Path)) {
     let (s, mut d) = overlay_v1_fixture();
     d.stop();
     let root = d.data_root();
+    let attrs_source = attr_layer::files(&root, "overlay", "overlay", "/root");
+    attr_layer::dig_holes(&attrs_source);
+    let fixture = attr_layer::check(&attrs_source);
+    assert!(
+        fixture.is_empty(),
+        "dockerd's own copy differs from the layer:\n{}",
+        fixture.join("\n")
+    );
     convert(&root);
     let daemon_json = s.root.path().join("daemon.json");
     let source_before = listing(&root.join(legacy));
