@@ -139,6 +139,51 @@ fn secrets_never_leak() {
     );
 }
 
+/// A failing step's summary ("last lines of its output") and every progress mode mask every line
+/// of a multi-line secret, given as a file and read through env=; the build's own error too.
+#[test]
+fn a_failing_step_never_prints_its_secrets() {
+    let s = Strata::new();
+    let lines = ["Zx9-first-secret-line", "Q7-second-secret-line"];
+    let file = s.root.path().join("token");
+    fs::write(&file, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    s.dockerfile(
+        "FROM busybox\n\
+         RUN --mount=type=secret,id=tok,env=TOK --mount=type=secret,id=tok,target=/t echo \"val=$TOK\"; cat /t; exit 3\n",
+    );
+    let src = format!("id=tok,src={}", file.display());
+    let ctx = s.ctx.path().to_str().unwrap().to_string();
+    for mode in ["plain", "tty", "quiet", "rawjson"] {
+        let o = s.run(&["build", "--progress", mode, "--secret", &src, &ctx]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!o.status.success(), "{mode}: the step exits 3:\n{text}");
+        assert!(text.contains("exit code: 3"), "{mode}: {text}");
+        for l in lines {
+            assert!(
+                !text.contains(l),
+                "{mode}: secret line {l} printed:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("val=****"),
+            "{mode}: masked value shown:\n{text}"
+        );
+    }
+    let big = s.run(&["build", "--secret", "id=big,src=/dev/zero", &ctx]);
+    let err = String::from_utf8_lossy(&big.stderr);
+    assert!(
+        !big.status.success() && err.contains("secret big: src /dev/zero is larger than 500 KiB"),
+        "{err}"
+    );
+    let nameless = s.run(&["build", "--secret", "id=,src=/etc/hostname", &ctx]);
+    let err = String::from_utf8_lossy(&nameless.stderr);
+    assert!(err.contains("the id is empty"), "{err}");
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }

@@ -6,6 +6,7 @@
 //! - [`worker`]: snapshots, images, and running ops (runc, file ops).
 //! - [`export`]: image assembly and outputs.
 //! - [`progress`]: BuildKit-style progress.
+//! - [`secrets`]: `--secret` values, read with a cap and masked wherever output goes.
 
 pub mod db;
 pub mod dockerfile;
@@ -16,5 +17,6 @@ pub mod llb;
 pub mod pattern;
 pub mod progress;
 pub mod remote_cache;
+pub mod secrets;
 pub mod solver;
 pub mod worker;

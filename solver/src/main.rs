@@ -484,37 +484,7 @@ fn parse_cache_specs(specs: &[String], flag: &str) -> anyhow::Result<Vec<CacheSp
 fn session(secrets: &[String], ssh: &[String]) -> anyhow::Result<Session> {
     let mut out = Session::default();
     for spec in secrets {
-        let mut id = None;
-        let mut src = None;
-        let mut env = None;
-        for part in spec.split(',') {
-            match part.split_once('=') {
-                Some(("id", v)) => id = Some(v.to_string()),
-                Some(("src" | "source", v)) => src = Some(v.to_string()),
-                Some(("env", v)) => env = Some(v.to_string()),
-                Some(("type", "file" | "env")) => {}
-                _ => bail!("--secret {spec:?}: use id=ID,src=FILE or id=ID,env=VAR"),
-            }
-        }
-        let id = id
-            .or_else(|| {
-                src.as_ref().and_then(|s| {
-                    Path::new(s)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                })
-            })
-            .ok_or_else(|| anyhow::anyhow!("--secret {spec:?}: missing id="))?;
-        let value = match (src, env) {
-            (Some(path), _) => std::fs::read(&path)
-                .with_context(|| format!("secret {id}: cannot read src {path}"))?,
-            (None, Some(var)) => std::env::var(&var)
-                .with_context(|| format!("secret {id}: environment variable {var} is not set"))?
-                .into_bytes(),
-            (None, None) => std::env::var(&id)
-                .with_context(|| format!("secret {id}: give src=FILE or env=VAR"))?
-                .into_bytes(),
-        };
+        let (id, value) = strata_solver::secrets::parse(spec)?;
         out.secrets.insert(id, value);
     }
     for spec in ssh {

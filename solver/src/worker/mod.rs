@@ -328,7 +328,8 @@ impl Worker {
             session,
             reset_caches,
         )?;
-        let masked = |line: &str| log(&session.mask(line));
+        let needles = crate::secrets::needles(&session.secrets);
+        let masked = |line: &str| log(&crate::secrets::mask(&needles, line));
         let mut extra = prepared.spec.clone();
         if network != llb::NetMode::None {
             extra.extend(mounts::name_resolution());
@@ -349,7 +350,7 @@ impl Worker {
                 id: &id,
                 sandbox: false,
             };
-            let r = exec::run(root, &spec, &masked);
+            let r = exec::run(root, &spec, &masked).map_err(|e| session.mask_error(e));
             for s in stubs.iter().rev() {
                 let _ = strata_snapshotter::layout::remove_tree(s);
             }

@@ -29,16 +29,27 @@ pub struct Session {
 impl Session {
     /// Replaces every secret value in `line` with `****`.
     pub fn mask(&self, line: &str) -> String {
-        let mut out = line.to_string();
-        for v in self.secrets.values() {
-            if let Ok(s) = std::str::from_utf8(v) {
-                let s = s.trim_end_matches('\n');
-                if s.len() >= 3 && out.contains(s) {
-                    out = out.replace(s, "****");
-                }
-            }
+        crate::secrets::mask(&crate::secrets::needles(&self.secrets), line)
+    }
+
+    /// `e` with every secret value in its text replaced by `****`: a failed step's error carries
+    /// its last lines of output, and errors reach the terminal, rawjson events and logs.
+    pub fn mask_error(&self, e: WorkerError) -> WorkerError {
+        let needles = crate::secrets::needles(&self.secrets);
+        let mask = |s: &str| crate::secrets::mask(&needles, s);
+        match e {
+            WorkerError::ExitCode {
+                command,
+                code,
+                tail,
+            } => WorkerError::ExitCode {
+                command: mask(&command),
+                code,
+                tail: mask(&tail),
+            },
+            WorkerError::Exec(msg) => WorkerError::Exec(mask(&msg)),
+            other => other,
         }
-        out
     }
 }
 
