@@ -416,6 +416,121 @@ fn deleted_devicemapper_devices_block_the_migration() {
     assert!(!root.join("overlay2").exists() && !daemon_json.exists());
 }
 
+fn migrate_ok(root: &Path, daemon_json: &Path) {
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// After a passing verify, one mtime, one mode and one xattr changed in a migrated layer: verify
+/// names all three (path and field) and cleanup refuses to delete the old driver's copy.
+#[test]
+fn verify_names_every_changed_attribute_and_cleanup_refuses() {
+    let (s, mut d) = overlay_v1_fixture();
+    d.stop();
+    let root = d.data_root();
+    migrate_ok(&root, &s.root.path().join("daemon.json"));
+    let verify = || tool(&["verify", "--data-root", root.to_str().unwrap()], &[]);
+    assert!(verify().status.success());
+    let diff = attr_layer::files(&root, "overlay2", "overlay2", "/diff");
+    let t = nix::sys::time::TimeSpec::new(1_614_834_367, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &diff.join("attrs/suid"),
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        diff.join("attrs/cap"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    xattr::set(diff.join("attrs/sparse"), "user.sparse", b"no").unwrap();
+    let out = verify();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "attrs/suid: mtime: 1614834367.000000000 on disk, 1614834367.222222222 in the layer",
+        "attrs/cap: mode: 700 on disk, 755 in the layer",
+        "attrs/sparse: xattrs",
+    ] {
+        assert!(
+            text.contains(want),
+            "verify does not report {want:?}:\n{text}"
+        );
+    }
+    let out = tool(&["cleanup", "--data-root", root.to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "cleanup ran after a failed verify");
+    assert!(root.join("overlay").exists() && root.join("image/overlay").exists());
+}
+
+/// A layer whose directory on disk is a symlink to a copy of its files outside the data root:
+/// the rebuild would hash the same, so only resolving beneath the layer root catches it. The layer
+/// is refused naming the path, and nothing under the data root links to the outside files.
+#[test]
+fn a_layer_path_through_a_symlink_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let (s, mut d) = overlay_v1_fixture();
+    d.stop();
+    let root = d.data_root();
+    let layer = attr_layer::files(&root, "overlay", "overlay", "/root");
+    let outside = s.root.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::rename(layer.join("attrs"), outside.join("attrs")).unwrap();
+    std::os::unix::fs::symlink(outside.join("attrs"), layer.join("attrs")).unwrap();
+    let daemon_json = s.root.path().join("daemon.json");
+    let out = tool(
+        &[
+            "migrate",
+            "--data-root",
+            root.to_str().unwrap(),
+            "--daemon-json",
+            daemon_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "migrated through a symlink: {err}");
+    assert!(err.contains("attrs") && err.contains("symlink"), "{err}");
+    let outside_inodes: Vec<u64> = ["cap", "suid", "sparse"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(outside.join("attrs").join(f))
+                .unwrap()
+                .ino()
+        })
+        .collect();
+    let mut stack = vec![root.clone()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if m.is_dir() && p != layer.join("attrs") {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        } else if m.is_file() && p.starts_with(root.join(migrate_tool::migrate::TMP)) {
+            assert!(
+                !outside_inodes.contains(&m.ino()),
+                "{} links to a file outside",
+                p.display()
+            );
+        }
+    }
+    assert!(!daemon_json.exists(), "dockerd's config untouched");
+}
+
 #[test]
 fn altered_layer_files_stop_the_migration() {
     let (s, mut d) = overlay_v1_fixture();

@@ -293,6 +293,8 @@ fn listing(root: &Path) -> BTreeMap<String, String> {
 
 pub fn verify(data_root: &Path) -> Result<VerifyReport, crate::dataroot::DataRootError> {
     let root = DataRoot::open_driver(data_root, Driver::Overlay2)?;
+    // An earlier pass no longer counts: only this run's result may let cleanup go ahead.
+    let _ = fs::remove_file(data_root.join(TMP).join(VERIFIED));
     let mut report = VerifyReport::default();
     for l in &root.layers {
         let diff = data_root.join("overlay2").join(&l.cache_id).join("diff");
