@@ -4,7 +4,7 @@
 //! does no harm). Base images are resolved through [`ImageResolver`] to a manifest digest, which
 //! pins the source op (a moved tag busts the cache) and provides the inherited config.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use strata_snapshotter::oci::{History, ImageConfig};
 
@@ -69,6 +69,8 @@ struct State {
     config: ImageConfig,
     /// ARG values in scope (visible to RUN as env, not part of the image).
     args: BTreeMap<String, String>,
+    /// Where each ENV name is in `config.config.env`, so that ENV and lookups stay O(1).
+    env_at: HashMap<String, usize>,
 }
 
 struct Converter<'a> {
@@ -234,6 +236,7 @@ impl Converter<'_> {
                     ..Default::default()
                 },
                 args: BTreeMap::new(),
+                env_at: HashMap::new(),
             }
         } else if let Some(s) = self.stage_index(&image, i).filter(|s| *s != i) {
             let (root, config) = self.stage(s)?;
@@ -241,6 +244,7 @@ impl Converter<'_> {
                 root,
                 config,
                 args: BTreeMap::new(),
+                env_at: HashMap::new(),
             }
         } else {
             let (digest, config) = self
@@ -262,11 +266,13 @@ impl Converter<'_> {
                 root: Some(root),
                 config,
                 args: BTreeMap::new(),
+                env_at: HashMap::new(),
             }
         };
         if state.config.config.env.is_empty() {
             state.config.config.env.push(DEFAULT_PATH.into());
         }
+        state.env_at = env_index(&state.config.config.env);
         // The base image's ONBUILD triggers run first, and are not passed on.
         for trigger in state.config.config.on_build.take().unwrap_or_default() {
             let parsed = parse(&trigger).map_err(|e| {
@@ -315,17 +321,11 @@ impl Converter<'_> {
         st: &mut State,
     ) -> Result<(), DockerfileError> {
         let esc = self.escape;
-        // ENV wins over ARG of the same name, as in Docker.
-        let env_map: BTreeMap<String, String> = st
-            .config
-            .config
-            .env
-            .iter()
-            .filter_map(|e| e.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let args = st.args.clone();
-        let lookup = move |n: &str| env_map.get(n).or_else(|| args.get(n)).cloned();
+        // ENV wins over ARG of the same name, as in Docker. Both are read in place (no copy per
+        // instruction: 10,000 ENV lines stay linear); an instruction sees them as they were
+        // before it, so ENV and ARG collect their values before setting any.
+        let (env, env_at, args) = (&st.config.config.env, &st.env_at, &st.args);
+        let lookup = |n: &str| variable(env, env_at, args, n);
         let word = |s: &str| expand::word(s, esc, &lookup).map_err(|e| err(l, e));
         let history = |st: &mut State, empty: bool| {
             st.config.history.push(History {
@@ -337,29 +337,25 @@ impl Converter<'_> {
         match &l.instruction {
             Instruction::From { .. } => unreachable!("FROM starts a stage"),
             Instruction::Arg(pairs) => {
+                let mut values = Vec::new();
                 for (k, default) in pairs {
-                    let value = self
-                        .opts
-                        .build_args
-                        .get(k)
-                        .cloned()
-                        .or_else(|| default.as_ref().map(|d| word(d)).transpose().ok().flatten())
-                        .or_else(|| self.global(k))
-                        .or_else(|| predefined(k));
-                    if let Some(v) = value {
-                        st.args.insert(k.clone(), v);
-                    }
+                    let value = match self.opts.build_args.get(k) {
+                        Some(v) => Some(v.clone()),
+                        None => default.as_deref().map(word).transpose()?,
+                    };
+                    let value = value.or_else(|| self.global(k)).or_else(|| predefined(k));
+                    values.extend(value.map(|v| (k.clone(), v)));
                 }
+                st.args.extend(values);
                 return Ok(());
             }
             Instruction::Env(pairs) => {
-                for (k, v) in pairs {
-                    let v = word(v)?;
-                    st.config
-                        .config
-                        .env
-                        .retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
-                    st.config.config.env.push(format!("{k}={v}"));
+                let values = pairs
+                    .iter()
+                    .map(|(k, v)| Ok((k, word(v)?)))
+                    .collect::<Result<Vec<_>, DockerfileError>>()?;
+                for (k, v) in values {
+                    set_env(&mut st.config.config.env, &mut st.env_at, k, &v);
                 }
                 history(st, true);
             }
@@ -491,6 +487,14 @@ impl Converter<'_> {
                 history(st, false);
             }
             Instruction::Copy(c) => {
+                // COPY changes the state it expands words for: it gets its own copy.
+                let (env, env_at, args) = (
+                    st.config.config.env.clone(),
+                    st.env_at.clone(),
+                    st.args.clone(),
+                );
+                let lookup = |n: &str| variable(&env, &env_at, &args, n);
+                let word = |s: &str| expand::word(s, esc, &lookup).map_err(|e| err(l, e));
                 self.copy(stage, l, c, st, step, &word)?;
                 history(st, false);
             }
@@ -1062,6 +1066,41 @@ fn duration_ns(s: &str) -> Option<u64> {
     Some(total as u64)
 }
 
+/// The value of Dockerfile variable `n`: ENV first, then ARG.
+fn variable(
+    env: &[String],
+    env_at: &HashMap<String, usize>,
+    args: &BTreeMap<String, String>,
+    n: &str,
+) -> Option<String> {
+    let from_env = env_at.get(n).and_then(|&i| env[i].split_once('='));
+    from_env
+        .map(|(_, v)| v.to_string())
+        .or_else(|| args.get(n).cloned())
+}
+
+/// Each name's position in an image's `KEY=VALUE` environment (its first, as BuildKit uses).
+fn env_index(env: &[String]) -> HashMap<String, usize> {
+    let mut at = HashMap::new();
+    for (i, e) in env.iter().enumerate() {
+        let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+        at.entry(key.to_string()).or_insert(i);
+    }
+    at
+}
+
+/// Sets `key` in an image's environment, in place when it is there (as BuildKit does).
+fn set_env(env: &mut Vec<String>, env_at: &mut HashMap<String, usize>, key: &str, value: &str) {
+    let entry = format!("{key}={value}");
+    match env_at.get(key) {
+        Some(&i) => env[i] = entry,
+        None => {
+            env_at.insert(key.to_string(), env.len());
+            env.push(entry);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1081,6 +1120,51 @@ mod tests {
 
     fn conv(text: &str, opts: ConvertOptions) -> Result<Converted, DockerfileError> {
         convert(text, &opts, &Fake)
+    }
+
+    #[test]
+    fn hostile_dockerfiles_get_errors_naming_the_line() {
+        let deep = format!(
+            "FROM base\nENV X={}x{}\n",
+            "${a:-".repeat(3000),
+            "}".repeat(3000)
+        );
+        let e = conv(&deep, ConvertOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Dockerfile:2") && e.contains("nested deeper"),
+            "{e}"
+        );
+        let mut doubling = String::from(
+            "FROM base\nARG a0=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n",
+        );
+        for i in 1..40 {
+            doubling += &format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1);
+        }
+        doubling += "RUN true\n";
+        let e = conv(&doubling, ConvertOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1 MiB"), "{e}");
+    }
+
+    #[test]
+    fn ten_thousand_env_lines_convert_and_keep_their_order() {
+        let mut text = String::from("FROM base\n");
+        for i in 0..10_000 {
+            text += &format!("ENV V{i}=${{BASE}}{i}\n");
+        }
+        text += "ENV BASE=2 V1=$BASE\n";
+        let c = conv(&text, ConvertOptions::default()).unwrap();
+        let env = &c.config.config.env;
+        assert_eq!(env.len(), 10_002);
+        assert_eq!(env[1], "BASE=2", "replaced in place");
+        assert_eq!(env[2], "V0=10");
+        assert_eq!(
+            env[3], "V1=1",
+            "an instruction sees the values from before it"
+        );
     }
 
     #[test]
