@@ -3,6 +3,7 @@
 //! ```toml
 //! root = "/var/lib/strata"
 //! address = "/run/strata/snapshotter.sock"
+//! group = ""         # socket mode 0660 for this group; empty: 0600, root only
 //! async_remove = false
 //!
 //! [log]
@@ -23,6 +24,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/snapshotter.toml";
 pub struct Config {
     pub root: PathBuf,
     pub address: PathBuf,
+    /// Group allowed to use the socket (mode 0660); empty: root only (0600).
+    pub group: String,
     pub async_remove: bool,
     pub log: Log,
     pub lazy: LazyConfig,
@@ -88,6 +91,7 @@ impl Default for Config {
         Config {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
+            group: String::new(),
             async_remove: false,
             log: Log::default(),
             lazy: LazyConfig::default(),

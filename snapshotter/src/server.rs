@@ -1,6 +1,6 @@
 //! Serving the gRPC API on a unix socket until SIGTERM or SIGINT.
 
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,7 +14,10 @@ use crate::service::Service;
 use crate::snapshots::Snapshots;
 
 /// Binds `address`, replacing a stale socket left by a dead daemon but never one that answers.
-async fn bind(address: &Path) -> anyhow::Result<UnixListener> {
+/// The socket is bound under a temporary name, given mode 0600 (0660 and the group `group` when
+/// one is set) and then renamed into place, so its path is never open to other users, whatever
+/// the umask.
+async fn bind(address: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -26,8 +29,6 @@ async fn bind(address: &Path) -> anyhow::Result<UnixListener> {
                     address.display()
                 );
             }
-            std::fs::remove_file(address)
-                .with_context(|| format!("remove stale socket {}", address.display()))?;
         }
         Ok(_) => bail!(
             "{} exists and is not a socket: remove it or pass another --address",
@@ -35,7 +36,37 @@ async fn bind(address: &Path) -> anyhow::Result<UnixListener> {
         ),
         Err(_) => {}
     }
-    UnixListener::bind(address).with_context(|| format!("listen on {}", address.display()))
+    let staged = address.with_file_name(format!(
+        ".{}.{}",
+        address.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staged);
+    let listener =
+        UnixListener::bind(&staged).with_context(|| format!("listen on {}", staged.display()))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let restricted = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::os::unix::fs::chown(&staged, None, group))
+        .and_then(|()| std::fs::rename(&staged, address));
+    if let Err(e) = restricted {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e).with_context(|| format!("set up socket {}", address.display()));
+    }
+    Ok(listener)
+}
+
+/// The gid of `group` (a name or a number); `None` for "".
+pub fn socket_group(group: &str) -> anyhow::Result<Option<u32>> {
+    if group.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(Some(gid));
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+        _ => bail!("socket group {group:?} does not exist: create it (groupadd {group}) or leave `group` empty for a root-only socket"),
+    }
 }
 
 /// Serves `snapshots` on `address` until a termination signal, then removes the socket.
@@ -43,8 +74,9 @@ pub async fn serve(
     snapshots: Arc<Snapshots>,
     lazy: Option<Arc<crate::lazy::remote::Lazy>>,
     address: &Path,
+    group: Option<u32>,
 ) -> anyhow::Result<()> {
-    let listener = bind(address).await?;
+    let listener = bind(address, group).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {

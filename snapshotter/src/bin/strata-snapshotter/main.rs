@@ -30,6 +30,7 @@ Lazy pulls (zstd:chunked or eStargz layers mounted from the registry over FUSE):
 Config file (TOML; flags override it):
   root = "/var/lib/strata"
   address = "/run/strata/snapshotter.sock"
+  group = ""                    # socket 0660 for this group; empty: 0600, root only
   async_remove = false          # true: Remove drops metadata only, Cleanup reclaims disk
   [log]
   level = "info"                # or a filter such as "strata_snapshotter=debug"
@@ -56,6 +57,9 @@ struct Cli {
     /// Unix socket to serve containerd's Snapshots API on [default: /run/strata/snapshotter.sock]
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
+    /// Group allowed to use the socket (mode 0660) [default: none: mode 0600, root only]
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// TOML config file; a missing file is an error only when given explicitly
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -157,6 +161,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(address) = cli.address {
         config.address = address;
     }
+    if let Some(group) = cli.group {
+        config.group = group;
+    }
     if let Some(level) = cli.log_level.or_else(|| std::env::var("RUST_LOG").ok()) {
         config.log.level = level;
     }
@@ -241,6 +248,7 @@ fn main() -> anyhow::Result<()> {
         Arc::new(snapshots),
         config.lazy.enabled.then_some(lazy),
         &config.address,
+        server::socket_group(&config.group)?,
     ))
 }
 
