@@ -100,6 +100,14 @@ impl ContentStore {
             .map_err(|_| ContentError::Missing(digest.clone()))
     }
 
+    /// Deletes a blob (one that a refused import brought in); a missing blob is no error.
+    pub fn remove(&self, digest: &Digest) -> Result<(), ContentError> {
+        match fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&self.root)(e)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn read(&self, digest: &Digest) -> Result<Vec<u8>, ContentError> {
         fs::read(self.path(digest)).map_err(|_| ContentError::Missing(digest.clone()))
     }

@@ -132,13 +132,25 @@ pub enum OciError {
     },
     #[error("OCI layout archive: {0}")]
     Archive(String),
+    #[error("image refused: {0}")]
+    Invalid(String),
 }
+
+/// The largest manifest, index or config read into memory (containerd's limit for manifests).
+pub const MAX_JSON_BLOB: u64 = 4 << 20;
 
 /// Reads a JSON blob of type `T` from the store.
 pub fn read_json<T: serde::de::DeserializeOwned>(
     store: &ContentStore,
     digest: &Digest,
 ) -> Result<T, OciError> {
+    let size = store.size(digest)?;
+    if size > MAX_JSON_BLOB {
+        return Err(OciError::Invalid(format!(
+            "blob {digest} is {size} bytes, more than the {} MiB a manifest, index or config may have",
+            MAX_JSON_BLOB >> 20
+        )));
+    }
     let bytes = store.read(digest)?;
     serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
         what: format!("blob {digest}"),
@@ -228,39 +240,24 @@ pub fn read_layout_archive(
     store: &ContentStore,
     input: impl Read,
 ) -> Result<Vec<LayoutImage>, OciError> {
-    let mut archive = tar::Archive::new(input);
-    let mut index: Option<Index> = None;
-    for entry in archive
-        .entries()
-        .map_err(|e| OciError::Archive(e.to_string()))?
-    {
-        let mut e = entry.map_err(|e| OciError::Archive(e.to_string()))?;
-        let path = e
-            .path()
-            .map_err(|e| OciError::Archive(e.to_string()))?
-            .display()
-            .to_string();
-        let path = path.trim_start_matches("./").to_string();
-        if path == "index.json" {
-            let mut buf = Vec::new();
-            e.read_to_end(&mut buf)
-                .map_err(|e| OciError::Archive(e.to_string()))?;
-            index = Some(
-                serde_json::from_slice(&buf).map_err(|source| OciError::Json {
-                    what: "index.json".into(),
-                    source,
-                })?,
-            );
-        } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
-            if hex.is_empty() {
-                continue;
-            }
-            let digest = Digest::parse(&format!("sha256:{hex}"))?;
-            store.put_reader(&mut e, Some(&digest))?;
+    let mut added = Vec::new();
+    let result = read_archive_blobs(store, input, &mut added).and_then(|index| {
+        for m in &index.manifests {
+            check_name(m)?;
+            walk_image(store, m, &mut |d| check_blob(store, d))?;
         }
-    }
-    let index =
-        index.ok_or_else(|| OciError::Archive("no index.json: not an OCI image layout".into()))?;
+        Ok(index)
+    });
+    let index = match result {
+        Ok(index) => index,
+        Err(e) => {
+            // Refused: leave the store as it was.
+            for d in &added {
+                let _ = store.remove(d);
+            }
+            return Err(e);
+        }
+    };
     Ok(index
         .manifests
         .into_iter()
@@ -273,6 +270,109 @@ pub fn read_layout_archive(
             manifest: m,
         })
         .collect())
+}
+
+/// Stores every `blobs/sha256/*` of the archive (each checked against its name), recording the
+/// ones that were not in the store before in `added`; returns the archive's `index.json`.
+fn read_archive_blobs(
+    store: &ContentStore,
+    input: impl Read,
+    added: &mut Vec<Digest>,
+) -> Result<Index, OciError> {
+    let mut archive = tar::Archive::new(input);
+    let mut index: Option<Index> = None;
+    let bad = |e: std::io::Error| OciError::Archive(e.to_string());
+    for entry in archive.entries().map_err(bad)? {
+        let mut e = entry.map_err(bad)?;
+        let path = e.path().map_err(bad)?.display().to_string();
+        let path = path.trim_start_matches("./").to_string();
+        if path == "index.json" {
+            let mut buf = Vec::new();
+            (&mut e)
+                .take(MAX_JSON_BLOB + 1)
+                .read_to_end(&mut buf)
+                .map_err(bad)?;
+            index = Some(
+                serde_json::from_slice(&buf).map_err(|source| OciError::Json {
+                    what: "index.json".into(),
+                    source,
+                })?,
+            );
+        } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+            if hex.is_empty() {
+                continue;
+            }
+            let digest = Digest::parse(&format!("sha256:{hex}"))?;
+            if !store.has(&digest) {
+                added.push(digest.clone());
+            }
+            store.put_reader(&mut e, Some(&digest))?;
+        }
+    }
+    index.ok_or_else(|| OciError::Archive("no index.json: not an OCI image layout".into()))
+}
+
+/// The image name an index entry carries (a reference, or a bare tag) is one: never a path trick
+/// or control characters that would reach a terminal.
+fn check_name(m: &Descriptor) -> Result<(), OciError> {
+    for key in [ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME] {
+        if let Some(n) = m.annotations.get(key) {
+            if !crate::registry::valid_tag(n) && crate::registry::Reference::parse(n).is_err() {
+                return Err(OciError::Invalid(format!(
+                    "its name {:?} is not a valid image reference",
+                    n.escape_debug().to_string()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The blob `d` describes is in the store with the size `d` gives.
+fn check_blob(store: &ContentStore, d: &Descriptor) -> Result<(), OciError> {
+    let digest = Digest::parse(&d.digest)?;
+    let size = store.size(&digest).map_err(|_| {
+        OciError::Invalid(format!(
+            "it names blob {} ({}), which it does not contain",
+            d.digest, d.media_type
+        ))
+    })?;
+    if size != d.size {
+        return Err(OciError::Invalid(format!(
+            "its descriptor of blob {} says {} bytes, the blob has {size}",
+            d.digest, d.size
+        )));
+    }
+    Ok(())
+}
+
+/// Visits every descriptor the image `m` reaches (an index's manifests, each manifest's config
+/// and layers), calling `blob` on each before reading it.
+fn walk_image(
+    store: &ContentStore,
+    m: &Descriptor,
+    blob: &mut dyn FnMut(&Descriptor) -> Result<(), OciError>,
+) -> Result<(), OciError> {
+    blob(m)?;
+    let value: serde_json::Value = read_json(store, &Digest::parse(&m.digest)?)?;
+    let manifests: Vec<Descriptor> = match value.get("manifests") {
+        Some(list) => serde_json::from_value(list.clone()).map_err(|source| OciError::Json {
+            what: format!("index {}", m.digest),
+            source,
+        })?,
+        None => vec![m.clone()],
+    };
+    for child in &manifests {
+        if child.digest != m.digest {
+            blob(child)?;
+        }
+        let man: Manifest = read_json(store, &Digest::parse(&child.digest)?)?;
+        blob(&man.config)?;
+        for l in &man.layers {
+            blob(l)?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads an OCI image layout directory (`oci-layout`, `index.json`, `blobs/`) into `store`,
@@ -292,36 +392,18 @@ pub fn read_layout_dir(
         what: index_path.display().to_string(),
         source,
     })?;
-    let blob = |d: &str| -> Result<(), OciError> {
-        let digest = Digest::parse(d)?;
+    let mut blob = |d: &Descriptor| -> Result<(), OciError> {
+        let digest = Digest::parse(&d.digest)?;
         if !store.has(&digest) {
             let f = std::fs::File::open(dir.join("blobs/sha256").join(digest.hex()))
-                .map_err(|e| OciError::Archive(format!("blob {d}: {e}")))?;
+                .map_err(|e| OciError::Archive(format!("blob {}: {e}", d.digest)))?;
             store.put_reader(f, Some(&digest))?;
         }
-        Ok(())
+        check_blob(store, d)
     };
     let mut images = Vec::new();
     for m in index.manifests {
-        blob(&m.digest)?;
-        let value: serde_json::Value = read_json(store, &Digest::parse(&m.digest)?)?;
-        let manifests: Vec<Descriptor> = match value.get("manifests") {
-            Some(list) => {
-                serde_json::from_value(list.clone()).map_err(|source| OciError::Json {
-                    what: format!("index {}", m.digest),
-                    source,
-                })?
-            }
-            None => vec![m.clone()],
-        };
-        for child in &manifests {
-            blob(&child.digest)?;
-            let man: Manifest = read_json(store, &Digest::parse(&child.digest)?)?;
-            blob(&man.config.digest)?;
-            for l in &man.layers {
-                blob(&l.digest)?;
-            }
-        }
+        walk_image(store, &m, &mut blob)?;
         images.push(LayoutImage {
             name: m
                 .annotations

@@ -78,8 +78,9 @@ impl Reference {
         } else {
             ("docker.io".to_string(), format!("library/{name}"))
         };
-        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c);
-        if repository.is_empty() || !repository.chars().all(valid) {
+        let tag_ok = tag.as_deref().is_none_or(valid_tag);
+        if s.len() > 255 || !valid_repository(&repository) || !valid_registry(&registry) || !tag_ok
+        {
             return Err(bad());
         }
         let tag = if tag.is_none() && digest.is_none() {
@@ -109,6 +110,41 @@ impl Reference {
             ..self.clone()
         }
     }
+}
+
+/// `a/b-c/d.e`: components of lowercase letters and digits joined by `.`, `_`, `__` or dashes,
+/// as the distribution spec allows (so never `..`, never empty, never a control character).
+fn valid_repository(r: &str) -> bool {
+    r.split('/').all(|c| {
+        let b = c.as_bytes();
+        let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+        !b.is_empty()
+            && alnum(&b[0])
+            && alnum(&b[b.len() - 1])
+            && b.iter().all(|x| alnum(x) || b"._-".contains(x))
+            && !c.contains("..")
+            && !c.contains("___")
+            && !c.contains("._")
+            && !c.contains("_.")
+    })
+}
+
+/// A tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub(crate) fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|x| x.is_ascii_alphanumeric() || b"_.-".contains(x))
+}
+
+/// A registry host: letters, digits, `.`, `-`, an optional `:port`, or a bracketed IPv6 address.
+fn valid_registry(r: &str) -> bool {
+    !r.is_empty()
+        && !r.contains("..")
+        && r.bytes()
+            .all(|x| x.is_ascii_alphanumeric() || b".-:[]".contains(&x))
 }
 
 impl std::fmt::Display for Reference {
@@ -552,6 +588,21 @@ mod tests {
         );
         assert_eq!(r.to_string(), format!("localhost/app@{d}"));
         assert!(Reference::parse("UPPER/case").is_err());
+        for bad in [
+            "../x",
+            "a/../b",
+            "a/./b",
+            "a\nb:1",
+            "app:\u{1b}[31mred",
+            "app:../x",
+            "app:",
+            "a//b",
+            "-a",
+            "reg.example/app:v1\r",
+        ] {
+            assert!(Reference::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Reference::parse("reg.example:5000/a_b/c-d.e__f:v1.2-x_y").is_ok());
         assert!(Reference::parse("app@sha256:short").is_err());
     }
 

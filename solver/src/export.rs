@@ -63,6 +63,9 @@ impl Output {
                 }
             }
         }
+        if let Some(n) = &name {
+            crate::worker::images::checked_name(n).map_err(|e| format!("--output name: {e}"))?;
+        }
         match kind.as_deref() {
             Some("oci") => Ok(Output::Oci {
                 dest: dest.ok_or("--output type=oci needs dest=FILE.tar")?,

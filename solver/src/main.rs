@@ -286,6 +286,9 @@ async fn build(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
         .iter()
         .map(|o| Output::parse(o).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
+    for t in &args.tags {
+        strata_solver::worker::images::checked_name(t).map_err(|e| anyhow::anyhow!("-t {e}"))?;
+    }
     // An OCI archive without a name= is named like the first -t.
     for o in &mut outputs {
         if let Output::Oci {
@@ -563,10 +566,12 @@ fn main() -> anyhow::Result<()> {
                     .manifest(&img.name)
                     .map(|(_, m)| m.layers.iter().map(|l| l.size).sum::<u64>() + m.config.size)
                     .unwrap_or(0);
+                // Names are checked at load; records from before that are printed escaped.
+                let digest: String = img.manifest.digest.chars().take(19).collect();
                 println!(
                     "{:<60} {:<20} {:>10}",
-                    img.name,
-                    &img.manifest.digest[..19.min(img.manifest.digest.len())],
+                    img.name.escape_debug().to_string(),
+                    digest.escape_debug().to_string(),
                     human(size)
                 );
             }

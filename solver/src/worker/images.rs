@@ -45,6 +45,20 @@ pub fn normalize(reference: &str) -> String {
     format!("{full}{suffix}")
 }
 
+/// `name` normalized (`docker.io/library/...:latest`), or why it is no image reference: names
+/// from archives and flags are checked before they are stored or printed (no `..`, no control
+/// characters, the distribution spec's grammar).
+pub fn checked_name(name: &str) -> Result<String, String> {
+    strata_snapshotter::registry::Reference::parse(name)
+        .map(|r| r.to_string())
+        .map_err(|_| {
+            format!(
+                "{:?} is not a valid image reference (lowercase name components, a tag of letters, digits, '_', '.', '-')",
+                name.escape_debug().to_string()
+            )
+        })
+}
+
 /// A reader that hashes what passes through it.
 struct Hashing<R> {
     inner: R,
@@ -60,39 +74,41 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 impl Worker {
-    /// Loads an OCI image layout archive; returns the names it stored.
+    /// Loads an OCI image layout archive; returns the names it stored. An archive with a bad
+    /// name, a missing blob or a wrong size is refused whole: no image and no blob of it is kept.
     pub fn load_archive(&self, path: &Path) -> Result<Vec<String>, WorkerError> {
         let f = std::fs::File::open(path)
             .map_err(|e| WorkerError::Image(format!("open {}: {e}", path.display())))?;
-        let images = oci::read_layout_archive(&self.content, f)?;
-        let mut names = Vec::new();
+        let images = oci::read_layout_archive(&self.content, f)
+            .map_err(|e| WorkerError::Image(format!("{}: {e}", path.display())))?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let mut records = Vec::new();
         for img in images {
             let name = match img.name {
-                Some(n) if n.contains('/') || n.contains(':') && !n.starts_with(':') => {
-                    normalize(&n)
-                }
-                Some(tag) => normalize(&format!(
-                    "{}:{tag}",
-                    path.file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "image".into())
-                )),
+                Some(n) if n.contains('/') || n.contains(':') && !n.starts_with(':') => n,
+                Some(tag) => format!("{stem}:{tag}"),
                 None => continue,
             };
-            self.db.put_image(&ImageRecord {
-                name: name.clone(),
+            records.push(ImageRecord {
+                name: checked_name(&name)
+                    .map_err(|e| WorkerError::Image(format!("{}: {e}", path.display())))?,
                 manifest: img.manifest,
                 created: now(),
-            })?;
-            names.push(name);
+            });
         }
-        if names.is_empty() {
+        if records.is_empty() {
             return Err(WorkerError::Image(format!(
                 "{}: no named image in the archive's index.json",
                 path.display()
             )));
         }
-        Ok(names)
+        for r in &records {
+            self.db.put_image(r)?;
+        }
+        Ok(records.into_iter().map(|r| r.name).collect())
     }
 
     /// Loads the image tagged `tag` (or the only one) of the OCI layout directory `dir` and names
