@@ -345,3 +345,29 @@ fn bad_mounts_are_refused_with_clear_messages() {
     );
     let _ = MetadataExt::uid(&fs::metadata(s.path()).unwrap());
 }
+
+/// Inputs that used to get runc's or a misleading message get one naming the problem and the fix.
+#[test]
+fn mistakes_get_messages_that_name_the_fix() {
+    let s = Strata::new();
+    s.dockerfile("FROM busybox\nRUN --mount=type=cache,target=/ true\n");
+    let b = s.build(&[]);
+    assert!(
+        !b.ok && b.progress.contains("cannot replace the root filesystem"),
+        "{}",
+        b.progress
+    );
+    fs::write(
+        s.ctx.path().join("Dockerfile"),
+        b"FROM busybox\nRUN echo \xff\xfe\n",
+    )
+    .unwrap();
+    let b = s.build(&[]);
+    assert!(
+        !b.ok
+            && b.progress.contains(":2: not UTF-8 text")
+            && !b.progress.contains("add a Dockerfile"),
+        "{}",
+        b.progress
+    );
+}

@@ -180,9 +180,18 @@ fn read_dockerfile(f: &FrontendArgs) -> anyhow::Result<(PathBuf, String)> {
         .file
         .clone()
         .unwrap_or_else(|| f.context.join("Dockerfile"));
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read Dockerfile {}: pass -f FILE or add a Dockerfile to the context",
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "no Dockerfile at {}: pass -f FILE or add a Dockerfile to the context",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("cannot read Dockerfile {}: {e}", path.display()),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        anyhow::anyhow!(
+            "Dockerfile {}:{line}: not UTF-8 text (invalid byte at offset {at}); save it as UTF-8",
             path.display()
         )
     })?;

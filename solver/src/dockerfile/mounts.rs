@@ -259,6 +259,16 @@ pub fn parse(
             TYPES[kind as usize]
         ));
     }
+    if let Some(t) = m
+        .target
+        .as_deref()
+        .filter(|t| crate::pattern::clean(t).is_empty())
+    {
+        return Err(format!(
+            "--mount type={} target={t}: a mount cannot replace the root filesystem; mount it at a directory such as /cache",
+            TYPES[kind as usize]
+        ));
+    }
     if matches!(kind, Kind::Secret | Kind::Ssh) {
         // For secrets and ssh, source is another name for id.
         match (&m.id, m.source.take()) {
@@ -310,6 +320,13 @@ mod tests {
 
     #[test]
     fn mistakes() {
+        for root in ["/", "//", "/.", "/a/.."] {
+            let e = p(&format!("type=cache,target={root}")).unwrap_err();
+            assert!(
+                e.contains("cannot replace the root filesystem"),
+                "{root}: {e}"
+            );
+        }
         assert!(p("type=cahce,target=/x")
             .unwrap_err()
             .contains("did you mean cache?"));
