@@ -114,6 +114,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .expect("ctr is missing: install Debian's containerd (scripts/test does)")
     }
 
+    /// Waits (10 s at most) until containerd reaches the proxy snapshotter `name` again: after a
+    /// snapshotter restart its client backs off for up to 3 s.
+    pub fn wait_for_snapshotter(&self, name: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = self.try_ctr(&["snapshots", "--snapshotter", name, "ls"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd does not reach snapshotter {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Runs `ctr`, panicking with its output unless it succeeds; returns stdout.
     pub fn ctr(&self, args: &[&str]) -> String {
         let out = self.try_ctr(args);

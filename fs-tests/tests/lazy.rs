@@ -776,3 +776,112 @@ fn a_prefetch_list_puts_its_files_first_and_the_image_stays_valid() {
         assert_eq!(s2.sums[&path], sum, "{path}");
     }
 }
+
+/// The layer servers and the snapshotter killed with SIGKILL at random points while containers
+/// read and the background fetch runs, five times: after each restart the layers are remounted,
+/// every file in the chunk cache is named by the sha256 of its content (nothing partial or
+/// unverified was kept), and a container reads every file with its original content.
+#[test]
+fn servers_killed_while_fetching_never_serve_an_unverified_byte() {
+    use rand::{Rng, SeedableRng};
+    let s = setup(300, 3, 3 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(s.dir.path(), "background_fetch = true\n");
+    let mut d = Daemon::start_in_with(dir.path(), &["--config", &cfg]);
+    let c = Containerd::start(&d.socket);
+    pull_lazy(&c, &s.lazy_ref);
+    let seed: u64 = rand::thread_rng().gen();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let read_all = "find /data -type f | sort | xargs sha256sum";
+    for round in 0..5 {
+        let reader = {
+            let (addr, ns, image) = (c.address.clone(), c.namespace.clone(), s.lazy_ref.clone());
+            std::thread::spawn(move || {
+                Command::new("ctr")
+                    .arg("--address")
+                    .arg(&addr)
+                    .args(["--namespace", &ns])
+                    .args([
+                        "run",
+                        "--rm",
+                        "--snapshotter",
+                        "strata",
+                        &image,
+                        &format!("r{round}"),
+                        "sh",
+                        "-c",
+                        read_all,
+                    ])
+                    .output()
+                    .unwrap()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(100..2500)));
+        let servers = serve_layer_pids(&d.root);
+        for pid in &servers {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        d.kill9();
+        let _ = reader.join().unwrap(); // it may fail: its layers' servers died under it
+        d.start_again();
+        eprintln!(
+            "seed {seed} round {round}: killed {} layer servers",
+            servers.len()
+        );
+        assert!(
+            serve_layer_pids(&d.root).len() >= servers.len(),
+            "seed {seed}: the killed layer servers were not started again"
+        );
+        c.wait_for_snapshotter("strata");
+        assert_cache_verified(&d.root);
+    }
+    let out = ctr_run(&c, &s.lazy_ref, "final", &["sh", "-c", read_all]);
+    assert_eq!(
+        sums_of(&out),
+        s.sums,
+        "seed {seed}: content after the kills"
+    );
+    assert_cache_verified(&d.root);
+}
+
+/// The pids of the `serve-layer` processes of the snapshotter whose root is `root`.
+fn serve_layer_pids(root: &Path) -> Vec<i32> {
+    let want = root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("serve-layer") && cmd.contains(&want)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Every file of the chunk cache (temporary files aside) hashes to its name.
+fn assert_cache_verified(root: &Path) {
+    let cache = root.join("lazy/chunks");
+    let mut checked = 0;
+    for e in std::fs::read_dir(&cache).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let data = std::fs::read(e.path()).unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(&data)),
+            name,
+            "cache file {name}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > 0,
+        "nothing in the chunk cache at {}",
+        cache.display()
+    );
+}

@@ -148,8 +148,9 @@ pub fn is_mounted(path: &Path) -> bool {
     let listed = text
         .lines()
         .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want));
-    // A dead FUSE server leaves the mount listed but answering ENOTCONN.
-    listed && std::fs::metadata(path).is_ok()
+    // A dead FUSE server leaves the mount listed but answering ENOTCONN. Ask with statfs, which
+    // always reaches the server: a stat can be answered from the kernel's attribute cache.
+    listed && nix::sys::statfs::statfs(path).is_ok()
 }
 
 /// Stops serving the lazy layer of snapshot directory `dir` (if it is one): detaches its mount

@@ -217,6 +217,7 @@ impl Lazy {
             }
             let fs = dir.join("fs");
             if is_mounted(&fs) {
+                tracing::debug!(key = %snap.key, "lazy layer still served");
                 continue;
             }
             super::detach(&dir);
