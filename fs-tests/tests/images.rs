@@ -8,8 +8,10 @@ use std::path::Path;
 use strata_fs_tests::image::{busybox_layer, write_oci_archive};
 use strata_fs_tests::strata::Strata;
 
-/// The archive's entries by path.
-fn entries(archive: &Path) -> BTreeMap<String, Vec<u8>> {
+/// An archive's entries by path.
+type Entries = BTreeMap<String, Vec<u8>>;
+
+fn entries(archive: &Path) -> Entries {
     let mut out = BTreeMap::new();
     let mut a = tar::Archive::new(std::fs::File::open(archive).unwrap());
     for e in a.entries().unwrap() {
@@ -21,7 +23,7 @@ fn entries(archive: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn write(archive: &Path, entries: &BTreeMap<String, Vec<u8>>) {
+fn write(archive: &Path, entries: &Entries) {
     let mut b = tar::Builder::new(std::fs::File::create(archive).unwrap());
     for (path, data) in entries {
         let mut h = tar::Header::new_ustar();
@@ -68,11 +70,11 @@ fn broken_or_hostile_archives_are_refused_and_store_nothing() {
     };
     let mut missing = base.clone();
     missing.remove(&format!("blobs/sha256/{layer_hex}"));
-    let cases: Vec<(&str, BTreeMap<String, Vec<u8>>, &str)> = vec![
+    let cases: Vec<(&str, Entries, String)> = vec![
         (
             "missing-blob",
             missing,
-            &*format!("names blob sha256:{layer_hex}").leak(),
+            format!("names blob sha256:{layer_hex}"),
         ),
         (
             "wrong-size",
@@ -80,29 +82,29 @@ fn broken_or_hostile_archives_are_refused_and_store_nothing() {
                 let n = i["manifests"][0]["size"].as_u64().unwrap();
                 i["manifests"][0]["size"] = (n + 1).into();
             }),
-            "bytes, the blob has",
+            "bytes, the blob has".into(),
         ),
         (
             "dotdot-name",
             name("../../evil:1"),
-            "not a valid image reference",
+            "not a valid image reference".into(),
         ),
         (
             "newline-name",
             name("localhost/app\nevil:1"),
-            "not a valid image reference",
+            "not a valid image reference".into(),
         ),
         (
             "escape-name",
             name("localhost/app:\u{1b}[2J"),
-            "not a valid image reference",
+            "not a valid image reference".into(),
         ),
         (
             "non-hex-digest",
             with_index(&|i| {
                 i["manifests"][0]["digest"] = format!("sha256:{}", "Z".repeat(64)).into();
             }),
-            "is not a sha256 digest",
+            "is not a sha256 digest".into(),
         ),
     ];
     let before = blob_count(&s);
@@ -112,7 +114,7 @@ fn broken_or_hostile_archives_are_refused_and_store_nothing() {
         let out = s.run(&["images", "load", archive.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: loaded");
-        assert!(err.contains(message), "{what}: {err}");
+        assert!(err.contains(&message), "{what}: {err}");
         assert!(!err.contains('\u{1b}'), "{what}: escape printed: {err:?}");
         assert_eq!(blob_count(&s), before, "{what}: blobs kept after refusal");
     }
