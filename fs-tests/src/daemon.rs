@@ -159,15 +159,40 @@ impl Daemon {
             .args(["status", "--prometheus"])
             .output()
             .expect("run strata-snapshotter status");
+        assert!(
+            out.status.success(),
+            "strata-snapshotter status --prometheus failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
-/// The sum over all layers of metric `name` in Prometheus text `text`.
+/// The sum over all layers of metric `name` in Prometheus text `text`. Fails closed: a name with
+/// no sample (renamed, misspelt, no layer) or a sample that is not a number panics, so that
+/// "0 failures" can only come from a metric that was really read.
 pub fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .collect();
+    assert!(
+        !samples.is_empty(),
+        "no sample of metric {name} in:\n{text}"
+    );
+    samples
+        .iter()
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("metric sample {l:?} is not a number"))
+        })
         .sum()
 }
 

@@ -483,7 +483,52 @@ fn dockerignore_and_heredocs() {
 fn ctrl_c_kills_the_step_and_leaves_a_working_store() {
     let s = Strata::new();
     s.dockerfile("FROM busybox\nRUN echo started; sleep 60\n");
-    let child = std::process::Command::new(strata_fs_tests::workspace_bin("strata"))
+    let (mut child, mut stderr, mut progress) = build_until_started(&s);
+    let runtime_root = s.root.path().join("build/runtime");
+    let runc_list = || {
+        let out = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        !runc_list().is_empty(),
+        "the step's container runs before the interrupt"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut progress).unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert!(progress.contains("cancelled"), "{progress}");
+    // No container, mount or temporary snapshot is left behind.
+    assert!(runc_list().is_empty(), "containers left: {}", runc_list());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(s.root.path().to_str().unwrap()),
+        "mounts left under the root"
+    );
+    // The same build runs the step again (no cache record was written for it): it starts.
+    let (mut again, _, _) = build_until_started(&s);
+    again.kill().unwrap();
+    again.wait().unwrap();
+}
+
+/// Starts `strata build` of the context and returns once its step printed "started": the child,
+/// the rest of its progress stream, and the progress so far.
+fn build_until_started(
+    s: &Strata,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+    String,
+) {
+    let mut child = std::process::Command::new(strata_fs_tests::workspace_bin("strata"))
         .arg("--root")
         .arg(s.root.path())
         .args(["build", "--progress", "plain"])
@@ -491,37 +536,20 @@ fn ctrl_c_kills_the_step_and_leaves_a_working_store() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(progress.contains("cancelled"), "{progress}");
-    // No container, mount or temporary snapshot is left behind.
-    let runtime_root = s.root.path().join("build/runtime");
-    let list = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(&runtime_root)
-        .args(["list", "-q"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&list.stdout).trim().is_empty(),
-        "containers left: {}",
-        String::from_utf8_lossy(&list.stdout)
-    );
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(s.root.path().to_str().unwrap()),
-        "mounts left under the root"
-    );
-    // The next build works and runs the step (no cache record was written for it).
-    s.dockerfile("FROM busybox\nRUN echo started; sleep 0\n");
-    s.build_ok(&[]);
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut progress = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(
+            n > 0,
+            "the build ended before its step started:\n{progress}"
+        );
+        progress.push_str(&line);
+        if line.trim_end().ends_with(" started") {
+            return (child, stderr, progress);
+        }
+    }
 }
 
 #[test]

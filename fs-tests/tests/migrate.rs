@@ -8,15 +8,38 @@ use std::process::Command;
 use strata_fs_tests::attr_layer;
 use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper, overlay_v1_fixture};
 
-/// Every entry under `root` with its size, mode and mtime: to prove a command wrote nothing.
-fn listing(root: &Path) -> BTreeMap<String, (u64, u32, i64)> {
+/// Every entry under `root` with its size, mode, owner, mtime to the nanosecond, xattrs,
+/// symlink target and content hash: to prove a command wrote nothing.
+fn listing(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let Ok(m) = std::fs::symlink_metadata(&p) else {
             continue;
         };
-        out.insert(p.display().to_string(), (m.len(), m.mode(), m.mtime()));
+        let content = if m.is_file() {
+            let mut h = <sha2::Sha256 as sha2::Digest>::new();
+            std::io::copy(&mut std::fs::File::open(&p).unwrap(), &mut h).unwrap();
+            hex::encode(sha2::Digest::finalize(h))
+        } else {
+            String::new()
+        };
+        let xattrs: Vec<_> = xattr::list(&p)
+            .unwrap()
+            .map(|k| (k.clone(), xattr::get(&p, &k).unwrap()))
+            .collect();
+        let entry = format!(
+            "{} {:o} {}:{} {}.{:09} {:?} {:?} {content}",
+            m.len(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.mtime(),
+            m.mtime_nsec(),
+            xattrs,
+            std::fs::read_link(&p).ok()
+        );
+        out.insert(p.display().to_string(), entry);
         if m.is_dir() {
             for e in std::fs::read_dir(&p).unwrap().flatten() {
                 stack.push(e.path());

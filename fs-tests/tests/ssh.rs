@@ -103,20 +103,15 @@ fn key_files_are_served_by_strata_and_sign_in_the_step() {
         "{}",
         b.progress
     );
-    // The key never reaches the image or the cache.
-    let private = std::fs::read(&ed).unwrap();
+    // The key never reaches the image or the cache: neither its private scalar's raw bytes nor
+    // the base64 text that encodes them in the key file.
     let (_, out) = s.build_local(&["--ssh", &format!("deploy={ed}")]);
-    let found = Command::new("grep")
-        .args(["-rlF", std::str::from_utf8(&private[40..90]).unwrap()])
-        .arg(out.path())
-        .arg(s.root.path())
-        .output()
-        .unwrap();
-    assert!(
-        found.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&found.stdout)
-    );
+    let needles = private_needles(&ed);
+    let mut scanned = 0;
+    for root in [out.path(), s.root.path()] {
+        scanned += assert_absent(root, &needles);
+    }
+    assert!(scanned > 10, "only {scanned} files scanned for the key");
 
     // A key with a passphrase, a missing file: refused with the fix.
     let locked = keygen(dir.path(), "locked", "ed25519", "secret-pass");
@@ -134,4 +129,68 @@ fn key_files_are_served_by_strata_and_sign_in_the_step() {
         "{}",
         b.progress
     );
+}
+
+/// Byte strings only this ed25519 key file holds: its 32-byte private seed, raw, and a piece of
+/// the key file's base64 text that encodes nothing but seed bytes.
+fn private_needles(key: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(key).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(lines.concat())
+        .unwrap();
+    // The private section holds: string pub (32), string priv (64: seed + pub), comment.
+    let at = body
+        .windows(4)
+        .rposition(|w| w == [0, 0, 0, 64])
+        .expect("an ed25519 private key of 64 bytes");
+    let seed = body[at + 4..at + 36].to_vec();
+    assert_eq!(
+        &body[at + 36..at + 68],
+        &body[at - 32..at],
+        "seed then public key"
+    );
+    // Base64 characters 4k.. encode bytes 3k..: take the whole groups inside the seed.
+    let first = (at + 4).div_ceil(3);
+    let last = (at + 36) / 3;
+    let joined = lines.concat();
+    let piece = joined[first * 4..last * 4].to_string();
+    let mut needles = vec![seed];
+    // In the file the text is wrapped: search the longest part of the piece on one line.
+    let line_len = lines[0].len();
+    let start = first * 4;
+    let split = (start / line_len + 1) * line_len;
+    let (a, b) = piece.split_at((split - start).min(piece.len()));
+    needles.push(if a.len() >= b.len() { a } else { b }.as_bytes().to_vec());
+    assert!(needles[1].len() >= 16, "base64 needle too short");
+    assert!(
+        text.as_bytes()
+            .windows(needles[1].len())
+            .any(|w| w == &needles[1][..]),
+        "the base64 needle must come from the key file itself"
+    );
+    needles
+}
+
+/// Asserts that no regular file under `root` contains a needle; returns how many were read.
+fn assert_absent(root: &Path, needles: &[Vec<u8>]) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            n += assert_absent(&e.path(), needles);
+        } else if ft.is_file() {
+            let data = std::fs::read(e.path()).unwrap();
+            for needle in needles {
+                assert!(
+                    !data.windows(needle.len()).any(|w| w == &needle[..]),
+                    "private key bytes found in {}",
+                    e.path().display()
+                );
+            }
+            n += 1;
+        }
+    }
+    n
 }

@@ -176,8 +176,10 @@ pub fn detach(dir: &Path) {
     }
 }
 
-/// The counters of every lazy layer under snapshotter root `root`: (layer digest, stats).
-pub fn layer_stats(root: &Path) -> Vec<(String, StatsSnapshot)> {
+/// The counters of every lazy layer under snapshotter root `root`: (layer digest, stats, or why
+/// they cannot be read). A served layer always has a `stats.json` (its server writes one before
+/// mounting), so a missing or corrupt one is reported, never read as zeros.
+pub fn layer_stats(root: &Path) -> Vec<(String, Result<StatsSnapshot, String>)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(root.join("snapshots")) else {
         return out;
@@ -187,12 +189,11 @@ pub fn layer_stats(root: &Path) -> Vec<(String, StatsSnapshot)> {
         let Ok(spec) = LayerSpec::load(&state) else {
             continue;
         };
-        let stats = std::fs::read(state.join("stats.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(StatsSnapshot {
-                total_bytes: spec.size,
-                ..Default::default()
+        let path = state.join("stats.json");
+        let stats = std::fs::read(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))
             });
         out.push((spec.digest, stats));
     }
@@ -247,8 +248,17 @@ pub fn prometheus(root: &Path, fell_back: u64) -> String {
             }
         ));
         for (digest, s) in &layers {
-            out.push_str(&format!("{name}{{layer=\"{digest}\"}} {}\n", get(s)));
+            if let Ok(s) = s {
+                out.push_str(&format!("{name}{{layer=\"{digest}\"}} {}\n", get(s)));
+            }
         }
+    }
+    out.push_str("# HELP strata_lazy_stats_unreadable Layers whose counters cannot be read (see status)\n# TYPE strata_lazy_stats_unreadable gauge\n");
+    for (digest, s) in &layers {
+        out.push_str(&format!(
+            "strata_lazy_stats_unreadable{{layer=\"{digest}\"}} {}\n",
+            u8::from(s.is_err())
+        ));
     }
     out.push_str(&format!(
         "# HELP strata_lazy_fallback_layers_total Layers that were neither zstd:chunked nor eStargz and were pulled whole\n# TYPE strata_lazy_fallback_layers_total counter\nstrata_lazy_fallback_layers_total {fell_back}\n"

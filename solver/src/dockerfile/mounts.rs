@@ -300,9 +300,18 @@ mod tests {
         let m =
             p("type=cache,dst=$HOME/.cache,sharing=locked,mode=0751,uid=1001,gid=1002").unwrap();
         assert_eq!(
-            (m.target.as_deref(), m.mode, m.uid),
-            (Some("/root/.cache"), Some(0o751), Some(1001))
+            (m.target.as_deref(), m.mode, m.uid, m.sharing.as_deref()),
+            (
+                Some("/root/.cache"),
+                Some(0o751),
+                Some(1001),
+                Some("locked")
+            )
         );
+        for sharing in ["shared", "private", "locked"] {
+            let m = p(&format!("type=cache,target=/c,sharing={sharing}")).unwrap();
+            assert_eq!(m.sharing.as_deref(), Some(sharing));
+        }
         let m = p("type=secret,id=tok,required,env=TOKEN").unwrap();
         assert!(m.required);
         assert_eq!(

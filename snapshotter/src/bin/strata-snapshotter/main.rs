@@ -253,11 +253,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
+    let layers = strata_snapshotter::lazy::layer_stats(root);
+    let unreadable = layers.iter().filter(|(_, s)| s.is_err()).count();
     if prometheus {
         print!("{}", strata_snapshotter::lazy::prometheus(root, 0));
+        if unreadable > 0 {
+            anyhow::bail!("{unreadable} lazy layers have no readable counters: run `strata-snapshotter status` for which");
+        }
         return Ok(());
     }
-    let layers = strata_snapshotter::lazy::layer_stats(root);
     if layers.is_empty() {
         println!("no lazy layers under {}", root.display());
         return Ok(());
@@ -273,6 +277,16 @@ fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
         "PASSTHROUGH"
     );
     for (digest, s) in layers {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                println!(
+                    "{:<20} counters unreadable: {e}",
+                    &digest[..19.min(digest.len())]
+                );
+                continue;
+            }
+        };
         let pct = if s.total_bytes > 0 {
             100.0 * s.fetched_bytes as f64 / s.total_bytes as f64
         } else {
@@ -288,6 +302,9 @@ fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
             s.fetch_errors,
             s.passthrough_opens
         );
+    }
+    if unreadable > 0 {
+        anyhow::bail!("{unreadable} lazy layers have no readable counters (above): their servers may have died; restart strata-snapshotter to remount them");
     }
     Ok(())
 }
