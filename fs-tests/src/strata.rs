@@ -139,6 +139,48 @@ impl Strata {
         }
     }
 
+    /// [`Strata::build`] that fails instead of hanging: a build still running after `limit` is
+    /// killed and reported as hung (a deadlock guard, not a speed check: pick a generous limit).
+    pub fn build_or_hang(&self, args: &[&str], limit: std::time::Duration) -> Build {
+        let mut child = Command::new(crate::workspace_bin("strata"))
+            .arg("--root")
+            .arg(self.root.path())
+            .args(["build", "--progress", "plain"])
+            .args(args)
+            .arg(self.ctx.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run strata build");
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text);
+            text
+        });
+        let deadline = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let progress = reader.join().unwrap();
+        assert!(
+            status.is_some(),
+            "the build hung for {limit:?}:\n{progress}"
+        );
+        Build {
+            ok: status.is_some_and(|s| s.success()),
+            progress,
+        }
+    }
+
     /// Builds and panics with the progress unless it succeeds.
     pub fn build_ok(&self, args: &[&str]) -> Build {
         let b = self.build(args);

@@ -298,7 +298,11 @@ fn sixteen_steps_with_nested_cache_mounts_do_not_deadlock() {
         df.push_str(&format!("COPY --from=s{i} /etc/passwd /h{i}\n"));
     }
     s.dockerfile(&df);
-    s.build_ok(&["--max-parallelism", "16"]);
+    let b = s.build_or_hang(
+        &["--max-parallelism", "16"],
+        std::time::Duration::from_secs(300),
+    );
+    assert!(b.ok, "{}", b.progress);
 }
 
 #[test]

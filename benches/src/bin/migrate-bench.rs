@@ -14,9 +14,15 @@ use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper};
 use strata_fs_tests::dockerd::Dockerd;
 use strata_fs_tests::strata::Strata;
 
-fn used_bytes(p: &Path) -> u64 {
-    let s = nix::sys::statvfs::statvfs(p).expect("statvfs");
-    (s.blocks() - s.blocks_free()) * s.fragment_size()
+/// Bytes this process and its reaped children have caused to be written to storage
+/// (`write_bytes` of /proc/self/io: the kernel adds a child's counters when it is waited for),
+/// so the delta around a migrate-tool run is what migrate-tool wrote, whatever else frees space.
+fn written_bytes() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").expect("read /proc/self/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("write_bytes in /proc/self/io")
 }
 
 fn tool(args: &[&str]) -> f64 {
@@ -87,7 +93,8 @@ fn run(driver: &str, total_mb: u64, layers: u64, convert: fn(&Path)) {
         .sum();
     convert(&root);
     let daemon_json = s.root.path().join("daemon.json");
-    let before = used_bytes(&root);
+    nix::unistd::sync();
+    let before = written_bytes();
     let migrate = tool(&[
         "migrate",
         "--data-root",
@@ -96,7 +103,7 @@ fn run(driver: &str, total_mb: u64, layers: u64, convert: fn(&Path)) {
         daemon_json.to_str().unwrap(),
         "--json",
     ]);
-    let written = used_bytes(&root).saturating_sub(before);
+    let written = written_bytes() - before;
     let verify = tool(&["verify", "--data-root", root.to_str().unwrap(), "--json"]);
     let mb = layer_bytes as f64 / 1e6;
     println!("{driver}: {layers} layers, {mb:.0} MB of layers");
