@@ -116,9 +116,12 @@ fn plan_reads_an_overlay_v1_data_root_and_writes_nothing() {
     let (ok, v, text) = plan(&root);
     assert!(ok, "{text}");
     assert_eq!(listing(&root), before, "plan must not write anything");
-    assert_eq!(v["images"], 2, "{text}");
-    assert_eq!(v["tags"], 2, "{text}");
-    assert_eq!(v["layers"], 3, "busybox and app's two RUN layers: {text}");
+    assert_eq!(v["images"], 3, "{text}");
+    assert_eq!(v["tags"], 3, "{text}");
+    assert_eq!(
+        v["layers"], 4,
+        "busybox, app's two RUN layers and the attribute layer: {text}"
+    );
     assert_eq!(v["containers"], 3, "{text}");
     assert!(
         v["bytes_to_write"].as_u64().unwrap() < v["layer_bytes"].as_u64().unwrap() / 10,
