@@ -19,12 +19,14 @@ use tonic::Code;
 const OPS: usize = 500;
 
 /// The errors a call may get because the daemon was killed under it: Unavailable, Cancelled, or
-/// the Unknown that tonic gives an HTTP/2 stream cut by the dying process. Any other error, and
+/// the Unknown ("transport error", "h2 protocol error: ...") that tonic gives a connection or
+/// HTTP/2 stream cut by the dying process. Any other error, and
 /// any error at all while no kill is in flight, is a real failure (Store, Io and Corrupt errors
 /// are `Internal`: they must never pass for a dropped connection).
 fn killed_under_it(status: &tonic::Status, kill_in_flight: bool) -> bool {
-    let cut_stream =
-        status.code() == Code::Unknown && status.message().starts_with("h2 protocol error");
+    let m = status.message();
+    let cut_stream = status.code() == Code::Unknown
+        && (m == "transport error" || m.starts_with("h2 protocol error"));
     kill_in_flight && (matches!(status.code(), Code::Unavailable | Code::Cancelled) || cut_stream)
 }
 
