@@ -521,6 +521,8 @@ fn ctrl_c_kills_the_step_and_leaves_a_working_store() {
 
 /// Starts `strata build` of the context and returns once its step printed "started": the child,
 /// the rest of its progress stream, and the progress so far.
+// The child is handed to the caller, who waits for it; clippy cannot follow the return.
+#[allow(clippy::zombie_processes)]
 fn build_until_started(
     s: &Strata,
 ) -> (
@@ -541,10 +543,10 @@ fn build_until_started(
     loop {
         let mut line = String::new();
         let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
-        assert!(
-            n > 0,
-            "the build ended before its step started:\n{progress}"
-        );
+        if n == 0 {
+            let status = child.wait().unwrap();
+            panic!("the build ended ({status}) before its step started:\n{progress}");
+        }
         progress.push_str(&line);
         if line.trim_end().ends_with(" started") {
             return (child, stderr, progress);
