@@ -189,21 +189,7 @@ fn journey(legacy: &str, convert: fn(&Path)) {
     let daemon_json = s.root.path().join("daemon.json");
     let source_before = listing(&root.join(legacy));
 
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    on_root_ok("migrate", &root, &daemon_json);
     let verify = tool(&["verify", "--data-root", root.to_str().unwrap()], &[]);
     assert!(
         verify.status.success(),
@@ -356,21 +342,7 @@ fn sigkill_after_every_step(legacy: &str, convert: fn(&Path)) {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    let out = tool(
-        &[
-            "rollback",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    on_root_ok("rollback", &root, &daemon_json);
     assert!(!root.join("overlay2").exists() && !root.join("image/overlay2").exists());
     for e in std::fs::read_dir(root.join("containers"))
         .unwrap()
@@ -424,16 +396,7 @@ fn deleted_devicemapper_devices_block_the_migration() {
         .replace("\"deleted\":false", "\"deleted\":true");
     std::fs::write(&meta, text).unwrap();
     let daemon_json = s.root.path().join("daemon.json");
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = on_root("migrate", &root, &daemon_json);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("marked deleted"),
@@ -442,20 +405,18 @@ fn deleted_devicemapper_devices_block_the_migration() {
     assert!(!root.join("overlay2").exists() && !daemon_json.exists());
 }
 
-fn migrate_ok(root: &Path, daemon_json: &Path) {
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
+/// `migrate-tool COMMAND --data-root ROOT --daemon-json JSON`.
+fn on_root(command: &str, root: &Path, daemon_json: &Path) -> std::process::Output {
+    let (root, json) = (root.to_str().unwrap(), daemon_json.to_str().unwrap());
+    tool(&[command, "--data-root", root, "--daemon-json", json], &[])
+}
+
+/// [`on_root`], which must succeed.
+fn on_root_ok(command: &str, root: &Path, daemon_json: &Path) {
+    let out = on_root(command, root, daemon_json);
     assert!(
         out.status.success(),
-        "{}",
+        "migrate-tool {command}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -467,7 +428,7 @@ fn verify_names_every_changed_attribute_and_cleanup_refuses() {
     let (s, mut d) = overlay_v1_fixture();
     d.stop();
     let root = d.data_root();
-    migrate_ok(&root, &s.root.path().join("daemon.json"));
+    on_root_ok("migrate", &root, &s.root.path().join("daemon.json"));
     let verify = || tool(&["verify", "--data-root", root.to_str().unwrap()], &[]);
     assert!(verify().status.success());
     let diff = attr_layer::files(&root, "overlay2", "overlay2", "/diff");
@@ -520,16 +481,7 @@ fn a_layer_path_through_a_symlink_is_refused() {
     std::fs::rename(layer.join("attrs"), outside.join("attrs")).unwrap();
     std::os::unix::fs::symlink(outside.join("attrs"), layer.join("attrs")).unwrap();
     let daemon_json = s.root.path().join("daemon.json");
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = on_root("migrate", &root, &daemon_json);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "migrated through a symlink: {err}");
     assert!(err.contains("attrs") && err.contains("symlink"), "{err}");
@@ -571,16 +523,7 @@ fn altered_layer_files_stop_the_migration() {
         .unwrap();
     std::fs::write(&victim, "tampered").unwrap();
     let daemon_json = s.root.path().join("daemon.json");
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = on_root("migrate", &root, &daemon_json);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
@@ -758,16 +701,7 @@ fn too_little_free_space_blocks_the_migration() {
     let avail = free(small.path());
     std::fs::write(&fill, vec![1u8; (avail - (8 << 20)) as usize]).unwrap();
     let daemon_json = s.root.path().join("daemon.json");
-    let out = tool(
-        &[
-            "migrate",
-            "--data-root",
-            root.to_str().unwrap(),
-            "--daemon-json",
-            daemon_json.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = on_root("migrate", &root, &daemon_json);
     let err = String::from_utf8_lossy(&out.stderr);
     let refused = !out.status.success() && err.contains("bytes free") && err.contains("free space");
     let _ = std::fs::remove_file(&fill);
