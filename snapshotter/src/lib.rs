@@ -8,6 +8,7 @@
 //! - [`mounts`]: mount specs for a snapshot chain, and mounting them.
 //! - [`filter`]: containerd's filter syntax for List/Walk.
 
+pub mod activation;
 pub mod chunked;
 pub mod config;
 pub mod containerd;

@@ -69,14 +69,29 @@ pub fn socket_group(group: &str) -> anyhow::Result<Option<u32>> {
     }
 }
 
-/// Serves `snapshots` on `address` until a termination signal, then removes the socket.
+/// Where to serve: a socket to bind at `address`, or one the service manager passed
+/// ([`crate::activation`]), which it keeps across restarts.
+pub enum Listen<'a> {
+    Bind {
+        address: &'a Path,
+        group: Option<u32>,
+    },
+    Inherited(std::os::unix::net::UnixListener),
+}
+
+/// Serves `snapshots` until a termination signal; a socket it bound is removed then.
 pub async fn serve(
     snapshots: Arc<Snapshots>,
     lazy: Option<Arc<crate::lazy::remote::Lazy>>,
-    address: &Path,
-    group: Option<u32>,
+    listen: Listen<'_>,
 ) -> anyhow::Result<()> {
-    let listener = bind(address, group).await?;
+    let (listener, address) = match listen {
+        Listen::Bind { address, group } => (bind(address, group).await?, Some(address)),
+        Listen::Inherited(l) => (
+            UnixListener::from_std(l).context("serve the inherited socket")?,
+            None,
+        ),
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {
@@ -85,13 +100,18 @@ pub async fn serve(
             _ = int.recv() => info!("SIGINT: shutting down"),
         }
     };
-    info!(address = %address.display(), "serving containerd snapshots API");
+    match address {
+        Some(a) => info!(address = %a.display(), "serving containerd snapshots API"),
+        None => info!("serving containerd snapshots API on the socket the service manager passed"),
+    }
     let result = tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Service::new(
             snapshots, lazy,
         ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
-    let _ = std::fs::remove_file(address);
+    if let Some(a) = address {
+        let _ = std::fs::remove_file(a);
+    }
     result.context("gRPC server failed")
 }

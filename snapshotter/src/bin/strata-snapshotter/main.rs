@@ -220,6 +220,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // Taken before anything is spawned: the lazy layers' servers must not inherit it.
+    let inherited = strata_snapshotter::activation::inherited_listener()?;
     let options = Options {
         async_remove: config.async_remove,
     };
@@ -244,11 +246,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start async runtime")?;
+    let listen = match inherited {
+        Some(l) => server::Listen::Inherited(l),
+        None => server::Listen::Bind {
+            address: &config.address,
+            group: server::socket_group(&config.group)?,
+        },
+    };
     runtime.block_on(server::serve(
         Arc::new(snapshots),
         config.lazy.enabled.then_some(lazy),
-        &config.address,
-        server::socket_group(&config.group)?,
+        listen,
     ))
 }
 
