@@ -362,17 +362,28 @@ fn walk_image(
         })?,
         None => vec![m.clone()],
     };
+    // An index may list platforms whose manifests were left out (`ctr export` without
+    // --all-platforms): those are skipped, but one at least must be there, and whole.
+    let mut missing = None;
+    let mut whole = 0;
     for child in &manifests {
         if child.digest != m.digest {
-            blob(child)?;
+            if let Err(e) = blob(child) {
+                missing = Some(e);
+                continue;
+            }
         }
         let man: Manifest = read_json(store, &Digest::parse(&child.digest)?)?;
         blob(&man.config)?;
         for l in &man.layers {
             blob(l)?;
         }
+        whole += 1;
     }
-    Ok(())
+    match missing {
+        Some(e) if whole == 0 => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Reads an OCI image layout directory (`oci-layout`, `index.json`, `blobs/`) into `store`,
