@@ -16,7 +16,11 @@ fuzz_target!(|tar: &[u8]| {
         .map(|e| e.unwrap().file_name())
         .collect();
     names.sort();
-    assert_eq!(names, ["root", "sentinel"], "an entry escaped the layer root");
+    assert_eq!(
+        names,
+        ["root", "sentinel"],
+        "an entry escaped the layer root"
+    );
     assert_eq!(std::fs::read(dir.path().join("sentinel")).unwrap(), b"s");
     assert!(std::fs::symlink_metadata(&root).unwrap().is_dir());
 });
