@@ -101,15 +101,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    /// Runs `ctr` against this containerd and returns its output whatever the exit status.
-    pub fn try_ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
+    /// `ctr ARGS` against this containerd, not yet run (to run in another thread, or piped).
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
             .arg(&self.namespace)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `ctr` against this containerd and returns its output whatever the exit status.
+    pub fn try_ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args)
             .output()
             .expect("ctr is missing: install Debian's containerd (scripts/test does)")
     }

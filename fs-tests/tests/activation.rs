@@ -82,25 +82,15 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     // gives a reconnection about a second (its backoff's base delay) to complete the handshake.
     d.kill().unwrap();
     d.wait().unwrap();
-    let prepare = {
-        let (addr, ns) = (c.address.clone(), c.namespace.clone());
-        std::thread::spawn(move || {
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&addr)
-                .args(["--namespace", &ns])
-                .args([
-                    "snapshots",
-                    "--snapshotter",
-                    "strata",
-                    "prepare",
-                    "while-down",
-                    "",
-                ])
-                .output()
-                .unwrap()
-        })
-    };
+    let mut prepare = c.ctr_command(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "prepare",
+        "while-down",
+        "",
+    ]);
+    let prepare = std::thread::spawn(move || prepare.output().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(300));
     let mut d = spawn_activated(&root, &listener, &log);
     let out = prepare.join().unwrap();

@@ -379,9 +379,8 @@ fn a_running_container_reads_on_across_a_snapshotter_kill_and_restart() {
     pull_lazy(&c, &s.lazy_ref);
     // The container reads every file, a few at a time, for about four seconds; it says when it
     // has begun, and the daemon is killed then, with reads before and after the kill.
-    let mut reader = Command::new("ctr")
-        .arg("--address").arg(&c.address).args(["--namespace", &c.namespace])
-        .args(["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "reader", "sh", "-c",
+    let mut reader = c
+        .ctr_command(&["run", "--rm", "--snapshotter", "strata", &s.lazy_ref, "reader", "sh", "-c",
             "echo begun; for i in $(seq 0 199); do f=$(printf /data/small/f%04d $i); sha256sum $f > /dev/null || echo FAIL $f; sleep 0.02; done; sha256sum /data/big-1; echo done"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -791,28 +790,19 @@ fn servers_killed_while_fetching_never_serve_an_unverified_byte() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let read_all = "find /data -type f | sort | xargs sha256sum";
     for round in 0..5 {
-        let reader = {
-            let (addr, ns, image) = (c.address.clone(), c.namespace.clone(), s.lazy_ref.clone());
-            std::thread::spawn(move || {
-                Command::new("ctr")
-                    .arg("--address")
-                    .arg(&addr)
-                    .args(["--namespace", &ns])
-                    .args([
-                        "run",
-                        "--rm",
-                        "--snapshotter",
-                        "strata",
-                        &image,
-                        &format!("r{round}"),
-                        "sh",
-                        "-c",
-                        read_all,
-                    ])
-                    .output()
-                    .unwrap()
-            })
-        };
+        let id = format!("r{round}");
+        let mut read = c.ctr_command(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "strata",
+            &s.lazy_ref,
+            &id,
+            "sh",
+            "-c",
+            read_all,
+        ]);
+        let reader = std::thread::spawn(move || read.output().unwrap());
         std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(100..2500)));
         let servers = serve_layer_pids(&d.root);
         for pid in &servers {

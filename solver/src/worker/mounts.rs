@@ -27,11 +27,6 @@ pub struct Session {
 }
 
 impl Session {
-    /// Replaces every secret value in `line` with `****`.
-    pub fn mask(&self, line: &str) -> String {
-        crate::secrets::mask(&crate::secrets::needles(&self.secrets), line)
-    }
-
     /// `e` with every secret value in its text replaced by `****`: a failed step's error carries
     /// its last lines of output, and errors reach the terminal, rawjson events and logs.
     pub fn mask_error(&self, e: WorkerError) -> WorkerError {
