@@ -111,7 +111,7 @@ pub fn overlay_to_aufs(root: &Path) {
         // As dockerd's aufs driver extracted it: `.wh.` names kept, every attribute set.
         let dir = root.join("aufs/diff").join(id);
         fs::create_dir_all(&dir).unwrap();
-        strata_snapshotter::layer::extract(&tar_bytes[..], &dir).unwrap();
+        strata_image::layer::extract(&tar_bytes[..], &dir).unwrap();
         let lower: Vec<String> = ancestors(chain).into_iter().skip(1).collect();
         fs::write(root.join("aufs/layers").join(id), lower.join("\n")).unwrap();
         fs::create_dir_all(root.join("aufs/mnt").join(id)).unwrap();

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use strata_snapshotter::content::ContentStore;
-use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Manifest, RootFs, RunConfig};
+use strata_image::content::ContentStore;
+use strata_image::oci::{self, Descriptor, ImageConfig, Manifest, RootFs, RunConfig};
 
 const MTIME: u64 = 1_700_000_000;
 const BUSYBOX: &str = "/usr/bin/busybox";

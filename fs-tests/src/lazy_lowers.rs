@@ -7,13 +7,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use strata_image::chunked::{write, MEDIA_LAYER_ZSTD};
+use strata_image::content::Digest;
+use strata_image::labels;
+use strata_image::layer::{self, DiffOptions};
+use strata_image::oci::{self, Descriptor, ImageConfig, Manifest, RootFs};
+use strata_image::registry::{Client, Options, Reference};
 use strata_snapshotter::api::types::Mount;
-use strata_snapshotter::chunked::{write, MEDIA_LAYER_ZSTD};
-use strata_snapshotter::content::Digest;
-use strata_snapshotter::layer::{self, DiffOptions};
-use strata_snapshotter::lazy::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
-use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Manifest, RootFs};
-use strata_snapshotter::registry::{Client, Options, Reference};
 
 use crate::registry::Registry;
 
@@ -103,10 +103,10 @@ impl LazyLowers {
             .push_manifest(&r, &bytes, oci::MEDIA_MANIFEST)
             .unwrap();
         HashMap::from([
-            (LABEL_TARGET.to_string(), target.to_string()),
-            (LABEL_IMAGE_REF.to_string(), r.to_string()),
-            (LABEL_MANIFEST.to_string(), manifest_digest),
-            (LABEL_LAYER.to_string(), w.digest),
+            (labels::TARGET.to_string(), target.to_string()),
+            (labels::IMAGE_REF.to_string(), r.to_string()),
+            (labels::MANIFEST.to_string(), manifest_digest),
+            (labels::LAYER.to_string(), w.digest),
         ])
     }
 }

@@ -214,22 +214,21 @@ fn lazy_pull_runs_before_the_layer_is_fetched_and_matches_the_original() {
 fn data_layer_toc(
     s: &Setup,
 ) -> (
-    strata_snapshotter::oci::Descriptor,
-    strata_snapshotter::chunked::toc::Toc,
+    strata_image::oci::Descriptor,
+    strata_image::chunked::toc::Toc,
 ) {
-    use strata_snapshotter::registry::{Client, Options, Reference};
+    use strata_image::registry::{Client, Options, Reference};
     let c = Client::new(Options::default());
     let r = Reference::parse(&s.lazy_ref).unwrap();
     let (bytes, _, _) = c.manifest(&r).unwrap();
-    let m: strata_snapshotter::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
+    let m: strata_image::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
     let layer = m.layers[1].clone();
     let fetch = |a: u64, b: u64| -> std::io::Result<Vec<u8>> {
         c.blob_range(&r, &layer.digest, a, b)
             .map_err(|e| std::io::Error::other(e.to_string()))
     };
-    let toc =
-        strata_snapshotter::chunked::read::read_toc(&layer.annotations, layer.size, &fetch, false)
-            .unwrap();
+    let toc = strata_image::chunked::read::read_toc(&layer.annotations, layer.size, &fetch, false)
+        .unwrap();
     (layer, toc)
 }
 
@@ -286,7 +285,7 @@ fn tampered_chunks_fail_with_eio_and_are_never_served() {
 #[test]
 fn bad_tocs_and_plain_layers() {
     let s = setup(5, 1, 100_000);
-    use strata_snapshotter::registry::{Client, Options, Reference};
+    use strata_image::registry::{Client, Options, Reference};
     let client = Client::new(Options::default());
     let r = Reference::parse(&s.lazy_ref).unwrap();
     let (bytes, _, _) = client.manifest(&r).unwrap();
@@ -493,7 +492,7 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
         ctr_remote(&c, ns, &["images", "push", "--plain-http", &image]);
         if format == "esgz" {
             // An eStargz layer whose TOC does not match its toc.digest annotation is refused.
-            use strata_snapshotter::registry::{Client, Options, Reference};
+            use strata_image::registry::{Client, Options, Reference};
             let client = Client::new(Options::default());
             let r = Reference::parse(&image).unwrap();
             let (bytes, _, _) = client.manifest(&r).unwrap();

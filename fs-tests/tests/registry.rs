@@ -5,7 +5,7 @@ use strata_fs_tests::daemon::Daemon;
 use strata_fs_tests::image::{busybox_layer, write_oci_archive};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::strata::Strata;
-use strata_snapshotter::registry::{Client, Options, Reference};
+use strata_image::registry::{Client, Options, Reference};
 
 #[test]
 fn build_pulls_its_base_and_pushes_the_result() {
@@ -153,7 +153,7 @@ fn large_blobs_upload_in_chunks_and_read_back_by_range() {
     let data: Vec<u8> = (0..40u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let digest = strata_snapshotter::content::Digest::of(&data).to_string();
+    let digest = strata_image::content::Digest::of(&data).to_string();
     c.push_blob(&r, &digest, &data).unwrap();
     let mut back = Vec::new();
     c.blob(&r, &digest, &mut back).unwrap();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use strata_snapshotter::chunked::read::{parse_footer, read_toc};
+use strata_image::chunked::read::{parse_footer, read_toc};
 
 fuzz_target!(|blob: &[u8]| {
     let _ = parse_footer(blob);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_snapshotter::oci::ImageConfig;
+use strata_image::oci::ImageConfig;
 use strata_solver::dockerfile::convert::{convert, ConvertOptions, ImageResolver};
 
 struct Base;

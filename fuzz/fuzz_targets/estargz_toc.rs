@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use strata_snapshotter::chunked::estargz::{parse_footer, read_toc};
+use strata_image::chunked::estargz::{parse_footer, read_toc};
 
 fuzz_target!(|blob: &[u8]| {
     let _ = parse_footer(blob);

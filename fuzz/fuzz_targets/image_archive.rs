@@ -2,8 +2,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_snapshotter::content::ContentStore;
-use strata_snapshotter::oci;
+use strata_image::content::ContentStore;
+use strata_image::oci;
 
 fuzz_target!(|archive: &[u8]| {
     let dir = tempfile::tempdir().unwrap();

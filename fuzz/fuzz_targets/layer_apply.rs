@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_snapshotter::layer;
+use strata_image::layer;
 
 fuzz_target!(|tar: &[u8]| {
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::Path;
 
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use strata_snapshotter::fsutil::{clone_attrs, copy_sparse, mknod_like, xattrs};
+use strata_image::fsutil::{clone_attrs, copy_sparse, mknod_like, xattrs};
 
 fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     a.file_type() == b.file_type()

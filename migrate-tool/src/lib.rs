@@ -11,5 +11,6 @@ pub mod migrate;
 pub mod overlay2;
 pub mod plan;
 pub mod tarsplit;
+#[cfg(feature = "strata")]
 pub mod to_strata;
 pub mod verify;

@@ -1,6 +1,6 @@
 //! `migrate-tool`: move a Docker data root off aufs, overlay (v1) or devicemapper onto overlay2.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -87,6 +87,31 @@ enum Cmd {
     },
 }
 
+/// `--to strata` needs the containerd client, which is the cargo feature `strata`.
+fn check_strata_support() -> anyhow::Result<()> {
+    if cfg!(feature = "strata") {
+        return Ok(());
+    }
+    anyhow::bail!("this migrate-tool was built without `--to strata` (containerd import); rebuild it with `cargo build --release -p migrate-tool --features strata`, or migrate to overlay2 only and leave out `--to`")
+}
+
+#[cfg(feature = "strata")]
+fn import_to_strata(
+    data_root: &Path,
+    address: &Path,
+    namespace: &str,
+    work: &Path,
+) -> anyhow::Result<Vec<String>> {
+    Ok(migrate_tool::to_strata::import(
+        data_root, address, namespace, "strata", work,
+    )?)
+}
+
+#[cfg(not(feature = "strata"))]
+fn import_to_strata(_: &Path, _: &Path, _: &str, _: &Path) -> anyhow::Result<Vec<String>> {
+    check_strata_support().map(|()| Vec::new())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -109,6 +134,9 @@ fn main() -> anyhow::Result<()> {
             namespace,
             json,
         } => {
+            if to.is_some() {
+                check_strata_support()?;
+            }
             let root = DataRoot::open(&data_root)
                 .with_context(|| format!("read Docker data root {}", data_root.display()))?;
             let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -149,13 +177,7 @@ fn main() -> anyhow::Result<()> {
                 let work = data_root
                     .join(migrate_tool::migrate::TMP)
                     .join("strata-content");
-                let names = migrate_tool::to_strata::import(
-                    &data_root,
-                    &containerd_address,
-                    &namespace,
-                    "strata",
-                    &work,
-                )?;
+                let names = import_to_strata(&data_root, &containerd_address, &namespace, &work)?;
                 let _ = std::fs::remove_dir_all(&work);
                 for n in &names {
                     println!("imported {n} into containerd (namespace {namespace}), unpacked into strata");

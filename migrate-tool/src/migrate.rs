@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use strata_snapshotter::layer;
+use strata_image::layer;
 
 use crate::dataroot::{DataRoot, Driver};
 use crate::tarsplit;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use nix::sys::stat::{mknod, Mode, SFlag};
 use rand::Rng;
-use strata_snapshotter::fsutil::{clone_attrs, mknod_like};
+use strata_image::fsutil::{clone_attrs, mknod_like};
 
 /// A new short link name: 26 characters of A-Z and 0-9, as dockerd makes them.
 pub fn link_name() -> String {

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::dataroot::{DataRoot, Driver};
-use strata_snapshotter::oci;
+use strata_image::oci;
 
 /// Something that stops or limits a migration.
 #[derive(Debug, Clone, Serialize, PartialEq)]

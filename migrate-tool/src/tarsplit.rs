@@ -9,7 +9,7 @@ use std::path::Path;
 use base64::Engine;
 use nix::fcntl::OFlag;
 use serde::Deserialize;
-use strata_snapshotter::fsutil;
+use strata_image::fsutil;
 
 #[derive(Debug, Deserialize)]
 struct Raw {

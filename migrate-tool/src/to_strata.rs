@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use strata_snapshotter::content::{ContentStore, Digest};
-use strata_snapshotter::oci::{self, Descriptor, Manifest};
+use strata_image::content::{ContentStore, Digest};
+use strata_image::oci::{self, Descriptor, Manifest};
 
 use crate::dataroot::{DataRoot, Driver};
 use crate::migrate::MigrateError;
@@ -103,7 +103,7 @@ pub fn import(
         for tag in &image.tags {
             let name = full_name(tag);
             runtime
-                .block_on(strata_snapshotter::containerd::import(
+                .block_on(strata_image::containerd::import(
                     &store,
                     &desc,
                     &name,

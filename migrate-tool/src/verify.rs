@@ -206,7 +206,7 @@ fn differences<R: std::io::Read>(
             out.push(format!("device: {got:?} on disk, {want:?} in the layer"));
         }
     }
-    let want = match strata_snapshotter::layer::entry_attrs(&mut e) {
+    let want = match strata_image::layer::entry_attrs(&mut e) {
         Ok(a) => a,
         Err(err) => return vec![format!("unreadable header: {err}")],
     };
@@ -233,7 +233,7 @@ fn differences<R: std::io::Read>(
             mtime.0, mtime.1, want.mtime.0, want.mtime.1
         ));
     }
-    let disk: Vec<_> = strata_snapshotter::fsutil::xattrs(path)
+    let disk: Vec<_> = strata_image::fsutil::xattrs(path)
         .unwrap_or_default()
         .into_iter()
         .filter(|(k, _)| !k.to_string_lossy().starts_with("trusted.overlay."))
@@ -266,7 +266,7 @@ fn listing(root: &Path) -> BTreeMap<String, String> {
         let link = fs::read_link(&p)
             .map(|l| l.display().to_string())
             .unwrap_or_default();
-        let xattrs = strata_snapshotter::fsutil::xattrs(&p).unwrap_or_default();
+        let xattrs = strata_image::fsutil::xattrs(&p).unwrap_or_default();
         out.insert(
             rel,
             format!(

@@ -17,6 +17,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use strata_image::fsutil;
 
 /// Paths of one snapshotter root.
 #[derive(Debug, Clone)]
@@ -193,19 +194,9 @@ impl Layout {
     }
 }
 
-/// Removes a file, link or directory tree at `path`.
+/// Removes a file, link or directory tree at `path`; absent is fine.
 pub fn remove_tree(path: &Path) -> Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("stat {}", path.display()))(e)),
-    };
-    let result = if meta.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    };
-    result.map_err(Error::io(format!("remove {}", path.display())))
+    fsutil::remove_tree(path).map_err(Error::io(format!("remove {}", path.display())))
 }
 
 #[cfg(test)]

@@ -9,26 +9,17 @@
 //! - [`filter`]: containerd's filter syntax for List/Walk.
 
 pub mod activation;
-pub mod chunked;
 pub mod config;
-pub mod containerd;
-pub mod content;
 pub mod error;
 pub mod filter;
-pub mod fsutil;
-pub mod image;
-pub mod layer;
 pub mod layout;
 pub mod lazy;
 pub mod mounts;
-pub mod oci;
-pub mod registry;
 pub mod server;
 pub mod service;
 pub mod snapshots;
 pub mod store;
 pub mod usage;
-pub mod volumes;
 
 pub use containerd_snapshots::api;
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{Direction, IteratorMode, Options, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use strata_snapshotter::oci::Descriptor;
+use strata_image::oci::Descriptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

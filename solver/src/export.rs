@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use strata_snapshotter::content::Digest;
-use strata_snapshotter::layer::{self, DiffOptions};
-use strata_snapshotter::oci::{self, Descriptor, History, ImageConfig, Manifest};
+use strata_image::content::Digest;
+use strata_image::layer::{self, DiffOptions};
+use strata_image::oci::{self, Descriptor, History, ImageConfig, Manifest};
 
 use crate::db::{now, ImageRecord, LayerRecord};
 use crate::worker::tree::{self, Attrs, Source};
@@ -95,7 +95,7 @@ impl Output {
     }
 }
 
-pub use strata_snapshotter::oci::rfc3339;
+pub use strata_image::oci::rfc3339;
 
 /// The layer of committed snapshot `key`, diffed and stored on first use.
 pub(crate) fn layer_of(
@@ -237,7 +237,7 @@ pub fn write(
                 WorkerError::Exec("containerd export needs the async runtime".into())
             })?;
             handle
-                .block_on(strata_snapshotter::containerd::import(
+                .block_on(strata_image::containerd::import(
                     &store,
                     manifest,
                     &full,

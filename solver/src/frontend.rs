@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use strata_snapshotter::oci::ImageConfig;
+use strata_image::oci::ImageConfig;
 
 use crate::llb::{self, Definition};
 use crate::worker::exec::{self, ExecSpec, Stdout};

@@ -19,4 +19,5 @@ pub mod progress;
 pub mod remote_cache;
 pub mod secrets;
 pub mod solver;
+pub mod volumes;
 pub mod worker;

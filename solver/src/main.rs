@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use strata_snapshotter::oci::ImageConfig;
+use strata_image::oci::ImageConfig;
 use strata_solver::dockerfile::convert::{convert, ConvertOptions};
 use strata_solver::export::{self, Output};
 use strata_solver::frontend::{self, Frontend};
@@ -271,7 +271,7 @@ async fn frontend(
 }
 
 fn open_worker(cli: &Cli) -> anyhow::Result<Arc<Worker>> {
-    let registry = strata_snapshotter::registry::Options {
+    let registry = strata_image::registry::Options {
         insecure: cli.insecure_registry.clone(),
         ..Default::default()
     };

@@ -14,12 +14,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
+use crate::volumes::{Init, Sharing};
 use serde::{Deserialize, Serialize};
-use strata_snapshotter::content::Digest;
-use strata_snapshotter::layer::{self, DiffOptions};
-use strata_snapshotter::oci::{self, Descriptor, Manifest};
-use strata_snapshotter::registry::Reference;
-use strata_snapshotter::volumes::{Init, Sharing};
+use strata_image::content::Digest;
+use strata_image::layer::{self, DiffOptions};
+use strata_image::oci::{self, Descriptor, Manifest};
+use strata_image::registry::Reference;
 
 use crate::db::{now, CacheRecord};
 use crate::export::layer_of;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use strata_snapshotter::oci::{History, ImageConfig};
+use strata_image::oci::{History, ImageConfig};
 use strata_solver::llb::{
     self, file_action, op, Builder, CacheOpt, CacheSharing, Definition, ExecOp, FileAction,
     FileActionCopy, FileOp, Input, Meta, Mount, MountType, Op, OpMetadata, SourceOp,

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
-use crate::chunked::toc::Chunk;
+use strata_image::chunked::toc::Chunk;
 
 pub struct ChunkCache {
     dir: PathBuf,

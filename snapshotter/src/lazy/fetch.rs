@@ -14,10 +14,10 @@ use super::cache::ChunkCache;
 use super::nodes::Nodes;
 use super::passthrough::Passthrough;
 use super::{LayerSpec, Stats};
-use crate::chunked::read::read_chunk;
-use crate::chunked::toc::Chunk;
-use crate::chunked::Codec;
-use crate::registry::{Client, Reference};
+use strata_image::chunked::read::read_chunk;
+use strata_image::chunked::toc::Chunk;
+use strata_image::chunked::Codec;
+use strata_image::registry::{Client, Reference};
 
 /// Uncompressed chunks kept in memory for the many small reads of one chunk.
 const HOT_CHUNKS: usize = 16;
@@ -128,7 +128,8 @@ impl Fetcher {
                         d
                     }
                     Err(e) => {
-                        let verify = matches!(e, crate::chunked::ChunkedError::ChunkDigest { .. });
+                        let verify =
+                            matches!(e, strata_image::chunked::ChunkedError::ChunkDigest { .. });
                         let counter = if verify {
                             &self.stats.verify_failures
                         } else {

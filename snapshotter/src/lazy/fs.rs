@@ -27,7 +27,7 @@ use super::index::{Kind, Node};
 use super::nodes::Nodes;
 use super::passthrough::Passthrough;
 use super::LayerSpec;
-use crate::chunked::toc::Chunk;
+use strata_image::chunked::toc::Chunk;
 
 /// The layer is immutable: the kernel may keep attributes and pages for as long as it likes.
 const TTL: Duration = Duration::from_secs(3600);

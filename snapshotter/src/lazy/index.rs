@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::chunked::toc::{clean, Chunk, Toc};
+use strata_image::chunked::toc::{clean, Chunk, Toc};
 
 pub const ROOT: u64 = 1;
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -273,7 +273,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunked::toc::Entry;
+    use strata_image::chunked::toc::Entry;
 
     #[test]
     fn builds_dirs_links_and_overlay_whiteouts() {

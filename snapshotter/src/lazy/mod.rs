@@ -29,12 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunked::toc::Toc;
-
-pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+use strata_image::chunked::toc::Toc;
 
 /// Everything the serving process needs, saved at Prepare.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,8 +63,8 @@ impl LayerSpec {
         Ok(serde_json::from_slice(&bytes)?)
     }
 
-    pub fn registry_options(&self) -> crate::registry::Options {
-        crate::registry::Options {
+    pub fn registry_options(&self) -> strata_image::registry::Options {
+        strata_image::registry::Options {
             insecure: self.insecure.clone(),
             timeout: std::time::Duration::from_secs(self.timeout_secs.max(1)),
             retries: self.retries,

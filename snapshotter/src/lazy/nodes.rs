@@ -12,7 +12,7 @@ use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::index::{Index, Kind, Node};
-use crate::chunked::toc::Toc;
+use strata_image::chunked::toc::Toc;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct Meta {
@@ -143,7 +143,7 @@ impl Nodes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunked::toc::Entry;
+    use strata_image::chunked::toc::Entry;
 
     #[test]
     fn persisted_once_and_read_back() {

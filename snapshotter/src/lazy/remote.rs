@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use containerd_snapshots::api::types::Mount;
 use tracing::{info, warn};
 
-use super::{is_mounted, LayerSpec, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
-use crate::chunked::read::{is_lazy, read_toc};
+use super::{is_mounted, LayerSpec};
 use crate::config::LazyConfig;
 use crate::error::{Error, Result};
-use crate::oci::{Descriptor, Manifest};
-use crate::registry::{Client, Reference};
 use crate::snapshots::Snapshots;
+use strata_image::chunked::read::{is_lazy, read_toc};
+use strata_image::labels;
+use strata_image::oci::{Descriptor, Manifest};
+use strata_image::registry::{Client, Reference};
 
 /// How long a new mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(20);
@@ -39,7 +40,7 @@ impl Lazy {
     pub fn new(root: &Path, cfg: LazyConfig) -> Result<Lazy> {
         let exe =
             std::env::current_exe().map_err(Error::io("find the strata-snapshotter executable"))?;
-        let client = Client::new(crate::registry::Options {
+        let client = Client::new(strata_image::registry::Options {
             insecure: cfg.insecure_registries.clone(),
             timeout: Duration::from_secs(cfg.fetch_timeout_secs.max(1)),
             retries: cfg.fetch_retries,
@@ -56,26 +57,31 @@ impl Lazy {
     /// Whether a Prepare asks for a remote snapshot.
     pub fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
         self.cfg.enabled
-            && [LABEL_TARGET, LABEL_IMAGE_REF, LABEL_MANIFEST, LABEL_LAYER]
-                .iter()
-                .all(|l| labels.contains_key(*l))
+            && [
+                labels::TARGET,
+                labels::IMAGE_REF,
+                labels::MANIFEST,
+                labels::LAYER,
+            ]
+            .iter()
+            .all(|l| labels.contains_key(*l))
     }
 
     /// The layer's descriptor, from the image's manifest in the registry.
     fn descriptor(&self, labels: &BTreeMap<String, String>) -> Result<(Reference, Descriptor)> {
-        let image = Reference::parse(&labels[LABEL_IMAGE_REF]).map_err(refused)?;
-        let manifest_ref = image.with_digest(&labels[LABEL_MANIFEST]);
+        let image = Reference::parse(&labels[labels::IMAGE_REF]).map_err(refused)?;
+        let manifest_ref = image.with_digest(&labels[labels::MANIFEST]);
         let (bytes, _, _) = self.client.manifest(&manifest_ref).map_err(refused)?;
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| refused(format!("manifest {manifest_ref}: {e}")))?;
         let layer = manifest
             .layers
             .into_iter()
-            .find(|l| l.digest == labels[LABEL_LAYER])
+            .find(|l| l.digest == labels[labels::LAYER])
             .ok_or_else(|| {
                 refused(format!(
                     "manifest {manifest_ref} has no layer {}",
-                    labels[LABEL_LAYER]
+                    labels[labels::LAYER]
                 ))
             })?;
         Ok((image, layer))
@@ -91,7 +97,7 @@ impl Lazy {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        let target = labels[LABEL_TARGET].clone();
+        let target = labels[labels::TARGET].clone();
         if s.stat(&target).is_ok() {
             return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
         }

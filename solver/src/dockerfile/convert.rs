@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use strata_snapshotter::oci::{History, ImageConfig};
+use strata_image::oci::{History, ImageConfig};
 
 use super::expand;
 use super::instructions::{instructions, Command, Copy, Instruction, Located};

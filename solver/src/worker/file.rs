@@ -60,7 +60,7 @@ fn unpack_archive(
     };
     let dst = rootfs::resolve(root, dest, true).map_err(io(format!("resolve {dest}")))?;
     tree::mkdir_all(&dst, owner).map_err(io(format!("create {dest}")))?;
-    strata_snapshotter::layer::extract(reader, &dst)
+    strata_image::layer::extract(reader, &dst)
         .map_err(|e| WorkerError::Copy(format!("ADD {}: {e}", src.display())))?;
     Ok(true)
 }

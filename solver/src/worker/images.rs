@@ -7,11 +7,11 @@ use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
-use strata_snapshotter::content::Digest;
-use strata_snapshotter::image;
-use strata_snapshotter::layer;
-use strata_snapshotter::oci::{self, Descriptor, ImageConfig, Index, Manifest};
-use strata_snapshotter::registry::Reference;
+use strata_image::content::Digest;
+use strata_image::layer;
+use strata_image::oci::{self, Descriptor, ImageConfig, Index, Manifest};
+use strata_image::registry::Reference;
+use strata_image::transfer;
 
 use super::{Worker, WorkerError};
 use crate::db::{now, ImageRecord, LayerRecord};
@@ -49,7 +49,7 @@ pub fn normalize(reference: &str) -> String {
 /// from archives and flags are checked before they are stored or printed (no `..`, no control
 /// characters, the distribution spec's grammar).
 pub fn checked_name(name: &str) -> Result<String, String> {
-    strata_snapshotter::registry::Reference::parse(name)
+    strata_image::registry::Reference::parse(name)
         .map(|r| r.to_string())
         .map_err(|_| {
             format!(
@@ -148,13 +148,13 @@ impl Worker {
     /// Downloads blob `blob` of repository `r` into the content store unless it is there,
     /// verified against its digest.
     pub fn fetch_blob(&self, r: &Reference, blob: &Descriptor) -> Result<(), WorkerError> {
-        image::fetch_blob(&self.registry, r, &self.content, blob).map_err(image_error)
+        transfer::fetch_blob(&self.registry, r, &self.content, blob).map_err(image_error)
     }
 
     /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
     pub fn pull(&self, reference: &str) -> Result<String, WorkerError> {
         let r = Reference::parse(reference)?;
-        let (desc, _) = image::pull(&self.registry, &r, &self.content).map_err(image_error)?;
+        let (desc, _) = transfer::pull(&self.registry, &r, &self.content).map_err(image_error)?;
         let name = normalize(reference);
         self.db.put_image(&ImageRecord {
             name: name.clone(),
@@ -176,7 +176,7 @@ impl Worker {
                 *layer = self.gzip_layer(layer)?;
             }
         }
-        image::push(&self.registry, &r, &self.content, &m).map_err(image_error)?;
+        transfer::push(&self.registry, &r, &self.content, &m).map_err(image_error)?;
         Ok(())
     }
 
@@ -378,9 +378,9 @@ impl Worker {
     }
 }
 
-fn image_error(e: image::ImageError) -> WorkerError {
+fn image_error(e: transfer::ImageError) -> WorkerError {
     match e {
-        image::ImageError::Registry(r) => r.into(),
+        transfer::ImageError::Registry(r) => r.into(),
         other => WorkerError::Image(other.to_string()),
     }
 }

@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use strata_snapshotter::content::{ContentError, ContentStore};
-use strata_snapshotter::layer::LayerError;
+use strata_image::content::{ContentError, ContentStore};
+use strata_image::layer::LayerError;
+use strata_image::oci::OciError;
 use strata_snapshotter::mounts as snapshot_mounts;
-use strata_snapshotter::oci::OciError;
 use strata_snapshotter::{Options, Snapshots};
 use tracing::warn;
 
@@ -57,7 +57,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Layer(#[from] LayerError),
     #[error(transparent)]
-    Registry(#[from] strata_snapshotter::registry::RegistryError),
+    Registry(#[from] strata_image::registry::RegistryError),
 }
 
 /// The result of a vertex.
@@ -87,8 +87,8 @@ pub struct Worker {
     pub content: ContentStore,
     pub db: Db,
     pub runtime: String,
-    pub registry: strata_snapshotter::registry::Client,
-    pub volumes: std::sync::Arc<strata_snapshotter::volumes::Volumes>,
+    pub registry: strata_image::registry::Client,
+    pub volumes: std::sync::Arc<crate::volumes::Volumes>,
     /// Check registries for newer base images even when the local store has them (`--pull`).
     pub always_pull: bool,
 }
@@ -128,7 +128,7 @@ impl Worker {
     pub fn open(
         root: &Path,
         runtime: &str,
-        registry: strata_snapshotter::registry::Options,
+        registry: strata_image::registry::Options,
     ) -> Result<Worker, WorkerError> {
         let dir = root.join("build");
         std::fs::create_dir_all(&dir)
@@ -137,8 +137,8 @@ impl Worker {
         let db = Db::open(&dir.join("db"))?;
         let snapshots = Snapshots::open(&dir, Options::default())?;
         let content = ContentStore::open(&dir.join("content"))?;
-        let registry = strata_snapshotter::registry::Client::new(registry);
-        let volumes = strata_snapshotter::volumes::Volumes::open(&dir.join("volumes"))?;
+        let registry = strata_image::registry::Client::new(registry);
+        let volumes = crate::volumes::Volumes::open(&dir.join("volumes"))?;
         let w = Worker {
             dir,
             snapshots,
@@ -276,7 +276,7 @@ impl Worker {
     /// Downloads `url` into the content store (checked against `checksum` when given).
     pub fn fetch_url(&self, url: &str, checksum: Option<&str>) -> Result<String, WorkerError> {
         let expected = checksum
-            .map(strata_snapshotter::content::Digest::parse)
+            .map(strata_image::content::Digest::parse)
             .transpose()
             .map_err(|e| WorkerError::Copy(format!("ADD --checksum: {e}")))?;
         if let Some(d) = &expected {
@@ -398,7 +398,7 @@ impl Worker {
                             )
                         })?,
                         Some(Ref::Http { digest, name }) => {
-                            let d = strata_snapshotter::content::Digest::parse(digest)
+                            let d = strata_image::content::Digest::parse(digest)
                                 .map_err(|e| WorkerError::Image(e.to_string()))?;
                             file::add_remote(root, &self.content.path(&d), name, a)?;
                         }

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::volumes::{Init, Lease, Sharing};
 use nix::mount::{mount, MsFlags};
 use strata_snapshotter::mounts::unmount;
-use strata_snapshotter::volumes::{Init, Lease, Sharing};
 
 use super::{agent, nonce, rootfs, tree, Context, Ref, Worker, WorkerError};
 use crate::llb;

@@ -7,7 +7,7 @@ use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsEx
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use strata_snapshotter::fsutil;
+use strata_image::fsutil;
 
 use super::rootfs;
 use crate::pattern::{self, Ignore};

@@ -4,12 +4,12 @@ use std::path::Path;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_snapshotter::chunked::{convert, write};
-use strata_snapshotter::containerd::{pull_lazy as containerd_pull_lazy, Destination, LayerPull};
-use strata_snapshotter::content::{ContentStore, Digest};
-use strata_snapshotter::image;
-use strata_snapshotter::oci::{self, Descriptor, Manifest};
-use strata_snapshotter::registry::{Client, Options, Reference};
+use strata_image::chunked::{convert, write};
+use strata_image::containerd::{pull_lazy as containerd_pull_lazy, Destination, LayerPull};
+use strata_image::content::{ContentStore, Digest};
+use strata_image::oci::{self, Descriptor, Manifest};
+use strata_image::registry::{Client, Options, Reference};
+use strata_image::transfer;
 
 fn client(insecure: Vec<String>) -> Client {
     Client::new(Options {
@@ -50,7 +50,7 @@ fn read_source(
         from_layout(oci::read_layout_dir(store, Path::new(dir))?)
     } else {
         let r = Reference::parse(src.trim_start_matches("docker://"))?;
-        Ok(image::pull(c, &r, store)?)
+        Ok(transfer::pull(c, &r, store)?)
     }
 }
 
@@ -95,7 +95,7 @@ pub fn convert(
         oci::write_layout_archive(&store, &desc, "localhost/converted:latest", 0, f)?;
     } else {
         let r = Reference::parse(dst.trim_start_matches("docker://"))?;
-        image::push(&c, &r, &store, &out)?;
+        transfer::push(&c, &r, &store, &out)?;
     }
     println!(
         "converted {} layers: {before} -> {after} bytes; wrote {dst}",
@@ -118,13 +118,13 @@ pub fn pull_lazy(
         .tempdir()
         .context("create a work directory")?;
     let store = ContentStore::open(tmp.path())?;
-    let (desc, manifest) = image::fetch_manifest(&c, &r, &store)?;
-    image::fetch_blob(&c, &r, &store, &manifest.config)?;
+    let (desc, manifest) = transfer::fetch_manifest(&c, &r, &store)?;
+    transfer::fetch_blob(&c, &r, &store, &manifest.config)?;
     let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
     let b = bar(manifest.layers.len() as u64, &format!("pulling {r} lazily"));
     let fetched = std::sync::atomic::AtomicU64::new(0);
     let fetch_layer = |l: &Descriptor| -> Result<(), String> {
-        image::fetch_blob(&c, &r, &store, l).map_err(|e| e.to_string())
+        transfer::fetch_blob(&c, &r, &store, l).map_err(|e| e.to_string())
     };
     let report = |i: usize, how: &LayerPull| {
         b.set_position(i as u64 + 1);

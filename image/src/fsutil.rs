@@ -40,6 +40,20 @@ impl Attrs {
     }
 }
 
+/// Removes a file, link or directory tree at `path`; absent is fine.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
 /// Every extended attribute of `path` (not following a symlink), sorted by name.
 pub fn xattrs(path: &Path) -> io::Result<Vec<(OsString, Vec<u8>)>> {
     let mut out = Vec::new();

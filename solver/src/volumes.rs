@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
+use strata_snapshotter::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -221,7 +221,7 @@ impl Volumes {
         for e in rd.flatten() {
             if let Ok(b) = fs::read(e.path().join("meta.json")) {
                 if let Ok(mut m) = serde_json::from_slice::<Meta>(&b) {
-                    m.size = crate::usage::measure(&e.path())
+                    m.size = strata_snapshotter::usage::measure(&e.path())
                         .map(|u| u.size as u64)
                         .unwrap_or(0);
                     out.push(m);
@@ -240,7 +240,7 @@ impl Volumes {
                 "cache volume {id:?} is in use by a running step"
             )));
         }
-        crate::layout::remove_tree(&self.root.join(key(id)))
+        strata_snapshotter::layout::remove_tree(&self.root.join(key(id)))
     }
 }
 

@@ -518,16 +518,10 @@ pub async fn pull_lazy(
             continue;
         }
         let labels = HashMap::from([
-            (crate::lazy::LABEL_TARGET.to_string(), chain.clone()),
-            (
-                crate::lazy::LABEL_IMAGE_REF.to_string(),
-                reference.to_string(),
-            ),
-            (
-                crate::lazy::LABEL_MANIFEST.to_string(),
-                manifest.digest.clone(),
-            ),
-            (crate::lazy::LABEL_LAYER.to_string(), layer.digest.clone()),
+            (crate::labels::TARGET.to_string(), chain.clone()),
+            (crate::labels::IMAGE_REF.to_string(), reference.to_string()),
+            (crate::labels::MANIFEST.to_string(), manifest.digest.clone()),
+            (crate::labels::LAYER.to_string(), layer.digest.clone()),
         ]);
         match prepare_layer(&mut snaps, &l.s, snapshotter, &parent, &chain, labels).await? {
             Prepared::Remote => report(i, &LayerPull::Lazy),

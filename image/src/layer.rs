@@ -16,7 +16,6 @@ use std::path::{Component, Path, PathBuf};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use crate::fsutil;
-use crate::layout::remove_tree;
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -86,8 +85,7 @@ fn ensure_parents(root: &Path, rel: &Path, entry: &Path) -> Result<(), LayerErro
                 }
                 Ok(_) => {
                     // A file (or whiteout) where a directory is needed: the layer replaces it.
-                    remove_tree(&dir)
-                        .map_err(|e| entry_err(entry)(io::Error::other(e.to_string())))?;
+                    fsutil::remove_tree(&dir).map_err(entry_err(entry))?;
                     fs::create_dir(&dir).map_err(entry_err(entry))?;
                 }
                 Err(_) => {
@@ -102,7 +100,7 @@ fn ensure_parents(root: &Path, rel: &Path, entry: &Path) -> Result<(), LayerErro
 }
 
 fn remove_existing(path: &Path, entry: &Path) -> Result<(), LayerError> {
-    remove_tree(path).map_err(|e| entry_err(entry)(io::Error::other(e.to_string())))
+    fsutil::remove_tree(path).map_err(entry_err(entry))
 }
 
 /// A PAX time (`1614834367.123456789`, possibly negative) as seconds and nanoseconds.
