@@ -76,14 +76,6 @@ impl Session {
     }
 }
 
-fn nonce() -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_nanos();
-    format!("{}-{t:x}", std::process::id())
-}
-
 async fn write_blob(
     content: &mut ContentClient<Channel>,
     s: &Session,
@@ -181,7 +173,7 @@ async fn prepare_layer(
     chain: &str,
     labels: HashMap<String, String>,
 ) -> Result<Prepared, ImportError> {
-    let key = format!("extract-{} {chain}", nonce());
+    let key = format!("extract-{} {chain}", crate::nonce());
     match snaps
         .prepare(s.req(PrepareSnapshotRequest {
             snapshotter: snapshotter.into(),
@@ -323,7 +315,7 @@ impl Leased {
         s.lease = leases
             .create(
                 s.req(CreateRequest {
-                    id: format!("strata-{}", nonce()),
+                    id: format!("strata-{}", crate::nonce()),
                     labels: [(
                         "containerd.io/gc.expire".to_string(),
                         crate::oci::rfc3339(expire),

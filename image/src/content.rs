@@ -28,7 +28,12 @@ impl Digest {
 
     /// The digest of `data`.
     pub fn of(data: &[u8]) -> Digest {
-        Digest(format!("sha256:{}", hex::encode(Sha256::digest(data))))
+        Digest::from_hasher(Sha256::new_with_prefix(data))
+    }
+
+    /// The digest of what `hash` has been fed.
+    pub fn from_hasher(hash: Sha256) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(hash.finalize())))
     }
 
     pub fn hex(&self) -> &str {
@@ -37,6 +42,63 @@ impl Digest {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A reader or writer that hashes the bytes passing through it: a layer's diff ID while it is
+/// applied, a blob's digest while it is written.
+pub struct Hashing<T> {
+    inner: T,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<T> Hashing<T> {
+    pub fn new(inner: T) -> Hashing<T> {
+        Hashing {
+            inner,
+            hash: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The digest of the bytes so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_hasher(self.hash.clone())
+    }
+
+    /// How many bytes passed.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    fn add(&mut self, buf: &[u8]) {
+        self.hash.update(buf);
+        self.bytes += buf.len() as u64;
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.add(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.add(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -140,8 +202,7 @@ impl ContentStore {
             .map_err(io_err(&self.root))?;
         Ok(BlobWriter {
             store: self.clone(),
-            tmp,
-            hash: Sha256::new(),
+            tmp: Hashing::new(tmp),
         })
     }
 }
@@ -149,15 +210,12 @@ impl ContentStore {
 /// An in-progress blob; dropped without commit, it leaves nothing behind.
 pub struct BlobWriter {
     store: ContentStore,
-    tmp: tempfile::NamedTempFile,
-    hash: Sha256,
+    tmp: Hashing<tempfile::NamedTempFile>,
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.tmp.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
+        self.tmp.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -168,7 +226,7 @@ impl Write for BlobWriter {
 impl BlobWriter {
     /// Verifies against `expected` (if any) and moves the blob into place.
     pub fn commit(self, expected: Option<&Digest>) -> Result<Digest, ContentError> {
-        let actual = Digest(format!("sha256:{}", hex::encode(self.hash.finalize())));
+        let actual = self.tmp.digest();
         if let Some(expected) = expected {
             if *expected != actual {
                 return Err(ContentError::Mismatch {
@@ -178,8 +236,9 @@ impl BlobWriter {
             }
         }
         let dest = self.store.path(&actual);
-        self.tmp.as_file().sync_all().map_err(io_err(&dest))?;
-        self.tmp.persist(&dest).map_err(|e| ContentError::Io {
+        let tmp = self.tmp.into_inner();
+        tmp.as_file().sync_all().map_err(io_err(&dest))?;
+        tmp.persist(&dest).map_err(|e| ContentError::Io {
             path: dest.clone(),
             source: e.error,
         })?;

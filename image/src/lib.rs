@@ -19,3 +19,16 @@ pub mod layer;
 pub mod oci;
 pub mod registry;
 pub mod transfer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A name no other process or call uses (temporary snapshot keys, leases): pid, time, counter.
+pub fn nonce() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{t:x}-{n}", std::process::id())
+}

@@ -2,9 +2,9 @@
 //! pushes, with Bearer/Basic auth from `WWW-Authenticate` and `~/.docker/config.json`, plain HTTP
 //! for localhost and configured insecure hosts, timeouts, and retries with backoff.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine;
@@ -260,7 +260,6 @@ impl Client {
     fn token(&self, registry: &str, scope: &str) -> Option<String> {
         self.tokens
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .get(&(registry.to_string(), scope.to_string()))
             .cloned()
     }
@@ -312,7 +311,6 @@ impl Client {
         };
         self.tokens
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert((registry.to_string(), scope.to_string()), value);
         Ok(())
     }

@@ -248,6 +248,14 @@ impl DataRoot {
         self.path.join("image").join(self.driver.dir_name())
     }
 
+    /// The tar-split file dockerd keeps for layer `chain`, to rebuild its original tar.
+    pub fn tar_split(&self, chain: &str) -> PathBuf {
+        self.store()
+            .join("layerdb/sha256")
+            .join(chain.trim_start_matches("sha256:"))
+            .join("tar-split.json.gz")
+    }
+
     /// Layers ordered so that every parent comes before its children.
     pub fn layers_parents_first(&self) -> Vec<&Layer> {
         let mut out: Vec<&Layer> = Vec::new();

@@ -8,7 +8,6 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use strata_image::layer;
 
 use crate::dataroot::{DataRoot, Driver};
@@ -167,53 +166,21 @@ fn image_layer(
         chain: chain.to_string(),
         reason,
     };
-    let split = root
-        .store()
-        .join("layerdb/sha256")
-        .join(chain.trim_start_matches("sha256:"))
-        .join("tar-split.json.gz");
+    let split = root.tar_split(&chain);
     let entries = tarsplit::read(&split).map_err(|e| layer_err(e.to_string()))?;
-    let (reader, mut writer) = std::io::pipe().map_err(io("pipe"))?;
-    let src = src_root.to_path_buf();
-    let assemble = std::thread::spawn(move || -> Result<String, String> {
-        let mut hashing = HashingWriter {
-            inner: &mut writer,
-            hash: Sha256::new(),
-        };
-        tarsplit::assemble(&entries, &src, &mut hashing).map_err(|e| e.to_string())?;
-        Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
-    });
+    let (reader, rebuild) = tarsplit::rebuild(entries, src_root).map_err(io("pipe"))?;
     // Same filesystem: hard links. From a device image: copies.
     let applied = if link {
         layer::apply_linked(reader, dest, src_root)
     } else {
         layer::apply(reader, dest)
     };
-    let digest = assemble
-        .join()
-        .map_err(|_| layer_err("the tar rebuild thread panicked".into()))?
-        .map_err(layer_err)?;
+    let digest = rebuild.digest().map_err(layer_err)?;
     let stats = applied.map_err(|e| layer_err(e.to_string()))?;
-    if digest != diff_id {
+    if digest.as_str() != diff_id {
         return Err(layer_err(format!("its files rebuild to {digest}, not its diffID {diff_id}: the layer was altered on disk; nothing was switched")));
     }
     Ok(stats.entries)
-}
-
-struct HashingWriter<'a, W: Write> {
-    inner: &'a mut W,
-    hash: Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Migrates the overlay (v1) data root `root` to overlay2.

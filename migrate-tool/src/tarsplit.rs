@@ -3,12 +3,13 @@
 //! (headers, padding, the end blocks) in `payload`, `type` 1 entries name a file whose `size` bytes
 //! come from the layer's tree.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, PipeReader, Read, Write};
 use std::path::Path;
 
 use base64::Engine;
 use nix::fcntl::OFlag;
 use serde::Deserialize;
+use strata_image::content::{Digest, Hashing};
 use strata_image::fsutil;
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +116,32 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, TarSplitError> {
         });
     }
     Ok(out)
+}
+
+/// The original tar of `entries` over the files under `root`, streamed: a reader of the tar, and
+/// the thread writing it, which returns the tar's digest (the diff ID it must match).
+pub fn rebuild(entries: Vec<Entry>, root: &Path) -> std::io::Result<(PipeReader, Rebuild)> {
+    let (reader, writer) = std::io::pipe()?;
+    let root = root.to_path_buf();
+    let thread = std::thread::spawn(move || {
+        let mut out = Hashing::new(writer);
+        assemble(&entries, &root, &mut out)?;
+        Ok(out.digest())
+    });
+    Ok((reader, Rebuild(thread)))
+}
+
+/// The thread of [`rebuild`].
+pub struct Rebuild(std::thread::JoinHandle<Result<Digest, TarSplitError>>);
+
+impl Rebuild {
+    /// The rebuilt tar's digest, once the reader has been read to its end (or dropped).
+    pub fn digest(self) -> Result<Digest, String> {
+        match self.0.join() {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("the tar rebuild thread panicked".into()),
+        }
+    }
 }
 
 /// Writes the original tar, taking file contents from the tree at `root`. Every file is opened

@@ -60,11 +60,7 @@ pub fn import(
             let layer = root
                 .layer(&chain)
                 .ok_or_else(|| refused(format!("image {}: layer {chain} is missing", image.id)))?;
-            let split = root
-                .store()
-                .join("layerdb/sha256")
-                .join(chain.trim_start_matches("sha256:"))
-                .join("tar-split.json.gz");
+            let split = root.tar_split(&chain);
             let entries = tarsplit::read(&split).map_err(refused)?;
             let mut w = store.writer().map_err(refused)?;
             let size = tarsplit::assemble(

@@ -8,8 +8,6 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 use crate::dataroot::{DataRoot, Driver};
 use crate::migrate::TMP;
 use crate::tarsplit;
@@ -32,28 +30,14 @@ fn check_layer(
     diff: &Path,
     report: &mut VerifyReport,
 ) {
-    let split = root
-        .store()
-        .join("layerdb/sha256")
-        .join(chain.trim_start_matches("sha256:"))
-        .join("tar-split.json.gz");
+    let split = root.tar_split(&chain);
     let entries = match tarsplit::read(&split) {
         Ok(e) => e,
         Err(e) => return report.problems.push(format!("layer {chain}: {e}")),
     };
-    let Ok((reader, mut writer)) = std::io::pipe() else {
+    let Ok((reader, rebuild)) = tarsplit::rebuild(entries, diff) else {
         return report.problems.push("pipe".into());
     };
-    let d = diff.to_path_buf();
-    let assemble = std::thread::spawn(move || -> Result<String, String> {
-        let mut h = Sha256::new();
-        let mut tee = Tee {
-            a: &mut writer,
-            h: &mut h,
-        };
-        tarsplit::assemble(&entries, &d, &mut tee).map_err(|e| e.to_string())?;
-        Ok(format!("sha256:{}", hex::encode(h.finalize())))
-    });
     let mut archive = tar::Archive::new(reader);
     if let Ok(iter) = archive.entries() {
         for e in iter {
@@ -118,31 +102,12 @@ fn check_layer(
         }
     }
     std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).ok();
-    match assemble.join() {
-        Ok(Ok(digest)) if digest == diff_id => {}
-        Ok(Ok(digest)) => report.problems.push(format!(
+    match rebuild.digest() {
+        Ok(digest) if digest.as_str() == diff_id => {}
+        Ok(digest) => report.problems.push(format!(
             "layer {chain}: rebuilds to {digest}, not its diffID {diff_id}"
         )),
-        Ok(Err(e)) => report.problems.push(format!("layer {chain}: {e}")),
-        Err(_) => report
-            .problems
-            .push(format!("layer {chain}: rebuild thread panicked")),
-    }
-}
-
-struct Tee<'a, W: std::io::Write> {
-    a: &'a mut W,
-    h: &'a mut Sha256,
-}
-
-impl<W: std::io::Write> std::io::Write for Tee<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.a.write(buf)?;
-        self.h.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.a.flush()
+        Err(e) => report.problems.push(format!("layer {chain}: {e}")),
     }
 }
 

@@ -6,9 +6,9 @@
 //! only directories no record owns, which [`Snapshots::cleanup`] (run at every start) removes.
 //! Slow work (measuring usage, deleting trees) happens outside the lock.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use containerd_snapshots::api::types::Mount;
@@ -109,11 +109,6 @@ impl Snapshots {
         &self.layout
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic elsewhere must not wedge every later request; the state is just a counter.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn get(&self, key: &str) -> Result<Record> {
         check_key(key)?;
         self.store.get(key)?.ok_or_else(|| not_found(key))
@@ -187,7 +182,7 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         check_key(key)?;
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         let parent_id = if parent.is_empty() {
             None
         } else {
@@ -270,7 +265,7 @@ impl Snapshots {
         } else {
             Usage::default()
         };
-        let _state = self.lock();
+        let _state = self.state.lock();
         if self.store.get(name)?.is_some() {
             return Err(Error::AlreadyExists(format!(
                 "snapshot {name:?}: already exists"
@@ -305,7 +300,7 @@ impl Snapshots {
 
     /// Removes snapshot `key`; refused while other snapshots name it as parent.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let state = self.lock();
+        let state = self.state.lock();
         let record = self.get(key)?;
         if self.store.has_children(record.id)? {
             return Err(Error::FailedPrecondition(format!(
@@ -344,7 +339,7 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
         fieldpaths: &[String],
     ) -> Result<Snapshot> {
-        let _state = self.lock();
+        let _state = self.state.lock();
         let mut record = self.get(key)?;
         if fieldpaths.is_empty() {
             record.labels = labels;
@@ -415,7 +410,7 @@ impl Snapshots {
         let mut doomed = Vec::new();
         {
             // Under the lock: a create in flight has a directory but no record yet.
-            let _state = self.lock();
+            let _state = self.state.lock();
             let records = self.store.all()?;
             let owned: HashSet<u64> = records.iter().map(|(_, r)| r.id).collect();
             for (path, entry) in self.layout.entries()? {

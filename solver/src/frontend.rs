@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use strata_image::nonce;
 use strata_image::oci::ImageConfig;
 
 use crate::llb::{self, Definition};
 use crate::worker::exec::{self, ExecSpec, Stdout};
 use crate::worker::mounts::SpecMount;
-use crate::worker::{nonce, Worker, WorkerError};
+use crate::worker::{Worker, WorkerError};
 
 /// Where frontends find their inputs and put their outputs, inside the sandbox.
 pub const SOURCE: &str = "/run/strata/source";

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use prost::Message;
-use sha2::{Digest as _, Sha256};
+use strata_image::content::Digest;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Op {
@@ -286,7 +286,7 @@ pub struct Definition {
 
 /// The digest of serialized op bytes.
 pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    Digest::of(bytes).to_string()
 }
 
 /// Builds a definition op by op, deduplicating equal ops.

@@ -1,9 +1,9 @@
 //! BuildKit-style progress: `plain` lines (`#N [stage 2/3] RUN ...`, output with elapsed seconds,
 //! `#N CACHED`, `#N DONE 0.3s`, `#N ERROR: ...`), or live `tty` lines, or nothing (`quiet`).
 
+use parking_lot::Mutex;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -61,7 +61,7 @@ impl Progress {
                 let _ = self.multi.println(s);
             }
             _ => {
-                let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+                let mut out = self.out.lock();
                 let _ = writeln!(out, "{s}");
             }
         }

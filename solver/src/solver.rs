@@ -7,7 +7,9 @@
 //! renamed selected file changes it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use sha2::{Digest as _, Sha256};
@@ -18,7 +20,9 @@ use crate::dockerfile::convert::CUSTOM_NAME;
 use crate::llb::{op, Graph, Op};
 use crate::progress::Progress;
 use crate::worker::mounts::Session;
-use crate::worker::{nonce, tree::Source, Context, Ref, Worker, WorkerError};
+use crate::worker::{tree::Source, Context, Ref, Worker, WorkerError};
+use strata_image::content::Digest;
+use strata_image::nonce;
 
 /// A vertex that failed, named as the user wrote it.
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +89,12 @@ impl Solver {
     }
 
     pub fn stats(&self) -> Stats {
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+        *self.stats.lock()
     }
 
     /// Cache keys of every snapshot this solve produced or found in the cache.
     pub fn keys(&self) -> Vec<String> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.keys.lock().clone()
     }
 
     /// Solves the graph's result.
@@ -102,7 +106,7 @@ impl Solver {
     }
 
     fn vertex(self: &Arc<Self>, digest: String) -> SharedVertex {
-        let mut map = self.by_digest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_digest.lock();
         if let Some(f) = map.get(&digest) {
             return f.clone();
         }
@@ -194,7 +198,7 @@ impl Solver {
         }
         h.update(b"\n");
         h.update(&checksum);
-        let key = format!("sha256:{}", hex::encode(h.finalize()));
+        let key = Digest::from_hasher(h).to_string();
         if let Some(op::Kind::Source(s)) = &op.kind {
             if s.identifier.starts_with("http") {
                 let url = s.identifier.split(['?', '#']).next().unwrap_or("");
@@ -216,7 +220,7 @@ impl Solver {
 
         // Equal cache keys run once, whatever their digests.
         let shared = {
-            let mut by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+            let mut by_key = self.by_key.lock();
             match by_key.get(&key) {
                 Some(f) => f.clone(),
                 None => {
@@ -247,10 +251,7 @@ impl Solver {
                 source,
             })
         };
-        self.stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .vertices += 1;
+        self.stats.lock().vertices += 1;
         let ignore_cache = self
             .graph
             .metadata
@@ -258,10 +259,7 @@ impl Solver {
             .is_some_and(|m| m.ignore_cache);
         let done = |result: Ref| {
             if matches!(result, Ref::Snapshot(_)) {
-                self.keys
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(key.clone());
+                self.keys.lock().push(key.clone());
             }
             Ok(Arc::new(Done {
                 key: key.clone(),
@@ -295,7 +293,7 @@ impl Solver {
                 .map_err(fail)?;
             if let Some(snapshot) = hit {
                 self.progress.vertex(&name).cached();
-                self.stats.lock().unwrap_or_else(|p| p.into_inner()).cached += 1;
+                self.stats.lock().cached += 1;
                 return done(Ref::Snapshot(snapshot));
             }
         }
@@ -345,10 +343,7 @@ impl Solver {
         .await
         .map_err(|e| fail(WorkerError::Exec(e.to_string())))?;
         let result = outcome.map_err(fail)?;
-        self.stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .executed += 1;
+        self.stats.lock().executed += 1;
         done(result)
     }
 }

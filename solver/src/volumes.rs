@@ -12,12 +12,14 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs;
 use std::os::unix::fs::{lchown, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::db::now;
 use strata_snapshotter::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -85,13 +87,6 @@ pub struct Lease {
     pub path: PathBuf,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn key(id: &str) -> String {
     hex::encode(Sha256::digest(id.as_bytes()))
 }
@@ -104,10 +99,6 @@ impl Volumes {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
         }))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes volumes `requests` (id, sharing, init) for one step, in id order (see module docs).
@@ -149,7 +140,7 @@ impl Volumes {
     pub fn acquire(self: &Arc<Self>, id: &str, sharing: Sharing, init: Init) -> Result<Lease> {
         let dir = self.root.join(key(id));
         let instance = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             match sharing {
                 Sharing::Shared => 0,
                 Sharing::Locked => {
@@ -165,7 +156,7 @@ impl Volumes {
                         if first && !st.held.contains(id) {
                             break;
                         }
-                        st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                        self.wake.wait(&mut st);
                     }
                     st.queues.get_mut(id).map(|q| q.pop_front());
                     st.held.insert(id.to_string());
@@ -234,7 +225,7 @@ impl Volumes {
 
     /// Removes volume `id` (refused while in use).
     pub fn remove(&self, id: &str) -> Result<()> {
-        let st = self.lock();
+        let st = self.state.lock();
         if st.held.contains(id) || st.private.get(id).is_some_and(|s| !s.is_empty()) {
             return Err(Error::FailedPrecondition(format!(
                 "cache volume {id:?} is in use by a running step"
@@ -246,7 +237,7 @@ impl Volumes {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut st = self.volumes.lock();
+        let mut st = self.volumes.state.lock();
         match self.sharing {
             Sharing::Shared => return,
             Sharing::Locked => {

@@ -124,7 +124,6 @@ fn toc_json(member: &[u8]) -> Result<Vec<u8>, ChunkedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
 
     /// A footer as the format defines it, for offset `at`.
     fn footer(at: u64) -> Vec<u8> {
@@ -162,7 +161,7 @@ mod tests {
     /// payload, "b"'s header and payload (b at an inner offset), the landmark, then the TOC's
     /// member and the footer. Returns the blob and its annotations.
     fn blob() -> (Vec<u8>, BTreeMap<String, String>) {
-        let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        let sha = |b: &[u8]| crate::content::Digest::of(b).to_string();
         let mut blob = gzip(&header("a", 5));
         let a_at = blob.len();
         let shared = [padded(b"hello"), header("b", 3), padded(b"xyz")].concat();

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
 use super::toc::{Chunk, Toc};
 use super::{
     estargz, ChunkedError, Codec, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION,
     FOOTER_MAGIC, FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
 };
+use crate::content::Digest;
 
 /// The largest TOC accepted, uncompressed (about two million entries).
 pub const MAX_TOC: u64 = 256 << 20;
@@ -175,7 +174,7 @@ pub(super) fn verify_toc(
     annotation: &str,
     allow_unverified: bool,
 ) -> Result<(), ChunkedError> {
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    let actual = Digest::of(bytes).to_string();
     match expected {
         Some(expected) if expected != actual => Err(ChunkedError::TocDigest {
             expected: expected.to_string(),
@@ -231,7 +230,7 @@ pub fn read_chunk(c: &Chunk, codec: Codec, fetch: &Fetch) -> Result<Vec<u8>, Chu
             actual: format!("undecodable data ({e})"),
         });
     }
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    let actual = Digest::of(&data).to_string();
     if data.len() as u64 != c.size || actual != c.digest {
         return Err(ChunkedError::ChunkDigest {
             start: c.start,
@@ -301,14 +300,8 @@ mod tests {
         let w = write(Cursor::new(&tar), &mut blob, opts).unwrap();
         // A plain zstd reader gets the original tar back: diff_id unchanged.
         assert_eq!(zstd::stream::decode_all(&blob[..]).unwrap(), tar);
-        assert_eq!(
-            w.diff_id,
-            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
-        );
-        assert_eq!(
-            w.digest,
-            format!("sha256:{}", hex::encode(Sha256::digest(&blob)))
-        );
+        assert_eq!(w.diff_id, Digest::of(&tar).to_string());
+        assert_eq!(w.digest, Digest::of(&blob).to_string());
 
         let fetch = fetcher(&blob);
         let toc = read_toc(&w.annotations, blob.len() as u64, &fetch, false).unwrap();

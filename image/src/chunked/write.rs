@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use base64::Engine;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use super::toc::{clean, Entry, Toc};
 use super::{
     ChunkedError, Position, ANNOTATION_TARSPLIT_CHECKSUM, ANNOTATION_TARSPLIT_POSITION,
     ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION, FOOTER_MAGIC, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
 };
+use crate::content::Digest;
 
 /// How to write.
 #[derive(Debug, Clone, Copy)]
@@ -83,10 +84,7 @@ impl<W: Write> Out<W> {
             compressed: z.len() as u64,
             uncompressed: data.len() as u64,
         };
-        Ok((
-            position,
-            format!("sha256:{}", hex::encode(Sha256::digest(&z))),
-        ))
+        Ok((position, Digest::of(&z).to_string()))
     }
 }
 
@@ -364,13 +362,13 @@ pub fn write(
                 end_offset: end,
                 chunk_size: n,
                 chunk_offset: file_offset,
-                chunk_digest: format!("sha256:{}", hex::encode(Sha256::digest(&data))),
+                chunk_digest: Digest::of(&data).to_string(),
                 ..Default::default()
             });
             file_offset += n;
             left -= n;
         }
-        entry.digest = format!("sha256:{}", hex::encode(file_hash.finalize()));
+        entry.digest = Digest::from_hasher(file_hash).to_string();
         entry.offset = chunks[0].offset;
         entry.end_offset = chunks.last().expect("size > 0").end_offset;
         entry.chunk_size = chunks[0].chunk_size;
@@ -413,7 +411,7 @@ pub fn write(
     out.inner
         .flush()
         .map_err(ChunkedError::io("write the layer"))?;
-    let blob = out.hash.finalize();
+    let blob = Digest::from_hasher(out.hash.clone());
     // The checksums cover the compressed bytes of the TOC and tar-split frames.
     let annotations = BTreeMap::from([
         (ANNOTATION_TOC_CHECKSUM.to_string(), toc_digest),
@@ -434,9 +432,9 @@ pub fn write(
         ),
     ]);
     Ok(Written {
-        digest: format!("sha256:{}", hex::encode(blob)),
+        digest: blob.to_string(),
         size: out.written,
-        diff_id: format!("sha256:{}", hex::encode(diff.finalize())),
+        diff_id: Digest::from_hasher(diff).to_string(),
         annotations,
         toc,
     })

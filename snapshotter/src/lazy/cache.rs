@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use strata_image::chunked::toc::Chunk;
+use strata_image::content::Digest;
 
 pub struct ChunkCache {
     dir: PathBuf,
@@ -109,7 +110,7 @@ impl ChunkCache {
                 return Err(std::io::Error::other("chunks do not cover the file"));
             }
             out.into_inner()?.sync_data()?;
-            Ok(format!("sha256:{}", hex::encode(hash.finalize())))
+            Ok(Digest::from_hasher(hash).to_string())
         })();
         match assembled {
             Ok(d) if d == digest && fs::rename(&tmp, &path).is_ok() => {
@@ -223,7 +224,7 @@ mod tests {
     fn whole_files_are_assembled_from_cached_chunks_and_verified() {
         let dir = tempfile::tempdir().unwrap();
         let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
-        let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        let sha = |b: &[u8]| Digest::of(b).to_string();
         let (a, b) = (vec![1u8; 300], vec![2u8; 200]);
         let chunk = |at: u64, data: &[u8], zeros: bool| Chunk {
             file_offset: at,

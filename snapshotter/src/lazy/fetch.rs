@@ -6,7 +6,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tracing::{info, warn};
 
@@ -68,16 +70,15 @@ impl Fetcher {
         let lock = self
             .inflight
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(c.digest.clone())
             .or_default()
             .clone();
         let result = {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _one = lock.lock();
             self.load(c)
         };
         self.publish();
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inflight = self.inflight.lock();
         if Arc::strong_count(&lock) <= 2 {
             inflight.remove(&c.digest);
         }
@@ -87,7 +88,6 @@ impl Fetcher {
     fn hot(&self, c: &Chunk) -> Option<Arc<Vec<u8>>> {
         self.hot
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(d, _)| *d == c.digest)
             .map(|(_, v)| v.clone())
@@ -98,7 +98,6 @@ impl Fetcher {
         if let Some(hit) = self
             .hot
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(d, _)| *d == c.digest)
             .map(|(_, v)| v.clone())
@@ -143,7 +142,7 @@ impl Fetcher {
             }
         };
         let data = Arc::new(data);
-        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hot = self.hot.lock();
         hot.push_back((c.digest.clone(), data.clone()));
         if hot.len() > HOT_CHUNKS {
             hot.pop_front();

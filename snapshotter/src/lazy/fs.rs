@@ -10,7 +10,9 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -41,13 +43,8 @@ struct Recorder {
 impl Recorder {
     fn opened(&self, ino: u64, path: &str) {
         let Some(f) = &self.file else { return };
-        if self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ino)
-        {
-            let _ = writeln!(f.lock().unwrap_or_else(|p| p.into_inner()), "{path}");
+        if self.seen.lock().insert(ino) {
+            let _ = writeln!(f.lock(), "{path}");
         }
     }
 }
@@ -115,7 +112,7 @@ impl LazyFs {
         for _ in 0..workers.max(1) {
             let rx = rx.clone();
             std::thread::spawn(move || loop {
-                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                let job = match rx.lock().recv() {
                     Ok(j) => j,
                     Err(_) => return,
                 };
@@ -144,11 +141,7 @@ impl LazyFs {
 
     /// Runs `job` on a worker thread, so that the session thread goes on with other requests.
     fn spawn(&self, job: Job) {
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
+        let sent = self.jobs.lock().send(job);
         if let Err(e) = sent {
             (e.0)();
         }

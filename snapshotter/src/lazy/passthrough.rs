@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 use tracing::warn;
@@ -50,12 +52,12 @@ impl Passthrough {
             && n.kind == Kind::File
             && n.size > 0
             && !n.digest.is_empty()
-            && self.lock().get(&ino).is_none_or(|o| o.cached == 0);
+            && self.opens.lock().get(&ino).is_none_or(|o| o.cached == 0);
         // Assembling may copy a large file: not under the lock.
         let backing = candidate
             .then(|| fetcher.cache.whole_file(&n.digest, n.size, &n.chunks))
             .flatten();
-        let mut opens = self.lock();
+        let mut opens = self.opens.lock();
         let o = opens.entry(ino).or_default();
         let mut fresh = false;
         if o.passed.is_none() && o.cached == 0 {
@@ -97,7 +99,7 @@ impl Passthrough {
 
     /// The kernel released one open of `ino` made with handle `fh`.
     pub fn release(&self, ino: u64, fh: FileHandle) {
-        let mut opens = self.lock();
+        let mut opens = self.opens.lock();
         let Some(o) = opens.get_mut(&ino) else { return };
         if fh == PASSED {
             if let Some((_, count)) = &mut o.passed {
@@ -113,9 +115,5 @@ impl Passthrough {
         if o.cached == 0 && o.passed.is_none() {
             opens.remove(&ino);
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Opens>> {
-        self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -190,8 +190,8 @@ pub fn run_with(
                 e.runtime
             ))
         })?;
-    let tail = std::sync::Mutex::new(std::collections::VecDeque::new());
-    let captured = std::sync::Mutex::new((Vec::new(), false));
+    let tail = parking_lot::Mutex::new(std::collections::VecDeque::new());
+    let captured = parking_lot::Mutex::new((Vec::new(), false));
     let status = std::thread::scope(|s| {
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
@@ -208,7 +208,7 @@ pub fn run_with(
                     let over = buf.len() > limit || r.is_err();
                     // Drained so that a chatty process is never blocked on a full pipe.
                     let _ = std::io::copy(&mut out, &mut std::io::sink());
-                    *captured.lock().unwrap_or_else(|p| p.into_inner()) = (buf, over);
+                    *captured.lock() = (buf, over);
                 });
             }
         }
@@ -217,7 +217,7 @@ pub fn run_with(
             s.spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     log(&line);
-                    let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut t = tail.lock();
                     t.push_back(line);
                     if t.len() > TAIL {
                         t.pop_front();
@@ -256,7 +256,7 @@ pub fn run_with(
     let _ = fs::remove_dir_all(&bundle);
     let status =
         status.map_err(|err| WorkerError::Exec(format!("waiting for {}: {err}", e.runtime)))?;
-    let (out, over) = captured.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (out, over) = captured.into_inner();
     match status {
         None => Err(WorkerError::Cancelled),
         Some(_) if over => Err(WorkerError::Exec(format!(
@@ -265,11 +265,7 @@ pub fn run_with(
         ))),
         Some(s) if s.success() => Ok(out),
         Some(s) => {
-            let tail: Vec<String> = tail
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .into_iter()
-                .collect();
+            let tail: Vec<String> = tail.into_inner().into_iter().collect();
             Err(WorkerError::ExitCode {
                 command: e.meta.args.join(" "),
                 code: s.code().unwrap_or(-1),

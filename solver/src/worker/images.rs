@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
-use strata_image::content::Digest;
+use strata_image::content::{Digest, Hashing};
 use strata_image::layer;
+use strata_image::nonce;
 use strata_image::oci::{self, Descriptor, ImageConfig, Index, Manifest};
 use strata_image::registry::Reference;
 use strata_image::transfer;
@@ -57,20 +57,6 @@ pub fn checked_name(name: &str) -> Result<String, String> {
                 name.escape_debug().to_string()
             )
         })
-}
-
-/// A reader that hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 impl Worker {
@@ -326,7 +312,7 @@ impl Worker {
         if self.snapshots.stat(key).is_ok() {
             return Ok(());
         }
-        let active = format!("tmp/{}", super::nonce());
+        let active = format!("tmp/{}", nonce());
         self.snapshots
             .prepare(&active, parent.unwrap_or(""), BTreeMap::new())?;
         let result = (|| -> Result<(), WorkerError> {
@@ -344,15 +330,12 @@ impl Worker {
                     layer.digest, layer.media_type
                 )));
             };
-            let mut reader = Hashing {
-                inner: plain,
-                hash: Sha256::new(),
-            };
+            let mut reader = Hashing::new(plain);
             layer::apply(&mut reader, &dir)?;
             std::io::copy(&mut reader, &mut std::io::sink())
                 .map_err(|e| WorkerError::Image(format!("read layer {}: {e}", layer.digest)))?;
-            let actual = format!("sha256:{}", hex::encode(reader.hash.finalize()));
-            if actual != diff_id {
+            let actual = reader.digest();
+            if actual.as_str() != diff_id {
                 return Err(WorkerError::Image(format!(
                     "layer {} unpacks to {actual}, not its diff_id {diff_id}: the image is corrupt",
                     layer.digest

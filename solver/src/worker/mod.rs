@@ -13,10 +13,11 @@ pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use strata_image::content::{ContentError, ContentStore};
 use strata_image::layer::LayerError;
+use strata_image::nonce;
 use strata_image::oci::OciError;
 use strata_snapshotter::mounts as snapshot_mounts;
 use strata_snapshotter::{Options, Snapshots};
@@ -93,8 +94,6 @@ pub struct Worker {
     pub always_pull: bool,
 }
 
-static NONCE: AtomicU64 = AtomicU64::new(0);
-
 /// The first component of `dest` missing under `root` (what a mount point creation would add).
 fn first_missing(root: &Path, dest: &str) -> Option<PathBuf> {
     let mut p = root.to_path_buf();
@@ -108,19 +107,6 @@ fn first_missing(root: &Path, dest: &str) -> Option<PathBuf> {
         }
     }
     None
-}
-
-/// A name no other process or call uses.
-pub fn nonce() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-{t:x}-{}",
-        std::process::id(),
-        NONCE.fetch_add(1, Ordering::SeqCst)
-    )
 }
 
 impl Worker {

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use crate::volumes::{Init, Lease, Sharing};
 use nix::mount::{mount, MsFlags};
+use strata_image::nonce;
 use strata_snapshotter::mounts::unmount;
 
-use super::{agent, nonce, rootfs, tree, Context, Ref, Worker, WorkerError};
+use super::{agent, rootfs, tree, Context, Ref, Worker, WorkerError};
 use crate::llb;
 
 /// Secrets and ssh agents the client gave this build (`--secret`, `--ssh`).

@@ -6,7 +6,8 @@ use std::io;
 use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+use strata_image::content::Digest;
 use strata_image::fsutil;
 
 use super::rootfs;
@@ -69,7 +70,7 @@ impl Source<'_> {
                 self.hash_tree(&path, &rel, &mut h)?;
             }
         }
-        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+        Ok(Digest::from_hasher(h).to_string())
     }
 
     fn hash_tree(&self, path: &Path, rel: &str, h: &mut Sha256) -> io::Result<()> {
