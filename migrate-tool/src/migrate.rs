@@ -166,7 +166,7 @@ fn image_layer(
         chain: chain.to_string(),
         reason,
     };
-    let split = root.tar_split(&chain);
+    let split = root.tar_split(chain);
     let entries = tarsplit::read(&split).map_err(|e| layer_err(e.to_string()))?;
     let (reader, rebuild) = tarsplit::rebuild(entries, src_root).map_err(io("pipe"))?;
     // Same filesystem: hard links. From a device image: copies.

@@ -30,7 +30,7 @@ fn check_layer(
     diff: &Path,
     report: &mut VerifyReport,
 ) {
-    let split = root.tar_split(&chain);
+    let split = root.tar_split(chain);
     let entries = match tarsplit::read(&split) {
         Ok(e) => e,
         Err(e) => return report.problems.push(format!("layer {chain}: {e}")),
