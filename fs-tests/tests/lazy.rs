@@ -227,7 +227,7 @@ fn data_layer_toc(
         c.blob_range(&r, &layer.digest, a, b)
             .map_err(|e| std::io::Error::other(e.to_string()))
     };
-    let toc = strata_image::chunked::read::read_toc(&layer.annotations, layer.size, &fetch, false)
+    let toc = strata_image::chunked::lazy::read_toc(&layer.annotations, layer.size, &fetch, false)
         .unwrap();
     (layer, toc)
 }

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use strata_image::chunked::read::{parse_footer, read_toc};
+use strata_image::chunked::lazy::read_toc;
+use strata_image::chunked::read::parse_footer;
 
 fuzz_target!(|blob: &[u8]| {
     let _ = parse_footer(blob);

@@ -158,8 +158,6 @@ impl Layout {
             Err(e) => return Err(Error::io(format!("remove {}", link.display()))(e)),
         }
         let dir = self.snapshot_dir(id);
-        // A lazy layer's FUSE mount goes first: removal must never walk into it.
-        crate::lazy::detach(&dir);
         let doomed = self.snapshots_dir().join(format!("rm-{id}"));
         match fs::rename(&dir, &doomed) {
             Ok(()) => remove_tree(&doomed),

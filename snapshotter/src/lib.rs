@@ -14,6 +14,7 @@ pub mod error;
 pub mod filter;
 pub mod layout;
 pub mod lazy;
+pub mod metrics;
 pub mod mounts;
 pub mod server;
 pub mod service;

@@ -80,11 +80,7 @@ pub enum Listen<'a> {
 }
 
 /// Serves `snapshots` until a termination signal; a socket it bound is removed then.
-pub async fn serve(
-    snapshots: Arc<Snapshots>,
-    lazy: Option<Arc<crate::lazy::remote::Lazy>>,
-    listen: Listen<'_>,
-) -> anyhow::Result<()> {
+pub async fn serve(snapshots: Arc<Snapshots>, listen: Listen<'_>) -> anyhow::Result<()> {
     let (listener, address) = match listen {
         Listen::Bind { address, group } => (bind(address, group).await?, Some(address)),
         Listen::Inherited(l) => (
@@ -106,7 +102,7 @@ pub async fn serve(
     }
     let result = tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Service::new(
-            snapshots, lazy,
+            snapshots,
         ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

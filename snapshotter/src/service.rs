@@ -16,19 +16,17 @@ use tonic::Status;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::lazy::remote::Lazy;
 use crate::snapshots::{Snapshot, Snapshots};
 use crate::store::Kind;
 
 /// The gRPC service over one snapshotter root.
 pub struct Service {
     snapshots: Arc<Snapshots>,
-    lazy: Option<Arc<Lazy>>,
 }
 
 impl Service {
-    pub fn new(snapshots: Arc<Snapshots>, lazy: Option<Arc<Lazy>>) -> Service {
-        Service { snapshots, lazy }
+    pub fn new(snapshots: Arc<Snapshots>) -> Service {
+        Service { snapshots }
     }
 
     async fn run<T: Send + 'static>(
@@ -124,10 +122,15 @@ impl Snapshotter for Service {
     ) -> Result<Vec<Mount>, Status> {
         let k = key.clone();
         let labels = labels(labels_);
-        if let Some(lazy) = self.lazy.clone().filter(|l| l.wants(&labels)) {
+        if let Some(remote) = self
+            .snapshots
+            .remote()
+            .filter(|r| r.wants(&labels))
+            .cloned()
+        {
             return self
                 .run("prepare (lazy)", &key, move |s| {
-                    lazy.prepare(s, &k, &parent, labels)
+                    remote.prepare(s, &k, &parent, labels)
                 })
                 .await;
         }

@@ -9,6 +9,7 @@
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use containerd_snapshots::api::types::Mount;
@@ -27,6 +28,27 @@ pub struct Options {
     /// Remove only metadata in `Remove`; directories go at the next `Cleanup` (containerd's
     /// `async_remove`): fast removes, deferred disk reclaim.
     pub async_remove: bool,
+}
+
+/// Layers served from elsewhere (lazy layers, mounted over FUSE by their own processes), as the
+/// snapshotter core sees them. The lazy module implements it; the core never imports FUSE code.
+pub trait RemoteLayers: Send + Sync {
+    /// Whether a Prepare with these labels asks for a remote layer.
+    fn wants(&self, labels: &BTreeMap<String, String>) -> bool;
+    /// Mounts the layer and commits it as the labelled target (answering AlreadyExists, as
+    /// containerd expects of a remote snapshot), or prepares `key` normally when it cannot.
+    fn prepare(
+        &self,
+        s: &Snapshots,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>>;
+    /// Mounts again, at start, every remote layer whose mount is gone; returns how many.
+    fn check(&self, s: &Snapshots) -> Result<usize>;
+    /// Unmounts the layer served in snapshot directory `dir`, if any: removal must never walk
+    /// into a mount.
+    fn unmount(&self, dir: &Path);
 }
 
 /// A snapshot as callers see it: its key and its record.
@@ -56,6 +78,7 @@ pub struct Snapshots {
     options: Options,
     index_off: bool,
     state: Mutex<State>,
+    remote: Option<Arc<dyn RemoteLayers>>,
 }
 
 fn not_found(key: &str) -> Error {
@@ -79,6 +102,15 @@ fn check_key(key: &str) -> Result<()> {
 impl Snapshots {
     /// Opens the snapshotter at `root`, repairing what a crash left behind.
     pub fn open(root: &Path, options: Options) -> Result<Snapshots> {
+        Snapshots::open_with(root, options, None)
+    }
+
+    /// [`Snapshots::open`], with remote layers served by `remote`.
+    pub fn open_with(
+        root: &Path,
+        options: Options,
+        remote: Option<Arc<dyn RemoteLayers>>,
+    ) -> Result<Snapshots> {
         let layout = Layout::create(root)?;
         let store = Store::open(&layout.metadata_dir())?;
         // Ids are never reused, even those of directories a crash left without a record.
@@ -94,6 +126,7 @@ impl Snapshots {
             options,
             index_off: mounts::overlay_supports_index(),
             state: Mutex::new(State { next_id }),
+            remote,
         };
         let report = snapshots.cleanup()?;
         info!(
@@ -107,6 +140,19 @@ impl Snapshots {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// What serves remote layers, if anything does.
+    pub fn remote(&self) -> Option<&Arc<dyn RemoteLayers>> {
+        self.remote.as_ref()
+    }
+
+    /// Removes the directories of snapshot `id`, unmounting a remote layer first.
+    fn remove_dirs(&self, id: u64) -> Result<()> {
+        if let Some(remote) = &self.remote {
+            remote.unmount(&self.layout.snapshot_dir(id));
+        }
+        self.layout.remove_snapshot(id)
     }
 
     fn get(&self, key: &str) -> Result<Record> {
@@ -218,7 +264,7 @@ impl Snapshots {
         batch.put(key, &record, parent_id);
         batch.set_next_id(id + 1);
         if let Err(e) = self.store.write(batch) {
-            let _ = self.layout.remove_snapshot(id);
+            let _ = self.remove_dirs(id);
             return Err(e);
         }
         state.next_id = id + 1;
@@ -314,7 +360,7 @@ impl Snapshots {
         drop(state);
         if !self.options.async_remove {
             // The record is gone: a failure here leaves an orphan for Cleanup, not an error.
-            if let Err(e) = self.layout.remove_snapshot(record.id) {
+            if let Err(e) = self.remove_dirs(record.id) {
                 warn!(key, id = record.id, error = %e, "removing snapshot directory failed; cleanup will retry");
             }
         }
@@ -434,6 +480,10 @@ impl Snapshots {
             // Rename under the lock so no new snapshot can reuse what is being deleted.
             for path in &mut doomed {
                 if path.is_dir() && !path.is_symlink() {
+                    // An async Remove of a lazy layer leaves its mount for cleanup to detach.
+                    if let Some(remote) = &self.remote {
+                        remote.unmount(path);
+                    }
                     if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
                         if !name.starts_with("rm-") {
                             let to = path.with_file_name(format!("rm-{name}"));

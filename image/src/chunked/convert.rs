@@ -4,8 +4,9 @@
 
 use std::io::{BufReader, Read, Seek};
 
+use super::read::is_chunked_descriptor;
 use super::write::{write, Options};
-use super::{is_chunked_descriptor, MEDIA_LAYER_ZSTD};
+use super::MEDIA_LAYER_ZSTD;
 use crate::content::{ContentStore, Digest};
 use crate::oci::{self, Descriptor, ImageConfig, Manifest};
 

@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use super::read::{parse_toc, verify_toc, Fetch, MAX_TOC};
-use super::toc::Toc;
+use super::toc::{parse_toc, verify_toc, Fetch, Toc, MAX_TOC};
 use super::ChunkedError;
 
 pub const ANNOTATION_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -193,7 +192,8 @@ mod tests {
 
     #[test]
     fn reads_verified_toc_and_chunks_of_shared_members() {
-        use super::super::read::{read_chunk, read_toc};
+        use super::super::lazy::read_toc;
+        use super::super::read::read_chunk;
         use super::super::Codec;
         let (blob, a) = blob();
         // Still one valid gzip stream of a tar.
@@ -206,7 +206,7 @@ mod tests {
         let toc = read_toc(&a, blob.len() as u64, &fetch, false).unwrap();
         let names: Vec<&str> = toc.entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["a", "b"], "the landmark is hidden");
-        assert_eq!(Codec::of(&a), Codec::Gzip);
+        assert_eq!(super::super::lazy::codec(&a), Codec::Gzip);
         let chunks = toc.chunks();
         let read = |i: usize| read_chunk(&chunks[&i][0], Codec::Gzip, &fetch).unwrap();
         assert_eq!((read(0), read(1)), (b"hello".to_vec(), b"xyz".to_vec()));

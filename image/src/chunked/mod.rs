@@ -6,11 +6,14 @@
 //!
 //! - [`toc`]: the TOC entries (CRFS JSON, containers/storage field names) and their checks.
 //! - [`write`]: layer tar → zstd:chunked blob + the descriptor annotations.
-//! - [`read`]: the footer and annotations → the TOC, verified against its checksum.
+//! - [`read`]: the footer and annotations → the TOC, verified against its checksum; chunks.
 //! - [`estargz`]: the same for eStargz (gzip) layers, which share the TOC format.
+//! - [`lazy`]: either format: which one a descriptor is, and its TOC.
+//! - [`convert`], [`reorder`]: whole images to zstd:chunked; files reordered for prefetch.
 
 pub mod convert;
 pub mod estargz;
+pub mod lazy;
 pub mod read;
 pub mod reorder;
 pub mod toc;
@@ -37,27 +40,11 @@ pub const FOOTER_MAGIC: &[u8; 8] = b"GNUlInUx";
 /// The TOC type of the footer and the position annotation: CRFS-style JSON.
 pub const TOC_TYPE_CRFS: u64 = 1;
 
-/// Whether a layer descriptor is zstd:chunked (it carries the TOC annotations).
-pub fn is_chunked_descriptor(d: &crate::oci::Descriptor) -> bool {
-    read::is_chunked(&d.annotations)
-}
-
 /// How a lazy layer's chunk frames are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     Zstd,
     Gzip,
-}
-
-impl Codec {
-    /// The codec of a lazy layer, from its descriptor's annotations.
-    pub fn of(annotations: &std::collections::BTreeMap<String, String>) -> Codec {
-        if estargz::is_estargz(annotations) {
-            Codec::Gzip
-        } else {
-            Codec::Zstd
-        }
-    }
 }
 
 /// Where a compressed TOC or tar-split sits in the blob (not counting its skippable-frame header).

@@ -4,18 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use super::toc::{Chunk, Toc};
+use super::toc::{parse_toc, verify_toc, Chunk, Fetch, Toc, MAX_TOC};
 use super::{
-    estargz, ChunkedError, Codec, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION,
-    FOOTER_MAGIC, FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
+    ChunkedError, Codec, Position, ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION, FOOTER_MAGIC,
+    FOOTER_SIZE, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
 };
 use crate::content::Digest;
-
-/// The largest TOC accepted, uncompressed (about two million entries).
-pub const MAX_TOC: u64 = 256 << 20;
-
-/// Reads `[start, end)` of the blob (an HTTP Range request, a file read, ...).
-pub type Fetch<'a> = dyn Fn(u64, u64) -> std::io::Result<Vec<u8>> + 'a;
 
 /// Parses the 72-byte footer: the TOC's and the tar-split's positions.
 pub fn parse_footer(footer: &[u8]) -> Result<(Position, Position), ChunkedError> {
@@ -90,36 +84,19 @@ pub fn from_annotations(
     }
 }
 
-/// Whether a descriptor is a zstd:chunked layer (it has the TOC annotations).
+/// Whether a descriptor is a zstd:chunked layer (it carries the TOC annotations).
+pub fn is_chunked_descriptor(d: &crate::oci::Descriptor) -> bool {
+    is_chunked(&d.annotations)
+}
+
+/// Whether annotations are a zstd:chunked layer's (they carry the TOC position).
 pub fn is_chunked(a: &BTreeMap<String, String>) -> bool {
     annotation(a, ANNOTATION_TOC_POSITION).is_some()
 }
 
-/// Whether a descriptor is a layer that can be served lazily: zstd:chunked or eStargz.
-pub fn is_lazy(a: &BTreeMap<String, String>) -> bool {
-    is_chunked(a) || estargz::is_estargz(a)
-}
-
-/// Fetches, verifies and checks the TOC of a zstd:chunked or eStargz blob of `blob_size`
-/// bytes. Without a checksum in the annotations the TOC cannot be verified: refused unless
-/// `allow_unverified`.
-pub fn read_toc(
-    annotations: &BTreeMap<String, String>,
-    blob_size: u64,
-    fetch: &Fetch,
-    allow_unverified: bool,
-) -> Result<Toc, ChunkedError> {
-    let mut toc = if estargz::is_estargz(annotations) {
-        estargz::read_toc(annotations, blob_size, fetch, allow_unverified)?
-    } else {
-        read_chunked_toc(annotations, blob_size, fetch, allow_unverified)?
-    };
-    estargz::hide_landmarks(annotations, &mut toc);
-    Ok(toc)
-}
-
-/// [`read_toc`] of zstd:chunked.
-fn read_chunked_toc(
+/// Fetches, verifies and checks the TOC of a zstd:chunked blob of `blob_size` bytes (see
+/// [`super::lazy::read_toc`]).
+pub fn read_chunked_toc(
     annotations: &BTreeMap<String, String>,
     blob_size: u64,
     fetch: &Fetch,
@@ -163,37 +140,6 @@ fn read_chunked_toc(
     toc.fill_end_offsets(pos.offset.saturating_sub(8));
     toc.check(blob_size, pos.offset)?;
     Ok(toc)
-}
-
-/// Checks the TOC's `bytes` (what annotation `annotation` is the digest of) against `expected`.
-/// Without an expected digest the TOC cannot be verified: refused unless `allow_unverified`, then
-/// served with a warning.
-pub(super) fn verify_toc(
-    bytes: &[u8],
-    expected: Option<&str>,
-    annotation: &str,
-    allow_unverified: bool,
-) -> Result<(), ChunkedError> {
-    let actual = Digest::of(bytes).to_string();
-    match expected {
-        Some(expected) if expected != actual => Err(ChunkedError::TocDigest {
-            expected: expected.to_string(),
-            actual,
-        }),
-        Some(_) => Ok(()),
-        None if allow_unverified => {
-            tracing::warn!(toc = %actual, annotation, "TOC without its checksum annotation: serving it UNVERIFIED (allow_unverified is set)");
-            Ok(())
-        }
-        None => Err(ChunkedError::Format(format!(
-            "the layer descriptor has no {annotation} annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)"
-        ))),
-    }
-}
-
-pub(super) fn parse_toc(json: &[u8]) -> Result<Toc, ChunkedError> {
-    serde_json::from_slice(json)
-        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))
 }
 
 /// Fetches chunk `c`, decompresses it and returns its bytes only if they match its digest.
@@ -243,6 +189,7 @@ pub fn read_chunk(c: &Chunk, codec: Codec, fetch: &Fetch) -> Result<Vec<u8>, Chu
 
 #[cfg(test)]
 mod tests {
+    use super::super::lazy::read_toc;
     use super::super::write::{write, Options};
     use super::*;
     use std::io::Cursor;

@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use super::ChunkedError;
 
+/// The largest TOC accepted, uncompressed (about two million entries).
+pub const MAX_TOC: u64 = 256 << 20;
+
+/// Reads `[start, end)` of the blob (an HTTP Range request, a file read, ...).
+pub type Fetch<'a> = dyn Fn(u64, u64) -> std::io::Result<Vec<u8>> + 'a;
+
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -310,6 +316,38 @@ impl Toc {
         }
         out
     }
+}
+
+/// Checks the TOC's `bytes` (what annotation `annotation` is the digest of) against `expected`.
+/// Without an expected digest the TOC cannot be verified: refused unless `allow_unverified`, then
+/// served with a warning.
+pub fn verify_toc(
+    bytes: &[u8],
+    expected: Option<&str>,
+    annotation: &str,
+    allow_unverified: bool,
+) -> Result<(), ChunkedError> {
+    let actual = crate::content::Digest::of(bytes).to_string();
+    match expected {
+        Some(expected) if expected != actual => Err(ChunkedError::TocDigest {
+            expected: expected.to_string(),
+            actual,
+        }),
+        Some(_) => Ok(()),
+        None if allow_unverified => {
+            tracing::warn!(toc = %actual, annotation, "TOC without its checksum annotation: serving it UNVERIFIED (allow_unverified is set)");
+            Ok(())
+        }
+        None => Err(ChunkedError::Format(format!(
+            "the layer descriptor has no {annotation} annotation, so its TOC cannot be verified; refusing it (set allow_unverified to serve such layers)"
+        ))),
+    }
+}
+
+/// Parses a TOC's JSON.
+pub fn parse_toc(json: &[u8]) -> Result<Toc, ChunkedError> {
+    serde_json::from_slice(json)
+        .map_err(|e| ChunkedError::Format(format!("the TOC is not valid JSON: {e}")))
 }
 
 #[cfg(test)]

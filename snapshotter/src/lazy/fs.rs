@@ -23,8 +23,9 @@ use fuser::{
 };
 use tracing::{info, warn};
 
+use super::background::background_fetch;
 use super::cache::ChunkCache;
-use super::fetch::{background_fetch, Fetcher};
+use super::fetch::Fetcher;
 use super::index::{Kind, Node};
 use super::nodes::Nodes;
 use super::passthrough::Passthrough;

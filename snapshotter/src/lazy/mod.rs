@@ -15,6 +15,7 @@
 //! Layout of `snapshots/<id>/lazy/`: `layer.json` ([`LayerSpec`]), `toc.json` (verified),
 //! `pid`, `stats.json` ([`Stats`]), `serve.log`.
 
+pub mod background;
 pub mod cache;
 pub mod fetch;
 pub mod fs;
@@ -148,29 +149,6 @@ pub fn is_mounted(path: &Path) -> bool {
     listed && nix::sys::statfs::statfs(path).is_ok()
 }
 
-/// Stops serving the lazy layer of snapshot directory `dir` (if it is one): detaches its mount
-/// and ends its process. Called before the directory is removed.
-pub fn detach(dir: &Path) {
-    let state = dir.join("lazy");
-    if !state.is_dir() {
-        return;
-    }
-    let fs = dir.join("fs");
-    if let Ok(c) = std::ffi::CString::new(fs.as_os_str().as_encoded_bytes()) {
-        // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-    if let Some(pid) = std::fs::read_to_string(state.join("pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        if pid > 1 {
-            // SAFETY: sending a signal has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-}
-
 /// The counters of every lazy layer under snapshotter root `root`: (layer digest, stats, or why
 /// they cannot be read). A served layer always has a `stats.json` (its server writes one before
 /// mounting), so a missing or corrupt one is reported, never read as zeros.
@@ -194,100 +172,4 @@ pub fn layer_stats(root: &Path) -> Vec<(String, Result<StatsSnapshot, String>)> 
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-/// The counters in Prometheus' text format.
-pub fn prometheus(root: &Path, fell_back: u64) -> String {
-    let layers = layer_stats(root);
-    let mut out = String::new();
-    type Metric = (&'static str, &'static str, fn(&StatsSnapshot) -> u64);
-    let metrics: [Metric; 6] = [
-        (
-            "strata_lazy_layer_bytes",
-            "Compressed size of the layer blob",
-            |s| s.total_bytes,
-        ),
-        (
-            "strata_lazy_fetched_bytes_total",
-            "Compressed bytes fetched from the registry",
-            |s| s.fetched_bytes,
-        ),
-        (
-            "strata_lazy_cache_hits_total",
-            "Chunks and whole-file reads served from the cache",
-            |s| s.cache_hits,
-        ),
-        (
-            "strata_lazy_verify_failures_total",
-            "Chunks whose sha256 did not match (never served)",
-            |s| s.verify_failures,
-        ),
-        (
-            "strata_lazy_fetch_errors_total",
-            "Chunk fetches that failed",
-            |s| s.fetch_errors,
-        ),
-        (
-            "strata_lazy_passthrough_opens_total",
-            "Opens passed through to a whole cached file (FUSE passthrough)",
-            |s| s.passthrough_opens,
-        ),
-    ];
-    for (name, help, get) in metrics {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {}\n",
-            if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            }
-        ));
-        for (digest, s) in &layers {
-            if let Ok(s) = s {
-                out.push_str(&format!("{name}{{layer=\"{digest}\"}} {}\n", get(s)));
-            }
-        }
-    }
-    out.push_str("# HELP strata_lazy_stats_unreadable Layers whose counters cannot be read (see status)\n# TYPE strata_lazy_stats_unreadable gauge\n");
-    for (digest, s) in &layers {
-        out.push_str(&format!(
-            "strata_lazy_stats_unreadable{{layer=\"{digest}\"}} {}\n",
-            u8::from(s.is_err())
-        ));
-    }
-    out.push_str(&format!(
-        "# HELP strata_lazy_fallback_layers_total Layers that were neither zstd:chunked nor eStargz and were pulled whole\n# TYPE strata_lazy_fallback_layers_total counter\nstrata_lazy_fallback_layers_total {fell_back}\n"
-    ));
-    out
-}
-
-/// Serves `GET /metrics` on `address` from a thread.
-pub fn serve_metrics(
-    address: &str,
-    root: PathBuf,
-    lazy: std::sync::Arc<remote::Lazy>,
-) -> std::io::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind(address)?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut line = String::new();
-            let _ = BufReader::new(&conn).read_line(&mut line);
-            let (status, body) = if line.starts_with("GET /metrics") {
-                (
-                    "200 OK",
-                    prometheus(&root, lazy.fell_back.load(Ordering::Relaxed)),
-                )
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let mut c = conn;
-            let _ = write!(
-                c,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(())
 }

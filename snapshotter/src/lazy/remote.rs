@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use super::{is_mounted, LayerSpec};
 use crate::config::LazyConfig;
 use crate::error::{Error, Result};
-use crate::snapshots::Snapshots;
-use strata_image::chunked::read::{is_lazy, read_toc};
+use crate::snapshots::{RemoteLayers, Snapshots};
+use strata_image::chunked::lazy::{is_lazy, read_toc};
 use strata_image::labels;
 use strata_image::oci::{Descriptor, Manifest};
 use strata_image::registry::{Client, Reference};
@@ -54,19 +54,6 @@ impl Lazy {
         })
     }
 
-    /// Whether a Prepare asks for a remote snapshot.
-    pub fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.cfg.enabled
-            && [
-                labels::TARGET,
-                labels::IMAGE_REF,
-                labels::MANIFEST,
-                labels::LAYER,
-            ]
-            .iter()
-            .all(|l| labels.contains_key(*l))
-    }
-
     /// The layer's descriptor, from the image's manifest in the registry.
     fn descriptor(&self, labels: &BTreeMap<String, String>) -> Result<(Reference, Descriptor)> {
         let image = Reference::parse(&labels[labels::IMAGE_REF]).map_err(refused)?;
@@ -87,10 +74,75 @@ impl Lazy {
         Ok((image, layer))
     }
 
+    /// Starts the serving process for `state` at `mountpoint` and waits for the mount.
+    fn spawn(&self, state: &Path, mountpoint: &Path) -> Result<()> {
+        let log = std::fs::File::create(state.join("serve.log"))
+            .map_err(Error::io("create serve.log"))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("serve-layer")
+            .arg(state)
+            .arg(mountpoint)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(Error::io("serve.log"))?)
+            .stderr(log);
+        // Its own session: it outlives this daemon (and its signals).
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(Error::io("start serve-layer"))?;
+        std::fs::write(state.join("pid"), child.id().to_string())
+            .map_err(Error::io("write pid"))?;
+        let deadline = Instant::now() + MOUNT_WAIT;
+        loop {
+            if is_mounted(mountpoint) {
+                // Reaped by a thread so it never lingers as a zombie of the daemon.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
+                return Err(refused(format!(
+                    "the FUSE server exited ({status}): {}",
+                    log.lines().last().unwrap_or("")
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(refused(format!(
+                    "no FUSE mount at {} after {}s",
+                    mountpoint.display(),
+                    MOUNT_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl RemoteLayers for Lazy {
+    /// Whether a Prepare asks for a remote snapshot.
+    fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.cfg.enabled
+            && [
+                labels::TARGET,
+                labels::IMAGE_REF,
+                labels::MANIFEST,
+                labels::LAYER,
+            ]
+            .iter()
+            .all(|l| labels.contains_key(*l))
+    }
+
     /// Prepares `key` as a lazy layer and commits it as the target: answers AlreadyExists (what
     /// containerd expects of a remote snapshot). A layer that is not zstd:chunked is prepared
     /// as an ordinary active snapshot for containerd to pull into, and said so.
-    pub fn prepare(
+    fn prepare(
         &self,
         s: &Snapshots,
         key: &str,
@@ -149,7 +201,7 @@ impl Lazy {
         })();
         if let Err(e) = result {
             if let Ok(dir) = snapshot_dir(key) {
-                super::detach(&dir);
+                unmount(&dir);
             }
             let _ = s.remove(key);
             return Err(e);
@@ -161,59 +213,9 @@ impl Lazy {
         )))
     }
 
-    /// Starts the serving process for `state` at `mountpoint` and waits for the mount.
-    fn spawn(&self, state: &Path, mountpoint: &Path) -> Result<()> {
-        let log = std::fs::File::create(state.join("serve.log"))
-            .map_err(Error::io("create serve.log"))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("serve-layer")
-            .arg(state)
-            .arg(mountpoint)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(Error::io("serve.log"))?)
-            .stderr(log);
-        // Its own session: it outlives this daemon (and its signals).
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(Error::io("start serve-layer"))?;
-        std::fs::write(state.join("pid"), child.id().to_string())
-            .map_err(Error::io("write pid"))?;
-        let deadline = Instant::now() + MOUNT_WAIT;
-        loop {
-            if is_mounted(mountpoint) {
-                // Reaped by a thread so it never lingers as a zombie of the daemon.
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
-                return Ok(());
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
-                return Err(refused(format!(
-                    "the FUSE server exited ({status}): {}",
-                    log.lines().last().unwrap_or("")
-                )));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(refused(format!(
-                    "no FUSE mount at {} after {}s",
-                    mountpoint.display(),
-                    MOUNT_WAIT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// Remounts every lazy layer whose mount is gone (a reboot, a killed server); live mounts
     /// are left to their processes.
-    pub fn restore(&self, s: &Snapshots) -> Result<usize> {
+    fn check(&self, s: &Snapshots) -> Result<usize> {
         let mut remounted = 0;
         for snap in s.list(&[])? {
             let dir = s.layout().snapshot_dir(snap.record.id);
@@ -226,13 +228,40 @@ impl Lazy {
                 tracing::debug!(key = %snap.key, "lazy layer still served");
                 continue;
             }
-            super::detach(&dir);
+            unmount(&dir);
             match self.spawn(&state, &fs) {
                 Ok(()) => remounted += 1,
                 Err(e) => warn!(key = %snap.key, error = %e, "lazy layer could not be remounted"),
             }
         }
         Ok(remounted)
+    }
+
+    fn unmount(&self, dir: &Path) {
+        unmount(dir);
+    }
+}
+
+/// Stops serving the lazy layer of snapshot directory `dir` (if it is one): detaches its mount
+/// and ends its process.
+fn unmount(dir: &Path) {
+    let state = dir.join("lazy");
+    if !state.is_dir() {
+        return;
+    }
+    let fs = dir.join("fs");
+    if let Ok(c) = std::ffi::CString::new(fs.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    if let Some(pid) = std::fs::read_to_string(state.join("pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        if pid > 1 {
+            // SAFETY: sending a signal has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
     }
 }
 
