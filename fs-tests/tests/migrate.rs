@@ -498,7 +498,7 @@ fn a_layer_path_through_a_symlink_is_refused() {
         let m = std::fs::symlink_metadata(&p).unwrap();
         if m.is_dir() && p != layer.join("attrs") {
             stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
-        } else if m.is_file() && p.starts_with(root.join(migrate_tool::migrate::TMP)) {
+        } else if m.is_file() && p.starts_with(root.join(migrate_tool::journal::TMP)) {
             assert!(
                 !outside_inodes.contains(&m.ino()),
                 "{} links to a file outside",

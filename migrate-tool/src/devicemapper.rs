@@ -9,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::migrate::MigrateError;
+use crate::error::MigrateError;
 
 /// A run of `len` blocks of a device at `origin`, stored in the pool at `data`.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -35,6 +35,9 @@ enum Target {
 #[derive(Subcommand)]
 enum Cmd {
     /// Report what the data root holds and what a migration needs (read-only)
+    #[command(
+        after_help = "Examples:\n  migrate-tool plan\n  migrate-tool plan --data-root /srv/docker --json | jq '.problems[] | select(.severity == \"blocker\")'"
+    )]
     Plan {
         /// Docker's data root
         #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
@@ -44,6 +47,9 @@ enum Cmd {
         json: bool,
     },
     /// Build the overlay2 tree beside the old one through a journal, then switch dockerd over
+    #[command(
+        after_help = "Examples:\n  systemctl stop docker && migrate-tool migrate\n  migrate-tool migrate --to strata   # and into containerd on the strata snapshotter\n\nKilled or failed, run the same command again: it resumes from its journal."
+    )]
     Migrate {
         #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
         data_root: PathBuf,
@@ -56,17 +62,21 @@ enum Cmd {
         /// containerd's socket (with --to strata)
         #[arg(
             long,
+            env = "CONTAINERD_ADDRESS",
             default_value = "/run/containerd/containerd.sock",
             value_name = "SOCKET"
         )]
         containerd_address: PathBuf,
         /// containerd namespace (with --to strata)
-        #[arg(long, default_value = "default")]
+        #[arg(long, env = "CONTAINERD_NAMESPACE", default_value = "default")]
         namespace: String,
         #[arg(long)]
         json: bool,
     },
     /// Check every migrated layer against its diffID and metadata, and every container's files
+    #[command(
+        after_help = "Example:\n  migrate-tool verify && systemctl start docker\n\nA passing verify is what allows cleanup; a failing one names each path and field."
+    )]
     Verify {
         #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
         data_root: PathBuf,
@@ -74,6 +84,9 @@ enum Cmd {
         json: bool,
     },
     /// Undo a migration (before cleanup): containers and dockerd point at the old driver again
+    #[command(
+        after_help = "Example:\n  systemctl stop docker && migrate-tool rollback && systemctl start docker"
+    )]
     Rollback {
         #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
         data_root: PathBuf,
@@ -81,6 +94,7 @@ enum Cmd {
         daemon_json: PathBuf,
     },
     /// Remove the old driver's data; refused until verify has passed
+    #[command(after_help = "Example:\n  migrate-tool verify && migrate-tool cleanup")]
     Cleanup {
         #[arg(long, default_value = "/var/lib/docker", value_name = "DIR")]
         data_root: PathBuf,
@@ -113,19 +127,8 @@ fn import_to_strata(_: &Path, _: &Path, _: &str, _: &Path) -> anyhow::Result<Vec
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Cmd::Plan { data_root, json } => {
-            let root = DataRoot::open(&data_root)
-                .with_context(|| format!("read Docker data root {}", data_root.display()))?;
-            let plan = migrate_tool::plan::plan(&root);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
-            } else {
-                print!("{plan}");
-            }
-            Ok(())
-        }
+    match Cli::parse().command {
+        Cmd::Plan { data_root, json } => plan(&data_root, json),
         Cmd::Migrate {
             data_root,
             daemon_json,
@@ -137,78 +140,18 @@ fn main() -> anyhow::Result<()> {
             if to.is_some() {
                 check_strata_support()?;
             }
-            let root = DataRoot::open(&data_root)
-                .with_context(|| format!("read Docker data root {}", data_root.display()))?;
-            let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                indicatif::ProgressBar::hidden()
-            } else {
-                indicatif::ProgressBar::new(0)
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
-                    .expect("static template"),
-            );
-            let progress = |done: usize, total: usize, step: &str| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-                bar.set_message(step.to_string());
-                if bar.is_hidden() && !json {
-                    eprintln!("[{}/{total}] {step}", done + 1);
-                }
-            };
-            let report = migrate_tool::migrate::migrate(
-                &root,
-                &migrate_tool::migrate::Options {
-                    daemon_json,
-                    progress: &progress,
-                },
-            )?;
-            bar.finish_and_clear();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("migrated {} image layers and {} containers to overlay2 ({} entries, {} bytes of metadata written)", report.layers, report.containers, report.entries, report.bytes_written);
-                println!(
-                    "next: migrate-tool verify --data-root {}",
-                    data_root.display()
-                );
+            migrate(&data_root, daemon_json, json)?;
+            match to {
+                Some(Target::Strata) => to_strata(&data_root, &containerd_address, &namespace),
+                None => Ok(()),
             }
-            if let Some(Target::Strata) = to {
-                let work = data_root
-                    .join(migrate_tool::migrate::TMP)
-                    .join("strata-content");
-                let names = import_to_strata(&data_root, &containerd_address, &namespace, &work)?;
-                let _ = std::fs::remove_dir_all(&work);
-                for n in &names {
-                    println!("imported {n} into containerd (namespace {namespace}), unpacked into strata");
-                }
-            }
-            Ok(())
         }
-        Cmd::Verify { data_root, json } => {
-            let report = migrate_tool::verify::verify(&data_root)
-                .with_context(|| format!("verify {}", data_root.display()))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "checked {} layers ({} entries) and {} containers",
-                    report.layers, report.entries, report.containers
-                );
-                for p in &report.problems {
-                    println!("PROBLEM {p}");
-                }
-            }
-            if !report.problems.is_empty() {
-                anyhow::bail!("verify found {} problems: do not start dockerd on overlay2; run migrate-tool rollback", report.problems.len());
-            }
-            Ok(())
-        }
+        Cmd::Verify { data_root, json } => verify(&data_root, json),
         Cmd::Rollback {
             data_root,
             daemon_json,
         } => {
-            migrate_tool::migrate::rollback(&data_root, &daemon_json)?;
+            migrate_tool::finish::rollback(&data_root, &daemon_json)?;
             println!(
                 "rolled back: {} uses its old driver again",
                 data_root.display()
@@ -216,26 +159,102 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Cleanup { data_root } => {
-            let tmp = data_root.join(migrate_tool::migrate::TMP);
-            if !tmp.join(migrate_tool::verify::VERIFIED).exists() {
-                anyhow::bail!("refusing to remove the old driver's data: run migrate-tool verify first (it must pass)");
-            }
-            let legacy = ["aufs", "overlay", "devicemapper"]
-                .into_iter()
-                .find(|d| data_root.join("image").join(d).is_dir())
-                .unwrap_or("overlay");
-            for d in [
-                data_root.join(legacy),
-                data_root.join("image").join(legacy),
-                tmp,
-            ] {
-                if d.exists() {
-                    std::fs::remove_dir_all(&d)
-                        .with_context(|| format!("remove {}", d.display()))?;
-                }
-            }
+            migrate_tool::finish::cleanup(&data_root)?;
             println!("removed the old driver's data");
             Ok(())
         }
     }
+}
+
+fn open(data_root: &Path) -> anyhow::Result<DataRoot> {
+    DataRoot::open(data_root)
+        .with_context(|| format!("read Docker data root {}", data_root.display()))
+}
+
+fn plan(data_root: &Path, json: bool) -> anyhow::Result<()> {
+    let plan = migrate_tool::plan::plan(&open(data_root)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{plan}");
+    }
+    Ok(())
+}
+
+/// A bar on a terminal; elsewhere (and without `--json`) one line per step.
+fn progress_bar(json: bool) -> indicatif::ProgressBar {
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .expect("static template"),
+    );
+    bar
+}
+
+fn migrate(data_root: &Path, daemon_json: PathBuf, json: bool) -> anyhow::Result<()> {
+    let root = open(data_root)?;
+    let bar = progress_bar(json);
+    let progress = |done: usize, total: usize, step: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(step.to_string());
+        if bar.is_hidden() && !json {
+            eprintln!("[{}/{total}] {step}", done + 1);
+        }
+    };
+    let options = migrate_tool::migrate::Options {
+        daemon_json,
+        progress: &progress,
+    };
+    let report = migrate_tool::migrate::migrate(&root, &options)?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("migrated {} image layers and {} containers to overlay2 ({} entries, {} bytes of metadata written)", report.layers, report.containers, report.entries, report.bytes_written);
+        println!(
+            "next: migrate-tool verify --data-root {}",
+            data_root.display()
+        );
+    }
+    Ok(())
+}
+
+fn to_strata(data_root: &Path, containerd_address: &Path, namespace: &str) -> anyhow::Result<()> {
+    let work = data_root
+        .join(migrate_tool::journal::TMP)
+        .join("strata-content");
+    let names = import_to_strata(data_root, containerd_address, namespace, &work)?;
+    let _ = std::fs::remove_dir_all(&work);
+    for n in &names {
+        println!("imported {n} into containerd (namespace {namespace}), unpacked into strata");
+    }
+    Ok(())
+}
+
+fn verify(data_root: &Path, json: bool) -> anyhow::Result<()> {
+    let report = migrate_tool::verify::verify(data_root)
+        .with_context(|| format!("verify {}", data_root.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} layers ({} entries) and {} containers",
+            report.layers, report.entries, report.containers
+        );
+        for p in &report.problems {
+            println!("PROBLEM {p}");
+        }
+    }
+    if !report.problems.is_empty() {
+        anyhow::bail!(
+            "verify found {} problems: do not start dockerd on overlay2; run migrate-tool rollback",
+            report.problems.len()
+        );
+    }
+    Ok(())
 }

@@ -1,109 +1,19 @@
-//! `migrate-tool migrate`: builds the overlay2 tree beside the source in `<data-root>/migrate-overlay2.tmp`
-//! through a journal of steps, each done once and marked done (`journal/<step>.done`), then switches
-//! dockerd over. Killed at any point, a rerun skips what is done and redoes the step in flight;
-//! the source driver's files are never modified (image layer files are hard-linked, not copied).
+//! `migrate-tool migrate`: builds the overlay2 tree of an overlay (v1), aufs or devicemapper data
+//! root beside it, in `<data-root>/migrate-overlay2.tmp`, through a [`Journal`] of steps, then
+//! switches dockerd over. Killed at any point, a rerun skips what is done and redoes the step in
+//! flight; the source driver's files are never modified (overlay and aufs image layer files are
+//! hard-linked, devicemapper's are copied out of their mounted devices).
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use strata_image::layer;
 
-use crate::dataroot::{DataRoot, Driver};
-use crate::tarsplit;
-use crate::{changes, devicemapper, overlay2};
-
-pub const TMP: &str = "migrate-overlay2.tmp";
-
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    #[error("{0}")]
-    Refused(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("layer {chain}: {reason}")]
-    Layer { chain: String, reason: String },
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
-    let what = what.into();
-    move |source| MigrateError::Io { what, source }
-}
-
-/// The journal: one marker file per finished step.
-pub struct Journal<'a> {
-    dir: PathBuf,
-    progress: &'a dyn Fn(usize, usize, &str),
-    /// Steps seen so far and in all, for progress.
-    seen: usize,
-    pub total: usize,
-    /// Test hook: SIGKILL ourselves after this many steps (STRATA_MIGRATE_KILL_AFTER).
-    kill_after: Option<usize>,
-    done_now: usize,
-}
-
-impl<'a> Journal<'a> {
-    pub fn open(
-        tmp: &Path,
-        progress: &'a dyn Fn(usize, usize, &str),
-    ) -> Result<Journal<'a>, MigrateError> {
-        let dir = tmp.join("journal");
-        fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-        let kill_after = std::env::var("STRATA_MIGRATE_KILL_AFTER")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        Ok(Journal {
-            dir,
-            kill_after,
-            done_now: 0,
-            progress,
-            seen: 0,
-            total: 0,
-        })
-    }
-
-    pub fn is_done(&self, step: &str) -> bool {
-        self.dir.join(format!("{step}.done")).exists()
-    }
-
-    /// Runs `f` unless `step` is done, then marks it done (durably).
-    pub fn step(
-        &mut self,
-        step: &str,
-        f: impl FnOnce() -> Result<(), MigrateError>,
-    ) -> Result<(), MigrateError> {
-        self.step_labeled(step, step, f)
-    }
-
-    /// Like [`Journal::step`], shown to the user as `label` (the marker keeps the step's name).
-    pub fn step_labeled(
-        &mut self,
-        step: &str,
-        label: &str,
-        f: impl FnOnce() -> Result<(), MigrateError>,
-    ) -> Result<(), MigrateError> {
-        (self.progress)(self.seen, self.total, label);
-        self.seen += 1;
-        if self.is_done(step) {
-            return Ok(());
-        }
-        f()?;
-        let marker = self.dir.join(format!("{step}.done"));
-        let file = fs::File::create(&marker).map_err(io(format!("write {}", marker.display())))?;
-        file.sync_all().map_err(io("sync journal"))?;
-        self.done_now += 1;
-        if self.kill_after == Some(self.done_now) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
-        }
-        Ok(())
-    }
-}
+use crate::dataroot::{DataRoot, Driver, Layer};
+use crate::error::{io, MigrateError};
+use crate::journal::{daemon_json_backup, write_atomic, Journal, TMP};
+use crate::{changes, devicemapper, overlay2, tarsplit};
 
 /// Settings of a migration.
 pub struct Options<'a> {
@@ -122,19 +32,323 @@ pub struct Report {
     pub bytes_written: u64,
 }
 
-/// Writes `content` to `path` through a temp file and a rename.
-pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), MigrateError> {
-    let tmp = path.with_extension("migrate-tmp");
-    let mut f = fs::File::create(&tmp).map_err(io(format!("write {}", tmp.display())))?;
-    f.write_all(content)
-        .map_err(io(format!("write {}", tmp.display())))?;
-    f.sync_all()
-        .map_err(io(format!("sync {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(io(format!(
-        "rename {} to {}",
-        tmp.display(),
-        path.display()
+/// Migrates the overlay (v1), aufs or devicemapper data root `root` to overlay2.
+pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> {
+    check_source(root)?;
+    let tmp = root.path.join(TMP);
+    let mut journal = Journal::open(&tmp, opts.progress)?;
+    journal.total = steps(root);
+    let mut m = Migration::start(root, tmp)?;
+    for l in root.layers_parents_first() {
+        m.image_layer(&mut journal, l)?;
+    }
+    for c in &root.containers {
+        m.container(&mut journal, c)?;
+    }
+    m.switch(&mut journal, &opts.daemon_json)?;
+    Ok(m.report)
+}
+
+/// Refuses a source that is not a legacy driver, or that the plan finds a blocker in.
+fn check_source(root: &DataRoot) -> Result<(), MigrateError> {
+    if !matches!(
+        root.driver,
+        Driver::Overlay | Driver::Aufs | Driver::Devicemapper
+    ) {
+        return Err(MigrateError::Refused(format!(
+            "{}: there is nothing to migrate from {} (overlay, aufs and devicemapper are)",
+            root.path.display(),
+            root.driver.dir_name()
+        )));
+    }
+    let blockers: Vec<String> = crate::plan::plan(root)
+        .problems
+        .iter()
+        .filter(|p| p.severity == crate::plan::Severity::Blocker)
+        .map(|p| format!("{} (fix: {})", p.what, p.fix))
+        .collect();
+    if blockers.is_empty() {
+        return Ok(());
+    }
+    Err(MigrateError::Refused(format!(
+        "refusing to migrate:\n  {}",
+        blockers.join("\n  ")
     )))
+}
+
+/// How many journal steps the migration of `root` has: one per layer, five to switch.
+fn steps(root: &DataRoot) -> usize {
+    let container_layers: usize = root
+        .containers
+        .iter()
+        .filter(|c| c.mount_id.is_some())
+        .map(|c| 1 + usize::from(c.init_id.is_some()))
+        .sum();
+    root.layers.len() + container_layers + 5
+}
+
+/// A migration in progress: where it builds, what it built.
+struct Migration<'a> {
+    root: &'a DataRoot,
+    tmp: PathBuf,
+    /// The overlay2 tree being built (`<tmp>/overlay2`) until the switch moves it.
+    out: PathBuf,
+    /// The switch has moved the tree into the data root already (a rerun after it).
+    switched: bool,
+    /// devicemapper's thin pool, when that is the source.
+    pool: Option<devicemapper::Pool>,
+    /// Each image layer's overlay2 link name, by chain ID.
+    links: HashMap<String, String>,
+    report: Report,
+}
+
+impl<'a> Migration<'a> {
+    fn start(root: &'a DataRoot, tmp: PathBuf) -> Result<Migration<'a>, MigrateError> {
+        let out = tmp.join("overlay2");
+        fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
+        let pool = match root.driver {
+            Driver::Devicemapper => Some(devicemapper::Pool::open(&root.path)?),
+            _ => None,
+        };
+        Ok(Migration {
+            root,
+            switched: Journal::done_in(&tmp, "switch-overlay2"),
+            tmp,
+            out,
+            pool,
+            links: HashMap::new(),
+            report: Report::default(),
+        })
+    }
+
+    /// Where layer `id` is once built: in the work tree, or in the data root after the switch.
+    fn final_dir(&self, id: &str) -> PathBuf {
+        if self.switched {
+            self.root.path.join("overlay2").join(id)
+        } else {
+            self.out.join(id)
+        }
+    }
+
+    /// The link name a built layer chose.
+    fn link_of(&self, id: &str) -> Result<String, MigrateError> {
+        let path = self.final_dir(id).join("link");
+        let link = fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        Ok(link.trim().to_string())
+    }
+
+    /// The link names of `chain` and its ancestors, nearest first.
+    fn lower_links(&self, chain: Option<&str>) -> Vec<String> {
+        ancestors(self.root, chain)
+            .iter()
+            .map(|c| self.links[c].clone())
+            .collect()
+    }
+
+    /// Where a layer's own files are in the source: overlay keeps a full tree per image layer
+    /// and an upper per container layer; aufs keeps every layer's own files under `diff/`.
+    fn source_files(&self, id: &str, container: bool) -> PathBuf {
+        let legacy = self.root.path.join(self.root.driver.dir_name());
+        match (self.root.driver, container) {
+            (Driver::Aufs, _) => legacy.join("diff").join(id),
+            (_, false) => legacy.join(id).join("root"),
+            (_, true) => legacy.join(id).join("upper"),
+        }
+    }
+
+    /// A fresh `<id>.partial` directory to build layer `id` in.
+    fn partial(&self, id: &str) -> Result<PathBuf, MigrateError> {
+        let partial = self.out.join(format!("{id}.partial"));
+        let _ = fs::remove_dir_all(&partial);
+        fs::create_dir_all(partial.join("diff"))
+            .map_err(io(format!("create {}", partial.display())))?;
+        Ok(partial)
+    }
+
+    /// Finishes a built layer (link, lower, committed marker) and moves it into place.
+    fn install(
+        &self,
+        partial: &Path,
+        id: &str,
+        lowers: &[String],
+        image: bool,
+    ) -> Result<(), MigrateError> {
+        let link = overlay2::link_name();
+        overlay2::finish_layer(partial, &link, lowers, image)
+            .map_err(io(format!("write {}", partial.display())))?;
+        let _ = fs::remove_dir_all(self.out.join(id));
+        fs::rename(partial, self.out.join(id))
+            .map_err(io(format!("move layer {id} into place")))?;
+        let _ = fs::remove_file(self.out.join("l").join(&link));
+        std::os::unix::fs::symlink(format!("../{id}/diff"), self.out.join("l").join(&link))
+            .map_err(io("create link"))
+    }
+
+    /// Image layer `l` (its parents are done): its original tar replayed into an overlay2 diff.
+    fn image_layer(&mut self, journal: &mut Journal, l: &Layer) -> Result<(), MigrateError> {
+        let lowers = self.lower_links(l.parent.as_deref());
+        let label = format!(
+            "layer {} ({:.1} MB)",
+            &l.chain_id[..19.min(l.chain_id.len())],
+            l.size as f64 / 1e6
+        );
+        journal.step_labeled(&format!("layer-{}", l.cache_id), &label, || {
+            let partial = self.partial(&l.cache_id)?;
+            // A refused layer leaves nothing behind, least of all links to what it named.
+            let built = self.replay(l, &partial.join("diff")).inspect_err(|_| {
+                let _ = fs::remove_dir_all(&partial);
+            })?;
+            self.report.entries += built;
+            self.install(&partial, &l.cache_id, &lowers, true)?;
+            self.report.layers += 1;
+            Ok(())
+        })?;
+        let link = self.link_of(&l.cache_id)?;
+        self.links.insert(l.chain_id.clone(), link);
+        Ok(())
+    }
+
+    /// Replays image layer `l` into `diff`, from its mounted device or its source tree.
+    fn replay(&self, l: &Layer, diff: &Path) -> Result<u64, MigrateError> {
+        match &self.pool {
+            Some(pool) => {
+                let devices = self.tmp.join("devices");
+                let dev = devicemapper::mount_device(&self.root.path, pool, &l.cache_id, &devices)?;
+                image_layer(self.root, l, &dev.rootfs(), diff, false)
+            }
+            None => image_layer(
+                self.root,
+                l,
+                &self.source_files(&l.cache_id, false),
+                diff,
+                true,
+            ),
+        }
+    }
+
+    /// Container `c`'s init and read-write layers, over its image's layers.
+    fn container(
+        &mut self,
+        journal: &mut Journal,
+        c: &crate::dataroot::Container,
+    ) -> Result<(), MigrateError> {
+        let (Some(mount), Some(parent)) = (&c.mount_id, &c.parent) else {
+            return Ok(());
+        };
+        let mut lowers = self.lower_links(Some(parent));
+        if let Some(init) = &c.init_id {
+            let below = self
+                .root
+                .layer(parent)
+                .map(|l| l.cache_id.clone())
+                .unwrap_or_default();
+            self.container_layer(journal, init, &below, &lowers)?;
+            lowers.insert(0, self.link_of(init)?);
+        }
+        let below = c.init_id.clone().unwrap_or_default();
+        self.container_layer(journal, mount, &below, &lowers)?;
+        self.report.containers += 1;
+        Ok(())
+    }
+
+    /// Container layer `id`, whose layer below is `below` (for devicemapper's full filesystems).
+    fn container_layer(
+        &mut self,
+        journal: &mut Journal,
+        id: &str,
+        below: &str,
+        lowers: &[String],
+    ) -> Result<(), MigrateError> {
+        journal.step(&format!("container-{id}"), || {
+            let partial = self.partial(id)?;
+            self.container_diff(id, below, &partial.join("diff"))?;
+            self.install(&partial, id, lowers, false)
+        })
+    }
+
+    /// Writes container layer `id`'s changes into `diff`: overlay and aufs uppers already are in
+    /// overlay2's diff format (linked); a device is compared with the device below it.
+    fn container_diff(&mut self, id: &str, below: &str, diff: &Path) -> Result<(), MigrateError> {
+        let Some(pool) = &self.pool else {
+            let upper = self.source_files(id, true);
+            let aufs = self.root.driver == Driver::Aufs;
+            self.report.entries += overlay2::link_tree(&upper, diff, aufs)
+                .map_err(io(format!("link {}", upper.display())))?;
+            return Ok(());
+        };
+        let work = self.tmp.join("devices");
+        let new = devicemapper::mount_device(&self.root.path, pool, id, &work)?;
+        let old = devicemapper::mount_device(&self.root.path, pool, below, &work)?;
+        self.report.bytes_written += changes::diff(&new.rootfs(), &old.rootfs(), diff)
+            .map_err(io(format!("diff device {id}")))?;
+        Ok(())
+    }
+
+    /// Carries the image store over and switches dockerd to overlay2. Every step is
+    /// idempotent, so a rerun after a kill finishes it.
+    fn switch(&mut self, journal: &mut Journal, daemon_json: &Path) -> Result<(), MigrateError> {
+        let (root, tmp) = (self.root, &self.tmp);
+        journal.step("image-store", || {
+            let dst = tmp.join("image/overlay2");
+            let _ = fs::remove_dir_all(&dst);
+            self.report.bytes_written += copy_dir(&root.store(), &dst)?;
+            Ok(())
+        })?;
+        journal.step("switch-overlay2", || {
+            move_into(&self.out, &root.path.join("overlay2"))
+        })?;
+        journal.step("switch-image", || {
+            move_into(
+                &tmp.join("image/overlay2"),
+                &root.path.join("image/overlay2"),
+            )
+        })?;
+        journal.step("switch-containers", || {
+            for c in &root.containers {
+                set_driver(&container_config(&root.path, &c.id), "overlay2")?;
+            }
+            Ok(())
+        })?;
+        journal.step("switch-daemon-json", || {
+            switch_daemon_json(tmp, daemon_json)
+        })
+    }
+}
+
+/// Moves `src` to `dst` unless an earlier run already did.
+fn move_into(src: &Path, dst: &Path) -> Result<(), MigrateError> {
+    if !src.exists() {
+        return Ok(());
+    }
+    fs::rename(src, dst).map_err(io(format!("move {} to {}", src.display(), dst.display())))
+}
+
+/// The config of container `id`.
+pub fn container_config(data_root: &Path, id: &str) -> PathBuf {
+    data_root.join("containers").join(id).join("config.v2.json")
+}
+
+/// Sets `storage-driver` to overlay2 in dockerd's config, keeping the original for rollback.
+fn switch_daemon_json(tmp: &Path, daemon_json: &Path) -> Result<(), MigrateError> {
+    let orig = daemon_json_backup(tmp);
+    let current = fs::read(daemon_json).unwrap_or_else(|_| b"{}".to_vec());
+    if !orig.exists() {
+        write_atomic(&orig, &current)?;
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(&current).map_err(|e| {
+        MigrateError::Refused(format!(
+            "{}: {e}; fix the JSON and rerun",
+            daemon_json.display()
+        ))
+    })?;
+    v["storage-driver"] = serde_json::json!("overlay2");
+    if let Some(dir) = daemon_json.parent() {
+        fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    write_atomic(
+        daemon_json,
+        serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+    )
 }
 
 fn copy_dir(src: &Path, dst: &Path) -> Result<u64, MigrateError> {
@@ -152,16 +366,16 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<u64, MigrateError> {
     Ok(bytes)
 }
 
-/// Builds the overlay2 diff of image layer `chain` from the overlay v1 full tree `src_root`,
+/// Builds the overlay2 diff of image layer `l` from the files under `src_root`,
 /// replaying the layer's original tar (rebuilt from tar-split and checked against its diffID).
 fn image_layer(
     root: &DataRoot,
-    chain: &str,
-    diff_id: &str,
+    l: &Layer,
     src_root: &Path,
     dest: &Path,
     link: bool,
 ) -> Result<u64, MigrateError> {
+    let (chain, diff_id) = (l.chain_id.as_str(), l.diff_id.as_str());
     let layer_err = |reason: String| MigrateError::Layer {
         chain: chain.to_string(),
         reason,
@@ -181,273 +395,6 @@ fn image_layer(
         return Err(layer_err(format!("its files rebuild to {digest}, not its diffID {diff_id}: the layer was altered on disk; nothing was switched")));
     }
     Ok(stats.entries)
-}
-
-/// Migrates the overlay (v1) data root `root` to overlay2.
-pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> {
-    if !matches!(
-        root.driver,
-        Driver::Overlay | Driver::Aufs | Driver::Devicemapper
-    ) {
-        return Err(MigrateError::Refused(format!(
-            "{}: there is nothing to migrate from {} (overlay, aufs and devicemapper are)",
-            root.path.display(),
-            root.driver.dir_name()
-        )));
-    }
-    let plan = crate::plan::plan(root);
-    let blockers: Vec<String> = plan
-        .problems
-        .iter()
-        .filter(|p| p.severity == "blocker")
-        .map(|p| format!("{} (fix: {})", p.what, p.fix))
-        .collect();
-    if !blockers.is_empty() {
-        return Err(MigrateError::Refused(format!(
-            "refusing to migrate:\n  {}",
-            blockers.join("\n  ")
-        )));
-    }
-    let tmp = root.path.join(TMP);
-    let mut journal = Journal::open(&tmp, opts.progress)?;
-    let container_layers: usize = root
-        .containers
-        .iter()
-        .filter(|c| c.mount_id.is_some())
-        .map(|c| 1 + usize::from(c.init_id.is_some()))
-        .sum();
-    journal.total = root.layers.len() + container_layers + 5;
-    let mut report = Report::default();
-    let out = tmp.join("overlay2");
-    fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
-    let switched = journal.is_done("switch-overlay2");
-    let legacy = root.path.join(root.driver.dir_name());
-    let pool = if root.driver == Driver::Devicemapper {
-        Some(devicemapper::Pool::open(&root.path)?)
-    } else {
-        None
-    };
-    let aufs = root.driver == Driver::Aufs;
-    // Where a layer's files are: overlay keeps a full tree per image layer and an upper per
-    // container layer; aufs keeps every layer's own files under diff/.
-    let image_files = |id: &str| {
-        if aufs {
-            legacy.join("diff").join(id)
-        } else {
-            legacy.join(id).join("root")
-        }
-    };
-    let rw_files = |id: &str| {
-        if aufs {
-            legacy.join("diff").join(id)
-        } else {
-            legacy.join(id).join("upper")
-        }
-    };
-
-    // Image layers, parents first. A layer's link name is chosen once and kept in its dir.
-    let mut links: HashMap<String, String> = HashMap::new();
-    for l in root.layers_parents_first() {
-        let step = format!("layer-{}", l.cache_id);
-        let final_dir = if switched {
-            root.path.join("overlay2").join(&l.cache_id)
-        } else {
-            out.join(&l.cache_id)
-        };
-        let parents: Vec<String> = ancestors(root, l.parent.as_deref())
-            .iter()
-            .map(|c| links[c].clone())
-            .collect();
-        let label = format!(
-            "layer {} ({:.1} MB)",
-            &l.chain_id[..19.min(l.chain_id.len())],
-            l.size as f64 / 1e6
-        );
-        journal.step_labeled(&step, &label, || {
-            let partial = out.join(format!("{}.partial", l.cache_id));
-            let _ = fs::remove_dir_all(&partial);
-            fs::create_dir_all(partial.join("diff"))
-                .map_err(io(format!("create {}", partial.display())))?;
-            let built = match &pool {
-                Some(pool) => {
-                    let dev = devicemapper::mount_device(
-                        &root.path,
-                        pool,
-                        &l.cache_id,
-                        &tmp.join("devices"),
-                    )?;
-                    image_layer(
-                        root,
-                        &l.chain_id,
-                        &l.diff_id,
-                        &dev.rootfs(),
-                        &partial.join("diff"),
-                        false,
-                    )
-                }
-                None => image_layer(
-                    root,
-                    &l.chain_id,
-                    &l.diff_id,
-                    &image_files(&l.cache_id),
-                    &partial.join("diff"),
-                    true,
-                ),
-            };
-            // A refused layer leaves nothing behind, least of all links to what it named.
-            report.entries += built.inspect_err(|_| {
-                let _ = fs::remove_dir_all(&partial);
-            })?;
-            let link = overlay2::link_name();
-            overlay2::finish_layer(&partial, &link, &parents, true)
-                .map_err(io(format!("write {}", partial.display())))?;
-            let _ = fs::remove_dir_all(out.join(&l.cache_id));
-            fs::rename(&partial, out.join(&l.cache_id)).map_err(io("rename layer into place"))?;
-            let _ = fs::remove_file(out.join("l").join(&link));
-            std::os::unix::fs::symlink(
-                format!("../{}/diff", l.cache_id),
-                out.join("l").join(&link),
-            )
-            .map_err(io("create link"))?;
-            report.layers += 1;
-            Ok(())
-        })?;
-        let link = fs::read_to_string(final_dir.join("link"))
-            .map_err(io(format!("read {}", final_dir.join("link").display())))?;
-        links.insert(l.chain_id.clone(), link.trim().to_string());
-    }
-
-    // Containers: the init layer and the read-write layer, whose overlay v1 uppers already are in
-    // overlay2's diff format.
-    for c in &root.containers {
-        let (Some(mount), Some(parent)) = (&c.mount_id, &c.parent) else {
-            continue;
-        };
-        let image_links: Vec<String> = ancestors(root, Some(parent))
-            .iter()
-            .map(|ch| links[ch].clone())
-            .collect();
-        let mut lower = image_links.clone();
-        for (id, is_init) in [(c.init_id.clone(), true), (Some(mount.clone()), false)] {
-            let Some(id) = id else { continue };
-            let final_dir = if switched {
-                root.path.join("overlay2").join(&id)
-            } else {
-                out.join(&id)
-            };
-            let parents = lower.clone();
-            journal.step(&format!("container-{id}"), || {
-                let partial = out.join(format!("{id}.partial"));
-                let _ = fs::remove_dir_all(&partial);
-                fs::create_dir_all(&partial)
-                    .map_err(io(format!("create {}", partial.display())))?;
-                match &pool {
-                    Some(pool) => {
-                        // Full filesystems: the layer is what it changed from the one below.
-                        let below = if is_init {
-                            root.layer(parent)
-                                .map(|l| l.cache_id.clone())
-                                .unwrap_or_default()
-                        } else {
-                            c.init_id.clone().unwrap_or_default()
-                        };
-                        let work = tmp.join("devices");
-                        let new = devicemapper::mount_device(&root.path, pool, &id, &work)?;
-                        let old = devicemapper::mount_device(&root.path, pool, &below, &work)?;
-                        fs::create_dir_all(partial.join("diff")).map_err(io("create diff"))?;
-                        report.bytes_written +=
-                            changes::diff(&new.rootfs(), &old.rootfs(), &partial.join("diff"))
-                                .map_err(io(format!("diff device {id}")))?;
-                    }
-                    None => {
-                        let upper = rw_files(&id);
-                        report.entries += overlay2::link_tree(&upper, &partial.join("diff"), aufs)
-                            .map_err(io(format!("link {}", upper.display())))?;
-                    }
-                }
-                let link = overlay2::link_name();
-                overlay2::finish_layer(&partial, &link, &parents, false)
-                    .map_err(io(format!("write {}", partial.display())))?;
-                let _ = fs::remove_dir_all(out.join(&id));
-                fs::rename(&partial, out.join(&id))
-                    .map_err(io("rename container layer into place"))?;
-                let _ = fs::remove_file(out.join("l").join(&link));
-                std::os::unix::fs::symlink(format!("../{id}/diff"), out.join("l").join(&link))
-                    .map_err(io("create link"))?;
-                Ok(())
-            })?;
-            if is_init {
-                let link =
-                    fs::read_to_string(final_dir.join("link")).map_err(io("read init link"))?;
-                lower.insert(0, link.trim().to_string());
-            }
-        }
-        report.containers += 1;
-    }
-
-    // The image and layer store, carried over with cache ids kept.
-    journal.step("image-store", || {
-        let dst = tmp.join("image/overlay2");
-        let _ = fs::remove_dir_all(&dst);
-        report.bytes_written += copy_dir(&root.store(), &dst)?;
-        Ok(())
-    })?;
-
-    // The switch: every sub-step is idempotent, so a rerun after a kill finishes it.
-    journal.step("switch-overlay2", || {
-        if out.exists() {
-            fs::rename(&out, root.path.join("overlay2"))
-                .map_err(io("move overlay2 into the data root"))?;
-        }
-        Ok(())
-    })?;
-    journal.step("switch-image", || {
-        let src = tmp.join("image/overlay2");
-        if src.exists() {
-            fs::rename(&src, root.path.join("image/overlay2"))
-                .map_err(io("move image/overlay2 into the data root"))?;
-        }
-        Ok(())
-    })?;
-    journal.step("switch-containers", || {
-        for c in &root.containers {
-            set_driver(
-                &root
-                    .path
-                    .join("containers")
-                    .join(&c.id)
-                    .join("config.v2.json"),
-                "overlay2",
-            )?;
-        }
-        Ok(())
-    })?;
-    journal.step("switch-daemon-json", || {
-        let orig = journal_copy(&tmp);
-        let current = fs::read(&opts.daemon_json).unwrap_or_else(|_| b"{}".to_vec());
-        if !orig.exists() {
-            write_atomic(&orig, &current)?;
-        }
-        let mut v: serde_json::Value = serde_json::from_slice(&current).map_err(|e| {
-            MigrateError::Refused(format!(
-                "{}: {e}; fix the JSON and rerun",
-                opts.daemon_json.display()
-            ))
-        })?;
-        v["storage-driver"] = serde_json::json!("overlay2");
-        if let Some(dir) = opts.daemon_json.parent() {
-            fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        }
-        write_atomic(
-            &opts.daemon_json,
-            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
-        )
-    })?;
-    Ok(report)
-}
-
-fn journal_copy(tmp: &Path) -> PathBuf {
-    tmp.join("journal/daemon.json.orig")
 }
 
 /// Rewrites a container's `Driver` (temp file + rename).
@@ -471,42 +418,4 @@ fn ancestors(root: &DataRoot, chain: Option<&str>) -> Vec<String> {
         out.push(c);
     }
     out
-}
-
-/// Undoes a migration: removes what it added and points containers and dockerd back to overlay.
-pub fn rollback(data_root: &Path, daemon_json: &Path) -> Result<(), MigrateError> {
-    let tmp = data_root.join(TMP);
-    if !tmp.exists() {
-        return Err(MigrateError::Refused(format!(
-            "{}: no migration to roll back",
-            data_root.display()
-        )));
-    }
-    let legacy = [Driver::Aufs, Driver::Overlay, Driver::Devicemapper]
-        .into_iter()
-        .find_map(|d| DataRoot::open_driver(data_root, d).ok())
-        .ok_or_else(|| MigrateError::Refused("the old driver's store is gone: cleanup already ran; rollback is no longer possible".into()))?;
-    for c in &legacy.containers {
-        set_driver(
-            &data_root
-                .join("containers")
-                .join(&c.id)
-                .join("config.v2.json"),
-            legacy.driver.dir_name(),
-        )?;
-    }
-    let orig = journal_copy(&tmp);
-    if let Ok(bytes) = fs::read(&orig) {
-        write_atomic(daemon_json, &bytes)?;
-    }
-    for d in [
-        data_root.join("image/overlay2"),
-        data_root.join("overlay2"),
-        tmp,
-    ] {
-        if d.exists() {
-            fs::remove_dir_all(&d).map_err(io(format!("remove {}", d.display())))?;
-        }
-    }
-    Ok(())
 }

@@ -5,14 +5,32 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::dataroot::{DataRoot, Driver};
+use crate::dataroot::{DataRoot, Driver, Layer};
 use strata_image::oci;
+
+/// How much a problem stands in the way.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// `migrate` refuses until it is fixed.
+    Blocker,
+    /// `migrate` goes ahead, with the limit named.
+    Warning,
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Severity::Blocker => "BLOCKER",
+            Severity::Warning => "WARNING",
+        })
+    }
+}
 
 /// Something that stops or limits a migration.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Problem {
-    /// `blocker`: migrate refuses until it is fixed; `warning`: migrates, with the limit named.
-    pub severity: &'static str,
+    pub severity: Severity,
     pub what: String,
     pub fix: String,
 }
@@ -94,85 +112,145 @@ fn dockerd_pids(data_root: &Path) -> Vec<u32> {
     out
 }
 
+impl Problem {
+    fn blocker(what: String, fix: &str) -> Problem {
+        Problem {
+            severity: Severity::Blocker,
+            what,
+            fix: fix.to_string(),
+        }
+    }
+
+    fn warning(what: String, fix: &str) -> Problem {
+        Problem {
+            severity: Severity::Warning,
+            what,
+            fix: fix.to_string(),
+        }
+    }
+}
+
+/// What migrating `root` would do, and every problem in its way.
 pub fn plan(root: &DataRoot) -> Plan {
     let mut problems = Vec::new();
-    let blocker = |what: String, fix: &str| Problem {
-        severity: "blocker",
-        what,
-        fix: fix.to_string(),
-    };
-    let warning = |what: String, fix: &str| Problem {
-        severity: "warning",
-        what,
-        fix: fix.to_string(),
-    };
     if root.driver == Driver::Overlay2 {
-        problems.push(warning(
+        problems.push(Problem::warning(
             format!("{} already uses overlay2", root.path.display()),
             "nothing to migrate",
         ));
     }
-    for pid in dockerd_pids(&root.path) {
-        problems.push(blocker(
+    problems.extend(daemons(root));
+    problems.extend(root.layers.iter().flat_map(|l| layer_problems(root, l)));
+    problems.extend(image_problems(root));
+    problems.extend(running(root).into_iter().map(|name| {
+        Problem::blocker(
+            format!("container {name} is running"),
+            "stop it (docker stop) before migrating",
+        )
+    }));
+    let layer_bytes: u64 = root.layers.iter().map(|l| l.size).sum();
+    // Metadata (the image and layer store is copied) plus, for devicemapper, every layer's files.
+    let copied = if root.driver == Driver::Devicemapper {
+        layer_bytes
+    } else {
+        0
+    };
+    let bytes_to_write = dir_bytes(&root.store()) + copied;
+    problems.extend(space_problem(root, bytes_to_write));
+    Plan {
+        data_root: root.path.display().to_string(),
+        driver: root.driver,
+        images: root.images.len(),
+        tags: root.images.iter().map(|i| i.tags.len()).sum(),
+        layers: root.layers.len(),
+        layer_bytes,
+        containers: root.containers.len(),
+        running_containers: running(root),
+        bytes_to_write,
+        problems,
+    }
+}
+
+fn running(root: &DataRoot) -> Vec<String> {
+    let running = root.containers.iter().filter(|c| c.running);
+    running.map(|c| c.name.clone()).collect()
+}
+
+/// A dockerd using the data root.
+fn daemons(root: &DataRoot) -> Vec<Problem> {
+    let pids = dockerd_pids(&root.path).into_iter();
+    pids.map(|pid| {
+        Problem::blocker(
             format!("dockerd (pid {pid}) is using this data root"),
             "stop it (systemctl stop docker) before migrating",
+        )
+    })
+    .collect()
+}
+
+/// Whether layer `l`'s files are where its driver keeps them.
+fn layer_present(root: &DataRoot, l: &Layer) -> bool {
+    let dir = root.path.join(root.driver.dir_name());
+    match root.driver {
+        Driver::Overlay => dir.join(&l.cache_id).join("root").is_dir(),
+        Driver::Aufs => dir.join("diff").join(&l.cache_id).is_dir(),
+        Driver::Devicemapper => dir.join("metadata").join(&l.cache_id).is_file(),
+        Driver::Overlay2 => dir.join(&l.cache_id).join("diff").is_dir(),
+    }
+}
+
+fn layer_problems(root: &DataRoot, l: &Layer) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !layer_present(root, l) {
+        out.push(Problem::blocker(
+            format!(
+                "layer {} ({}): its {} directory {} is missing",
+                l.chain_id,
+                l.diff_id,
+                root.driver.dir_name(),
+                l.cache_id
+            ),
+            "restore it from a backup, or remove the images that use it (docker rmi) first",
         ));
     }
-    let driver_dir = root.path.join(root.driver.dir_name());
-    for l in &root.layers {
-        let present = match root.driver {
-            Driver::Overlay => driver_dir.join(&l.cache_id).join("root").is_dir(),
-            Driver::Aufs => driver_dir.join("diff").join(&l.cache_id).is_dir(),
-            Driver::Devicemapper => driver_dir.join("metadata").join(&l.cache_id).is_file(),
-            Driver::Overlay2 => driver_dir.join(&l.cache_id).join("diff").is_dir(),
-        };
-        if !present {
-            problems.push(blocker(
-                format!(
-                    "layer {} ({}): its {} directory {} is missing",
-                    l.chain_id,
-                    l.diff_id,
-                    root.driver.dir_name(),
-                    l.cache_id
-                ),
-                "restore it from a backup, or remove the images that use it (docker rmi) first",
-            ));
-        }
-        if let Some(p) = &l.parent {
-            if root.layer(p).is_none() {
-                problems.push(blocker(
-                    format!(
-                        "layer {} names parent {p}, which is not in the layer store",
-                        l.chain_id
-                    ),
-                    "the layer store is damaged: restore it from a backup",
-                ));
-            }
-        }
-        if !l.has_tar_split {
-            problems.push(warning(format!("layer {} has no tar-split data: its migrated files can be checked, but not its exact original tar", l.chain_id), "none needed; verify reports it"));
-        }
-        if root.driver == Driver::Devicemapper {
-            let meta = driver_dir.join("metadata").join(&l.cache_id);
-            if let Ok(text) = std::fs::read_to_string(&meta) {
-                if text.contains("\"deleted\":true") {
-                    problems.push(blocker(
-                        format!(
-                            "devicemapper device of layer {} is marked deleted",
-                            l.chain_id
-                        ),
-                        "remove the images that use it (docker rmi) first",
-                    ));
-                }
-            }
-        }
+    if let Some(p) = l.parent.as_ref().filter(|p| root.layer(p).is_none()) {
+        out.push(Problem::blocker(
+            format!(
+                "layer {} names parent {p}, which is not in the layer store",
+                l.chain_id
+            ),
+            "the layer store is damaged: restore it from a backup",
+        ));
     }
+    if !l.has_tar_split {
+        out.push(Problem::warning(format!("layer {} has no tar-split data: its migrated files can be checked, but not its exact original tar", l.chain_id), "none needed; verify reports it"));
+    }
+    if root.driver == Driver::Devicemapper && device_deleted(root, l) {
+        out.push(Problem::blocker(
+            format!(
+                "devicemapper device of layer {} is marked deleted",
+                l.chain_id
+            ),
+            "remove the images that use it (docker rmi) first",
+        ));
+    }
+    out
+}
+
+fn device_deleted(root: &DataRoot, l: &Layer) -> bool {
+    let meta = root.path.join("devicemapper/metadata").join(&l.cache_id);
+    std::fs::read_to_string(meta).is_ok_and(|text| text.contains("\"deleted\":true"))
+}
+
+/// Images whose layer chain is broken.
+fn image_problems(root: &DataRoot) -> Vec<Problem> {
+    let mut out = Vec::new();
     for img in &root.images {
         let mut chain = String::new();
         for d in &img.diff_ids {
             chain = oci::chain_id(&chain, d);
             if root.layer(&chain).is_none() {
-                problems.push(blocker(
+                out.push(Problem::blocker(
                     format!(
                         "image {} ({}) needs layer {chain}, which is missing",
                         img.id,
@@ -184,54 +262,23 @@ pub fn plan(root: &DataRoot) -> Plan {
             }
         }
     }
-    let running: Vec<String> = root
-        .containers
-        .iter()
-        .filter(|c| c.running)
-        .map(|c| c.name.clone())
-        .collect();
-    for name in &running {
-        problems.push(blocker(
-            format!("container {name} is running"),
-            "stop it (docker stop) before migrating",
-        ));
-    }
-    let layer_bytes: u64 = root.layers.iter().map(|l| l.size).sum();
-    // Metadata (the image and layer store is copied) plus, for devicemapper, every layer's files.
-    let store_bytes = dir_bytes(&root.store());
-    let bytes_to_write = store_bytes
-        + if root.driver == Driver::Devicemapper {
-            layer_bytes
-        } else {
-            0
-        };
-    if let Ok(fs) = nix::sys::statvfs::statvfs(&root.path) {
-        let free = fs.blocks_available() * fs.fragment_size();
-        let needed = bytes_to_write + bytes_to_write / 10 + (64 << 20);
-        if free < needed {
-            problems.push(Problem {
-                severity: "blocker",
-                what: format!(
-                    "{} has {free} bytes free; the migration needs about {needed}",
-                    root.path.display()
-                ),
-                fix: "free space on that filesystem (docker system prune, or move other data away)"
-                    .into(),
-            });
-        }
-    }
-    Plan {
-        data_root: root.path.display().to_string(),
-        driver: root.driver,
-        images: root.images.len(),
-        tags: root.images.iter().map(|i| i.tags.len()).sum(),
-        layers: root.layers.len(),
-        layer_bytes,
-        containers: root.containers.len(),
-        running_containers: running,
-        bytes_to_write,
-        problems,
-    }
+    out
+}
+
+/// Too little free space for `bytes_to_write` (plus a margin).
+fn space_problem(root: &DataRoot, bytes_to_write: u64) -> Option<Problem> {
+    let fs = nix::sys::statvfs::statvfs(&root.path).ok()?;
+    let free = fs.blocks_available() * fs.fragment_size();
+    let needed = bytes_to_write + bytes_to_write / 10 + (64 << 20);
+    (free < needed).then(|| {
+        Problem::blocker(
+            format!(
+                "{} has {free} bytes free; the migration needs about {needed}",
+                root.path.display()
+            ),
+            "free space on that filesystem (docker system prune, or move other data away)",
+        )
+    })
 }
 
 impl std::fmt::Display for Plan {
@@ -271,7 +318,7 @@ impl std::fmt::Display for Plan {
             writeln!(
                 f,
                 "{:<11} {}\n            fix: {}",
-                p.severity.to_uppercase(),
+                p.severity.to_string(),
                 p.what,
                 p.fix
             )?;

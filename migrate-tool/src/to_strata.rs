@@ -10,7 +10,7 @@ use strata_image::content::{ContentStore, Digest};
 use strata_image::oci::{self, Descriptor, Manifest};
 
 use crate::dataroot::{DataRoot, Driver};
-use crate::migrate::MigrateError;
+use crate::error::MigrateError;
 use crate::tarsplit;
 
 fn refused(e: impl std::fmt::Display) -> MigrateError {

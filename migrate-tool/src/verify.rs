@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use crate::dataroot::{DataRoot, Driver};
-use crate::migrate::TMP;
+use crate::journal::TMP;
 use crate::tarsplit;
 
 #[derive(Debug, Default, serde::Serialize)]
