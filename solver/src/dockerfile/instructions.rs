@@ -77,10 +77,15 @@ pub struct Copy {
     pub heredocs: Vec<Heredoc>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `HEALTHCHECK CMD`, its durations in nanoseconds; an option not given is left to the runtime.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Healthcheck {
     pub test: Vec<String>,
-    pub flags: Vec<(String, String)>,
+    pub interval: Option<u64>,
+    pub timeout: Option<u64>,
+    pub start_period: Option<u64>,
+    pub start_interval: Option<u64>,
+    pub retries: Option<u64>,
 }
 
 /// An instruction with the node it came from.
@@ -220,171 +225,22 @@ fn split_raw(s: &str) -> Result<Vec<String>, String> {
 
 /// Types one node.
 pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
-    let upper = node.instruction.to_uppercase();
     let args = node.args.trim();
-    let needs_args = |n: &Node| -> Result<(), DockerfileError> {
-        if n.args.trim().is_empty() && n.heredocs.is_empty() {
-            Err(err(n, format!("{upper} requires arguments")))
-        } else {
-            Ok(())
-        }
-    };
     Ok(match node.instruction.as_str() {
-        "from" => {
-            let f = flags(node, &["platform"])?;
-            let parts = split_raw(args).map_err(|e| err(node, e))?;
-            match parts.as_slice() {
-                [image] => Instruction::From {
-                    image: image.clone(),
-                    name: None,
-                    platform: flag(&f, "platform"),
-                },
-                [image, as_, name] if as_.eq_ignore_ascii_case("as") => Instruction::From {
-                    image: image.clone(),
-                    name: Some(name.to_ascii_lowercase()),
-                    platform: flag(&f, "platform"),
-                },
-                _ => {
-                    return Err(err(
-                        node,
-                        "FROM takes an image and an optional `AS name`: FROM image [AS name]",
-                    ))
-                }
-            }
-        }
-        "arg" => {
-            flags(node, &[])?;
-            let parts = split_raw(args).map_err(|e| err(node, e))?;
-            if parts.is_empty() {
-                return Err(err(node, "ARG requires a name: ARG NAME[=default]"));
-            }
-            Instruction::Arg(
-                parts
-                    .into_iter()
-                    .map(|p| match p.split_once('=') {
-                        Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                        None => (p, None),
-                    })
-                    .collect(),
-            )
-        }
+        "from" => from(node)?,
+        "arg" => arg(node)?,
         "env" => Instruction::Env(pairs(node, true)?),
         "label" => Instruction::Label(pairs(node, true)?),
-        "workdir" => {
-            needs_args(node)?;
-            Instruction::Workdir(args.to_string())
-        }
-        "user" => {
-            needs_args(node)?;
-            Instruction::User(args.to_string())
-        }
-        "run" => {
-            needs_args(node)?;
-            let f = flags(node, &["network", "mount", "security"])?;
-            let mounts: Vec<String> = f
-                .iter()
-                .filter(|(n, _)| n == "mount")
-                .map(|(_, v)| v.clone().unwrap_or_default())
-                .collect();
-            let network = flag(&f, "network");
-            if let Some(n) = &network {
-                if !matches!(n.as_str(), "default" | "none" | "host") {
-                    return Err(err(
-                        node,
-                        format!("RUN --network={n}: use default, none or host"),
-                    ));
-                }
-            }
-            Instruction::Run {
-                command: command(args),
-                heredocs: node.heredocs.clone(),
-                network,
-                mounts,
-            }
-        }
-        "copy" | "add" => {
-            let add = node.instruction == "add";
-            let allowed: &[&str] = if add {
-                &["chown", "chmod", "link", "checksum", "keep-git-dir"]
-            } else {
-                &["from", "chown", "chmod", "link", "parents", "exclude"]
-            };
-            let f = flags(node, allowed)?;
-            let parts = match command(args) {
-                Command::Exec(v) => v,
-                Command::Shell(_) => split_raw(args).map_err(|e| err(node, e))?,
-            };
-            let mut parts = parts;
-            if parts.len() < 2 && (parts.len() != 1 || node.heredocs.is_empty()) {
-                return Err(err(node, format!("{upper} requires at least one source and a destination: {upper} src... dest")));
-            }
-            let dest = parts.pop().unwrap_or_default();
-            Instruction::Copy(Copy {
-                add,
-                srcs: parts,
-                dest,
-                from: flag(&f, "from"),
-                chown: flag(&f, "chown"),
-                chmod: flag(&f, "chmod"),
-                link: f
-                    .iter()
-                    .any(|(n, v)| n == "link" && v.as_deref() != Some("false")),
-                checksum: flag(&f, "checksum"),
-                heredocs: node.heredocs.clone(),
-            })
-        }
-        "cmd" => {
-            needs_args(node)?;
-            Instruction::Cmd(command(args))
-        }
-        "entrypoint" => {
-            needs_args(node)?;
-            Instruction::Entrypoint(command(args))
-        }
-        "expose" => {
-            needs_args(node)?;
-            Instruction::Expose(split_raw(args).map_err(|e| err(node, e))?)
-        }
-        "volume" => {
-            needs_args(node)?;
-            Instruction::Volume(match command(args) {
-                Command::Exec(v) => v,
-                Command::Shell(_) => split_raw(args).map_err(|e| err(node, e))?,
-            })
-        }
-        "stopsignal" => {
-            needs_args(node)?;
-            Instruction::StopSignal(args.to_string())
-        }
-        "healthcheck" => {
-            let f = flags(
-                node,
-                &[
-                    "interval",
-                    "timeout",
-                    "start-period",
-                    "start-interval",
-                    "retries",
-                ],
-            )?;
-            let parts = split_raw(args).map_err(|e| err(node, e))?;
-            match parts.first().map(|s| s.to_ascii_uppercase()).as_deref() {
-                Some("NONE") => Instruction::Healthcheck(None),
-                Some("CMD") => {
-                    let rest = args[3..].trim();
-                    let test = match command(rest) {
-                        Command::Exec(v) => [vec!["CMD".to_string()], v].concat(),
-                        Command::Shell(s) => vec!["CMD-SHELL".to_string(), s],
-                    };
-                    let flags = f
-                        .into_iter()
-                        .map(|(k, v)| (k, v.unwrap_or_default()))
-                        .collect();
-                    Instruction::Healthcheck(Some(Healthcheck { test, flags }))
-                }
-                _ => return Err(err(node, "HEALTHCHECK takes NONE or CMD command")),
-            }
-        }
+        "workdir" => Instruction::Workdir(needs_args(node)?.to_string()),
+        "user" => Instruction::User(needs_args(node)?.to_string()),
+        "run" => run(node)?,
+        "copy" | "add" => Instruction::Copy(copy(node)?),
+        "cmd" => Instruction::Cmd(command(needs_args(node)?)),
+        "entrypoint" => Instruction::Entrypoint(command(needs_args(node)?)),
+        "expose" => Instruction::Expose(split_raw(needs_args(node)?).map_err(|e| err(node, e))?),
+        "volume" => Instruction::Volume(list(node, needs_args(node)?)?),
+        "stopsignal" => Instruction::StopSignal(needs_args(node)?.to_string()),
+        "healthcheck" => Instruction::Healthcheck(healthcheck(node)?),
         "shell" => match command(args) {
             Command::Exec(v) if !v.is_empty() => Instruction::Shell(v),
             _ => {
@@ -394,10 +250,7 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
                 ))
             }
         },
-        "onbuild" => {
-            needs_args(node)?;
-            Instruction::Onbuild(args.to_string())
-        }
+        "onbuild" => Instruction::Onbuild(needs_args(node)?.to_string()),
         "maintainer" => Instruction::Maintainer(args.to_string()),
         other => {
             let hint = suggest(other, INSTRUCTIONS)
@@ -409,6 +262,197 @@ pub fn instruction(node: &Node) -> Result<Instruction, DockerfileError> {
             ));
         }
     })
+}
+
+/// The node's arguments, which must not be empty.
+fn needs_args(node: &Node) -> Result<&str, DockerfileError> {
+    let args = node.args.trim();
+    if args.is_empty() && node.heredocs.is_empty() {
+        let upper = node.instruction.to_uppercase();
+        return Err(err(node, format!("{upper} requires arguments")));
+    }
+    Ok(args)
+}
+
+/// A JSON array, or whitespace-separated words.
+fn list(node: &Node, args: &str) -> Result<Vec<String>, DockerfileError> {
+    match command(args) {
+        Command::Exec(v) => Ok(v),
+        Command::Shell(_) => split_raw(args).map_err(|e| err(node, e)),
+    }
+}
+
+fn from(node: &Node) -> Result<Instruction, DockerfileError> {
+    let f = flags(node, &["platform"])?;
+    let parts = split_raw(node.args.trim()).map_err(|e| err(node, e))?;
+    let (image, name) = match parts.as_slice() {
+        [image] => (image.clone(), None),
+        [image, as_, name] if as_.eq_ignore_ascii_case("as") => {
+            (image.clone(), Some(name.to_ascii_lowercase()))
+        }
+        _ => {
+            return Err(err(
+                node,
+                "FROM takes an image and an optional `AS name`: FROM image [AS name]",
+            ))
+        }
+    };
+    Ok(Instruction::From {
+        image,
+        name,
+        platform: flag(&f, "platform"),
+    })
+}
+
+fn arg(node: &Node) -> Result<Instruction, DockerfileError> {
+    flags(node, &[])?;
+    let parts = split_raw(node.args.trim()).map_err(|e| err(node, e))?;
+    if parts.is_empty() {
+        return Err(err(node, "ARG requires a name: ARG NAME[=default]"));
+    }
+    let pair = |p: String| match p.split_once('=') {
+        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+        None => (p, None),
+    };
+    Ok(Instruction::Arg(parts.into_iter().map(pair).collect()))
+}
+
+fn run(node: &Node) -> Result<Instruction, DockerfileError> {
+    let args = needs_args(node)?;
+    let f = flags(node, &["network", "mount", "security"])?;
+    let mounts: Vec<String> = f
+        .iter()
+        .filter(|(n, _)| n == "mount")
+        .map(|(_, v)| v.clone().unwrap_or_default())
+        .collect();
+    let network = flag(&f, "network");
+    if let Some(n) = network.as_deref() {
+        if !matches!(n, "default" | "none" | "host") {
+            return Err(err(
+                node,
+                format!("RUN --network={n}: use default, none or host"),
+            ));
+        }
+    }
+    Ok(Instruction::Run {
+        command: command(args),
+        heredocs: node.heredocs.clone(),
+        network,
+        mounts,
+    })
+}
+
+fn copy(node: &Node) -> Result<Copy, DockerfileError> {
+    let add = node.instruction == "add";
+    let allowed: &[&str] = if add {
+        &["chown", "chmod", "link", "checksum", "keep-git-dir"]
+    } else {
+        &["from", "chown", "chmod", "link", "parents", "exclude"]
+    };
+    let f = flags(node, allowed)?;
+    let mut parts = list(node, node.args.trim())?;
+    if parts.len() < 2 && (parts.len() != 1 || node.heredocs.is_empty()) {
+        let upper = node.instruction.to_uppercase();
+        return Err(err(
+            node,
+            format!("{upper} requires at least one source and a destination: {upper} src... dest"),
+        ));
+    }
+    let dest = parts.pop().unwrap_or_default();
+    Ok(Copy {
+        add,
+        srcs: parts,
+        dest,
+        from: flag(&f, "from"),
+        chown: flag(&f, "chown"),
+        chmod: flag(&f, "chmod"),
+        link: f
+            .iter()
+            .any(|(n, v)| n == "link" && v.as_deref() != Some("false")),
+        checksum: flag(&f, "checksum"),
+        heredocs: node.heredocs.clone(),
+    })
+}
+
+/// `HEALTHCHECK NONE` (None) or `HEALTHCHECK [--interval=...] CMD command`.
+fn healthcheck(node: &Node) -> Result<Option<Healthcheck>, DockerfileError> {
+    const OPTIONS: [&str; 5] = [
+        "interval",
+        "timeout",
+        "start-period",
+        "start-interval",
+        "retries",
+    ];
+    let f = flags(node, &OPTIONS)?;
+    let args = node.args.trim();
+    let parts = split_raw(args).map_err(|e| err(node, e))?;
+    match parts.first().map(|s| s.to_ascii_uppercase()).as_deref() {
+        Some("NONE") => return Ok(None),
+        Some("CMD") => {}
+        _ => return Err(err(node, "HEALTHCHECK takes NONE or CMD command")),
+    }
+    let test = match command(args[3..].trim()) {
+        Command::Exec(v) => [vec!["CMD".to_string()], v].concat(),
+        Command::Shell(s) => vec!["CMD-SHELL".to_string(), s],
+    };
+    let mut h = Healthcheck {
+        test,
+        ..Default::default()
+    };
+    for (k, v) in f {
+        let v = v.unwrap_or_default();
+        if k == "retries" {
+            let n = v.parse().map_err(|_| {
+                err(
+                    node,
+                    format!("--retries={v:?}: use a whole number such as 3"),
+                )
+            })?;
+            h.retries = Some(n);
+            continue;
+        }
+        let ns = duration_ns(&v).ok_or_else(|| {
+            err(
+                node,
+                format!("bad duration {v:?} for --{k}: use e.g. 30s or 1m30s"),
+            )
+        })?;
+        *match k.as_str() {
+            "interval" => &mut h.interval,
+            "timeout" => &mut h.timeout,
+            "start-period" => &mut h.start_period,
+            _ => &mut h.start_interval,
+        } = Some(ns);
+    }
+    Ok(Some(h))
+}
+
+/// `1m30s`, `30s`, `500ms` in nanoseconds.
+fn duration_ns(s: &str) -> Option<u64> {
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(digits);
+        let unit_len = tail
+            .find(|c: char| !c.is_alphabetic())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += num.parse::<f64>().ok()? * scale;
+        rest = tail;
+    }
+    Some(total as u64)
 }
 
 /// Types every node; the first must be FROM (or ARG before it).
@@ -485,6 +529,24 @@ mod tests {
         assert!(
             matches!(one("FROM busybox AS Build").unwrap(), Instruction::From { name: Some(n), .. } if n == "build")
         );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_ns("30s"), Some(30_000_000_000));
+        assert_eq!(duration_ns("1m30s"), Some(90_000_000_000));
+        assert_eq!(duration_ns("500ms"), Some(500_000_000));
+        assert_eq!(duration_ns("1.5h"), Some(5_400_000_000_000));
+        for bad in ["30", "5x", "s", "1m30"] {
+            assert_eq!(duration_ns(bad), None, "{bad}");
+        }
+        let h = one("HEALTHCHECK --interval=5s --retries=3 CMD true").unwrap();
+        let Instruction::Healthcheck(Some(h)) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!((h.interval, h.retries), (Some(5_000_000_000), Some(3)));
+        assert!(one("HEALTHCHECK --timeout=soon CMD true").is_err());
+        assert!(one("HEALTHCHECK --retries=many CMD true").is_err());
     }
 
     #[test]
