@@ -152,130 +152,137 @@ pub fn parse(
     let mut m = RunMount::default();
     let mut seen: Vec<String> = Vec::new();
     for field in spec.split(',').filter(|f| !f.is_empty()) {
-        let (key, raw) = match field.split_once('=') {
-            Some((k, v)) => (
-                k.trim().to_ascii_lowercase(),
-                Some(v.trim().trim_matches('"')),
-            ),
-            None => (field.trim().to_ascii_lowercase(), None),
-        };
-        if !KEYS.contains(&key.as_str()) {
-            let hint = suggest(&key, KEYS)
+        let (key, value) = key_value(field, expand)?;
+        set(&mut m, &key, value)?;
+        seen.push(key);
+    }
+    check(m, &seen)
+}
+
+/// One `key=value` field: the key checked and lowercased, the value expanded.
+fn key_value(
+    field: &str,
+    expand: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<(String, Option<String>), String> {
+    let (key, raw) = match field.split_once('=') {
+        Some((k, v)) => (
+            k.trim().to_ascii_lowercase(),
+            Some(v.trim().trim_matches('"')),
+        ),
+        None => (field.trim().to_ascii_lowercase(), None),
+    };
+    if !KEYS.contains(&key.as_str()) {
+        let hint = suggest(&key, KEYS)
+            .map(|s| format!(" (did you mean {s}?)"))
+            .unwrap_or_default();
+        return Err(format!("--mount: unknown key {key:?}{hint}"));
+    }
+    let value = match (key.as_str(), raw) {
+        ("from", Some(v)) if v.contains('$') => {
+            return Err(format!(
+                "--mount from={v}: from= does not expand variables; name a stage or an image"
+            ))
+        }
+        ("from", Some(v)) => Some(v.to_string()),
+        (_, Some(v)) => Some(expand(v)?),
+        (_, None) => None,
+    };
+    Ok((key, value))
+}
+
+/// Sets field `key` of `m`.
+fn set(m: &mut RunMount, key: &str, value: Option<String>) -> Result<(), String> {
+    let need = || {
+        value
+            .clone()
+            .ok_or_else(|| format!("--mount {key} needs a value: {key}=..."))
+    };
+    let number = |v: String| {
+        v.parse()
+            .map_err(|_| format!("--mount {key}={v}: use a number"))
+    };
+    match key {
+        "type" => m.kind = Some(kind(&need()?)?),
+        "target" | "dst" | "destination" => m.target = Some(need()?),
+        "source" | "src" => m.source = Some(need()?),
+        "from" => m.from = Some(need()?),
+        "readonly" | "ro" => m.readonly = Some(bool_value(key, value.as_deref())?),
+        "rw" | "readwrite" => m.readonly = Some(!bool_value(key, value.as_deref())?),
+        "id" => m.id = Some(need()?),
+        "sharing" => m.sharing = Some(sharing(need()?)?),
+        "mode" => {
+            let v = need()?;
+            let mode = u32::from_str_radix(&v, 8)
+                .map_err(|_| format!("--mount mode={v}: use an octal mode such as 0755"))?;
+            m.mode = Some(mode);
+        }
+        "uid" => m.uid = Some(number(need()?)?),
+        "gid" => m.gid = Some(number(need()?)?),
+        "required" => m.required = bool_value(key, value.as_deref())?,
+        "size" => m.size = Some(size(&need()?)?),
+        "env" => m.env = Some(need()?),
+        _ => unreachable!("checked against KEYS"),
+    }
+    Ok(())
+}
+
+fn kind(t: &str) -> Result<Kind, String> {
+    Ok(match t {
+        "bind" => Kind::Bind,
+        "cache" => Kind::Cache,
+        "tmpfs" => Kind::Tmpfs,
+        "secret" => Kind::Secret,
+        "ssh" => Kind::Ssh,
+        other => {
+            let hint = suggest(other, TYPES)
                 .map(|s| format!(" (did you mean {s}?)"))
                 .unwrap_or_default();
-            return Err(format!("--mount: unknown key {key:?}{hint}"));
+            return Err(format!("--mount type={other} is not a mount type{hint}; use bind, cache, tmpfs, secret or ssh"));
         }
-        let value = match (key.as_str(), raw) {
-            ("from", Some(v)) if v.contains('$') => {
-                return Err(format!(
-                    "--mount from={v}: from= does not expand variables; name a stage or an image"
-                ))
-            }
-            ("from", Some(v)) => Some(v.to_string()),
-            (_, Some(v)) => Some(expand(v)?),
-            (_, None) => None,
-        };
-        let need = |v: &Option<String>| {
-            v.clone()
-                .ok_or_else(|| format!("--mount {key} needs a value: {key}=..."))
-        };
-        seen.push(key.clone());
-        match key.as_str() {
-            "type" => {
-                let t = need(&value)?;
-                m.kind = Some(match t.as_str() {
-                    "bind" => Kind::Bind,
-                    "cache" => Kind::Cache,
-                    "tmpfs" => Kind::Tmpfs,
-                    "secret" => Kind::Secret,
-                    "ssh" => Kind::Ssh,
-                    other => {
-                        let hint = suggest(other, TYPES)
-                            .map(|s| format!(" (did you mean {s}?)"))
-                            .unwrap_or_default();
-                        return Err(format!("--mount type={other} is not a mount type{hint}; use bind, cache, tmpfs, secret or ssh"));
-                    }
-                })
-            }
-            "target" | "dst" | "destination" => m.target = Some(need(&value)?),
-            "source" | "src" => m.source = Some(need(&value)?),
-            "from" => m.from = Some(need(&value)?),
-            "readonly" | "ro" => m.readonly = Some(bool_value(&key, value.as_deref())?),
-            "rw" | "readwrite" => m.readonly = Some(!bool_value(&key, value.as_deref())?),
-            "id" => m.id = Some(need(&value)?),
-            "sharing" => {
-                let s = need(&value)?;
-                if !["shared", "private", "locked"].contains(&s.as_str()) {
-                    let hint = suggest(&s, &["shared", "private", "locked"])
-                        .map(|x| format!(" (did you mean {x}?)"))
-                        .unwrap_or_default();
-                    return Err(format!(
-                        "--mount sharing={s}{hint}: use shared, private or locked"
-                    ));
-                }
-                m.sharing = Some(s);
-            }
-            "mode" => {
-                let v = need(&value)?;
-                m.mode =
-                    Some(u32::from_str_radix(&v, 8).map_err(|_| {
-                        format!("--mount mode={v}: use an octal mode such as 0755")
-                    })?);
-            }
-            "uid" => {
-                m.uid = Some(need(&value)?.parse().map_err(|_| {
-                    format!(
-                        "--mount uid={}: use a number",
-                        value.clone().unwrap_or_default()
-                    )
-                })?)
-            }
-            "gid" => {
-                m.gid = Some(need(&value)?.parse().map_err(|_| {
-                    format!(
-                        "--mount gid={}: use a number",
-                        value.clone().unwrap_or_default()
-                    )
-                })?)
-            }
-            "required" => m.required = bool_value(&key, value.as_deref())?,
-            "size" => m.size = Some(size(&need(&value)?)?),
-            "env" => m.env = Some(need(&value)?),
-            _ => unreachable!("checked against KEYS"),
-        }
+    })
+}
+
+fn sharing(s: String) -> Result<String, String> {
+    const SHARING: [&str; 3] = ["shared", "private", "locked"];
+    if SHARING.contains(&s.as_str()) {
+        return Ok(s);
     }
+    let hint = suggest(&s, &SHARING)
+        .map(|x| format!(" (did you mean {x}?)"))
+        .unwrap_or_default();
+    Err(format!(
+        "--mount sharing={s}{hint}: use shared, private or locked"
+    ))
+}
+
+/// The checks across fields (the keys `seen` are allowed for the type, a target where one is
+/// needed, never the root), and secrets' and ssh's `source` as another name for `id`.
+fn check(mut m: RunMount, seen: &[String]) -> Result<RunMount, String> {
     let kind = *m.kind.get_or_insert(Kind::Bind);
-    for k in &seen {
-        if !allowed(kind).contains(&k.as_str()) {
-            return Err(format!(
-                "--mount type={}: option {k:?} is not allowed for this type",
-                TYPES[kind as usize]
-            ));
-        }
-    }
-    if m.env.is_none() && m.target.is_none() && !matches!(kind, Kind::Secret | Kind::Ssh) {
+    let name = TYPES[kind as usize];
+    if let Some(k) = seen.iter().find(|k| !allowed(kind).contains(&k.as_str())) {
         return Err(format!(
-            "--mount type={} needs target=PATH",
-            TYPES[kind as usize]
+            "--mount type={name}: option {k:?} is not allowed for this type"
         ));
     }
-    if let Some(t) = m
+    let named = matches!(kind, Kind::Secret | Kind::Ssh);
+    if m.env.is_none() && m.target.is_none() && !named {
+        return Err(format!("--mount type={name} needs target=PATH"));
+    }
+    let root = m
         .target
         .as_deref()
-        .filter(|t| crate::pattern::clean(t).is_empty())
-    {
+        .filter(|t| crate::pattern::clean(t).is_empty());
+    if let Some(t) = root {
         return Err(format!(
-            "--mount type={} target={t}: a mount cannot replace the root filesystem; mount it at a directory such as /cache",
-            TYPES[kind as usize]
+            "--mount type={name} target={t}: a mount cannot replace the root filesystem; mount it at a directory such as /cache"
         ));
     }
-    if matches!(kind, Kind::Secret | Kind::Ssh) {
-        // For secrets and ssh, source is another name for id.
+    if named {
         match (&m.id, m.source.take()) {
             (Some(id), Some(src)) if *id != src => {
                 return Err(format!(
-                    "--mount type={}: conflicting id={id} and source={src}: give one of them",
-                    TYPES[kind as usize]
+                    "--mount type={name}: conflicting id={id} and source={src}: give one of them"
                 ))
             }
             (None, Some(src)) => m.id = Some(src),

@@ -62,115 +62,30 @@ pub fn syntax(text: &str) -> Option<String> {
 
 /// Parses a Dockerfile.
 pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut directives = Directives {
-        syntax: None,
-        escape: '\\',
+    let mut c = Cursor {
+        lines: text.lines().collect(),
+        i: 0,
     };
-    let mut i = 0;
-    // Directives only at the very top, before any blank line, comment or instruction.
-    while i < lines.len() {
-        match directive(lines[i]) {
-            Some((k, v)) if k == "syntax" => directives.syntax = Some(v),
-            Some((k, v)) if k == "escape" => {
-                directives.escape = match v.as_str() {
-                    "\\" => '\\',
-                    "`" => '`',
-                    _ => {
-                        return Err(DockerfileError::at(
-                            i + 1,
-                            format!("invalid escape directive {v:?}: use \\ or `"),
-                        ))
-                    }
-                }
-            }
-            Some((k, _)) if k == "check" => {}
-            _ => break,
-        }
-        i += 1;
-    }
-    let esc = directives.escape;
+    let directives = c.directives()?;
     let mut nodes = Vec::new();
-    while i < lines.len() {
-        let start = i;
-        let first = lines[i].trim_start();
-        i += 1;
+    while c.i < c.lines.len() {
+        let start = c.i;
+        let first = c.lines[start].trim_start();
+        c.i += 1;
         if first.is_empty() || first.starts_with('#') {
             continue;
         }
-        // Join continuation lines; comment lines inside a continuation are dropped.
-        let mut logical = String::new();
-        let mut original = String::from(lines[start]);
-        let mut current = first.trim_end().to_string();
-        loop {
-            if current.ends_with(esc) {
-                current.pop();
-                logical.push_str(&current);
-                // Skip comments and blank lines inside the continuation.
-                loop {
-                    if i >= lines.len() {
-                        current = String::new();
-                        break;
-                    }
-                    let next = lines[i];
-                    i += 1;
-                    original.push('\n');
-                    original.push_str(next);
-                    let t = next.trim_start();
-                    if t.starts_with('#') || t.is_empty() {
-                        continue;
-                    }
-                    current = next.trim_end().to_string();
-                    break;
-                }
-                if current.is_empty() {
-                    break;
-                }
-            } else {
-                logical.push_str(&current);
-                break;
-            }
-        }
-        let (word, rest) = match logical.find(char::is_whitespace) {
-            Some(p) => (&logical[..p], logical[p..].trim_start()),
-            None => (logical.as_str(), ""),
-        };
-        let instruction = word.to_ascii_lowercase();
-        let mut rest = rest.to_string();
-        let mut flags = Vec::new();
-        while rest.starts_with("--") {
-            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            flags.push(rest[2..end].to_string());
-            rest = rest[end..].trim_start().to_string();
-        }
+        let (logical, mut original) = c.logical_line(start, directives.escape);
+        let (instruction, flags, args) = split_instruction(&logical);
         let mut heredocs = Vec::new();
         if matches!(instruction.as_str(), "run" | "copy" | "add") {
-            for (name, expand, strip_tabs) in heredoc_markers(&rest) {
-                let mut content = String::new();
-                let mut closed = false;
-                while i < lines.len() {
-                    let l = lines[i];
-                    i += 1;
-                    original.push('\n');
-                    original.push_str(l);
-                    let cmp = if strip_tabs {
-                        l.trim_start_matches('\t')
-                    } else {
-                        l
-                    };
-                    if cmp == name {
-                        closed = true;
-                        break;
-                    }
-                    content.push_str(cmp);
-                    content.push('\n');
-                }
-                if !closed {
+            for (name, expand, strip_tabs) in heredoc_markers(&args) {
+                let Some(content) = c.heredoc(&name, strip_tabs, &mut original) else {
                     return Err(DockerfileError::at(
                         start + 1,
                         format!("unterminated heredoc <<{name}: add a line containing only {name}"),
                     ));
-                }
+                };
                 heredocs.push(Heredoc {
                     name,
                     content,
@@ -182,12 +97,113 @@ pub fn parse(text: &str) -> Result<Parsed, DockerfileError> {
             line: start + 1,
             instruction,
             flags,
-            args: rest,
+            args,
             heredocs,
             original,
         });
     }
     Ok(Parsed { directives, nodes })
+}
+
+/// The instruction word (lowercased), its `--flags` and the rest of a logical line.
+fn split_instruction(logical: &str) -> (String, Vec<String>, String) {
+    let (word, rest) = match logical.find(char::is_whitespace) {
+        Some(p) => (&logical[..p], logical[p..].trim_start()),
+        None => (logical, ""),
+    };
+    let mut rest = rest;
+    let mut flags = Vec::new();
+    while rest.starts_with("--") {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        flags.push(rest[2..end].to_string());
+        rest = rest[end..].trim_start();
+    }
+    (word.to_ascii_lowercase(), flags, rest.to_string())
+}
+
+/// A position in the lines of a Dockerfile.
+struct Cursor<'a> {
+    lines: Vec<&'a str>,
+    i: usize,
+}
+
+impl Cursor<'_> {
+    /// The parser directives, only at the very top: before any blank line, comment or
+    /// instruction.
+    fn directives(&mut self) -> Result<Directives, DockerfileError> {
+        let mut d = Directives {
+            syntax: None,
+            escape: '\\',
+        };
+        while let Some((k, v)) = self.lines.get(self.i).and_then(|l| directive(l)) {
+            match k.as_str() {
+                "syntax" => d.syntax = Some(v),
+                "escape" => {
+                    d.escape = match v.as_str() {
+                        "\\" => '\\',
+                        "`" => '`',
+                        _ => {
+                            return Err(DockerfileError::at(
+                                self.i + 1,
+                                format!("invalid escape directive {v:?}: use \\ or `"),
+                            ))
+                        }
+                    }
+                }
+                "check" => {}
+                _ => break,
+            }
+            self.i += 1;
+        }
+        Ok(d)
+    }
+
+    /// The instruction starting at line `start` with its continuation lines joined (comment and
+    /// blank lines inside it dropped), and the lines as written.
+    fn logical_line(&mut self, start: usize, esc: char) -> (String, String) {
+        let mut logical = String::new();
+        let mut original = String::from(self.lines[start]);
+        let mut current = self.lines[start].trim().to_string();
+        while current.ends_with(esc) {
+            current.pop();
+            logical.push_str(&current);
+            current = String::new();
+            while let Some(next) = self.lines.get(self.i) {
+                self.i += 1;
+                original.push('\n');
+                original.push_str(next);
+                let t = next.trim_start();
+                if !(t.starts_with('#') || t.is_empty()) {
+                    current = next.trim_end().to_string();
+                    break;
+                }
+            }
+        }
+        logical.push_str(&current);
+        (logical, original)
+    }
+
+    /// The body of heredoc `name` (tabs stripped for `<<-`), appended to `original` as it is
+    /// read; None when the file ends before its closing line.
+    fn heredoc(&mut self, name: &str, strip_tabs: bool, original: &mut String) -> Option<String> {
+        let mut content = String::new();
+        while let Some(l) = self.lines.get(self.i) {
+            self.i += 1;
+            original.push('\n');
+            original.push_str(l);
+            let cmp = if strip_tabs {
+                l.trim_start_matches('\t')
+            } else {
+                l
+            };
+            if cmp == name {
+                return Some(content);
+            }
+            content.push_str(cmp);
+            content.push('\n');
+        }
+        None
+    }
 }
 
 /// The heredoc markers (`<<EOF`, `<<-EOF`, `<<"EOF"`) in an instruction's arguments, in order.
