@@ -23,6 +23,55 @@ pub const DEFAULT: Policy = Policy {
     keep_storage: Some(10_000_000_000),
 };
 
+/// A `--keep-duration` or `--keep-storage` value that does not parse, with the forms that do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(String);
+
+/// `--keep-storage`: `10GB`, `500MB`, `1.5TB` (powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, PolicyError> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| PolicyError(format!("size {s:?}: use e.g. 10GB, 500MB")))?;
+    let mult = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" | "K" => 1e3,
+        "MB" | "M" => 1e6,
+        "GB" | "G" => 1e9,
+        "TB" | "T" => 1e12,
+        _ => {
+            return Err(PolicyError(format!(
+                "size {s:?}: unit must be B, KB, MB, GB or TB"
+            )))
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+/// `--keep-duration`: `48h`, `30m`, `7d`, in seconds.
+pub fn parse_duration(s: &str) -> Result<u64, PolicyError> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| PolicyError(format!("duration {s:?}: use e.g. 48h, 30m, 7d")))?;
+    let scale = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(PolicyError(format!(
+                "duration {s:?}: unit must be s, m, h or d"
+            )))
+        }
+    };
+    Ok(n * scale)
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Report {
     pub records: usize,

@@ -1,5 +1,6 @@
 //! Strata's build engine.
 //!
+//! - [`build`]: one build from request to outputs (what `strata build` runs).
 //! - [`dockerfile`]: the Dockerfile frontend (parser → instructions → LLB).
 //! - [`llb`]: the build graph, serialized deterministically; op digest = sha256 of its bytes.
 //! - [`solver`]: the parallel scheduler with the content-addressed cache.
@@ -8,6 +9,7 @@
 //! - [`progress`]: BuildKit-style progress.
 //! - [`secrets`]: `--secret` values, read with a cap and masked wherever output goes.
 
+pub mod build;
 pub mod db;
 pub mod dockerfile;
 pub mod export;

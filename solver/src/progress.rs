@@ -144,3 +144,18 @@ impl Vertex<'_> {
         self.end(format!("ERROR: {msg}"));
     }
 }
+/// A byte count as people read it: `512B`, `1.5MB`, `10.0GB` (powers of 1000, as BuildKit).
+pub fn human_size(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", units[i])
+    }
+}

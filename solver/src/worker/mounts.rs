@@ -94,6 +94,142 @@ pub struct Prepared {
     stop: Vec<Arc<AtomicBool>>,
 }
 
+/// A step's inputs and its build context, which mounts read from.
+struct Inputs<'a> {
+    inputs: &'a [Ref],
+    context: Option<&'a Context>,
+}
+
+/// `--mount type=secret,env=NAME`: the secrets a step gets as environment variables.
+fn secret_env(secretenv: &[llb::SecretEnv], session: &Session) -> Result<Vec<String>, WorkerError> {
+    let mut env = Vec::new();
+    for e in secretenv {
+        match session.secrets.get(&e.id) {
+            Some(v) => env.push(format!("{}={}", e.name, String::from_utf8_lossy(v))),
+            None if e.optional => {}
+            None => {
+                return Err(WorkerError::Exec(format!(
+                    "secret {}: not found; pass it with --secret id={},src=FILE or id={},env=VAR",
+                    e.id, e.id, e.id
+                )))
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// The volume a cache mount asks for.
+fn cache_request(m: &llb::Mount) -> (String, Sharing, Init) {
+    let c = m.cache_opt.clone().unwrap_or_default();
+    let sharing = match llb::CacheSharing::from_i32(c.sharing) {
+        Some(llb::CacheSharing::Private) => Sharing::Private,
+        Some(llb::CacheSharing::Locked) => Sharing::Locked,
+        _ => Sharing::Shared,
+    };
+    let init = Init {
+        mode: c.mode,
+        uid: c.uid,
+        gid: c.gid,
+    };
+    (c.id, sharing, init)
+}
+
+/// Empties a cache volume (`--no-cache` starts the step's caches afresh).
+fn empty_dir(dir: &Path) -> Result<(), WorkerError> {
+    let entries = fs::read_dir(dir).map_err(err(format!("read cache {}", dir.display())))?;
+    for e in entries.flatten() {
+        let _ = strata_snapshotter::layout::remove_tree(&e.path());
+    }
+    Ok(())
+}
+
+/// `from=`: an empty volume is seeded with the files of `seed`.
+fn seed_cache(seed: &Path, volume: &Path) -> Result<(), WorkerError> {
+    let empty = fs::read_dir(volume).is_ok_and(|mut d| d.next().is_none());
+    if !empty {
+        return Ok(());
+    }
+    let src = tree::Source {
+        root: seed,
+        ignore: None,
+    };
+    let attrs = || tree::Attrs {
+        owner: None,
+        mode: None,
+    };
+    let entries = fs::read_dir(seed).map_err(err(format!("read {}", seed.display())))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        tree::copy(
+            &src,
+            &e.path(),
+            &name.to_string_lossy(),
+            &volume.join(&name),
+            attrs(),
+        )
+        .map_err(err("seed cache".into()))?;
+    }
+    Ok(())
+}
+
+/// `source=`: a path inside the volume, which a symlink on the way could lead out of.
+fn cache_source(volume: &Path, selector: &str) -> Result<PathBuf, WorkerError> {
+    let mut walk = volume.to_path_buf();
+    let parts = Path::new(selector).components();
+    for c in parts.filter(|c| matches!(c, std::path::Component::Normal(_))) {
+        walk.push(c);
+        if fs::symlink_metadata(&walk).is_ok_and(|md| md.file_type().is_symlink()) {
+            return Err(WorkerError::Exec(format!("cache mount source={selector}: {} is a symlink; a cache source must be a plain path inside the cache", c.as_os_str().to_string_lossy())));
+        }
+    }
+    let sub =
+        rootfs::resolve(volume, selector, true).map_err(err(format!("cache source {selector}")))?;
+    fs::create_dir_all(&sub).map_err(err(format!("create cache source {selector}")))?;
+    Ok(sub)
+}
+
+/// A bind of `source` at the mount's destination, read-only if it is.
+fn bind_spec(m: &llb::Mount, source: PathBuf) -> SpecMount {
+    let mut options = vec!["rbind".to_string()];
+    if m.readonly {
+        options.push("ro".into());
+    }
+    SpecMount {
+        dest: m.dest.clone(),
+        source,
+        kind: "bind",
+        options,
+    }
+}
+
+/// `type=tmpfs`, of the size asked for.
+fn tmpfs_mount(m: &llb::Mount) -> SpecMount {
+    let size = m.tmpfs_opt.as_ref().map(|t| t.size).unwrap_or(0);
+    let mut options = vec!["nosuid".to_string(), "nodev".into()];
+    if size > 0 {
+        options.push(format!("size={}k", size / 1024));
+    }
+    SpecMount {
+        dest: m.dest.clone(),
+        source: PathBuf::from("tmpfs"),
+        kind: "tmpfs",
+        options,
+    }
+}
+
+/// Gives a secret file or agent socket (`what`) the owner and mode its mount asks for.
+fn set_owner_mode(
+    path: &Path,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    what: &str,
+) -> Result<(), WorkerError> {
+    lchown(path, Some(uid), Some(gid)).map_err(err(format!("chown {what}")))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(err(format!("chmod {what}")))
+}
+
 fn err(what: String) -> impl FnOnce(std::io::Error) -> WorkerError {
     move |e| WorkerError::Exec(format!("{what}: {e}"))
 }
@@ -168,254 +304,186 @@ impl Worker {
         session: &Session,
         reset_caches: bool,
     ) -> Result<Prepared, WorkerError> {
-        let mut p = Prepared::default();
-        for e in secretenv {
-            match session.secrets.get(&e.id) {
-                Some(v) => p
-                    .env
-                    .push(format!("{}={}", e.name, String::from_utf8_lossy(v))),
-                None if e.optional => {}
-                None => {
-                    return Err(WorkerError::Exec(format!(
-                    "secret {}: not found; pass it with --secret id={},src=FILE or id={},env=VAR",
-                    e.id, e.id, e.id
-                )))
-                }
-            }
-        }
-        // Cache volumes first, all at once (in id order, so steps never deadlock).
-        let caches: Vec<&llb::Mount> = mounts
-            .iter()
-            .skip(1)
-            .filter(|m| m.mount_type == llb::MountType::Cache as i32)
-            .collect();
-        let requests: Vec<(String, Sharing, Init)> = caches
-            .iter()
-            .map(|m| {
-                let c = m.cache_opt.clone().unwrap_or_default();
-                let sharing = match llb::CacheSharing::from_i32(c.sharing) {
-                    Some(llb::CacheSharing::Private) => Sharing::Private,
-                    Some(llb::CacheSharing::Locked) => Sharing::Locked,
-                    _ => Sharing::Shared,
-                };
-                (
-                    c.id,
-                    sharing,
-                    Init {
-                        mode: c.mode,
-                        uid: c.uid,
-                        gid: c.gid,
-                    },
-                )
-            })
-            .collect();
-        let leases = self.volumes.acquire_all(&requests)?;
-        for (m, lease) in caches.iter().zip(&leases) {
-            if reset_caches {
-                // --no-cache starts the step's caches afresh.
-                for e in fs::read_dir(&lease.path)
-                    .map_err(err(format!("read cache {}", lease.path.display())))?
-                    .flatten()
-                {
-                    let _ = strata_snapshotter::layout::remove_tree(&e.path());
-                }
-            }
-            let (source, seeded) = if m.input >= 0 {
-                // from=: seed an empty volume with the source's files.
-                let from =
-                    self.input_dir(&inputs[m.input as usize], &m.selector, context, &mut p)?;
-                (lease.path.clone(), Some(from))
-            } else {
-                // source= is a path inside the volume; a symlink on the way could lead anywhere.
-                let mut walk = lease.path.clone();
-                for c in Path::new(&m.selector)
-                    .components()
-                    .filter(|c| matches!(c, std::path::Component::Normal(_)))
-                {
-                    walk.push(c);
-                    if fs::symlink_metadata(&walk).is_ok_and(|md| md.file_type().is_symlink()) {
-                        return Err(WorkerError::Exec(format!("cache mount source={}: {} is a symlink; a cache source must be a plain path inside the cache", m.selector, c.as_os_str().to_string_lossy())));
-                    }
-                }
-                let sub = rootfs::resolve(&lease.path, &m.selector, true)
-                    .map_err(err(format!("cache source {}", m.selector)))?;
-                fs::create_dir_all(&sub)
-                    .map_err(err(format!("create cache source {}", m.selector)))?;
-                (sub, None)
-            };
-            if let Some(from) = seeded {
-                if fs::read_dir(&source)
-                    .map(|mut d| d.next().is_none())
-                    .unwrap_or(false)
-                {
-                    let src = tree::Source {
-                        root: &from,
-                        ignore: None,
-                    };
-                    for e in fs::read_dir(&from)
-                        .map_err(err(format!("read {}", from.display())))?
-                        .flatten()
-                    {
-                        tree::copy(
-                            &src,
-                            &e.path(),
-                            &e.file_name().to_string_lossy(),
-                            &source.join(e.file_name()),
-                            tree::Attrs {
-                                owner: None,
-                                mode: None,
-                            },
-                        )
-                        .map_err(err("seed cache".into()))?;
-                    }
-                }
-            }
-            let mut options = vec!["rbind".to_string()];
-            if m.readonly {
-                options.push("ro".into());
-            }
-            p.spec.push(SpecMount {
-                dest: m.dest.clone(),
-                source,
-                kind: "bind",
-                options,
-            });
-        }
-        p._leases = leases;
-        let mut agents = 0;
+        let mut p = Prepared {
+            env: secret_env(secretenv, session)?,
+            ..Default::default()
+        };
+        let from = Inputs { inputs, context };
         // mounts[0] is the root.
-        for m in mounts.iter().skip(1) {
+        let mounts = mounts.get(1..).unwrap_or_default();
+        self.cache_mounts(mounts, &from, reset_caches, &mut p)?;
+        let mut agents = 0;
+        for m in mounts {
             match llb::MountType::from_i32(m.mount_type) {
                 Some(llb::MountType::Cache) | None => {}
-                Some(llb::MountType::Bind) => {
-                    let input = usize::try_from(m.input)
-                        .ok()
-                        .and_then(|i| inputs.get(i))
-                        .cloned()
-                        .unwrap_or(Ref::Scratch);
-                    let src = self.input_dir(&input, &m.selector, context, &mut p)?;
-                    let source = if m.readonly {
-                        src
-                    } else {
-                        // rw: writes land in a throwaway overlay upper, never in the source.
-                        let d = self.scratch_dir(&mut p)?;
-                        let (upper, work, merged) = (d.join("u"), d.join("w"), d.join("m"));
-                        for x in [&upper, &work, &merged] {
-                            fs::create_dir(x).map_err(err(format!("create {}", x.display())))?;
-                        }
-                        let opts = format!(
-                            "lowerdir={},upperdir={},workdir={}",
-                            src.display(),
-                            upper.display(),
-                            work.display()
-                        );
-                        mount(
-                            Some("overlay"),
-                            &merged,
-                            Some("overlay"),
-                            MsFlags::empty(),
-                            Some(opts.as_str()),
-                        )
-                        .map_err(|e| WorkerError::Exec(format!("rw bind mount overlay: {e}")))?;
-                        p.mounted.push(merged.clone());
-                        merged
-                    };
-                    let mut options = vec!["rbind".to_string()];
-                    if m.readonly {
-                        options.push("ro".into());
-                    }
-                    p.spec.push(SpecMount {
-                        dest: m.dest.clone(),
-                        source,
-                        kind: "bind",
-                        options,
-                    });
-                }
-                Some(llb::MountType::Tmpfs) => {
-                    let size = m.tmpfs_opt.as_ref().map(|t| t.size).unwrap_or(0);
-                    let mut options = vec!["nosuid".to_string(), "nodev".into()];
-                    if size > 0 {
-                        options.push(format!("size={}k", size / 1024));
-                    }
-                    p.spec.push(SpecMount {
-                        dest: m.dest.clone(),
-                        source: PathBuf::from("tmpfs"),
-                        kind: "tmpfs",
-                        options,
-                    });
-                }
-                Some(llb::MountType::Secret) => {
-                    let o = m.secret_opt.clone().unwrap_or_default();
-                    let Some(value) = session.secrets.get(&o.id) else {
-                        if o.optional {
-                            continue;
-                        }
-                        return Err(WorkerError::Exec(format!(
-                            "secret {}: not found; pass it with --secret id={},src=FILE",
-                            o.id, o.id
-                        )));
-                    };
-                    let dir = self.scratch_dir(&mut p)?;
-                    let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-                    if o.mode & 0o111 == 0 {
-                        flags |= MsFlags::MS_NOEXEC;
-                    }
-                    mount(
-                        Some("tmpfs"),
-                        &dir,
-                        Some("tmpfs"),
-                        flags,
-                        Some("mode=0755,size=1m"),
-                    )
-                    .map_err(|e| WorkerError::Exec(format!("secret tmpfs: {e}")))?;
-                    p.mounted.push(dir.clone());
-                    let file = dir.join("secret");
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&file)
-                        .map_err(err("write secret".into()))?;
-                    f.write_all(value).map_err(err("write secret".into()))?;
-                    lchown(&file, Some(o.uid), Some(o.gid)).map_err(err("chown secret".into()))?;
-                    fs::set_permissions(&file, fs::Permissions::from_mode(o.mode & 0o7777))
-                        .map_err(err("chmod secret".into()))?;
-                    p.spec.push(SpecMount {
-                        dest: m.dest.clone(),
-                        source: file,
-                        kind: "bind",
-                        options: vec!["rbind".into(), "ro".into()],
-                    });
-                }
+                Some(llb::MountType::Bind) => self.bind_mount(m, &from, &mut p)?,
+                Some(llb::MountType::Tmpfs) => p.spec.push(tmpfs_mount(m)),
+                Some(llb::MountType::Secret) => self.secret_mount(m, session, &mut p)?,
                 Some(llb::MountType::Ssh) => {
-                    let o = m.ssh_opt.clone().unwrap_or_default();
-                    let Some(agent) = session.ssh.get(&o.id) else {
-                        if o.optional {
-                            continue;
-                        }
-                        return Err(WorkerError::Exec(format!(
-                            "ssh agent {:?}: not given; pass --ssh {}=$SSH_AUTH_SOCK",
-                            o.id, o.id
-                        )));
-                    };
-                    let dir = self.scratch_dir(&mut p)?;
-                    let sock = dir.join(format!("agent.{agents}"));
+                    self.ssh_mount(m, session, agents, &mut p)?;
                     agents += 1;
-                    let stop = forward_agent(&sock, agent.clone())?;
-                    lchown(&sock, Some(o.uid), Some(o.gid))
-                        .map_err(err("chown ssh socket".into()))?;
-                    fs::set_permissions(&sock, fs::Permissions::from_mode(o.mode & 0o7777))
-                        .map_err(err("chmod ssh socket".into()))?;
-                    p.stop.push(stop);
-                    p.spec.push(SpecMount {
-                        dest: m.dest.clone(),
-                        source: sock,
-                        kind: "bind",
-                        options: vec!["rbind".into()],
-                    });
                 }
             }
         }
         Ok(p)
+    }
+
+    /// Cache volumes, all acquired at once (in id order, so steps never deadlock).
+    fn cache_mounts(
+        &self,
+        mounts: &[llb::Mount],
+        from: &Inputs,
+        reset: bool,
+        p: &mut Prepared,
+    ) -> Result<(), WorkerError> {
+        let caches: Vec<&llb::Mount> = mounts
+            .iter()
+            .filter(|m| m.mount_type == llb::MountType::Cache as i32)
+            .collect();
+        let requests: Vec<_> = caches.iter().map(|m| cache_request(m)).collect();
+        let leases = self.volumes.acquire_all(&requests)?;
+        for (m, lease) in caches.iter().zip(&leases) {
+            if reset {
+                empty_dir(&lease.path)?;
+            }
+            let source = if m.input >= 0 {
+                let seed =
+                    self.input_dir(&from.inputs[m.input as usize], &m.selector, from.context, p)?;
+                seed_cache(&seed, &lease.path)?;
+                lease.path.clone()
+            } else {
+                cache_source(&lease.path, &m.selector)?
+            };
+            p.spec.push(bind_spec(m, source));
+        }
+        p._leases = leases;
+        Ok(())
+    }
+
+    /// `type=bind`: the input's directory; a read-write bind gets a throwaway overlay so that
+    /// writes never land in the source.
+    fn bind_mount(
+        &self,
+        m: &llb::Mount,
+        from: &Inputs,
+        p: &mut Prepared,
+    ) -> Result<(), WorkerError> {
+        let input = usize::try_from(m.input)
+            .ok()
+            .and_then(|i| from.inputs.get(i))
+            .cloned()
+            .unwrap_or(Ref::Scratch);
+        let src = self.input_dir(&input, &m.selector, from.context, p)?;
+        let source = if m.readonly {
+            src
+        } else {
+            self.throwaway_overlay(&src, p)?
+        };
+        p.spec.push(bind_spec(m, source));
+        Ok(())
+    }
+
+    /// An overlay of `lower` whose upper is discarded with the step.
+    fn throwaway_overlay(&self, lower: &Path, p: &mut Prepared) -> Result<PathBuf, WorkerError> {
+        let d = self.scratch_dir(p)?;
+        let (upper, work, merged) = (d.join("u"), d.join("w"), d.join("m"));
+        for x in [&upper, &work, &merged] {
+            fs::create_dir(x).map_err(err(format!("create {}", x.display())))?;
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| WorkerError::Exec(format!("rw bind mount overlay: {e}")))?;
+        p.mounted.push(merged.clone());
+        Ok(merged)
+    }
+
+    /// `type=secret`: the value in a file on a tmpfs of its own, bound read-only.
+    fn secret_mount(
+        &self,
+        m: &llb::Mount,
+        session: &Session,
+        p: &mut Prepared,
+    ) -> Result<(), WorkerError> {
+        let o = m.secret_opt.clone().unwrap_or_default();
+        let Some(value) = session.secrets.get(&o.id) else {
+            if o.optional {
+                return Ok(());
+            }
+            return Err(WorkerError::Exec(format!(
+                "secret {}: not found; pass it with --secret id={},src=FILE",
+                o.id, o.id
+            )));
+        };
+        let dir = self.scratch_dir(p)?;
+        let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        if o.mode & 0o111 == 0 {
+            flags |= MsFlags::MS_NOEXEC;
+        }
+        mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            flags,
+            Some("mode=0755,size=1m"),
+        )
+        .map_err(|e| WorkerError::Exec(format!("secret tmpfs: {e}")))?;
+        p.mounted.push(dir.clone());
+        let file = dir.join("secret");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(err("write secret".into()))?;
+        f.write_all(value).map_err(err("write secret".into()))?;
+        set_owner_mode(&file, o.uid, o.gid, o.mode, "secret")?;
+        p.spec.push(SpecMount {
+            dest: m.dest.clone(),
+            source: file,
+            kind: "bind",
+            options: vec!["rbind".into(), "ro".into()],
+        });
+        Ok(())
+    }
+
+    /// `type=ssh`: socket number `n` of the step, forwarded to the agent of its id.
+    fn ssh_mount(
+        &self,
+        m: &llb::Mount,
+        session: &Session,
+        n: usize,
+        p: &mut Prepared,
+    ) -> Result<(), WorkerError> {
+        let o = m.ssh_opt.clone().unwrap_or_default();
+        let Some(agent) = session.ssh.get(&o.id) else {
+            if o.optional {
+                return Ok(());
+            }
+            return Err(WorkerError::Exec(format!(
+                "ssh agent {:?}: not given; pass --ssh {}=$SSH_AUTH_SOCK",
+                o.id, o.id
+            )));
+        };
+        let sock = self.scratch_dir(p)?.join(format!("agent.{n}"));
+        p.stop.push(forward_agent(&sock, agent.clone())?);
+        set_owner_mode(&sock, o.uid, o.gid, o.mode, "ssh socket")?;
+        p.spec.push(SpecMount {
+            dest: m.dest.clone(),
+            source: sock,
+            kind: "bind",
+            options: vec!["rbind".into()],
+        });
+        Ok(())
     }
 
     /// Undoes what `prepare_mounts` did.

@@ -1,0 +1,87 @@
+//! `strata`: build container images from Dockerfiles, without a daemon.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use commands::{BuildArgs, CacheCmd, DebugCmd, ImagesCmd};
+
+const AFTER_HELP: &str = r#"Examples:
+  strata images load busybox.tar                      # an OCI layout archive becomes a base image
+  strata build -t app .                                # build ./Dockerfile, name it app
+  strata build --output type=oci,dest=app.tar -t app . # and write an OCI archive (ctr images import app.tar)
+  strata build --target test --no-cache-filter test .  # one stage, rerunning only its steps
+  SOURCE_DATE_EPOCH=0 strata build --output type=oci,dest=a.tar .   # reproducible digests
+
+Builds run as root: steps run in runc over overlayfs snapshots under --root."#;
+
+/// Build container images from Dockerfiles: parallel, cached, daemonless.
+#[derive(Parser)]
+#[command(name = "strata", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Store for snapshots, cache and images
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/strata",
+        value_name = "DIR"
+    )]
+    pub root: PathBuf,
+    /// OCI runtime that runs RUN steps
+    #[arg(long, global = true, default_value = "runc", value_name = "PATH")]
+    pub oci_runtime: String,
+    /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
+    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build an image from a Dockerfile and a context directory
+    Build(Box<BuildArgs>),
+    /// List, load, pull, push or remove images in the local store
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Show the disk used by the build cache
+    Du,
+    /// List or remove cache-mount volumes (RUN --mount=type=cache)
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Remove build cache records (least recently used first) and their snapshots; with no
+    /// limits, everything. After each build, the cache is trimmed to 10GB.
+    Prune {
+        /// Keep records used within this long (e.g. 48h, 30m)
+        #[arg(long, value_name = "DURATION")]
+        keep_duration: Option<String>,
+        /// Keep at most this much cache (e.g. 5GB, 500MB)
+        #[arg(long, value_name = "SIZE")]
+        keep_storage: Option<String>,
+    },
+    /// Developer tools
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("STRATA_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("start async runtime")?;
+    match &cli.command {
+        Cmd::Build(args) => rt.block_on(commands::build::run(&cli, args)),
+        Cmd::Images(cmd) => commands::images::run(&cli, cmd),
+        Cmd::Du => commands::prune::du(&cli),
+        Cmd::Prune {
+            keep_duration,
+            keep_storage,
+        } => commands::prune::prune(&cli, keep_duration.as_deref(), keep_storage.as_deref()),
+        Cmd::Cache(cmd) => commands::cache::run(&cli, cmd),
+        Cmd::Debug(DebugCmd::DumpLlb(f)) => rt.block_on(commands::debug::dump_llb(&cli, f)),
+    }
+}
