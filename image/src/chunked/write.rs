@@ -178,183 +178,172 @@ fn rfc3339(secs: u64) -> String {
 }
 
 /// Converts the layer tar `input` into a zstd:chunked blob written to `output`.
-pub fn write(
-    mut input: impl Read,
-    output: impl Write,
+pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Written, ChunkedError> {
+    let mut w = Writer {
+        input,
+        out: Out {
+            inner: output,
+            written: 0,
+            hash: Sha256::new(),
+        },
+        opts,
+        diff: Sha256::new(),
+        toc: Toc {
+            version: 1,
+            entries: Vec::new(),
+        },
+        split: TarSplit::default(),
+        pending: Vec::new(),
+        ext: Extensions::default(),
+    };
+    while let Some((header, size)) = w.next_header()? {
+        let (entry, name) = toc_entry(&header, &mut w.ext)?;
+        if entry.kind == "reg" && size > 0 {
+            w.content(entry, &name, size)?;
+        } else {
+            w.other(entry, &name, size)?;
+        }
+    }
+    w.flush_pending()?;
+    w.finish()
+}
+
+/// PAX and GNU long-name records, which apply to the next header.
+#[derive(Default)]
+struct Extensions {
+    pax: BTreeMap<String, Vec<u8>>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+/// A conversion in progress.
+struct Writer<R: Read, W: Write> {
+    input: R,
+    out: Out<W>,
     opts: Options,
-) -> Result<Written, ChunkedError> {
-    let mut out = Out {
-        inner: output,
-        written: 0,
-        hash: Sha256::new(),
-    };
-    let mut diff = Sha256::new();
-    let mut toc = Toc {
-        version: 1,
-        entries: Vec::new(),
-    };
-    let mut split = TarSplit::default();
-    // Raw tar bytes not yet written: headers, extension records, padding.
-    let mut pending: Vec<u8> = Vec::new();
-    // PAX and GNU long-name records apply to the next header.
-    let mut pax: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut long_name: Option<Vec<u8>> = None;
-    let mut long_link: Option<Vec<u8>> = None;
-    let mut block = [0u8; 512];
-    loop {
-        if !read_exact_or_eof(&mut input, &mut block)? {
-            return Err(ChunkedError::Format(
-                "the tar has no end-of-archive blocks: it is truncated".into(),
-            ));
+    /// The diff ID: sha256 of the tar as read.
+    diff: Sha256,
+    toc: Toc,
+    split: TarSplit,
+    /// Raw tar bytes not yet written: headers, extension records, padding.
+    pending: Vec<u8>,
+    ext: Extensions,
+}
+
+impl<R: Read, W: Write> Writer<R, W> {
+    /// `size` bytes (padded to whole blocks) of the input; `what` names the place for errors.
+    fn read(&mut self, size: u64, what: &str) -> Result<Vec<u8>, ChunkedError> {
+        let mut data = vec![0u8; padded(size) as usize];
+        if !read_exact_or_eof(&mut self.input, &mut data)? && size > 0 {
+            return Err(ChunkedError::Format(format!("the tar ends inside {what}")));
         }
-        if block.iter().all(|b| *b == 0) {
-            // End of archive: this block and whatever follows (more zeros) as they are.
-            pending.extend_from_slice(&block);
-            input
-                .read_to_end(&mut pending)
-                .map_err(ChunkedError::io("read the layer tar"))?;
-            break;
-        }
-        let header = tar::Header::from_byte_slice(&block);
-        header
-            .as_ustar()
-            .map(|_| ())
-            .or_else(|| header.as_gnu().map(|_| ()))
-            .ok_or_else(|| {
-                ChunkedError::Format("a header block is neither ustar nor GNU tar".into())
-            })?;
-        let size = header
-            .entry_size()
-            .map_err(ChunkedError::io("tar header size"))?;
-        let kind = header.entry_type();
-        pending.extend_from_slice(&block);
-        if kind.is_pax_local_extensions()
-            || kind.is_pax_global_extensions()
-            || kind.is_gnu_longname()
-            || kind.is_gnu_longlink()
-        {
-            let mut data = vec![0u8; padded(size) as usize];
-            if !read_exact_or_eof(&mut input, &mut data)? {
+        Ok(data)
+    }
+
+    /// The next entry's header and size, extension records taken in on the way; None at the
+    /// end of the archive (whose zero blocks are kept as they are).
+    fn next_header(&mut self) -> Result<Option<(tar::Header, u64)>, ChunkedError> {
+        loop {
+            let mut block = [0u8; 512];
+            if !read_exact_or_eof(&mut self.input, &mut block)? {
                 return Err(ChunkedError::Format(
-                    "the tar ends inside an extension record".into(),
+                    "the tar has no end-of-archive blocks: it is truncated".into(),
                 ));
             }
-            pending.extend_from_slice(&data);
-            let data = &data[..size as usize];
-            if kind.is_pax_local_extensions() {
-                for ext in tar::PaxExtensions::new(data).flatten() {
-                    if let Ok(k) = ext.key() {
-                        pax.insert(k.to_string(), ext.value_bytes().to_vec());
-                    }
-                }
-            } else if kind.is_gnu_longname() {
-                long_name = Some(data.split(|b| *b == 0).next().unwrap_or(&[]).to_vec());
-            } else if kind.is_gnu_longlink() {
-                long_link = Some(data.split(|b| *b == 0).next().unwrap_or(&[]).to_vec());
+            self.pending.extend_from_slice(&block);
+            if block.iter().all(|b| *b == 0) {
+                self.input
+                    .read_to_end(&mut self.pending)
+                    .map_err(ChunkedError::io("read the layer tar"))?;
+                return Ok(None);
             }
-            continue;
+            let header = tar::Header::from_byte_slice(&block).clone();
+            if header.as_ustar().is_none() && header.as_gnu().is_none() {
+                return Err(ChunkedError::Format(
+                    "a header block is neither ustar nor GNU tar".into(),
+                ));
+            }
+            let size = header
+                .entry_size()
+                .map_err(ChunkedError::io("tar header size"))?;
+            if !self.extension(&header, size)? {
+                return Ok(Some((header, size)));
+            }
         }
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let name = pax
-            .remove("path")
-            .or(long_name.take())
-            .map(|b| text(&b))
-            .unwrap_or_else(|| text(&header.path_bytes()));
-        let link = pax
-            .remove("linkpath")
-            .or(long_link.take())
-            .map(|b| text(&b))
-            .or_else(|| header.link_name_bytes().map(|b| text(&b)))
-            .unwrap_or_default();
-        let num = |key: &str, fallback: u64| -> u64 {
-            pax.get(key)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|s| s.split('.').next()?.parse().ok())
-                .unwrap_or(fallback)
-        };
-        let mut entry = Entry {
-            kind: match kind {
-                tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
-                tar::EntryType::Link => "hardlink",
-                tar::EntryType::Symlink => "symlink",
-                tar::EntryType::Char => "char",
-                tar::EntryType::Block => "block",
-                tar::EntryType::Directory => "dir",
-                tar::EntryType::Fifo => "fifo",
-                other => {
-                    return Err(ChunkedError::Format(format!(
-                        "tar entry {name:?} has type {:?}, which a layer cannot hold",
-                        other.as_byte() as char
-                    )))
+    }
+
+    /// Takes in an extension record (PAX, GNU long name or link); false for any other entry.
+    fn extension(&mut self, header: &tar::Header, size: u64) -> Result<bool, ChunkedError> {
+        let kind = header.entry_type();
+        let pax = kind.is_pax_local_extensions() || kind.is_pax_global_extensions();
+        if !(pax || kind.is_gnu_longname() || kind.is_gnu_longlink()) {
+            return Ok(false);
+        }
+        let mut data = vec![0u8; padded(size) as usize];
+        if !read_exact_or_eof(&mut self.input, &mut data)? {
+            return Err(ChunkedError::Format(
+                "the tar ends inside an extension record".into(),
+            ));
+        }
+        self.pending.extend_from_slice(&data);
+        let data = &data[..size as usize];
+        let until_nul = || data.split(|b| *b == 0).next().unwrap_or(&[]).to_vec();
+        if kind.is_pax_local_extensions() {
+            for ext in tar::PaxExtensions::new(data).flatten() {
+                if let Ok(k) = ext.key() {
+                    self.ext
+                        .pax
+                        .insert(k.to_string(), ext.value_bytes().to_vec());
                 }
             }
-            .to_string(),
-            name: clean(&name),
-            link_name: if matches!(kind, tar::EntryType::Link | tar::EntryType::Symlink) {
-                link
-            } else {
-                String::new()
-            },
-            mode: header.mode().unwrap_or(0) & 0o7777,
-            uid: num("uid", header.uid().unwrap_or(0)) as u32,
-            gid: num("gid", header.gid().unwrap_or(0)) as u32,
-            modtime: Some(rfc3339(num("mtime", header.mtime().unwrap_or(0)))),
-            dev_major: header.device_major().ok().flatten().unwrap_or(0),
-            dev_minor: header.device_minor().ok().flatten().unwrap_or(0),
-            ..Default::default()
-        };
-        for (k, v) in std::mem::take(&mut pax) {
-            if let Some(x) = k.strip_prefix("SCHILY.xattr.") {
-                entry.xattrs.insert(
-                    x.to_string(),
-                    base64::engine::general_purpose::STANDARD.encode(v),
-                );
-            }
+        } else if kind.is_gnu_longname() {
+            self.ext.long_name = Some(until_nul());
+        } else if kind.is_gnu_longlink() {
+            self.ext.long_link = Some(until_nul());
         }
-        if entry.name.is_empty() {
-            entry.name = ".".into();
-        }
-        let has_content = entry.kind == "reg" && size > 0;
-        if !has_content {
-            // Content of other types (none in practice) stays in the raw stream.
-            let mut data = vec![0u8; padded(size) as usize];
-            if !read_exact_or_eof(&mut input, &mut data)? && size > 0 {
-                return Err(ChunkedError::Format(format!(
-                    "{name}: the tar ends inside its data"
-                )));
-            }
-            pending.extend_from_slice(&data);
-            split.segment(&pending);
-            split.file(&name, 0, None);
-            diff.update(&pending);
-            out.frame(&pending, opts.level)?;
-            pending.clear();
-            toc.entries.push(entry);
-            continue;
-        }
-        // Headers so far: one frame; then the content, chunk by chunk.
-        split.segment(&pending);
-        diff.update(&pending);
-        out.frame(&pending, opts.level)?;
-        pending.clear();
+        Ok(true)
+    }
+
+    /// Writes the raw bytes gathered so far as one frame (and a tar-split segment).
+    fn flush_pending(&mut self) -> Result<(), ChunkedError> {
+        self.split.segment(&self.pending);
+        self.diff.update(&self.pending);
+        self.out.frame(&self.pending, self.opts.level)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// An entry without content of its own: its header (and any data, none in practice) stay in
+    /// the raw stream.
+    fn other(&mut self, entry: Entry, name: &str, size: u64) -> Result<(), ChunkedError> {
+        let data = self.read(size, &format!("the data of {name}"))?;
+        self.pending.extend_from_slice(&data);
+        self.flush_pending()?;
+        self.split.file(name, 0, None);
+        self.toc.entries.push(entry);
+        Ok(())
+    }
+
+    /// A regular file (`name` as in its header): the headers so far in one frame, then its
+    /// content chunk by chunk, each its own frame and TOC entry.
+    fn content(&mut self, mut entry: Entry, name: &str, size: u64) -> Result<(), ChunkedError> {
+        self.flush_pending()?;
         entry.size = size;
-        let mut file_hash = Sha256::new();
-        let mut crc = 0u64;
+        let (mut file_hash, mut crc) = (Sha256::new(), 0u64);
         let mut chunks: Vec<Entry> = Vec::new();
-        let mut left = size;
         let mut file_offset = 0u64;
-        while left > 0 {
-            let n = left.min(opts.chunk_size.max(1));
+        while file_offset < size {
+            let n = (size - file_offset).min(self.opts.chunk_size.max(1));
             let mut data = vec![0u8; n as usize];
-            if !read_exact_or_eof(&mut input, &mut data)? {
+            if !read_exact_or_eof(&mut self.input, &mut data)? {
                 return Err(ChunkedError::Format(format!(
                     "{name}: the tar ends inside its data"
                 )));
             }
             file_hash.update(&data);
             crc = crc64_iso(crc, &data);
-            diff.update(&data);
-            let (start, end) = out.frame(&data, opts.level)?;
+            self.diff.update(&data);
+            let (start, end) = self.out.frame(&data, self.opts.level)?;
             chunks.push(Entry {
                 kind: "chunk".into(),
                 name: entry.name.clone(),
@@ -366,76 +355,150 @@ pub fn write(
                 ..Default::default()
             });
             file_offset += n;
-            left -= n;
         }
         entry.digest = Digest::from_hasher(file_hash).to_string();
         entry.offset = chunks[0].offset;
         entry.end_offset = chunks.last().expect("size > 0").end_offset;
         entry.chunk_size = chunks[0].chunk_size;
         entry.chunk_digest = chunks[0].chunk_digest.clone();
-        split.file(&name, size, Some(crc));
-        toc.entries.push(entry);
-        toc.entries.extend(chunks.into_iter().skip(1));
+        self.split.file(name, size, Some(crc));
         // The padding after the content starts the next header frame.
-        let pad = (padded(size) - size) as usize;
-        let mut padding = vec![0u8; pad];
-        if pad > 0 && !read_exact_or_eof(&mut input, &mut padding)? {
+        let pad = padded(size) - size;
+        let mut padding = vec![0u8; pad as usize];
+        if pad > 0 && !read_exact_or_eof(&mut self.input, &mut padding)? {
             return Err(ChunkedError::Format(format!(
                 "{name}: the tar ends inside its padding"
             )));
         }
-        pending.extend_from_slice(&padding);
+        self.pending.extend_from_slice(&padding);
+        self.toc.entries.push(entry);
+        self.toc.entries.extend(chunks.into_iter().skip(1));
+        Ok(())
     }
-    split.segment(&pending);
-    diff.update(&pending);
-    out.frame(&pending, opts.level)?;
 
-    let toc_json = serde_json::to_vec(&toc).expect("TOC serializes");
-    let (toc_pos, toc_digest) = out.skippable(&toc_json, opts.level)?;
-    let (split_pos, split_digest) = out.skippable(&split.lines, opts.level)?;
+    /// The TOC and tar-split as skippable frames, the footer, and the descriptor's annotations.
+    fn finish(mut self) -> Result<Written, ChunkedError> {
+        let toc_json = serde_json::to_vec(&self.toc).expect("TOC serializes");
+        let (toc_pos, toc_digest) = self.out.skippable(&toc_json, self.opts.level)?;
+        let (split_pos, split_digest) = self.out.skippable(&self.split.lines, self.opts.level)?;
+        self.out.put(&footer(toc_pos, split_pos))?;
+        self.out
+            .inner
+            .flush()
+            .map_err(ChunkedError::io("write the layer"))?;
+        // The checksums cover the compressed bytes of the TOC and tar-split frames.
+        let annotations = BTreeMap::from([
+            (ANNOTATION_TOC_CHECKSUM.to_string(), toc_digest),
+            (
+                ANNOTATION_TOC_POSITION.to_string(),
+                format!(
+                    "{}:{}:{}:{TOC_TYPE_CRFS}",
+                    toc_pos.offset, toc_pos.compressed, toc_pos.uncompressed
+                ),
+            ),
+            (ANNOTATION_TARSPLIT_CHECKSUM.to_string(), split_digest),
+            (
+                ANNOTATION_TARSPLIT_POSITION.to_string(),
+                format!(
+                    "{}:{}:{}",
+                    split_pos.offset, split_pos.compressed, split_pos.uncompressed
+                ),
+            ),
+        ]);
+        Ok(Written {
+            digest: Digest::from_hasher(self.out.hash.clone()).to_string(),
+            size: self.out.written,
+            diff_id: Digest::from_hasher(self.diff).to_string(),
+            annotations,
+            toc: self.toc,
+        })
+    }
+}
+
+/// The zstd:chunked footer: a skippable frame with the TOC's and tar-split's positions.
+fn footer(toc: Position, split: Position) -> Vec<u8> {
     let mut footer = SKIPPABLE_MAGIC.to_le_bytes().to_vec();
     footer.extend_from_slice(&64u32.to_le_bytes());
     for v in [
-        toc_pos.offset,
-        toc_pos.compressed,
-        toc_pos.uncompressed,
+        toc.offset,
+        toc.compressed,
+        toc.uncompressed,
         TOC_TYPE_CRFS,
-        split_pos.offset,
-        split_pos.compressed,
-        split_pos.uncompressed,
+        split.offset,
+        split.compressed,
+        split.uncompressed,
     ] {
         footer.extend_from_slice(&v.to_le_bytes());
     }
     footer.extend_from_slice(FOOTER_MAGIC);
-    out.put(&footer)?;
-    out.inner
-        .flush()
-        .map_err(ChunkedError::io("write the layer"))?;
-    let blob = Digest::from_hasher(out.hash.clone());
-    // The checksums cover the compressed bytes of the TOC and tar-split frames.
-    let annotations = BTreeMap::from([
-        (ANNOTATION_TOC_CHECKSUM.to_string(), toc_digest),
-        (
-            ANNOTATION_TOC_POSITION.to_string(),
-            format!(
-                "{}:{}:{}:{TOC_TYPE_CRFS}",
-                toc_pos.offset, toc_pos.compressed, toc_pos.uncompressed
-            ),
-        ),
-        (ANNOTATION_TARSPLIT_CHECKSUM.to_string(), split_digest),
-        (
-            ANNOTATION_TARSPLIT_POSITION.to_string(),
-            format!(
-                "{}:{}:{}",
-                split_pos.offset, split_pos.compressed, split_pos.uncompressed
-            ),
-        ),
-    ]);
-    Ok(Written {
-        digest: blob.to_string(),
-        size: out.written,
-        diff_id: Digest::from_hasher(diff).to_string(),
-        annotations,
-        toc,
+    footer
+}
+
+/// The TOC entry of `header`, with the extension records before it applied (and used up), and
+/// the entry's name as the tar has it (tar-split keeps that one).
+fn toc_entry(header: &tar::Header, ext: &mut Extensions) -> Result<(Entry, String), ChunkedError> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let name = ext
+        .pax
+        .remove("path")
+        .or(ext.long_name.take())
+        .map(|b| text(&b))
+        .unwrap_or_else(|| text(&header.path_bytes()));
+    let link = ext
+        .pax
+        .remove("linkpath")
+        .or(ext.long_link.take())
+        .map(|b| text(&b))
+        .or_else(|| header.link_name_bytes().map(|b| text(&b)))
+        .unwrap_or_default();
+    let pax = std::mem::take(&mut ext.pax);
+    let num = |key: &str, fallback: u64| -> u64 {
+        pax.get(key)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.split('.').next()?.parse().ok())
+            .unwrap_or(fallback)
+    };
+    let kind = header.entry_type();
+    let linked = matches!(kind, tar::EntryType::Link | tar::EntryType::Symlink);
+    let mut entry = Entry {
+        kind: entry_kind(kind, &name)?.to_string(),
+        name: clean(&name),
+        link_name: if linked { link } else { String::new() },
+        mode: header.mode().unwrap_or(0) & 0o7777,
+        uid: num("uid", header.uid().unwrap_or(0)) as u32,
+        gid: num("gid", header.gid().unwrap_or(0)) as u32,
+        modtime: Some(rfc3339(num("mtime", header.mtime().unwrap_or(0)))),
+        dev_major: header.device_major().ok().flatten().unwrap_or(0),
+        dev_minor: header.device_minor().ok().flatten().unwrap_or(0),
+        ..Default::default()
+    };
+    for (k, v) in pax {
+        if let Some(x) = k.strip_prefix("SCHILY.xattr.") {
+            let value = base64::engine::general_purpose::STANDARD.encode(v);
+            entry.xattrs.insert(x.to_string(), value);
+        }
+    }
+    if entry.name.is_empty() {
+        entry.name = ".".into();
+    }
+    Ok((entry, name))
+}
+
+/// The TOC's name for a tar entry type; types a layer cannot hold are refused.
+fn entry_kind(kind: tar::EntryType, name: &str) -> Result<&'static str, ChunkedError> {
+    Ok(match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+        tar::EntryType::Link => "hardlink",
+        tar::EntryType::Symlink => "symlink",
+        tar::EntryType::Char => "char",
+        tar::EntryType::Block => "block",
+        tar::EntryType::Directory => "dir",
+        tar::EntryType::Fifo => "fifo",
+        other => {
+            return Err(ChunkedError::Format(format!(
+                "tar entry {name:?} has type {:?}, which a layer cannot hold",
+                other.as_byte() as char
+            )))
+        }
     })
 }
