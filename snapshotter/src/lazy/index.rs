@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use strata_image::chunked::toc::{clean, Chunk, Toc};
+use strata_image::chunked::toc::{clean, Chunk, Entry, Toc};
 
 pub const ROOT: u64 = 1;
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -104,169 +104,188 @@ fn rfc3339_seconds(t: &str) -> Option<i64> {
 
 impl Index {
     pub fn build(toc: &Toc) -> Index {
-        let mut nodes = vec![Node::dir("", ROOT, "")];
-        let mut by_path: BTreeMap<String, u64> = BTreeMap::from([(String::new(), ROOT)]);
-        let chunks = toc.chunks();
-        let mut total = 0u64;
-
-        fn dir_of(nodes: &mut Vec<Node>, by_path: &mut BTreeMap<String, u64>, path: &str) -> u64 {
-            if let Some(i) = by_path.get(path) {
-                return *i;
-            }
-            let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
-            let parent = dir_of(nodes, by_path, parent_path);
-            let ino = nodes.len() as u64 + 1;
-            nodes.push(Node::dir(name, parent, path));
-            nodes[parent as usize - 1]
-                .children
-                .insert(name.to_string(), ino);
-            by_path.insert(path.to_string(), ino);
-            ino
-        }
-
+        let mut b = IndexBuilder {
+            nodes: vec![Node::dir("", ROOT, "")],
+            by_path: BTreeMap::from([(String::new(), ROOT)]),
+            total: 0,
+        };
+        let mut chunks = toc.chunks();
         for (i, e) in toc.entries.iter().enumerate() {
-            if e.kind == "chunk" {
-                continue;
+            if e.kind != "chunk" {
+                b.add(e, chunks.remove(&i).unwrap_or_default());
             }
-            let path = clean(&e.name);
-            if path.is_empty() || path == "." {
-                // The layer's root directory itself.
-                let root = &mut nodes[0];
-                root.mode = e.mode;
-                root.uid = e.uid;
-                root.gid = e.gid;
-                root.mtime = parse_time(e.modtime.as_deref());
-                continue;
-            }
-            let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-            let parent = dir_of(&mut nodes, &mut by_path, parent_path);
-            if name == OPAQUE {
-                nodes[parent as usize - 1].opaque = true;
-                continue;
-            }
-            if e.kind == "hardlink" {
-                let Some(&target) = by_path.get(&clean(&e.link_name)) else {
-                    continue; // Checked before: cannot happen for a checked TOC.
-                };
-                nodes[target as usize - 1].nlink += 1;
-                nodes[parent as usize - 1]
-                    .children
-                    .insert(name.to_string(), target);
-                by_path.insert(path.clone(), target);
-                continue;
-            }
-            let (name, kind, rdev) = match (name.strip_prefix(WHITEOUT_PREFIX), e.kind.as_str()) {
-                (Some(hidden), _) => (hidden.to_string(), Kind::Char, 0),
-                (None, "dir") => (name.to_string(), Kind::Dir, 0),
-                (None, "reg") => (name.to_string(), Kind::File, 0),
-                (None, "symlink") => (name.to_string(), Kind::Symlink, 0),
-                (None, "char") => (
-                    name.to_string(),
-                    Kind::Char,
-                    libc::makedev(e.dev_major, e.dev_minor) as u32,
-                ),
-                (None, "block") => (
-                    name.to_string(),
-                    Kind::Block,
-                    libc::makedev(e.dev_major, e.dev_minor) as u32,
-                ),
-                (None, _) => (name.to_string(), Kind::Fifo, 0),
-            };
-            let xattrs = e
-                .xattrs
-                .iter()
-                .filter_map(|(k, v)| {
-                    use base64::Engine;
-                    base64::engine::general_purpose::STANDARD
-                        .decode(v)
-                        .ok()
-                        .map(|b| (k.clone(), b))
-                })
-                .collect();
-            let node_chunks = chunks.get(&i).cloned().unwrap_or_default();
-            if kind == Kind::File {
-                total += e.size;
-            }
-            let fields = |n: &mut Node| {
-                n.mode = e.mode;
-                n.uid = e.uid;
-                n.gid = e.gid;
-                n.mtime = parse_time(e.modtime.as_deref());
-                n.xattrs = xattrs;
-            };
-            // A directory named again (implicit first, explicit later): keep its inode.
-            if kind == Kind::Dir {
-                let ino = dir_of(&mut nodes, &mut by_path, &path);
-                fields(&mut nodes[ino as usize - 1]);
-                continue;
-            }
-            let ino = nodes.len() as u64 + 1;
-            let mut node = Node {
-                kind,
-                name: name.clone(),
-                parent,
-                mode: 0,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                size: if kind == Kind::File {
-                    e.size
-                } else if kind == Kind::Symlink {
-                    e.link_name.len() as u64
-                } else {
-                    0
-                },
-                rdev,
-                nlink: 1,
-                link: if kind == Kind::Symlink {
-                    e.link_name.clone()
-                } else {
-                    String::new()
-                },
-                opaque: false,
-                xattrs: BTreeMap::new(),
-                children: BTreeMap::new(),
-                chunks: node_chunks,
-                digest: if kind == Kind::File {
-                    e.digest.clone()
-                } else {
-                    String::new()
-                },
-                path: path.clone(),
-            };
-            fields(&mut node);
-            if rdev == 0 && kind == Kind::Char {
-                node.mode = 0;
-            }
-            nodes.push(node);
-            nodes[parent as usize - 1].children.insert(name, ino);
-            by_path.insert(path, ino);
         }
-        // Subdirectory counts for nlink, as on disk.
-        let subdirs: Vec<(u64, u32)> = nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.kind == Kind::Dir)
-            .map(|(i, n)| {
-                let count = n
-                    .children
-                    .values()
-                    .filter(|c| nodes[**c as usize - 1].kind == Kind::Dir)
-                    .count() as u32;
-                (i as u64 + 1, count)
-            })
-            .collect();
-        for (ino, count) in subdirs {
-            nodes[ino as usize - 1].nlink = 2 + count;
-        }
+        count_subdirs(&mut b.nodes);
         Index {
-            nodes,
-            total_bytes: total,
+            nodes: b.nodes,
+            total_bytes: b.total,
         }
     }
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
         ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
+    }
+}
+
+/// The inode table as the TOC's entries fill it.
+struct IndexBuilder {
+    nodes: Vec<Node>,
+    by_path: BTreeMap<String, u64>,
+    total: u64,
+}
+
+impl IndexBuilder {
+    fn node_mut(&mut self, ino: u64) -> &mut Node {
+        &mut self.nodes[ino as usize - 1]
+    }
+
+    /// The inode of directory `path`, made (with its parents) when the TOC names it only
+    /// implicitly.
+    fn dir_of(&mut self, path: &str) -> u64 {
+        if let Some(i) = self.by_path.get(path) {
+            return *i;
+        }
+        let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = self.dir_of(parent_path);
+        let ino = self.nodes.len() as u64 + 1;
+        self.nodes.push(Node::dir(name, parent, path));
+        self.node_mut(parent).children.insert(name.to_string(), ino);
+        self.by_path.insert(path.to_string(), ino);
+        ino
+    }
+
+    /// Adds TOC entry `e` (a file's `chunks` with it).
+    fn add(&mut self, e: &Entry, chunks: Vec<Chunk>) {
+        let path = clean(&e.name);
+        if path.is_empty() || path == "." {
+            // The layer's root directory itself (its xattrs are the mountpoint's business).
+            set_owner(&mut self.nodes[0], e);
+            return;
+        }
+        let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+        let parent = self.dir_of(parent_path);
+        if name == OPAQUE {
+            self.node_mut(parent).opaque = true;
+            return;
+        }
+        if e.kind == "hardlink" {
+            // A checked TOC links only to entries before it.
+            if let Some(&target) = self.by_path.get(&clean(&e.link_name)) {
+                self.node_mut(target).nlink += 1;
+                self.node_mut(parent)
+                    .children
+                    .insert(name.to_string(), target);
+                self.by_path.insert(path.clone(), target);
+            }
+            return;
+        }
+        let (name, kind, rdev) = kind_of(name, e);
+        if kind == Kind::Dir {
+            // A directory named again (implicit first, explicit later): keep its inode.
+            let ino = self.dir_of(&path);
+            set_attrs(self.node_mut(ino), e);
+            return;
+        }
+        if kind == Kind::File {
+            self.total += e.size;
+        }
+        let ino = self.nodes.len() as u64 + 1;
+        self.nodes
+            .push(leaf(e, &name, kind, rdev, parent, &path, chunks));
+        self.node_mut(parent).children.insert(name, ino);
+        self.by_path.insert(path, ino);
+    }
+}
+
+/// The name, kind and device number of a non-directory entry; a whiteout (`.wh.NAME`) is the
+/// 0/0 character device overlayfs knows.
+fn kind_of(name: &str, e: &Entry) -> (String, Kind, u32) {
+    let dev = || libc::makedev(e.dev_major, e.dev_minor) as u32;
+    match (name.strip_prefix(WHITEOUT_PREFIX), e.kind.as_str()) {
+        (Some(hidden), _) => (hidden.to_string(), Kind::Char, 0),
+        (None, "dir") => (name.to_string(), Kind::Dir, 0),
+        (None, "reg") => (name.to_string(), Kind::File, 0),
+        (None, "symlink") => (name.to_string(), Kind::Symlink, 0),
+        (None, "char") => (name.to_string(), Kind::Char, dev()),
+        (None, "block") => (name.to_string(), Kind::Block, dev()),
+        (None, _) => (name.to_string(), Kind::Fifo, 0),
+    }
+}
+
+/// Owner, mode and mtime from the entry.
+fn set_owner(n: &mut Node, e: &Entry) {
+    n.mode = e.mode;
+    n.uid = e.uid;
+    n.gid = e.gid;
+    n.mtime = parse_time(e.modtime.as_deref());
+}
+
+/// Owner, mode, mtime and extended attributes from the entry.
+fn set_attrs(n: &mut Node, e: &Entry) {
+    use base64::Engine;
+    set_owner(n, e);
+    let decode = |(k, v): (&String, &String)| {
+        let value = base64::engine::general_purpose::STANDARD.decode(v).ok()?;
+        Some((k.clone(), value))
+    };
+    n.xattrs = e.xattrs.iter().filter_map(decode).collect();
+}
+
+/// The node of a non-directory entry.
+fn leaf(
+    e: &Entry,
+    name: &str,
+    kind: Kind,
+    rdev: u32,
+    parent: u64,
+    path: &str,
+    chunks: Vec<Chunk>,
+) -> Node {
+    let (size, link, digest) = match kind {
+        Kind::File => (e.size, String::new(), e.digest.clone()),
+        Kind::Symlink => (e.link_name.len() as u64, e.link_name.clone(), String::new()),
+        _ => (0, String::new(), String::new()),
+    };
+    let mut node = Node {
+        kind,
+        name: name.to_string(),
+        parent,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size,
+        rdev,
+        nlink: 1,
+        link,
+        opaque: false,
+        xattrs: BTreeMap::new(),
+        children: BTreeMap::new(),
+        chunks,
+        digest,
+        path: path.to_string(),
+    };
+    set_attrs(&mut node, e);
+    if rdev == 0 && kind == Kind::Char {
+        node.mode = 0;
+    }
+    node
+}
+
+/// Each directory's link count, as on disk: 2 and one per subdirectory.
+fn count_subdirs(nodes: &mut [Node]) {
+    let is_dir = |nodes: &[Node], c: u64| nodes[c as usize - 1].kind == Kind::Dir;
+    let counts: Vec<Option<u32>> = nodes
+        .iter()
+        .map(|n| {
+            (n.kind == Kind::Dir)
+                .then(|| n.children.values().filter(|c| is_dir(nodes, **c)).count() as u32)
+        })
+        .collect();
+    for (n, count) in nodes.iter_mut().zip(counts) {
+        if let Some(c) = count {
+            n.nlink = 2 + c;
+        }
     }
 }
 
