@@ -107,115 +107,14 @@ pub fn compile(
     command: &str,
 ) -> (Definition, ImageConfig) {
     let mut b = Builder::default();
-    let stack = source(
-        &mut b,
-        format!("docker-image://{stack_image}"),
-        BTreeMap::new(),
-        &format!("[stack] {stack_image}"),
-    );
-    // Only the app's directory is read, so only its files are in the cache key.
-    let dir = app_path.trim_matches('/').trim_start_matches("./");
-    let dir = if dir == "." { "" } else { dir };
-    let include = serde_json::to_string(&[dir]).expect("strings serialize");
-    let context = source(
-        &mut b,
-        "local://context".into(),
-        BTreeMap::from([("includepatterns".to_string(), include)]),
-        "[internal] load context",
-    );
-    let src = format!("/{dir}/").replace("//", "/");
-    let copy = Op {
-        inputs: vec![stack, context],
-        kind: Some(op::Kind::File(FileOp {
-            actions: vec![FileAction {
-                input: 0,
-                secondary_input: 1,
-                output: 0,
-                action: Some(file_action::Action::Copy(FileActionCopy {
-                    src,
-                    dest: format!("{APP_DIR}/"),
-                    owner: None,
-                    mode: -1,
-                    follow_symlink: true,
-                    dir_copy_contents: true,
-                    attempt_unpack: false,
-                    create_dest_path: true,
-                    allow_wildcard: true,
-                    allow_empty_wildcard: true,
-                    timestamp: -1,
-                })),
-            }],
-        })),
-    };
-    let mut top = b.add(&copy, described(&format!("[{}] upload app", app.name)));
+    let mut top = upload(&mut b, app, stack_image, app_path);
     let mut history = vec![History {
         created_by: format!("buildpacks: upload {} to {APP_DIR}", app.name),
         ..Default::default()
     }];
     let mut env = vec![format!("PATH={PATH}")];
     if bp == Buildpack::Python {
-        // Wheels are kept in the cache mount and installed from there without the index when
-        // they satisfy requirements.txt: rebuilds need no downloads (pip's HTTP cache alone
-        // depends on the index's cache headers).
-        let script = format!(
-            "set -e\n\
-             echo \"-----> Python Buildpack: $(python3 --version)\"\n\
-             python3 -m venv {VENV}\n\
-             if [ -f requirements.txt ]; then\n\
-               mkdir -p {WHEELS}\n\
-               if {VENV}/bin/pip install -q --no-index --find-links {WHEELS} -r requirements.txt 2>/dev/null; then\n\
-                 echo '-----> Installed dependencies from the pip cache mount'\n\
-               else\n\
-                 echo '-----> Installing dependencies with pip'\n\
-                 {VENV}/bin/pip wheel --wheel-dir {WHEELS} --find-links {WHEELS} -r requirements.txt\n\
-                 {VENV}/bin/pip install --no-index --find-links {WHEELS} -r requirements.txt\n\
-               fi\n\
-             fi\n"
-        );
-        let exec = Op {
-            inputs: vec![top],
-            kind: Some(op::Kind::Exec(ExecOp {
-                meta: Some(Meta {
-                    args: vec!["/bin/sh".into(), "-c".into(), script],
-                    env: vec![
-                        format!("PATH={PATH}"),
-                        "LANG=C.UTF-8".into(),
-                        format!("PIP_CACHE_DIR={PIP_CACHE}"),
-                        "PIP_DISABLE_PIP_VERSION_CHECK=1".into(),
-                        "PIP_NO_INPUT=1".into(),
-                    ],
-                    cwd: APP_DIR.into(),
-                    user: String::new(),
-                }),
-                mounts: vec![
-                    Mount {
-                        input: 0,
-                        dest: "/".into(),
-                        output: 0,
-                        ..Default::default()
-                    },
-                    Mount {
-                        input: llb::NO_INPUT,
-                        dest: PIP_CACHE.into(),
-                        output: llb::NO_INPUT,
-                        mount_type: MountType::Cache as i32,
-                        cache_opt: Some(CacheOpt {
-                            id: "buildpacks/pip".into(),
-                            sharing: CacheSharing::Locked as i32,
-                            mode: 0o755,
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                ],
-                network: llb::NetMode::Unset as i32,
-                secretenv: vec![],
-            })),
-        };
-        top = b.add(
-            &exec,
-            described(&format!("[{}] python_buildpack: build", app.name)),
-        );
+        top = python_build(&mut b, app, top);
         history.push(History {
             created_by: "python_buildpack: pip install -r requirements.txt".into(),
             ..Default::default()
@@ -225,8 +124,125 @@ pub fn compile(
             format!("VIRTUAL_ENV={VENV}"),
         ];
     }
-    let definition = b.finish(Some(top));
+    let mut config = image_config(app, bp, env, command);
+    config.history = history;
+    (b.finish(Some(top)), config)
+}
 
+/// The stack image with the app's directory copied to [`APP_DIR`]. Only that directory is read,
+/// so only its files are in the cache key.
+fn upload(b: &mut Builder, app: &App, stack_image: &str, app_path: &str) -> Input {
+    let stack = source(
+        b,
+        format!("docker-image://{stack_image}"),
+        BTreeMap::new(),
+        &format!("[stack] {stack_image}"),
+    );
+    let dir = app_path.trim_matches('/').trim_start_matches("./");
+    let dir = if dir == "." { "" } else { dir };
+    let include = serde_json::to_string(&[dir]).expect("strings serialize");
+    let context = source(
+        b,
+        "local://context".into(),
+        BTreeMap::from([("includepatterns".to_string(), include)]),
+        "[internal] load context",
+    );
+    let copy = FileActionCopy {
+        src: format!("/{dir}/").replace("//", "/"),
+        dest: format!("{APP_DIR}/"),
+        owner: None,
+        mode: -1,
+        follow_symlink: true,
+        dir_copy_contents: true,
+        attempt_unpack: false,
+        create_dest_path: true,
+        allow_wildcard: true,
+        allow_empty_wildcard: true,
+        timestamp: -1,
+    };
+    let op = Op {
+        inputs: vec![stack, context],
+        kind: Some(op::Kind::File(FileOp {
+            actions: vec![FileAction {
+                input: 0,
+                secondary_input: 1,
+                output: 0,
+                action: Some(file_action::Action::Copy(copy)),
+            }],
+        })),
+    };
+    b.add(&op, described(&format!("[{}] upload app", app.name)))
+}
+
+/// The Python buildpack's build step on `top`: a virtualenv with requirements.txt installed.
+fn python_build(b: &mut Builder, app: &App, top: Input) -> Input {
+    // Wheels are kept in the cache mount and installed from there without the index when
+    // they satisfy requirements.txt: rebuilds need no downloads (pip's HTTP cache alone
+    // depends on the index's cache headers).
+    let script = format!(
+        "set -e\n\
+         echo \"-----> Python Buildpack: $(python3 --version)\"\n\
+         python3 -m venv {VENV}\n\
+         if [ -f requirements.txt ]; then\n\
+           mkdir -p {WHEELS}\n\
+           if {VENV}/bin/pip install -q --no-index --find-links {WHEELS} -r requirements.txt 2>/dev/null; then\n\
+             echo '-----> Installed dependencies from the pip cache mount'\n\
+           else\n\
+             echo '-----> Installing dependencies with pip'\n\
+             {VENV}/bin/pip wheel --wheel-dir {WHEELS} --find-links {WHEELS} -r requirements.txt\n\
+             {VENV}/bin/pip install --no-index --find-links {WHEELS} -r requirements.txt\n\
+           fi\n\
+         fi\n"
+    );
+    let root = Mount {
+        input: 0,
+        dest: "/".into(),
+        output: 0,
+        ..Default::default()
+    };
+    let pip_cache = Mount {
+        input: llb::NO_INPUT,
+        dest: PIP_CACHE.into(),
+        output: llb::NO_INPUT,
+        mount_type: MountType::Cache as i32,
+        cache_opt: Some(CacheOpt {
+            id: "buildpacks/pip".into(),
+            sharing: CacheSharing::Locked as i32,
+            mode: 0o755,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let exec = ExecOp {
+        meta: Some(Meta {
+            args: vec!["/bin/sh".into(), "-c".into(), script],
+            env: vec![
+                format!("PATH={PATH}"),
+                "LANG=C.UTF-8".into(),
+                format!("PIP_CACHE_DIR={PIP_CACHE}"),
+                "PIP_DISABLE_PIP_VERSION_CHECK=1".into(),
+                "PIP_NO_INPUT=1".into(),
+            ],
+            cwd: APP_DIR.into(),
+            user: String::new(),
+        }),
+        mounts: vec![root, pip_cache],
+        network: llb::NetMode::Unset as i32,
+        secretenv: vec![],
+    };
+    let op = Op {
+        inputs: vec![top],
+        kind: Some(op::Kind::Exec(exec)),
+    };
+    b.add(
+        &op,
+        described(&format!("[{}] python_buildpack: build", app.name)),
+    )
+}
+
+/// The image config Cloud Foundry apps expect: `env` (the buildpack's), then the platform's
+/// variables and the app's own; labels naming the app and buildpack; `command` as CMD.
+fn image_config(app: &App, bp: Buildpack, mut env: Vec<String>, command: &str) -> ImageConfig {
     let mut config = ImageConfig::default();
     let c = &mut config.config;
     env.push("LANG=C.UTF-8".into());
@@ -256,8 +272,7 @@ pub fn compile(
             c.labels.insert(k.into(), v);
         }
     }
-    config.history = history;
-    (definition, config)
+    config
 }
 
 #[cfg(test)]
