@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,15 +124,10 @@ fn read_throughput(
     runs[n / 2]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mb: usize = args.first().map(|a| a.parse().unwrap()).unwrap_or(300);
-    let rates: Vec<u64> = args
-        .get(1)
-        .map(|a| a.split(',').map(|r| r.parse().unwrap()).collect())
-        .unwrap_or(vec![100, 1000]);
-    let reg = Registry::start();
-    let dir = tempfile::tempdir().unwrap();
+/// The bench image: busybox and a layer of `mb` MB (2000 small files and 14 MB big ones),
+/// pushed to `reg` as `strata/app:1` and converted to zstd:chunked as `strata/app:lazy`.
+/// Returns the bytes of the big files.
+fn push_image(reg: &Registry, dir: &Path, mb: usize) -> u64 {
     let mut b = LayerBuilder::default();
     let small = 2000;
     for i in 0..small {
@@ -150,8 +146,7 @@ fn main() {
             &noise(10_000 + i as u64, big_size),
         );
     }
-    let big_bytes = (bigs * big_size) as u64;
-    let archive = dir.path().join("app.tar");
+    let archive = dir.join("app.tar");
     write_oci_archive(
         &archive,
         "docker.io/strata/app:1",
@@ -165,7 +160,102 @@ fn main() {
         &format!("{}/strata/app:lazy", reg.host),
     ]);
     println!("lazy-bench: image of {mb} MB ({small} small files, {bigs} x 14 MB), zstd:chunked with 4 MiB chunks");
+    (bigs * big_size) as u64
+}
 
+/// Seconds to the first output of a container of `image` on `snapshotter`, after `pull`.
+fn first_output(c: &Containerd, snapshotter: &str, image: &str, id: &str, pull: &[&str]) -> f64 {
+    let t = Instant::now();
+    if !pull.is_empty() {
+        snapshotter_cli(pull);
+    } else {
+        c.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            snapshotter,
+            image,
+        ]);
+    }
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        image,
+        id,
+        "sha256sum",
+        "/data/small/f0007",
+    ]);
+    assert!(out.starts_with(char::is_alphanumeric), "{out}");
+    t.elapsed().as_secs_f64()
+}
+
+/// After every file was read once: cached reads through the FUSE lower vs overlayfs, the chunk
+/// cache's size, and the memory of the FUSE servers.
+fn cached_reads(d: &Daemon, c: &Containerd, lazy: &str, full: &str, big_bytes: u64, mb: usize) {
+    let total = lazy_metric(d, "strata_lazy_layer_bytes");
+    c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        lazy,
+        "fetch-all",
+        "sh",
+        "-c",
+        "find / -xdev -type f -exec cat {} + > /dev/null",
+    ]);
+    let fetched = lazy_metric(d, "strata_lazy_fetched_bytes_total");
+    if fetched < total * 95 / 100 {
+        println!("  WARNING: only {fetched} of {total} layer bytes fetched after reading every file: the cached-read numbers below include fetches");
+    }
+    let warm = read_throughput(c, "strata", lazy, "warm", big_bytes, 1);
+    let fuse = read_throughput(c, "strata", lazy, "fuse", big_bytes, 5);
+    let overlay = read_throughput(c, "overlayfs", full, "overlay", big_bytes, 5);
+    println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}; opens passed through: {}", big_bytes / 1_000_000, fuse / overlay, lazy_metric(d, "strata_lazy_passthrough_opens_total"));
+    // Whole files replace their chunks: the cache should hold the content about once.
+    let cached: u64 = std::fs::read_dir(d.root.join("lazy/chunks"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    println!(
+        "  chunk cache after the fetch: {:.0} MB for {mb} MB of file content",
+        cached as f64 / 1e6
+    );
+    serve_layer_memory();
+}
+
+/// The resident memory of each FUSE server (the TOC index lives in them).
+fn serve_layer_memory() {
+    let pids = Command::new("pgrep")
+        .args(["-f", "serve-layer"])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS")) {
+            let kb = rss.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+            println!("  serve-layer {pid}: {kb}");
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mb: usize = args.first().map(|a| a.parse().unwrap()).unwrap_or(300);
+    let rates: Vec<u64> = args
+        .get(1)
+        .map(|a| a.split(',').map(|r| r.parse().unwrap()).collect())
+        .unwrap_or(vec![100, 1000]);
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let big_bytes = push_image(&reg, dir.path(), mb);
     let last = rates.last().copied();
     for mbit in rates {
         let proxy = throttled_proxy(reg.host.clone(), mbit * 1_000_000 / 8);
@@ -176,102 +266,24 @@ fn main() {
         let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
         let c = Containerd::start(&d.socket);
         let lazy = format!("{proxy}/strata/app:lazy");
-        let t = Instant::now();
-        snapshotter_cli(&[
+        let address = c.address.to_str().unwrap().to_string();
+        let pull = [
             "pull",
             "--lazy",
             &lazy,
             "--containerd-address",
-            c.address.to_str().unwrap(),
+            &address,
             "--namespace",
             &c.namespace,
-        ]);
-        let out = c.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "strata",
-            &lazy,
-            "first",
-            "sha256sum",
-            "/data/small/f0007",
-        ]);
-        let lazy_first = t.elapsed().as_secs_f64();
-        assert!(out.starts_with(char::is_alphanumeric), "{out}");
+        ];
+        let lazy_first = first_output(&c, "strata", &lazy, "first", &pull);
         let fetched = lazy_metric(&d, "strata_lazy_fetched_bytes_total");
         // Full pull + run on containerd's overlayfs, through the same proxy.
         let full = format!("{proxy}/strata/app:1");
-        let t = Instant::now();
-        c.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "overlayfs",
-            &full,
-        ]);
-        c.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "overlayfs",
-            &full,
-            "firstfull",
-            "sha256sum",
-            "/data/small/f0007",
-        ]);
-        let full_first = t.elapsed().as_secs_f64();
+        let full_first = first_output(&c, "overlayfs", &full, "firstfull", &[]);
         println!("  {mbit} Mbit/s: first output lazy {lazy_first:.2}s vs full pull + run {full_first:.2}s: ratio {:.3}; fetched before first output {:.1} MB of {mb} MB", lazy_first / full_first, fetched as f64 / 1e6);
         if Some(mbit) == last {
-            // Fetch everything by reading it once, then compare cached reads.
-            let total = lazy_metric(&d, "strata_lazy_layer_bytes");
-            c.ctr(&[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "strata",
-                &lazy,
-                "fetch-all",
-                "sh",
-                "-c",
-                "find / -xdev -type f -exec cat {} + > /dev/null",
-            ]);
-            let fetched = lazy_metric(&d, "strata_lazy_fetched_bytes_total");
-            if fetched < total * 95 / 100 {
-                println!("  WARNING: only {fetched} of {total} layer bytes fetched after reading every file: the cached-read numbers below include fetches");
-            }
-            let warm = read_throughput(&c, "strata", &lazy, "warm", big_bytes, 1);
-            let fuse = read_throughput(&c, "strata", &lazy, "fuse", big_bytes, 5);
-            let overlay = read_throughput(&c, "overlayfs", &full, "overlay", big_bytes, 5);
-            println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}; opens passed through: {}", big_bytes / 1_000_000, fuse / overlay, lazy_metric(&d, "strata_lazy_passthrough_opens_total"));
-            // Whole files replace their chunks: the cache should hold the content about once.
-            let cached: u64 = std::fs::read_dir(d.root.join("lazy/chunks"))
-                .map(|rd| {
-                    rd.flatten()
-                        .filter_map(|e| e.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0);
-            println!(
-                "  chunk cache after the fetch: {:.0} MB for {mb} MB of file content",
-                cached as f64 / 1e6
-            );
-            // Memory of the FUSE servers (the TOC index lives in them).
-            let pids = Command::new("pgrep")
-                .args(["-f", "serve-layer"])
-                .output()
-                .unwrap();
-            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS")) {
-                    println!(
-                        "  serve-layer {pid}: {}",
-                        rss.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
-                    );
-                }
-            }
+            cached_reads(&d, &c, &lazy, &full, big_bytes, mb);
         }
     }
 }
