@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use super::super::instructions::{Copy, Located};
-use super::{err, resolve_path, Converter, State, CUSTOM_NAME};
+use super::sources::{internal, push_input};
+use super::{err, resolve_path, Converter, State};
 use crate::dockerfile::DockerfileError;
-use crate::llb::{self, file_action::Action, op, FileAction, Input, Op, OpMetadata};
+use crate::llb::{self, file_action::Action, op, FileAction, Input, Op};
 use crate::pattern;
 
 type Result<T = ()> = std::result::Result<T, DockerfileError>;
@@ -215,12 +216,12 @@ impl Converter<'_> {
         step: String,
     ) -> Result {
         let mut inputs: Vec<Input> = Vec::new();
-        let base = super::sources::push_input(&mut inputs, st.root.clone());
+        let base = push_input(&mut inputs, st.root.clone());
         let mut out = Vec::new();
         for (i, (action, secondary)) in actions.into_iter().enumerate() {
             out.push(FileAction {
                 input: if i == 0 { base } else { llb::NO_INPUT },
-                secondary_input: super::sources::push_input(&mut inputs, secondary),
+                secondary_input: push_input(&mut inputs, secondary),
                 output: 0,
                 action: Some(action),
             });
@@ -231,13 +232,5 @@ impl Converter<'_> {
         };
         st.root = Some(self.builder.add(&op, self.meta(stage, step)));
         Ok(())
-    }
-}
-
-/// The metadata of an op that belongs to no stage, shown as `name`.
-pub(super) fn internal(name: String) -> OpMetadata {
-    OpMetadata {
-        ignore_cache: false,
-        description: [(CUSTOM_NAME.to_string(), name)].into(),
     }
 }

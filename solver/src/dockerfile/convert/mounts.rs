@@ -2,6 +2,7 @@
 
 use super::super::instructions::Located;
 use super::super::mounts::{parse, Kind, RunMount};
+use super::sources::push_input;
 use super::{err, expand, resolve_path, Converter};
 use crate::dockerfile::DockerfileError;
 use crate::llb::{self, Input};
@@ -79,7 +80,7 @@ impl Converter<'_> {
             Some(f) => self.root_of(stage, l, "RUN --mount", f)?,
             None => Some(self.context_source(vec![source.clone()])),
         };
-        mount.input = super::sources::push_input(inputs, from);
+        mount.input = push_input(inputs, from);
         mount.selector = format!("/{source}");
         mount.readonly = m.readonly.unwrap_or(true);
         mount.mount_type = llb::MountType::Bind as i32;
@@ -100,7 +101,7 @@ impl Converter<'_> {
             Some(f) => self.root_of(stage, l, "RUN --mount", f)?,
             None => None,
         };
-        mount.input = super::sources::push_input(inputs, from);
+        mount.input = push_input(inputs, from);
         mount.selector = format!("/{}", pattern::clean(m.source.as_deref().unwrap_or("")));
         let sharing = match m.sharing.as_deref() {
             Some("private") => llb::CacheSharing::Private,

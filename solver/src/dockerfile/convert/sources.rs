@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use strata_image::oci::ImageConfig;
 
 use super::super::instructions::Located;
-use super::copy::internal;
-use super::{err, Converter};
+use super::{err, Converter, CUSTOM_NAME};
 use crate::dockerfile::DockerfileError;
-use crate::llb::{self, op, Input, Op};
+use crate::llb::{self, op, Input, Op, OpMetadata};
 
 type Result<T> = std::result::Result<T, DockerfileError>;
 
@@ -100,5 +99,13 @@ impl Converter<'_> {
         let op = source("local://context".into(), attrs.into());
         let name = "[internal] load build context".to_string();
         self.builder.add(&op, internal(name))
+    }
+}
+
+/// The metadata of an op that belongs to no stage, shown as `name`.
+pub(super) fn internal(name: String) -> OpMetadata {
+    OpMetadata {
+        ignore_cache: false,
+        description: [(CUSTOM_NAME.to_string(), name)].into(),
     }
 }
