@@ -73,8 +73,13 @@ impl Output {
             }),
             Some("containerd") => Ok(Output::Containerd {
                 name: name.ok_or("--output type=containerd needs name=REF")?,
-                address: address.unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
-                namespace: namespace.unwrap_or_else(|| "default".into()),
+                // As ctr: the flags, else CONTAINERD_ADDRESS / CONTAINERD_NAMESPACE, else defaults.
+                address: address
+                    .or_else(|| std::env::var("CONTAINERD_ADDRESS").ok())
+                    .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+                namespace: namespace
+                    .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into()),
             }),
             Some("docker") => Ok(Output::Docker {
                 dest: dest.ok_or("--output type=docker needs dest=FILE.tar")?,

@@ -75,7 +75,7 @@ pub struct BuildArgs {
     pub tags: Vec<String>,
     /// Where to write the result: type=oci,dest=FILE | type=docker,dest=FILE | type=local,dest=DIR |
     /// type=image,name=REF[,push=true] | type=registry,name=REF |
-    /// type=containerd,name=REF[,address=SOCK][,namespace=NS]
+    /// type=containerd,name=REF[,address=SOCK][,namespace=NS] (default: $CONTAINERD_ADDRESS, $CONTAINERD_NAMESPACE as ctr)
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     pub outputs: Vec<String>,
     /// Run every step, ignoring the cache
