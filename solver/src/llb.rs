@@ -396,7 +396,6 @@ impl Graph {
         })
     }
 
-    /// A human-readable JSON rendering (for `strata debug dump-llb`).
     /// The ids of the cache mounts (`RUN --mount=type=cache`) the graph uses.
     pub fn cache_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
@@ -414,6 +413,7 @@ impl Graph {
         ids
     }
 
+    /// A human-readable JSON rendering (for `strata debug dump-llb`).
     pub fn to_json(&self) -> serde_json::Value {
         let ops: Vec<serde_json::Value> = self
             .ops

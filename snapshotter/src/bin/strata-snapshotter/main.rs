@@ -81,7 +81,9 @@ struct Cli {
 enum Cmd {
     /// Rewrite an image's layers as zstd:chunked so that it can be pulled lazily. SRC and DST:
     /// a registry reference, oci-archive:FILE, or (SRC only) oci:DIR
-    #[command(after_help = "Examples:\n  strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked\n  strata-snapshotter convert oci:./app-layout oci-archive:app-chunked.tar --prefetch reads.txt")]
+    #[command(
+        after_help = "Examples:\n  strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked\n  strata-snapshotter convert oci:./app-layout oci-archive:app-chunked.tar --prefetch reads.txt"
+    )]
     Convert {
         /// The image to convert
         src: String,
@@ -100,7 +102,9 @@ enum Cmd {
     /// Pull an image into containerd, mounting its zstd:chunked and eStargz layers from the
     /// registry instead of downloading them (like `ctr-remote image rpull`); other layers are
     /// pulled whole
-    #[command(after_help = "Example:\n  strata-snapshotter pull --lazy registry.example.com/app:1-chunked\n  ctr run --rm --snapshotter strata registry.example.com/app:1-chunked demo\n\nCONTAINERD_ADDRESS and CONTAINERD_NAMESPACE are honoured, as by ctr.")]
+    #[command(
+        after_help = "Example:\n  strata-snapshotter pull --lazy registry.example.com/app:1-chunked\n  ctr run --rm --snapshotter strata registry.example.com/app:1-chunked demo\n\nCONTAINERD_ADDRESS and CONTAINERD_NAMESPACE are honoured, as by ctr."
+    )]
     Pull {
         /// Required: the layers are mounted lazily
         #[arg(long)]
@@ -127,7 +131,9 @@ enum Cmd {
     },
     /// Per lazy layer: bytes fetched / total, cache hits, chunk verification failures, fetch
     /// errors (--prometheus: the metrics endpoint's text)
-    #[command(after_help = "Examples:\n  strata-snapshotter status\n  strata-snapshotter --root /var/lib/strata status --prometheus")]
+    #[command(
+        after_help = "Examples:\n  strata-snapshotter status\n  strata-snapshotter --root /var/lib/strata status --prometheus"
+    )]
     Status {
         /// Print Prometheus' text format instead of a table
         #[arg(long)]

@@ -17,6 +17,13 @@ const AFTER_HELP: &str = r#"Examples:
 
 Builds run as root: steps run in runc over overlayfs snapshots under --root."#;
 
+const BUILD_HELP: &str = r#"Examples:
+  strata build -t app .                                     # ./Dockerfile, named app in the local store
+  strata build -f ci/Dockerfile --target test .             # one stage of another Dockerfile
+  strata build --output type=registry,name=registry.example.com/app:1 .
+  strata build --secret id=npmrc,src=$HOME/.npmrc --ssh default .
+  strata build --cache-to type=registry,ref=registry.example.com/app:cache,mode=max                --cache-from registry.example.com/app:cache ."#;
+
 /// Build container images from Dockerfiles: parallel, cached, daemonless.
 #[derive(Parser)]
 #[command(name = "strata", version, after_help = AFTER_HELP)]
@@ -42,17 +49,28 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build an image from a Dockerfile and a context directory
+    #[command(after_help = BUILD_HELP)]
     Build(Box<BuildArgs>),
     /// List, load, pull, push or remove images in the local store
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  strata images load busybox.tar\n  strata images pull docker.io/library/alpine:3.19\n  strata images push registry.example.com/app:1\n  strata images ls"
+    )]
     Images(ImagesCmd),
     /// Show the disk used by the build cache
+    #[command(after_help = "Example:\n  strata du | tail -1   # the total")]
     Du,
     /// List or remove cache-mount volumes (RUN --mount=type=cache)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  strata cache ls\n  strata cache prune --filter id=/root/.cache/pip"
+    )]
     Cache(CacheCmd),
     /// Remove build cache records (least recently used first) and their snapshots; with no
     /// limits, everything. After each build, the cache is trimmed to 10GB.
+    #[command(
+        after_help = "Examples:\n  strata prune --keep-duration 48h\n  strata prune --keep-storage 5GB\n  strata prune   # everything"
+    )]
     Prune {
         /// Keep records used within this long (e.g. 48h, 30m)
         #[arg(long, value_name = "DURATION")]
@@ -62,7 +80,10 @@ enum Cmd {
         keep_storage: Option<String>,
     },
     /// Developer tools
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  strata debug dump-llb . | jq '.ops[].description'"
+    )]
     Debug(DebugCmd),
 }
 
