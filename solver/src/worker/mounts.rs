@@ -118,6 +118,20 @@ fn secret_env(secretenv: &[llb::SecretEnv], session: &Session) -> Result<Vec<Str
     Ok(env)
 }
 
+/// What the session holds for the mount's id; None when it holds nothing and the mount is
+/// optional, an error (`missing`) when it is required.
+fn given<'a, T>(
+    held: &'a HashMap<String, T>,
+    o: &llb::SecretOpt,
+    missing: impl FnOnce() -> String,
+) -> Result<Option<&'a T>, WorkerError> {
+    match held.get(&o.id) {
+        Some(v) => Ok(Some(v)),
+        None if o.optional => Ok(None),
+        None => Err(WorkerError::Exec(missing())),
+    }
+}
+
 /// The volume a cache mount asks for.
 fn cache_request(m: &llb::Mount) -> (String, Sharing, Init) {
     let c = m.cache_opt.clone().unwrap_or_default();
@@ -416,14 +430,14 @@ impl Worker {
         p: &mut Prepared,
     ) -> Result<(), WorkerError> {
         let o = m.secret_opt.clone().unwrap_or_default();
-        let Some(value) = session.secrets.get(&o.id) else {
-            if o.optional {
-                return Ok(());
-            }
-            return Err(WorkerError::Exec(format!(
-                "secret {}: not found; pass it with --secret id={},src=FILE",
-                o.id, o.id
-            )));
+        let missing = || {
+            format!(
+                "secret {0}: not found; pass it with --secret id={0},src=FILE",
+                o.id
+            )
+        };
+        let Some(value) = given(&session.secrets, &o, missing)? else {
+            return Ok(());
         };
         let dir = self.scratch_dir(p)?;
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
@@ -465,14 +479,14 @@ impl Worker {
         p: &mut Prepared,
     ) -> Result<(), WorkerError> {
         let o = m.ssh_opt.clone().unwrap_or_default();
-        let Some(agent) = session.ssh.get(&o.id) else {
-            if o.optional {
-                return Ok(());
-            }
-            return Err(WorkerError::Exec(format!(
+        let missing = || {
+            format!(
                 "ssh agent {:?}: not given; pass --ssh {}=$SSH_AUTH_SOCK",
                 o.id, o.id
-            )));
+            )
+        };
+        let Some(agent) = given(&session.ssh, &o, missing)? else {
+            return Ok(());
         };
         let sock = self.scratch_dir(p)?.join(format!("agent.{n}"));
         p.stop.push(forward_agent(&sock, agent.clone())?);

@@ -145,13 +145,7 @@ fn secret(m: &RunMount, id: String, target: Option<String>, mount: &mut llb::Mou
     mount.dest = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
     mount.mount_type = llb::MountType::Secret as i32;
     mount.readonly = true;
-    mount.secret_opt = Some(llb::SecretOpt {
-        id,
-        uid: m.uid.unwrap_or(0),
-        gid: m.gid.unwrap_or(0),
-        mode: m.mode.unwrap_or(0o400),
-        optional: !m.required,
-    });
+    mount.secret_opt = Some(file_opt(m, id, 0o400));
 }
 
 /// `type=ssh`: the n-th agent socket, at BuildKit's default path unless a target is given.
@@ -160,11 +154,16 @@ fn ssh_agent(m: &RunMount, target: Option<String>, n: usize, mount: &mut llb::Mo
     mount.dest = target.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{n}"));
     mount.mount_type = llb::MountType::Ssh as i32;
     mount.readonly = true;
-    mount.ssh_opt = Some(llb::SecretOpt {
+    mount.ssh_opt = Some(file_opt(m, id, 0o600));
+}
+
+/// The owner, mode (`mode` by default) and requiredness of a secret file or agent socket.
+fn file_opt(m: &RunMount, id: String, mode: u32) -> llb::SecretOpt {
+    llb::SecretOpt {
         id,
         uid: m.uid.unwrap_or(0),
         gid: m.gid.unwrap_or(0),
-        mode: m.mode.unwrap_or(0o600),
+        mode: m.mode.unwrap_or(mode),
         optional: !m.required,
-    });
+    }
 }
