@@ -8,6 +8,7 @@ use strata_image::layer::{self, DiffOptions};
 use strata_image::oci::{self, Descriptor, History, ImageConfig, Manifest};
 
 use crate::db::{now, ImageRecord, LayerRecord};
+use crate::spec::InvalidSpec;
 use crate::worker::tree::{self, Attrs, Source};
 use crate::worker::{Ref, Worker, WorkerError};
 
@@ -33,7 +34,7 @@ pub enum Output {
 impl Output {
     /// Parses buildx's `--output` syntax: `type=oci,dest=out.tar[,name=REF]`, `type=local,dest=DIR`,
     /// `type=image,name=REF`, or a bare `DIR` (local).
-    pub fn parse(spec: &str) -> Result<Output, String> {
+    pub fn parse(spec: &str) -> Result<Output, InvalidSpec> {
         if !spec.contains('=') {
             return Ok(Output::Local {
                 dest: spec.to_string(),
@@ -59,7 +60,7 @@ impl Output {
                 other => {
                     return Err(format!(
                         "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace)"
-                    ))
+                    ).into())
                 }
             }
         }
@@ -94,7 +95,7 @@ impl Output {
             }),
             Some(other) => Err(format!(
                 "--output type={other} is not supported (supported: oci, docker, local, image, registry, containerd)"
-            )),
+            ).into()),
             None => Err("--output needs type=oci|local|image".into()),
         }
     }
@@ -120,7 +121,7 @@ pub(crate) fn layer_of(
     let dir = worker.snapshots.dir(key)?;
     let mut w = worker.content.writer()?;
     layer::diff(&dir, &mut w, DiffOptions { mtime_max: epoch })
-        .map_err(|e| WorkerError::Exec(format!("diff {}: {e}", dir.display())))?;
+        .map_err(WorkerError::io(format!("diff {}", dir.display())))?;
     let digest = w.commit(None)?;
     let size = worker.content.size(&digest)?;
     let r = LayerRecord {
@@ -224,11 +225,11 @@ pub fn write(
             let name =
                 crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
             let tmp = format!("{dest}.partial");
-            let f = std::fs::File::create(&tmp)
-                .map_err(|e| WorkerError::Exec(format!("create {tmp}: {e}")))?;
+            let f =
+                std::fs::File::create(&tmp).map_err(WorkerError::io(format!("create {tmp}")))?;
             oci::write_layout_archive(&worker.content, manifest, &name, epoch.unwrap_or(0), f)?;
             std::fs::rename(&tmp, dest)
-                .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
+                .map_err(WorkerError::io(format!("rename {tmp} to {dest}")))?;
             Ok(format!("exporting OCI archive {dest} ({name})"))
         }
         Output::Containerd {
@@ -258,21 +259,19 @@ pub fn write(
         Output::Docker { dest, name } => {
             let name = name.as_deref().map(crate::worker::images::normalize);
             let tmp = format!("{dest}.partial");
-            let f = std::fs::File::create(&tmp)
-                .map_err(|e| WorkerError::Exec(format!("create {tmp}: {e}")))?;
+            let f =
+                std::fs::File::create(&tmp).map_err(WorkerError::io(format!("create {tmp}")))?;
             docker_archive(worker, manifest, name.as_deref(), epoch.unwrap_or(0), f)?;
             std::fs::rename(&tmp, dest)
-                .map_err(|e| WorkerError::Exec(format!("rename {tmp} to {dest}: {e}")))?;
+                .map_err(WorkerError::io(format!("rename {tmp} to {dest}")))?;
             Ok(format!("exporting docker archive {dest}"))
         }
         Output::Local { dest } => {
             let Ref::Snapshot(top) = result else {
-                std::fs::create_dir_all(dest)
-                    .map_err(|e| WorkerError::Exec(format!("create {dest}: {e}")))?;
+                std::fs::create_dir_all(dest).map_err(WorkerError::io(format!("create {dest}")))?;
                 return Ok(format!("copying files to {dest}"));
             };
-            std::fs::create_dir_all(dest)
-                .map_err(|e| WorkerError::Exec(format!("create {dest}: {e}")))?;
+            std::fs::create_dir_all(dest).map_err(WorkerError::io(format!("create {dest}")))?;
             worker.with_view(top, |root| {
                 let src = Source { root, ignore: None };
                 for entry in std::fs::read_dir(root)
@@ -319,7 +318,7 @@ fn docker_archive(
             h.set_mtime(mtime);
             h.set_size(size);
             tar.append_data(&mut h, path, reader)
-                .map_err(|e| WorkerError::Exec(format!("write docker archive: {e}")))
+                .map_err(WorkerError::io("write docker archive"))
         };
     let config_name = format!("{}.json", config.hex());
     add(
@@ -348,7 +347,7 @@ fn docker_archive(
     let bytes = serde_json::to_vec(&index).expect("json");
     add("manifest.json", &mut &bytes[..], bytes.len() as u64)?;
     tar.into_inner()
-        .map_err(|e| WorkerError::Exec(format!("write docker archive: {e}")))?;
+        .map_err(WorkerError::io("write docker archive"))?;
     Ok(())
 }
 
@@ -385,9 +384,11 @@ mod tests {
         );
         assert!(Output::parse("type=tar,dest=x")
             .unwrap_err()
+            .0
             .contains("not supported"));
         assert!(Output::parse("type=oci,dst=x")
             .unwrap_err()
+            .0
             .contains("unknown key"));
     }
 }

@@ -116,7 +116,7 @@ impl Worker {
         let scratch = self.state_dir().join("frontend").join(nonce());
         let out = scratch.join("out");
         std::fs::create_dir_all(&out)
-            .map_err(|e| WorkerError::Exec(format!("create {}: {e}", out.display())))?;
+            .map_err(WorkerError::io(format!("create {}", out.display())))?;
         let r = self.run_frontend_in(fe, req, &scratch, log);
         let _ = strata_snapshotter::layout::remove_tree(&scratch);
         r
@@ -141,7 +141,7 @@ impl Worker {
         // runc resolves relative sources against the bundle, so the paths must be absolute.
         let absolute = |p: &Path| {
             p.canonicalize()
-                .map_err(|e| WorkerError::Exec(format!("{}: {e}", p.display())))
+                .map_err(WorkerError::io(format!("{}", p.display())))
         };
         let mut mounts = vec![
             bind(&absolute(req.context)?, CONTEXT, true),

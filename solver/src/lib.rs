@@ -21,5 +21,6 @@ pub mod progress;
 pub mod remote_cache;
 pub mod secrets;
 pub mod solver;
+pub mod spec;
 pub mod volumes;
 pub mod worker;

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
+use crate::spec::InvalidSpec;
 use crate::volumes::{Init, Sharing};
 use serde::{Deserialize, Serialize};
 use strata_image::content::Digest;
@@ -38,7 +39,7 @@ pub struct CacheSpec {
 }
 
 impl CacheSpec {
-    pub fn parse(spec: &str, flag: &str) -> Result<CacheSpec, String> {
+    pub fn parse(spec: &str, flag: &str) -> Result<CacheSpec, InvalidSpec> {
         if !spec.contains('=') {
             return Ok(CacheSpec {
                 reference: spec.to_string(),
@@ -61,21 +62,23 @@ impl CacheSpec {
                 ("mode" | "mounts", v) => {
                     return Err(format!(
                         "{flag}: {k}={v} is not valid (mode=min|max, mounts=true|false)"
-                    ))
+                    )
+                    .into())
                 }
                 (other, _) => {
                     return Err(format!(
                         "{flag}: unknown key {other:?} (known: type, ref, mode, mounts)"
-                    ))
+                    )
+                    .into())
                 }
             }
         }
         match kind.as_deref() {
             Some("registry") | None => {}
             Some(other) => {
-                return Err(format!(
-                    "{flag} type={other} is not supported (supported: registry)"
-                ))
+                return Err(
+                    format!("{flag} type={other} is not supported (supported: registry)").into(),
+                )
             }
         }
         Ok(CacheSpec {
@@ -176,10 +179,10 @@ pub fn export(
                 },
             )?;
             let meta = std::fs::metadata(&lease.path)
-                .map_err(|e| WorkerError::Exec(format!("cache volume {id}: {e}")))?;
+                .map_err(WorkerError::io(format!("cache volume {id}")))?;
             let mut w = worker.content.writer()?;
             layer::diff(&lease.path, &mut w, DiffOptions { mtime_max: None })
-                .map_err(|e| WorkerError::Exec(format!("cache volume {id}: {e}")))?;
+                .map_err(WorkerError::io(format!("cache volume {id}")))?;
             let digest = w.commit(None)?;
             drop(lease);
             let blob = Descriptor {

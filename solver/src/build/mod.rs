@@ -19,6 +19,7 @@ use crate::progress::Progress;
 use crate::remote_cache::{self, CacheSpec};
 use crate::secrets::SecretError;
 use crate::solver::{SolveError, Solver};
+use crate::spec::InvalidSpec;
 use crate::worker::{Context, Ref, Worker, WorkerError, CANCELLED};
 
 /// Why a build stopped. Each names what to fix.
@@ -27,6 +28,8 @@ pub enum BuildError {
     /// A flag or input the user gave (`--output`, `--ssh`, the Dockerfile's path, ...).
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Spec(#[from] InvalidSpec),
     #[error(transparent)]
     Dockerfile(#[from] DockerfileError),
     #[error(transparent)]
@@ -149,7 +152,7 @@ fn outputs(req: &Request) -> Result<Vec<Output>, BuildError> {
     let mut outputs: Vec<Output> = req
         .outputs
         .iter()
-        .map(|o| Output::parse(o).map_err(BuildError::Input))
+        .map(|o| Output::parse(o).map_err(BuildError::from))
         .collect::<Result<_, _>>()?;
     for t in &req.tags {
         crate::worker::images::checked_name(t).map_err(|e| BuildError::Input(format!("-t {e}")))?;
@@ -174,7 +177,7 @@ fn outputs(req: &Request) -> Result<Vec<Output>, BuildError> {
 }
 
 fn cache_specs(specs: &[String], flag: &str) -> Result<Vec<CacheSpec>, BuildError> {
-    let parse = |s: &String| CacheSpec::parse(s, flag).map_err(BuildError::Input);
+    let parse = |s: &String| CacheSpec::parse(s, flag).map_err(BuildError::from);
     specs.iter().map(parse).collect()
 }
 

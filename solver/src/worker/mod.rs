@@ -35,6 +35,12 @@ pub static CANCELLED: AtomicBool = AtomicBool::new(false);
 pub enum WorkerError {
     #[error("{0}")]
     Exec(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("process \"{command}\" did not complete successfully: exit code: {code}{}", if tail.is_empty() { String::new() } else { format!("\nlast lines of its output:\n{tail}") })]
     ExitCode {
         command: String,
@@ -59,6 +65,14 @@ pub enum WorkerError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Registry(#[from] strata_image::registry::RegistryError),
+}
+
+impl WorkerError {
+    /// Wraps an I/O error with what was being done to what.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkerError {
+        let context = context.into();
+        move |source| WorkerError::Io { context, source }
+    }
 }
 
 /// The result of a vertex.
@@ -118,7 +132,7 @@ impl Worker {
     ) -> Result<Worker, WorkerError> {
         let dir = root.join("build");
         std::fs::create_dir_all(&dir)
-            .map_err(|e| WorkerError::Exec(format!("create {}: {e}", dir.display())))?;
+            .map_err(WorkerError::io(format!("create {}", dir.display())))?;
         // The build database is opened first: its lock makes this process the store's only user.
         let db = Db::open(&dir.join("db"))?;
         let snapshots = Snapshots::open(&dir, Options::default())?;
@@ -239,7 +253,7 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let target = self.dir.join("mnt").join(nonce());
         std::fs::create_dir_all(&target)
-            .map_err(|e| WorkerError::Exec(format!("create {}: {e}", target.display())))?;
+            .map_err(WorkerError::io(format!("create {}", target.display())))?;
         snapshot_mounts::mount_all(m, &target)?;
         let r = f(&target);
         if let Err(e) = snapshot_mounts::unmount(&target) {

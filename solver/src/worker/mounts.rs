@@ -150,7 +150,8 @@ fn cache_request(m: &llb::Mount) -> (String, Sharing, Init) {
 
 /// Empties a cache volume (`--no-cache` starts the step's caches afresh).
 fn empty_dir(dir: &Path) -> Result<(), WorkerError> {
-    let entries = fs::read_dir(dir).map_err(err(format!("read cache {}", dir.display())))?;
+    let entries =
+        fs::read_dir(dir).map_err(WorkerError::io(format!("read cache {}", dir.display())))?;
     for e in entries.flatten() {
         let _ = strata_snapshotter::layout::remove_tree(&e.path());
     }
@@ -171,7 +172,8 @@ fn seed_cache(seed: &Path, volume: &Path) -> Result<(), WorkerError> {
         owner: None,
         mode: None,
     };
-    let entries = fs::read_dir(seed).map_err(err(format!("read {}", seed.display())))?;
+    let entries =
+        fs::read_dir(seed).map_err(WorkerError::io(format!("read {}", seed.display())))?;
     for e in entries.flatten() {
         let name = e.file_name();
         tree::copy(
@@ -181,7 +183,7 @@ fn seed_cache(seed: &Path, volume: &Path) -> Result<(), WorkerError> {
             &volume.join(&name),
             attrs(),
         )
-        .map_err(err("seed cache".into()))?;
+        .map_err(WorkerError::io("seed cache"))?;
     }
     Ok(())
 }
@@ -196,9 +198,9 @@ fn cache_source(volume: &Path, selector: &str) -> Result<PathBuf, WorkerError> {
             return Err(WorkerError::Exec(format!("cache mount source={selector}: {} is a symlink; a cache source must be a plain path inside the cache", c.as_os_str().to_string_lossy())));
         }
     }
-    let sub =
-        rootfs::resolve(volume, selector, true).map_err(err(format!("cache source {selector}")))?;
-    fs::create_dir_all(&sub).map_err(err(format!("create cache source {selector}")))?;
+    let sub = rootfs::resolve(volume, selector, true)
+        .map_err(WorkerError::io(format!("cache source {selector}")))?;
+    fs::create_dir_all(&sub).map_err(WorkerError::io(format!("create cache source {selector}")))?;
     Ok(sub)
 }
 
@@ -239,19 +241,15 @@ fn set_owner_mode(
     mode: u32,
     what: &str,
 ) -> Result<(), WorkerError> {
-    lchown(path, Some(uid), Some(gid)).map_err(err(format!("chown {what}")))?;
+    lchown(path, Some(uid), Some(gid)).map_err(WorkerError::io(format!("chown {what}")))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
-        .map_err(err(format!("chmod {what}")))
-}
-
-fn err(what: String) -> impl FnOnce(std::io::Error) -> WorkerError {
-    move |e| WorkerError::Exec(format!("{what}: {e}"))
+        .map_err(WorkerError::io(format!("chmod {what}")))
 }
 
 impl Worker {
     fn scratch_dir(&self, p: &mut Prepared) -> Result<PathBuf, WorkerError> {
         let d = self.state_dir().join("mnt").join(nonce());
-        fs::create_dir_all(&d).map_err(err(format!("create {}", d.display())))?;
+        fs::create_dir_all(&d).map_err(WorkerError::io(format!("create {}", d.display())))?;
         p.dirs.push(d.clone());
         Ok(d)
     }
@@ -272,7 +270,8 @@ impl Worker {
                 let dir = self.scratch_dir(p)?;
                 strata_snapshotter::mounts::mount_all(&m, &dir)?;
                 p.mounted.push(dir.clone());
-                rootfs::resolve(&dir, selector, true).map_err(err(format!("resolve {selector}")))
+                rootfs::resolve(&dir, selector, true)
+                    .map_err(WorkerError::io(format!("resolve {selector}")))
             }
             Ref::Context => {
                 let ctx = context.ok_or_else(|| {
@@ -283,7 +282,7 @@ impl Worker {
                     ignore: Some(&ctx.ignore),
                 };
                 let path = rootfs::resolve(&ctx.dir, selector, true)
-                    .map_err(err(format!("resolve {selector}")))?;
+                    .map_err(WorkerError::io(format!("resolve {selector}")))?;
                 // Only what .dockerignore lets through may reach the step.
                 let dir = self.scratch_dir(p)?;
                 let dest = dir.join("ctx");
@@ -297,7 +296,7 @@ impl Worker {
                         mode: None,
                     },
                 )
-                .map_err(err(format!("copy context {selector}")))?;
+                .map_err(WorkerError::io(format!("copy context {selector}")))?;
                 Ok(dest)
             }
             Ref::Scratch => {
@@ -402,7 +401,7 @@ impl Worker {
         let d = self.scratch_dir(p)?;
         let (upper, work, merged) = (d.join("u"), d.join("w"), d.join("m"));
         for x in [&upper, &work, &merged] {
-            fs::create_dir(x).map_err(err(format!("create {}", x.display())))?;
+            fs::create_dir(x).map_err(WorkerError::io(format!("create {}", x.display())))?;
         }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -417,7 +416,7 @@ impl Worker {
             MsFlags::empty(),
             Some(opts.as_str()),
         )
-        .map_err(|e| WorkerError::Exec(format!("rw bind mount overlay: {e}")))?;
+        .map_err(|e| WorkerError::io("rw bind mount overlay")(e.into()))?;
         p.mounted.push(merged.clone());
         Ok(merged)
     }
@@ -451,15 +450,16 @@ impl Worker {
             flags,
             Some("mode=0755,size=1m"),
         )
-        .map_err(|e| WorkerError::Exec(format!("secret tmpfs: {e}")))?;
+        .map_err(|e| WorkerError::io("secret tmpfs")(e.into()))?;
         p.mounted.push(dir.clone());
         let file = dir.join("secret");
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&file)
-            .map_err(err("write secret".into()))?;
-        f.write_all(value).map_err(err("write secret".into()))?;
+            .map_err(WorkerError::io("write secret"))?;
+        f.write_all(value)
+            .map_err(WorkerError::io("write secret"))?;
         set_owner_mode(&file, o.uid, o.gid, o.mode, "secret")?;
         p.spec.push(SpecMount {
             dest: m.dest.clone(),
@@ -521,11 +521,11 @@ impl Worker {
 /// Serves `sock`: every connection is relayed to the user's agent or answered from loaded keys;
 /// stops when the flag is set.
 fn forward_agent(sock: &Path, agent: Agent) -> Result<Arc<AtomicBool>, WorkerError> {
-    let listener =
-        UnixListener::bind(sock).map_err(err(format!("listen on {}", sock.display())))?;
+    let listener = UnixListener::bind(sock)
+        .map_err(WorkerError::io(format!("listen on {}", sock.display())))?;
     listener
         .set_nonblocking(true)
-        .map_err(err("ssh socket".into()))?;
+        .map_err(WorkerError::io("ssh socket"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
