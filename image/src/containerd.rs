@@ -490,7 +490,7 @@ pub async fn pull_lazy(
     manifest: &Descriptor,
     name: &str,
     to: &Destination<'_>,
-    fetch_layer: &(dyn Fn(&Descriptor) -> Result<(), String> + Sync),
+    fetch_layer: &(dyn Fn(&Descriptor) -> Result<(), ImportError> + Sync),
     report: &(dyn Fn(usize, &LayerPull) + Sync),
 ) -> Result<(), ImportError> {
     let (address, namespace, snapshotter) = (to.address, to.namespace, to.snapshotter);
@@ -518,7 +518,7 @@ pub async fn pull_lazy(
         match prepare_layer(&mut snaps, &l.s, snapshotter, &parent, &chain, labels).await? {
             Prepared::Remote => report(i, &LayerPull::Lazy),
             Prepared::Active { key, mounts } => {
-                fetch_layer(layer).map_err(ImportError)?;
+                fetch_layer(layer)?;
                 write_blob(&mut content, &l.s, store, &layer.digest, HashMap::new()).await?;
                 apply_layer(&l.ch, &l.s, snapshotter, key, mounts, layer, &chain).await?;
                 report(i, &LayerPull::Pulled(layer.size));

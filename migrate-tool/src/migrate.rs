@@ -389,7 +389,7 @@ fn image_layer(
     } else {
         layer::apply(reader, dest)
     };
-    let digest = rebuild.digest().map_err(layer_err)?;
+    let digest = rebuild.digest().map_err(|e| layer_err(e.to_string()))?;
     let stats = applied.map_err(|e| layer_err(e.to_string()))?;
     if digest.as_str() != diff_id {
         return Err(layer_err(format!("its files rebuild to {digest}, not its diffID {diff_id}: the layer was altered on disk; nothing was switched")));

@@ -51,6 +51,8 @@ pub enum TarSplitError {
     },
     #[error("layer file {name}: {reason}")]
     File { name: String, reason: String },
+    #[error("the tar rebuild thread panicked")]
+    Panicked,
 }
 
 /// Reads a `tar-split.json.gz`.
@@ -136,11 +138,8 @@ pub struct Rebuild(std::thread::JoinHandle<Result<Digest, TarSplitError>>);
 
 impl Rebuild {
     /// The rebuilt tar's digest, once the reader has been read to its end (or dropped).
-    pub fn digest(self) -> Result<Digest, String> {
-        match self.0.join() {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(_) => Err("the tar rebuild thread panicked".into()),
-        }
+    pub fn digest(self) -> Result<Digest, TarSplitError> {
+        self.0.join().map_err(|_| TarSplitError::Panicked)?
     }
 }
 

@@ -11,6 +11,7 @@ use strata_image::nonce;
 use strata_image::oci::ImageConfig;
 
 use crate::llb::{self, Definition};
+use crate::spec::InvalidSpec;
 use crate::worker::exec::{self, ExecSpec, Stdout};
 use crate::worker::mounts::SpecMount;
 use crate::worker::{Worker, WorkerError};
@@ -53,7 +54,7 @@ pub fn is_builtin(name: &str) -> bool {
 
 /// Picks the frontend for `syntax` given the `--frontend-path` flags (`NAME=PATH`, or a bare
 /// `PATH` that serves any external name).
-pub fn select(syntax: Option<&str>, paths: &[String]) -> Result<Frontend, String> {
+pub fn select(syntax: Option<&str>, paths: &[String]) -> Result<Frontend, InvalidSpec> {
     let Some(name) = syntax.filter(|s| !is_builtin(s)) else {
         return Ok(Frontend::Dockerfile);
     };
@@ -73,7 +74,7 @@ pub fn select(syntax: Option<&str>, paths: &[String]) -> Result<Frontend, String
     }
 }
 
-fn executable(name: &str, path: &str) -> Result<Frontend, String> {
+fn executable(name: &str, path: &str) -> Result<Frontend, InvalidSpec> {
     let path = Path::new(path).canonicalize().map_err(|e| {
         format!("--frontend-path {path}: {e}; give the path of the frontend executable")
     })?;
@@ -81,7 +82,8 @@ fn executable(name: &str, path: &str) -> Result<Frontend, String> {
         return Err(format!(
             "--frontend-path {}: not a file; give the path of the frontend executable",
             path.display()
-        ));
+        )
+        .into());
     }
     Ok(Frontend::Executable {
         name: name.to_string(),
@@ -354,6 +356,6 @@ mod tests {
             Frontend::Executable { .. }
         ));
         let err = select(Some("x"), &["/nonexistent/fe".into()]).unwrap_err();
-        assert!(err.contains("/nonexistent/fe"), "{err}");
+        assert!(err.0.contains("/nonexistent/fe"), "{err}");
     }
 }

@@ -31,13 +31,13 @@ pub enum Sharing {
 }
 
 impl std::str::FromStr for Sharing {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Sharing, String> {
+    type Err = crate::spec::InvalidSpec;
+    fn from_str(s: &str) -> std::result::Result<Sharing, Self::Err> {
         match s {
             "shared" => Ok(Sharing::Shared),
             "private" => Ok(Sharing::Private),
             "locked" => Ok(Sharing::Locked),
-            other => Err(format!("sharing={other}: use shared, private or locked")),
+            other => Err(format!("sharing={other}: use shared, private or locked").into()),
         }
     }
 }

@@ -38,7 +38,7 @@ fn ssh_agent(spec: &str) -> Result<(String, Agent), BuildError> {
     let agent = match paths.as_slice() {
         [p] if is_socket(p) => Agent::Socket(p.to_path_buf()),
         ps if !value.is_empty() && ps.iter().all(|p| p.is_file()) => {
-            Agent::Keys(Arc::new(Keys::load(&id, ps).map_err(BuildError::Input)?))
+            Agent::Keys(Arc::new(Keys::load(&id, ps)?))
         }
         _ => return Err(BuildError::Input(format!("--ssh {spec}: {value:?} is neither an ssh agent socket nor key files; pass --ssh {id}=$SSH_AUTH_SOCK (after ssh-agent and ssh-add) or --ssh {id}=~/.ssh/id_ed25519"))),
     };

@@ -145,8 +145,7 @@ pub async fn compile(
     progress: &Arc<Progress>,
 ) -> Result<(Definition, ImageConfig), BuildError> {
     let syntax = crate::dockerfile::parser::syntax(&loaded.text);
-    let fe =
-        frontend::select(syntax.as_deref(), &source.frontend_paths).map_err(BuildError::Input)?;
+    let fe = frontend::select(syntax.as_deref(), &source.frontend_paths)?;
     let (w, text) = (worker.clone(), loaded.text.clone());
     if fe == Frontend::Dockerfile {
         let c = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;

@@ -1,6 +1,8 @@
 //! Shell-like word processing for Dockerfile arguments: quotes, escapes and `$var`, `${var}`,
 //! `${var:-default}`, `${var-default}`, `${var:+alt}`, `${var+alt}`.
 
+use super::WordError;
+
 /// How deep `${a:-${b:-...}}` may nest: far beyond any real Dockerfile, far below the stack's end.
 pub const MAX_NESTING: usize = 64;
 /// How much one instruction's words may expand to: variables that double themselves
@@ -12,7 +14,7 @@ pub fn words(
     input: &str,
     escape: char,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, WordError> {
     Expander::new(escape, lookup).process(input, true)
 }
 
@@ -21,7 +23,7 @@ pub fn word(
     input: &str,
     escape: char,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, WordError> {
     Expander::new(escape, lookup).word(input)
 }
 
@@ -43,11 +45,11 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn word(&mut self, input: &str) -> Result<String, String> {
+    fn word(&mut self, input: &str) -> Result<String, WordError> {
         Ok(self.process(input, false)?.join(" "))
     }
 
-    fn process(&mut self, input: &str, split: bool) -> Result<Vec<String>, String> {
+    fn process(&mut self, input: &str, split: bool) -> Result<Vec<String>, WordError> {
         let escape = self.escape;
         let chars: Vec<char> = input.chars().collect();
         let mut out = Vec::new();
@@ -96,7 +98,7 @@ impl<'a> Expander<'a> {
         chars: &[char],
         mut i: usize,
         cur: &mut String,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, WordError> {
         loop {
             let Some(&d) = chars.get(i) else {
                 return Err("unterminated double quote".into());
@@ -117,7 +119,7 @@ impl<'a> Expander<'a> {
     }
 
     /// Expands the variable at `chars[i] == '$'`, appending to `out`; returns the next index.
-    fn variable(&mut self, chars: &[char], i: usize, out: &mut String) -> Result<usize, String> {
+    fn variable(&mut self, chars: &[char], i: usize, out: &mut String) -> Result<usize, WordError> {
         let braced = chars.get(i + 1) == Some(&'{');
         let start = i + 1 + usize::from(braced);
         let mut j = start;
@@ -143,14 +145,14 @@ impl<'a> Expander<'a> {
             return Err(format!(
                 "variables expand to more than {} MiB (${name} among them): a variable that repeats itself grows without bound; shorten it",
                 MAX_EXPANDED >> 20
-            ));
+            ).into());
         }
         out.push_str(&value);
         Ok(next)
     }
 
     /// `${name<modifier>}`: `:-`, `-`, `:+`, `+` or none.
-    fn modified(&mut self, name: &str, modifier: &str) -> Result<String, String> {
+    fn modified(&mut self, name: &str, modifier: &str) -> Result<String, WordError> {
         let value = (self.lookup)(name);
         if modifier.is_empty() {
             return Ok(value.unwrap_or_default());
@@ -162,12 +164,13 @@ impl<'a> Expander<'a> {
         } else {
             return Err(format!(
                 "unsupported modifier {modifier:?} in ${{{name}{modifier}}}: use :-, -, :+ or +"
-            ));
+            )
+            .into());
         };
         if self.depth >= MAX_NESTING {
             return Err(format!(
                 "variable expansion nested deeper than {MAX_NESTING} levels at ${{{name}...}}; flatten the ${{a:-${{b:-...}}}} chain"
-            ));
+            ).into());
         }
         self.depth += 1;
         let arg = self.word(arg);
@@ -244,7 +247,7 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         let deep = format!("{}x{}", "${a:-".repeat(5000), "}".repeat(5000));
         let e = word(&deep, '\\', &env).unwrap_err();
-        assert!(e.contains("nested deeper than 64"), "{e}");
+        assert!(e.0.contains("nested deeper than 64"), "{e}");
         let ok = format!("{}x{}", "${a:-".repeat(60), "}".repeat(60));
         assert_eq!(word(&ok, '\\', &env).unwrap(), "x");
     }
@@ -254,7 +257,7 @@ mod tests {
         let big = "x".repeat(MAX_EXPANDED / 2 + 1);
         let lookup = |n: &str| (n == "B").then(|| big.clone());
         let e = word("${B}${B}", '\\', &lookup).unwrap_err();
-        assert!(e.contains("more than 1 MiB"), "{e}");
+        assert!(e.0.contains("more than 1 MiB"), "{e}");
         assert_eq!(word("${B}", '\\', &lookup).unwrap().len(), big.len());
     }
 }

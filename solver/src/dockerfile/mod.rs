@@ -16,6 +16,24 @@ pub struct DockerfileError {
     pub message: String,
 }
 
+/// A problem in one instruction's words (a variable expansion, a `--mount` value), before the
+/// line it is on is attached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WordError(pub String);
+
+impl From<String> for WordError {
+    fn from(message: String) -> WordError {
+        WordError(message)
+    }
+}
+
+impl From<&str> for WordError {
+    fn from(message: &str) -> WordError {
+        WordError(message.to_string())
+    }
+}
+
 impl DockerfileError {
     pub fn at(line: usize, message: impl Into<String>) -> DockerfileError {
         DockerfileError {

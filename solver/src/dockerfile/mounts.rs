@@ -5,6 +5,7 @@
 //! are refused by name.
 
 use super::suggest;
+use super::WordError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -120,16 +121,16 @@ fn allowed(kind: Kind) -> &'static [&'static str] {
     }
 }
 
-fn bool_value(key: &str, v: Option<&str>) -> Result<bool, String> {
+fn bool_value(key: &str, v: Option<&str>) -> Result<bool, WordError> {
     match v {
         None | Some("true") | Some("1") => Ok(true),
         Some("false") | Some("0") => Ok(false),
-        Some(other) => Err(format!("--mount {key}={other}: use true or false")),
+        Some(other) => Err(format!("--mount {key}={other}: use true or false").into()),
     }
 }
 
 /// `128m`, `1g`, `4096` in bytes.
-fn size(v: &str) -> Result<i64, String> {
+fn size(v: &str) -> Result<i64, WordError> {
     let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
     let n: i64 = num
         .parse()
@@ -139,7 +140,7 @@ fn size(v: &str) -> Result<i64, String> {
         "k" | "kb" => 1 << 10,
         "m" | "mb" => 1 << 20,
         "g" | "gb" => 1 << 30,
-        _ => return Err(format!("--mount size={v}: unit must be k, m or g")),
+        _ => return Err(format!("--mount size={v}: unit must be k, m or g").into()),
     };
     Ok(n * mult)
 }
@@ -147,8 +148,8 @@ fn size(v: &str) -> Result<i64, String> {
 /// Parses one `--mount` value; `expand` expands variables in a value.
 pub fn parse(
     spec: &str,
-    expand: &dyn Fn(&str) -> Result<String, String>,
-) -> Result<RunMount, String> {
+    expand: &dyn Fn(&str) -> Result<String, WordError>,
+) -> Result<RunMount, WordError> {
     let mut m = RunMount::default();
     let mut seen: Vec<String> = Vec::new();
     for field in spec.split(',').filter(|f| !f.is_empty()) {
@@ -162,8 +163,8 @@ pub fn parse(
 /// One `key=value` field: the key checked and lowercased, the value expanded.
 fn key_value(
     field: &str,
-    expand: &dyn Fn(&str) -> Result<String, String>,
-) -> Result<(String, Option<String>), String> {
+    expand: &dyn Fn(&str) -> Result<String, WordError>,
+) -> Result<(String, Option<String>), WordError> {
     let (key, raw) = match field.split_once('=') {
         Some((k, v)) => (
             k.trim().to_ascii_lowercase(),
@@ -175,13 +176,14 @@ fn key_value(
         let hint = suggest(&key, KEYS)
             .map(|s| format!(" (did you mean {s}?)"))
             .unwrap_or_default();
-        return Err(format!("--mount: unknown key {key:?}{hint}"));
+        return Err(format!("--mount: unknown key {key:?}{hint}").into());
     }
     let value = match (key.as_str(), raw) {
         ("from", Some(v)) if v.contains('$') => {
             return Err(format!(
                 "--mount from={v}: from= does not expand variables; name a stage or an image"
-            ))
+            )
+            .into())
         }
         ("from", Some(v)) => Some(v.to_string()),
         (_, Some(v)) => Some(expand(v)?),
@@ -191,7 +193,7 @@ fn key_value(
 }
 
 /// Sets field `key` of `m`.
-fn set(m: &mut RunMount, key: &str, value: Option<String>) -> Result<(), String> {
+fn set(m: &mut RunMount, key: &str, value: Option<String>) -> Result<(), WordError> {
     let need = || {
         value
             .clone()
@@ -226,7 +228,7 @@ fn set(m: &mut RunMount, key: &str, value: Option<String>) -> Result<(), String>
     Ok(())
 }
 
-fn kind(t: &str) -> Result<Kind, String> {
+fn kind(t: &str) -> Result<Kind, WordError> {
     Ok(match t {
         "bind" => Kind::Bind,
         "cache" => Kind::Cache,
@@ -237,12 +239,12 @@ fn kind(t: &str) -> Result<Kind, String> {
             let hint = suggest(other, TYPES)
                 .map(|s| format!(" (did you mean {s}?)"))
                 .unwrap_or_default();
-            return Err(format!("--mount type={other} is not a mount type{hint}; use bind, cache, tmpfs, secret or ssh"));
+            return Err(format!("--mount type={other} is not a mount type{hint}; use bind, cache, tmpfs, secret or ssh").into());
         }
     })
 }
 
-fn sharing(s: String) -> Result<String, String> {
+fn sharing(s: String) -> Result<String, WordError> {
     const SHARING: [&str; 3] = ["shared", "private", "locked"];
     if SHARING.contains(&s.as_str()) {
         return Ok(s);
@@ -250,24 +252,22 @@ fn sharing(s: String) -> Result<String, String> {
     let hint = suggest(&s, &SHARING)
         .map(|x| format!(" (did you mean {x}?)"))
         .unwrap_or_default();
-    Err(format!(
-        "--mount sharing={s}{hint}: use shared, private or locked"
-    ))
+    Err(format!("--mount sharing={s}{hint}: use shared, private or locked").into())
 }
 
 /// The checks across fields (the keys `seen` are allowed for the type, a target where one is
 /// needed, never the root), and secrets' and ssh's `source` as another name for `id`.
-fn check(mut m: RunMount, seen: &[String]) -> Result<RunMount, String> {
+fn check(mut m: RunMount, seen: &[String]) -> Result<RunMount, WordError> {
     let kind = *m.kind.get_or_insert(Kind::Bind);
     let name = TYPES[kind as usize];
     if let Some(k) = seen.iter().find(|k| !allowed(kind).contains(&k.as_str())) {
-        return Err(format!(
-            "--mount type={name}: option {k:?} is not allowed for this type"
-        ));
+        return Err(
+            format!("--mount type={name}: option {k:?} is not allowed for this type").into(),
+        );
     }
     let named = matches!(kind, Kind::Secret | Kind::Ssh);
     if m.env.is_none() && m.target.is_none() && !named {
-        return Err(format!("--mount type={name} needs target=PATH"));
+        return Err(format!("--mount type={name} needs target=PATH").into());
     }
     let root = m
         .target
@@ -276,14 +276,15 @@ fn check(mut m: RunMount, seen: &[String]) -> Result<RunMount, String> {
     if let Some(t) = root {
         return Err(format!(
             "--mount type={name} target={t}: a mount cannot replace the root filesystem; mount it at a directory such as /cache"
-        ));
+        ).into());
     }
     if named {
         match (&m.id, m.source.take()) {
             (Some(id), Some(src)) if *id != src => {
                 return Err(format!(
                     "--mount type={name}: conflicting id={id} and source={src}: give one of them"
-                ))
+                )
+                .into())
             }
             (None, Some(src)) => m.id = Some(src),
             _ => {}
@@ -297,7 +298,7 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<RunMount, String> {
-        parse(s, &|v| Ok(v.replace("$HOME", "/root")))
+        parse(s, &|v| Ok(v.replace("$HOME", "/root"))).map_err(|e| e.0)
     }
 
     #[test]

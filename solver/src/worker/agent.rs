@@ -9,6 +9,8 @@ use std::path::Path;
 use ssh_encoding::Encode;
 use ssh_key::{Algorithm, HashAlg, PrivateKey};
 
+use crate::spec::InvalidSpec;
+
 const FAILURE: u8 = 5;
 const REQUEST_IDENTITIES: u8 = 11;
 const IDENTITIES_ANSWER: u8 = 12;
@@ -32,7 +34,7 @@ impl std::fmt::Debug for Keys {
 
 impl Keys {
     /// Loads OpenSSH private keys; refuses encrypted ones with the fix.
-    pub fn load(id: &str, paths: &[&Path]) -> Result<Keys, String> {
+    pub fn load(id: &str, paths: &[&Path]) -> Result<Keys, InvalidSpec> {
         let mut keys = Vec::new();
         for path in paths {
             let text = std::fs::read_to_string(path)
@@ -55,7 +57,7 @@ impl Keys {
                     "--ssh {id}: key {} has a passphrase; add it to your agent (`ssh-add {}`) and pass --ssh {id}=$SSH_AUTH_SOCK",
                     path.display(),
                     path.display()
-                ));
+                ).into());
             }
             keys.push(key);
         }

@@ -16,6 +16,7 @@ use strata_image::transfer;
 use super::{Worker, WorkerError};
 use crate::db::{now, ImageRecord, LayerRecord};
 use crate::dockerfile::convert::ImageResolver;
+use crate::spec::InvalidSpec;
 
 /// Docker's reference normalization: `busybox` → `docker.io/library/busybox:latest`.
 pub fn normalize(reference: &str) -> String {
@@ -48,14 +49,14 @@ pub fn normalize(reference: &str) -> String {
 /// `name` normalized (`docker.io/library/...:latest`), or why it is no image reference: names
 /// from archives and flags are checked before they are stored or printed (no `..`, no control
 /// characters, the distribution spec's grammar).
-pub fn checked_name(name: &str) -> Result<String, String> {
+pub fn checked_name(name: &str) -> Result<String, InvalidSpec> {
     strata_image::registry::Reference::parse(name)
         .map(|r| r.to_string())
         .map_err(|_| {
-            format!(
+            InvalidSpec(format!(
                 "{:?} is not a valid image reference (lowercase name components, a tag of letters, digits, '_', '.', '-')",
                 name.escape_debug().to_string()
-            )
+            ))
         })
 }
 

@@ -5,7 +5,9 @@ use std::path::Path;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use strata_image::chunked::{convert, write};
-use strata_image::containerd::{pull_lazy as containerd_pull_lazy, Destination, LayerPull};
+use strata_image::containerd::{
+    pull_lazy as containerd_pull_lazy, Destination, ImportError, LayerPull,
+};
 use strata_image::content::{ContentStore, Digest};
 use strata_image::oci::{self, Descriptor, Manifest};
 use strata_image::registry::{Client, Options, Reference};
@@ -123,8 +125,8 @@ pub fn pull_lazy(
     let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
     let b = bar(manifest.layers.len() as u64, &format!("pulling {r} lazily"));
     let fetched = std::sync::atomic::AtomicU64::new(0);
-    let fetch_layer = |l: &Descriptor| -> Result<(), String> {
-        transfer::fetch_blob(&c, &r, &store, l).map_err(|e| e.to_string())
+    let fetch_layer = |l: &Descriptor| -> Result<(), ImportError> {
+        transfer::fetch_blob(&c, &r, &store, l).map_err(|e| ImportError(e.to_string()))
     };
     let report = |i: usize, how: &LayerPull| {
         b.set_position(i as u64 + 1);

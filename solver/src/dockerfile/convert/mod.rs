@@ -92,8 +92,8 @@ struct Converter<'a> {
     visiting: BTreeSet<usize>,
 }
 
-fn err(l: &Located, msg: impl Into<String>) -> DockerfileError {
-    DockerfileError::at(l.node.line, msg)
+fn err(l: &Located, msg: impl std::fmt::Display) -> DockerfileError {
+    DockerfileError::at(l.node.line, msg.to_string())
 }
 
 /// Converts Dockerfile `text` to LLB.
