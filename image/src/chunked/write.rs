@@ -14,7 +14,7 @@ use super::{
     ChunkedError, Position, ANNOTATION_TARSPLIT_CHECKSUM, ANNOTATION_TARSPLIT_POSITION,
     ANNOTATION_TOC_CHECKSUM, ANNOTATION_TOC_POSITION, FOOTER_MAGIC, SKIPPABLE_MAGIC, TOC_TYPE_CRFS,
 };
-use crate::content::Digest;
+use crate::content::{Digest, Hashing};
 
 /// How to write.
 #[derive(Debug, Clone, Copy)]
@@ -45,29 +45,26 @@ pub struct Written {
     pub toc: Toc,
 }
 
-/// Counts and hashes what goes to the output.
-struct Out<W: Write> {
-    inner: W,
-    written: u64,
-    hash: Sha256,
-}
+/// The output: counted and hashed as it goes.
+struct Out<W: Write>(Hashing<W>);
 
 impl<W: Write> Out<W> {
     fn put(&mut self, bytes: &[u8]) -> Result<(), ChunkedError> {
-        self.inner
+        self.0
             .write_all(bytes)
-            .map_err(ChunkedError::io("write the layer"))?;
-        self.hash.update(bytes);
-        self.written += bytes.len() as u64;
-        Ok(())
+            .map_err(ChunkedError::io("write the layer"))
+    }
+
+    fn written(&self) -> u64 {
+        self.0.bytes()
     }
 
     /// One zstd frame of `data`; returns its `[start, end)`.
     fn frame(&mut self, data: &[u8], level: i32) -> Result<(u64, u64), ChunkedError> {
-        let start = self.written;
+        let start = self.written();
         let z = zstd::bulk::compress(data, level).map_err(ChunkedError::io("compress"))?;
         self.put(&z)?;
-        Ok((start, self.written))
+        Ok((start, self.written()))
     }
 
     /// A skippable frame holding `data` zstd-compressed; returns where the compressed bytes are
@@ -77,7 +74,7 @@ impl<W: Write> Out<W> {
         let mut header = SKIPPABLE_MAGIC.to_le_bytes().to_vec();
         header.extend_from_slice(&(z.len() as u32).to_le_bytes());
         self.put(&header)?;
-        let offset = self.written;
+        let offset = self.written();
         self.put(&z)?;
         let position = Position {
             offset,
@@ -181,11 +178,7 @@ fn rfc3339(secs: u64) -> String {
 pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Written, ChunkedError> {
     let mut w = Writer {
         input,
-        out: Out {
-            inner: output,
-            written: 0,
-            hash: Sha256::new(),
-        },
+        out: Out(Hashing::new(output)),
         opts,
         diff: Sha256::new(),
         toc: Toc {
@@ -383,7 +376,7 @@ impl<R: Read, W: Write> Writer<R, W> {
         let (split_pos, split_digest) = self.out.skippable(&self.split.lines, self.opts.level)?;
         self.out.put(&footer(toc_pos, split_pos))?;
         self.out
-            .inner
+            .0
             .flush()
             .map_err(ChunkedError::io("write the layer"))?;
         // The checksums cover the compressed bytes of the TOC and tar-split frames.
@@ -406,8 +399,8 @@ impl<R: Read, W: Write> Writer<R, W> {
             ),
         ]);
         Ok(Written {
-            digest: Digest::from_hasher(self.out.hash.clone()).to_string(),
-            size: self.out.written,
+            digest: self.out.0.digest().to_string(),
+            size: self.out.written(),
             diff_id: Digest::from_hasher(self.diff).to_string(),
             annotations,
             toc: self.toc,
