@@ -114,3 +114,254 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     drop(c);
     strata_fs_tests::detach_mounts_under(dir.path());
 }
+
+const BUSYBOX: &str = "docker.io/strata/busybox:1";
+
+/// Starts `n` containers at once (`ctr run --rm`, each printing its name); returns each one's
+/// output, in order.
+fn start_containers(
+    c: &Containerd,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<std::process::Output>> {
+    (0..n)
+        .map(|i| {
+            let name = format!("c{i}");
+            let mut cmd = c.ctr_command(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "strata",
+                BUSYBOX,
+                &name,
+                "/bin/echo",
+                &name,
+            ]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect()
+}
+
+/// The containers whose start failed, with why.
+fn failed(runs: Vec<std::thread::JoinHandle<std::process::Output>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, r) in runs.into_iter().enumerate() {
+        let o = r.join().unwrap();
+        let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if !o.status.success() || said != format!("c{i}") {
+            out.push(format!(
+                "c{i}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+    }
+    out
+}
+
+/// After the starts: no container and no active snapshot is left behind.
+fn nothing_left(c: &Containerd) {
+    let containers = c.ctr(&["containers", "ls", "-q"]);
+    assert!(
+        containers.trim().is_empty(),
+        "containers left: {containers}"
+    );
+    let snaps = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert!(!snaps.contains("Active"), "active snapshots left:\n{snaps}");
+}
+
+#[test]
+fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("strata.sock");
+    let listener: OwnedFd = std::os::unix::net::UnixListener::bind(&socket)
+        .unwrap()
+        .into();
+    let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
+    let mut d = spawn_activated(&root, &listener, &log);
+    let c = Containerd::start(&socket);
+    c.wait_for_snapshotter("strata");
+    c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
+
+    // Killed 1.5 s into 40 starts and started again by its supervisor as the shipped unit does
+    // (RestartSec=100ms).
+    let runs = start_containers(&c, 40);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.kill().unwrap();
+    d.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut d = spawn_activated(&root, &listener, &log);
+    let failures = failed(runs);
+    // Calls made while it is down wait in the backlog and are answered by the next process.
+    // A call the kill cuts off in flight containerd reports as "transport is closing" (its proxy
+    // client does not retry): that may fail, nothing else.
+    let other: Vec<&String> = failures
+        .iter()
+        .filter(|f| !f.contains("transport is closing"))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "starts failed for another reason than a call cut off in flight: {other:#?}"
+    );
+    nothing_left(&c);
+    // Whatever was cut off works when tried again.
+    assert!(failed(start_containers(&c, failures.len())).is_empty());
+    println!(
+        "sigkill during 40 starts: {} cut off in flight, 0 refused",
+        failures.len()
+    );
+    d.kill().unwrap();
+    d.wait().unwrap();
+    drop(c);
+    strata_fs_tests::detach_mounts_under(dir.path());
+}
+
+#[test]
+fn restart_hands_over_to_the_binary_on_disk_without_a_failed_start() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The daemon runs from a copy, which the "upgrade" replaces with a new file.
+    let bin = dir.path().join("bin/strata-snapshotter");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
+    let (root, socket, log) = (
+        dir.path().join("root"),
+        dir.path().join("strata.sock"),
+        dir.path().join("strata.log"),
+    );
+    let log_file = std::fs::File::create(&log).unwrap();
+    let args = |cmd: &mut Command| {
+        cmd.arg("--root").arg(&root).arg("--address").arg(&socket);
+    };
+    let mut daemon = Command::new(&bin);
+    args(&mut daemon);
+    let mut d = daemon
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let c = Containerd::start(&socket);
+    c.wait_for_snapshotter("strata");
+    c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
+    let old_pid = d.id();
+
+    let runs = start_containers(&c, 40);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let staged = dir.path().join("bin/.strata-snapshotter.new");
+    std::fs::copy(
+        strata_fs_tests::workspace_bin("strata-snapshotter"),
+        &staged,
+    )
+    .unwrap();
+    std::fs::rename(&staged, &bin).unwrap();
+    let mut restart = Command::new(&bin);
+    args(&mut restart);
+    let out = restart.arg("restart").output().unwrap();
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "restart: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logged()
+    );
+    let failures = failed(runs);
+    assert!(
+        failures.is_empty(),
+        "starts failed across the handover: {failures:#?}\n{}",
+        logged()
+    );
+    assert!(d.wait().unwrap().success(), "the old daemon exits cleanly");
+
+    // The successor is the binary now on disk, and serves.
+    let pid: u32 = std::fs::read_to_string(root.join("snapshotter.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(pid, old_pid);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe, bin,
+        "the successor runs the new file, not the replaced one"
+    );
+    nothing_left(&c);
+    assert!(socket.exists(), "the socket stays");
+    c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "prepare",
+        "after",
+        "",
+    ]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_gone(pid);
+    assert!(
+        !socket.exists(),
+        "the last process removes the socket it was handed"
+    );
+    drop(c);
+    strata_fs_tests::detach_mounts_under(dir.path());
+}
+
+#[test]
+fn a_successor_that_cannot_start_leaves_the_daemon_serving() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("strata-snapshotter");
+    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
+    let (root, socket) = (dir.path().join("root"), dir.path().join("strata.sock"));
+    let mut d = Command::new(&bin)
+        .arg("--root")
+        .arg(&root)
+        .arg("--address")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = Containerd::start(&socket);
+    c.wait_for_snapshotter("strata");
+    // The "new binary" is broken.
+    std::fs::write(dir.path().join("broken"), "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("broken"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::rename(dir.path().join("broken"), &bin).unwrap();
+    let out = Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
+        .arg("--root")
+        .arg(&root)
+        .arg("restart")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("serves on"), "{err}");
+    assert!(d.try_wait().unwrap().is_none(), "the daemon still runs");
+    c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "prepare",
+        "still",
+        "",
+    ]);
+    d.kill().unwrap();
+    d.wait().unwrap();
+    drop(c);
+    strata_fs_tests::detach_mounts_under(dir.path());
+}
+
+/// Waits (10 s at most) until process `pid` is gone.
+fn wait_gone(pid: u32) {
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("process {pid} did not exit");
+}

@@ -10,6 +10,7 @@
 
 pub mod activation;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod filter;
 pub mod layout;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod service;
 pub mod snapshots;
 pub mod store;
+pub mod upgrade;
 pub mod usage;
 
 pub use containerd_snapshots::api;

@@ -1,5 +1,7 @@
-//! Serving the gRPC API on a unix socket until SIGTERM or SIGINT.
+//! Serving the gRPC API on a unix socket until SIGTERM or SIGINT, or until a successor takes
+//! over (SIGUSR2, [`crate::upgrade`]).
 
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -8,16 +10,17 @@ use anyhow::{bail, Context};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::service::Service;
 use crate::snapshots::Snapshots;
+use crate::upgrade::Successor;
 
 /// Binds `address`, replacing a stale socket left by a dead daemon but never one that answers.
 /// The socket is bound under a temporary name, given mode 0600 (0660 and the group `group` when
 /// one is set) and then renamed into place, so its path is never open to other users, whatever
 /// the umask.
-async fn bind(address: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
+pub async fn bind(address: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -69,45 +72,62 @@ pub fn socket_group(group: &str) -> anyhow::Result<Option<u32>> {
     }
 }
 
-/// Where to serve: a socket to bind at `address`, or one the service manager passed
-/// ([`crate::activation`]), which it keeps across restarts.
-pub enum Listen<'a> {
-    Bind {
-        address: &'a Path,
-        group: Option<u32>,
-    },
-    Inherited(std::os::unix::net::UnixListener),
+/// Why serving stopped.
+pub enum Stop {
+    /// SIGTERM or SIGINT.
+    Terminate,
+    /// SIGUSR2: a successor is ready to take over.
+    Upgrade(Successor),
 }
 
-/// Serves `snapshots` until a termination signal; a socket it bound is removed then.
-pub async fn serve(snapshots: Arc<Snapshots>, listen: Listen<'_>) -> anyhow::Result<()> {
-    let (listener, address) = match listen {
-        Listen::Bind { address, group } => (bind(address, group).await?, Some(address)),
-        Listen::Inherited(l) => (
-            UnixListener::from_std(l).context("serve the inherited socket")?,
-            None,
-        ),
-    };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+/// Serves `snapshots` on `listener` until `stop` resolves; then stops accepting, finishes the
+/// calls in flight, and says why it stopped.
+pub async fn serve(
+    snapshots: Arc<Snapshots>,
+    listener: std::os::unix::net::UnixListener,
+    stop: impl Future<Output = Stop>,
+) -> anyhow::Result<Stop> {
+    let listener = UnixListener::from_std(listener).context("serve the socket")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
-        }
+        let _ = tx.send(stop.await);
     };
-    match address {
-        Some(a) => info!(address = %a.display(), "serving containerd snapshots API"),
-        None => info!("serving containerd snapshots API on the socket the service manager passed"),
-    }
-    let result = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(Arc::new(Service::new(
             snapshots,
         ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
-    if let Some(a) = address {
-        let _ = std::fs::remove_file(a);
+        .await
+        .context("gRPC server failed")?;
+    rx.await.context("the server stopped without a reason")
+}
+
+/// Resolves on SIGTERM or SIGINT, or on SIGUSR2 once `start_successor` has a successor ready; a
+/// successor that fails to start is logged and this process serves on.
+pub async fn signals(
+    start_successor: impl Fn() -> anyhow::Result<Successor> + Send + Sync + Clone + 'static,
+) -> Stop {
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        warn!("signal handlers could not be installed: serving until killed");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return Stop::Terminate }
+            _ = int.recv() => { info!("SIGINT: shutting down"); return Stop::Terminate }
+            _ = usr2.recv() => {
+                info!("SIGUSR2: starting the successor");
+                let start = start_successor.clone();
+                match tokio::task::spawn_blocking(start).await {
+                    Ok(Ok(s)) => return Stop::Upgrade(s),
+                    Ok(Err(e)) => error!(error = format!("{e:#}"), "the successor failed to start; serving on"),
+                    Err(e) => error!(error = %e, "the successor failed to start; serving on"),
+                }
+            }
+        }
     }
-    result.context("gRPC server failed")
 }

@@ -1,14 +1,10 @@
 //! `strata-snapshotter`: the daemon containerd talks to as proxy snapshot plugin `strata`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use strata_snapshotter::config::{Config, LogFormat, DEFAULT_CONFIG};
-use strata_snapshotter::lazy::remote::Lazy;
-use strata_snapshotter::snapshots::RemoteLayers;
-use strata_snapshotter::{metrics, server, Options, Snapshots};
+use strata_snapshotter::metrics;
 
 mod commands;
 use tracing_subscriber::EnvFilter;
@@ -139,6 +135,13 @@ enum Cmd {
         #[arg(long)]
         prometheus: bool,
     },
+    /// Restart the daemon serving --root without a moment offline: it starts the binary now on
+    /// disk with its socket, hands over, and exits (SIGUSR2 does the same). Under systemd, use
+    /// `systemctl restart strata-snapshotter` with the socket unit instead.
+    #[command(
+        after_help = "Example, after installing a new binary:\n  install -m0755 target/release/strata-snapshotter /usr/local/bin/ && strata-snapshotter restart"
+    )]
+    Restart,
     /// Serve one lazy layer over FUSE (started by the daemon)
     #[command(hide = true)]
     ServeLayer { state: PathBuf, mountpoint: PathBuf },
@@ -193,6 +196,11 @@ fn main() -> anyhow::Result<()> {
             return strata_snapshotter::lazy::fs::serve(&state, &mountpoint)
         }
         Some(Cmd::Status { prometheus }) => return status(&config.root, prometheus),
+        Some(Cmd::Restart) => {
+            let pid = strata_snapshotter::upgrade::request_restart(&config.root)?;
+            println!("restarted: pid {pid} serves {} now", config.root.display());
+            return Ok(());
+        }
         Some(Cmd::Convert {
             src,
             dst,
@@ -231,40 +239,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // Taken before anything is spawned: the lazy layers' servers must not inherit it.
-    let inherited = strata_snapshotter::activation::inherited_listener()?;
-    let options = Options {
-        async_remove: config.async_remove,
-    };
-    // Lazy layers are unmounted before removal even when new ones are off (`[lazy] enabled`).
-    let lazy = Arc::new(Lazy::new(&config.root, config.lazy.clone())?);
-    let snapshots = Snapshots::open_with(&config.root, options, Some(lazy.clone()))
-        .with_context(|| format!("open snapshotter root {}", config.root.display()))?;
-    let remounted = lazy.check(&snapshots)?;
-    if remounted > 0 {
-        tracing::info!(remounted, "lazy layers mounted again");
-    }
-    let metrics = (!config.lazy.metrics_address.is_empty())
-        .then(|| metrics::bind(&config.lazy.metrics_address))
-        .transpose()
-        .with_context(|| format!("metrics on {}", config.lazy.metrics_address))?;
-    // One async thread: requests are tiny and all disk work runs on the blocking pool, so a single
-    // thread saves the cross-thread wake-ups that dominated latency (direct Mounts p50 396 -> 285 µs).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
-    let listen = match inherited {
-        Some(l) => server::Listen::Inherited(l),
-        None => server::Listen::Bind {
-            address: &config.address,
-            group: server::socket_group(&config.group)?,
-        },
-    };
-    if let Some(listener) = metrics {
-        runtime.spawn(metrics::serve(listener, config.root.clone(), lazy));
-    }
-    runtime.block_on(server::serve(Arc::new(snapshots), listen))
+    strata_snapshotter::daemon::run(&config)
 }
 
 fn status(root: &std::path::Path, prometheus: bool) -> anyhow::Result<()> {
