@@ -355,6 +355,65 @@ fn a_successor_that_cannot_start_leaves_the_daemon_serving() {
     strata_fs_tests::detach_mounts_under(dir.path());
 }
 
+#[test]
+fn a_successor_that_fails_after_taking_over_puts_the_daemon_back() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("strata-snapshotter");
+    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
+    let (root, socket) = (dir.path().join("root"), dir.path().join("strata.sock"));
+    let mut d = Command::new(&bin)
+        .arg("--root")
+        .arg(&root)
+        .arg("--address")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = Containerd::start(&socket);
+    c.wait_for_snapshotter("strata");
+    c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "prepare",
+        "before",
+        "",
+    ]);
+    // This successor says it is ready (the daemon lets go of its database) and then dies.
+    let script = dir.path().join("dies");
+    std::fs::write(&script, "#!/bin/sh\nprintf r >&4\nsleep 0.2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&script, &bin).unwrap();
+    let out = Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
+        .arg("--root")
+        .arg(&root)
+        .arg("restart")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exited before it served"),
+        "{err}"
+    );
+    assert!(d.try_wait().unwrap().is_none(), "the daemon still runs");
+    c.wait_for_snapshotter("strata");
+    c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "strata",
+        "prepare",
+        "after",
+        "",
+    ]);
+    let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
+    assert!(ls.contains("before") && ls.contains("after"), "{ls}");
+    d.kill().unwrap();
+    d.wait().unwrap();
+    drop(c);
+    strata_fs_tests::detach_mounts_under(dir.path());
+}
+
 /// Waits (10 s at most) until process `pid` is gone.
 fn wait_gone(pid: u32) {
     for _ in 0..200 {
