@@ -1,5 +1,7 @@
 //! A `strata-snapshotter` process under a temp dir, and a gRPC client for it.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -194,6 +196,49 @@ pub fn metric(text: &str, name: &str) -> u64 {
                 .unwrap_or_else(|| panic!("metric sample {l:?} is not a number"))
         })
         .sum()
+}
+
+/// Starts strata-snapshotter on `root` serving a supervisor's `listener` as descriptor 3, the way
+/// systemd's socket activation does (LISTEN_FDS=1, LISTEN_PID); output goes to `log`.
+pub fn spawn_activated(root: &Path, listener: &OwnedFd, log: &Path) -> Child {
+    // A copy above 3, so that dup2 onto 3 in the child always makes a new, inheritable descriptor.
+    let high = nix::fcntl::fcntl(
+        listener.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
+    )
+    .unwrap();
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    let high = unsafe { OwnedFd::from_raw_fd(high) };
+    let raw = high.as_raw_fd();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(crate::workspace_bin("strata-snapshotter"))
+        .arg("--root")
+        .arg(root)
+        .arg("--address")
+        .arg(root.join("never-bound.sock"))
+        .args(["--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: dup2 is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(high);
+    child
 }
 
 impl Drop for Daemon {
