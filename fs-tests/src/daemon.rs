@@ -276,6 +276,14 @@ use tonic::Status;
 pub type Labels = HashMap<String, String>;
 
 impl Snap {
+    /// A client of the snapshotter serving `socket`.
+    pub async fn at(socket: &Path) -> Snap {
+        Snap {
+            client: SnapshotsClient::new(connect(socket).await),
+            lazy: None,
+        }
+    }
+
     pub async fn new(d: &Daemon) -> Snap {
         Snap {
             client: d.client().await,
