@@ -91,7 +91,7 @@ pub fn pull(
     Ok((desc, manifest))
 }
 
-/// Pushes `manifest` (as `media_type`) and every blob it names from `store` to `r`.
+/// Pushes `manifest` (as its media type) and every blob it names from `store` to `r`.
 pub fn push(
     client: &Client,
     r: &Reference,
@@ -109,5 +109,10 @@ pub fn push(
     let bytes = serde_json::to_vec(manifest).expect("manifest serializes");
     let d = Digest::of(&bytes);
     store.put_reader(&bytes[..], Some(&d))?;
-    Ok(client.push_manifest(r, &bytes, oci::MEDIA_MANIFEST)?)
+    // Sent as what it is: a registry refuses a Docker manifest sent as OCI's.
+    let media_type = match manifest.media_type.as_str() {
+        "" => oci::MEDIA_MANIFEST,
+        m => m,
+    };
+    Ok(client.push_manifest(r, &bytes, media_type)?)
 }

@@ -8,6 +8,7 @@ use strata_image::layer::{self, DiffOptions};
 use strata_image::oci::{self, Descriptor, History, ImageConfig, Manifest};
 
 use crate::db::{now, ImageRecord, LayerRecord};
+use crate::form::{self, LayerForm};
 use crate::spec::InvalidSpec;
 use crate::worker::tree::{self, Attrs, Source};
 use crate::worker::{Ref, Worker, WorkerError};
@@ -15,10 +16,18 @@ use crate::worker::{Ref, Worker, WorkerError};
 /// Where a build goes (`--output`, `-t`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// The local image store under a name (`-t`), and the registry when `push`.
-    Image { name: String, push: bool },
+    /// The local image store under a name (`-t`), and the registry when `push` (in `form`).
+    Image {
+        name: String,
+        push: bool,
+        form: LayerForm,
+    },
     /// An OCI image layout archive (`type=oci,dest=FILE`).
-    Oci { dest: String, name: Option<String> },
+    Oci {
+        dest: String,
+        name: Option<String>,
+        form: LayerForm,
+    },
     /// The final stage's files (`type=local,dest=DIR`).
     Local { dest: String },
     /// containerd's image store, through its API (`type=containerd,name=REF[,address=SOCK][,namespace=NS]`).
@@ -28,7 +37,11 @@ pub enum Output {
         namespace: String,
     },
     /// A `docker save` archive that `docker load` takes (`type=docker,dest=FILE[,name=REF]`).
-    Docker { dest: String, name: Option<String> },
+    Docker {
+        dest: String,
+        name: Option<String>,
+        form: LayerForm,
+    },
 }
 
 impl Output {
@@ -46,6 +59,7 @@ impl Output {
         let mut push = false;
         let mut address = None;
         let mut namespace = None;
+        let mut form_keys = Vec::new();
         for part in spec.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -57,12 +71,22 @@ impl Output {
                 "push" => push = v == "true",
                 "address" => address = Some(v.to_string()),
                 "namespace" => namespace = Some(v.to_string()),
+                // Applied below: the form's defaults depend on the type, which may come later.
+                other if LayerForm::is_key(other) => form_keys.push((other, v)),
                 other => {
                     return Err(format!(
-                        "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace)"
+                        "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace, compression, compression-level, oci-mediatypes)"
                     ).into())
                 }
             }
+        }
+        // Docker's types in a Docker archive unless asked otherwise, as BuildKit's docker exporter.
+        let mut form = match kind.as_deref() {
+            Some("docker") => LayerForm::DOCKER,
+            _ => LayerForm::OCI,
+        };
+        for (k, v) in form_keys {
+            form.set(k, v)?;
         }
         if let Some(n) = &name {
             crate::worker::images::checked_name(n).map_err(|e| format!("--output name: {e}"))?;
@@ -71,6 +95,7 @@ impl Output {
             Some("oci") => Ok(Output::Oci {
                 dest: dest.ok_or("--output type=oci needs dest=FILE.tar")?,
                 name,
+                form,
             }),
             Some("containerd") => Ok(Output::Containerd {
                 name: name.ok_or("--output type=containerd needs name=REF")?,
@@ -85,6 +110,7 @@ impl Output {
             Some("docker") => Ok(Output::Docker {
                 dest: dest.ok_or("--output type=docker needs dest=FILE.tar")?,
                 name,
+                form,
             }),
             Some("local") => Ok(Output::Local {
                 dest: dest.ok_or("--output type=local needs dest=DIR")?,
@@ -92,6 +118,7 @@ impl Output {
             Some("image") | Some("registry") => Ok(Output::Image {
                 name: name.ok_or("--output type=image needs name=REF")?,
                 push: push || kind.as_deref() == Some("registry"),
+                form,
             }),
             Some(other) => Err(format!(
                 "--output type={other} is not supported (supported: oci, docker, local, image, registry, containerd)"
@@ -189,7 +216,11 @@ pub fn image(
         schema_version: 2,
         media_type: oci::MEDIA_MANIFEST.into(),
         config: config_desc,
-        layers: layers.into_iter().map(|l| l.blob).collect(),
+        // One family: a Docker-format base image's layers are named as OCI's (same blobs).
+        layers: layers
+            .into_iter()
+            .map(|l| form::oci_layer(l.blob))
+            .collect(),
     };
     let mut desc = oci::put_json(&worker.content, oci::MEDIA_MANIFEST, &manifest)?;
     desc.platform = Some(oci::Platform {
@@ -208,7 +239,7 @@ pub fn write(
     epoch: Option<u64>,
 ) -> Result<String, WorkerError> {
     match output {
-        Output::Image { name, push } => {
+        Output::Image { name, push, form } => {
             let full = crate::worker::images::normalize(name);
             worker.db.put_image(&ImageRecord {
                 name: full.clone(),
@@ -216,12 +247,13 @@ pub fn write(
                 created: now(),
             })?;
             if *push {
-                worker.push(name, manifest)?;
+                worker.push(name, &form::apply(worker, manifest, form)?)?;
                 return Ok(format!("naming to {full}, pushed"));
             }
             Ok(format!("naming to {full}"))
         }
-        Output::Oci { dest, name } => {
+        Output::Oci { dest, name, form } => {
+            let manifest = &form::apply(worker, manifest, form)?;
             let name =
                 crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
             let tmp = format!("{dest}.partial");
@@ -256,7 +288,8 @@ pub fn write(
                 "importing to containerd {address} as {full} (namespace {namespace})"
             ))
         }
-        Output::Docker { dest, name } => {
+        Output::Docker { dest, name, form } => {
+            let manifest = &form::apply(worker, manifest, form)?;
             let name = name.as_deref().map(crate::worker::images::normalize);
             let tmp = format!("{dest}.partial");
             let f =
@@ -368,8 +401,18 @@ mod tests {
             Output::parse("type=oci,dest=x.tar").unwrap(),
             Output::Oci {
                 dest: "x.tar".into(),
-                name: None
+                name: None,
+                form: LayerForm::OCI,
             }
+        );
+        // Form keys may come before the type; a Docker archive defaults to Docker's types.
+        let docker = Output::parse("compression=uncompressed,type=docker,dest=x").unwrap();
+        let Output::Docker { form, .. } = docker else {
+            panic!("{docker:?}")
+        };
+        assert_eq!(
+            (form.compression, form.oci),
+            (crate::form::Compression::Uncompressed, false)
         );
         assert_eq!(
             Output::parse("out").unwrap(),
@@ -379,7 +422,8 @@ mod tests {
             Output::parse("type=docker,dest=x").unwrap(),
             Output::Docker {
                 dest: "x".into(),
-                name: None
+                name: None,
+                form: LayerForm::DOCKER,
             }
         );
         assert!(Output::parse("type=tar,dest=x")

@@ -13,6 +13,7 @@ pub mod build;
 pub mod db;
 pub mod dockerfile;
 pub mod export;
+pub mod form;
 pub mod frontend;
 pub mod gc;
 pub mod llb;

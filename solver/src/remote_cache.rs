@@ -213,7 +213,8 @@ pub fn export(
         schema_version: 2,
         media_type: oci::MEDIA_MANIFEST.into(),
         config: config_desc,
-        layers,
+        // Registries get gzip layers, as BuildKit pushes them.
+        layers: crate::form::layers(worker, &layers, &crate::form::LayerForm::OCI)?,
     };
     let desc = oci::put_json(&worker.content, oci::MEDIA_MANIFEST, &manifest)?;
     worker.push(&spec.reference, &desc)?;

@@ -171,6 +171,7 @@ fn outputs(req: &Request) -> Result<Vec<Output>, BuildError> {
     let images = req.tags.iter().map(|t| Output::Image {
         name: t.clone(),
         push: false,
+        form: crate::form::LayerForm::OCI,
     });
     outputs.extend(images);
     Ok(outputs)

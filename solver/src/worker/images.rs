@@ -151,58 +151,15 @@ impl Worker {
         Ok(name)
     }
 
-    /// Pushes the image `manifest` (from the local content store) to `reference`.
+    /// Pushes the image `manifest` (from the local content store, in the form it is to have:
+    /// see [`crate::form`]) to `reference`.
     pub fn push(&self, reference: &str, manifest: &Descriptor) -> Result<(), WorkerError> {
         let r = Reference::parse(reference)?;
         let d = Digest::parse(&manifest.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-        let mut m: Manifest = serde_json::from_slice(&self.content.read(&d)?)
+        let m: Manifest = serde_json::from_slice(&self.content.read(&d)?)
             .map_err(|e| WorkerError::Image(format!("manifest {d}: {e}")))?;
-        // Registries get gzip layers (as BuildKit pushes them); diff_ids stay the uncompressed digests.
-        for layer in &mut m.layers {
-            if layer.media_type == oci::MEDIA_LAYER || layer.media_type == oci::DOCKER_LAYER {
-                *layer = self.gzip_layer(layer)?;
-            }
-        }
         transfer::push(&self.registry, &r, &self.content, &m).map_err(image_error)?;
         Ok(())
-    }
-
-    /// The gzip-compressed blob of uncompressed layer `layer`, made once and remembered.
-    fn gzip_layer(&self, layer: &Descriptor) -> Result<Descriptor, WorkerError> {
-        let key = format!("gzip:{}", layer.digest);
-        if let Some(rec) = self.db.layer(&key)? {
-            if self.content.has(
-                &Digest::parse(&rec.blob.digest).map_err(|e| WorkerError::Image(e.to_string()))?,
-            ) {
-                return Ok(rec.blob);
-            }
-        }
-        let src = self.content.open_blob(
-            &Digest::parse(&layer.digest).map_err(|e| WorkerError::Image(e.to_string()))?,
-        )?;
-        let w = self.content.writer()?;
-        let mut gz = flate2::write::GzEncoder::new(w, flate2::Compression::default());
-        std::io::copy(&mut std::io::BufReader::new(src), &mut gz)
-            .map_err(|e| WorkerError::Image(format!("compress layer {}: {e}", layer.digest)))?;
-        let w = gz
-            .finish()
-            .map_err(|e| WorkerError::Image(format!("compress layer {}: {e}", layer.digest)))?;
-        let digest = w.commit(None)?;
-        let blob = Descriptor {
-            media_type: oci::MEDIA_LAYER_GZIP.into(),
-            digest: digest.to_string(),
-            size: self.content.size(&digest)?,
-            annotations: Default::default(),
-            platform: None,
-        };
-        self.db.put_layer(
-            &key,
-            &LayerRecord {
-                diff_id: layer.digest.clone(),
-                blob: blob.clone(),
-            },
-        )?;
-        Ok(blob)
     }
 
     /// The manifest of `reference` (for linux/amd64 when it names an index), pulled when the

@@ -1,0 +1,249 @@
+//! The form an image takes in an output: how its layers are compressed and which media-type
+//! family its manifest uses. A manifest uses one family — OCI types in an OCI manifest, Docker
+//! types in a Docker v2 schema 2 manifest — as skopeo, docker and containerd expect; a base
+//! layer's blob stays the same bytes whatever its descriptor is called.
+
+use strata_image::content::Digest;
+use strata_image::oci::{self, Descriptor, Manifest};
+
+use crate::db::LayerRecord;
+use crate::spec::InvalidSpec;
+use crate::worker::{Worker, WorkerError};
+
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const MEDIA_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Uncompressed,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression a layer media type names (either family).
+    pub fn of(media_type: &str) -> Option<Compression> {
+        match media_type {
+            oci::MEDIA_LAYER | oci::DOCKER_LAYER => Some(Compression::Uncompressed),
+            oci::MEDIA_LAYER_GZIP | DOCKER_LAYER_GZIP => Some(Compression::Gzip),
+            MEDIA_LAYER_ZSTD => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The form of an output's image: BuildKit's `compression`, `compression-level` and
+/// `oci-mediatypes` keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerForm {
+    /// What new (uncompressed) layers become; base layers keep their blobs.
+    pub compression: Compression,
+    /// gzip's level, 0-9 (default: 6, zlib's).
+    pub level: Option<u32>,
+    /// OCI media types (else Docker's).
+    pub oci: bool,
+}
+
+impl LayerForm {
+    /// gzip layers in an OCI manifest: archives, the local store's pushes, registries.
+    pub const OCI: LayerForm = LayerForm {
+        compression: Compression::Gzip,
+        level: None,
+        oci: true,
+    };
+    /// gzip layers in a Docker manifest: what `docker load` gets.
+    pub const DOCKER: LayerForm = LayerForm {
+        oci: false,
+        ..LayerForm::OCI
+    };
+
+    /// Whether `key` is one of this form's `--output` keys.
+    pub fn is_key(key: &str) -> bool {
+        matches!(key, "compression" | "compression-level" | "oci-mediatypes")
+    }
+
+    /// Takes `key=value` when it is one of this form's keys; false when it is not.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool, InvalidSpec> {
+        match key {
+            "compression" => {
+                self.compression = match value {
+                    "gzip" => Compression::Gzip,
+                    "uncompressed" => Compression::Uncompressed,
+                    other => return Err(format!("--output compression={other}: use gzip or uncompressed (zstd, zstd:chunked and estargz outputs are not built yet)").into()),
+                }
+            }
+            "compression-level" => {
+                let level = value.parse().ok().filter(|l| *l <= 9);
+                let fix = || format!("--output compression-level={value}: use 0 (fastest) to 9 (smallest)");
+                self.level = Some(level.ok_or_else(fix)?);
+            }
+            "oci-mediatypes" => {
+                self.oci = match value {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("--output oci-mediatypes={other}: use true or false").into()),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The media type of a layer compressed as `c`, in this form's family.
+    fn layer_type(&self, c: Compression) -> Result<&'static str, String> {
+        Ok(match (c, self.oci) {
+            (Compression::Uncompressed, true) => oci::MEDIA_LAYER,
+            (Compression::Uncompressed, false) => oci::DOCKER_LAYER,
+            (Compression::Gzip, true) => oci::MEDIA_LAYER_GZIP,
+            (Compression::Gzip, false) => DOCKER_LAYER_GZIP,
+            (Compression::Zstd, true) => MEDIA_LAYER_ZSTD,
+            (Compression::Zstd, false) => {
+                return Err("a zstd layer has no Docker media type: use oci-mediatypes=true".into())
+            }
+        })
+    }
+}
+
+/// The image of `manifest` in `form`: new layers compressed (in parallel, each once per level
+/// and remembered), every descriptor in the form's family.
+pub fn apply(
+    worker: &Worker,
+    manifest: &Descriptor,
+    form: &LayerForm,
+) -> Result<Descriptor, WorkerError> {
+    let digest = Digest::parse(&manifest.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+    let mut m: Manifest = oci::read_json(&worker.content, &digest)?;
+    m.layers = layers(worker, &m.layers, form)?;
+    let (manifest_type, config_type) = match form.oci {
+        true => (oci::MEDIA_MANIFEST, oci::MEDIA_CONFIG),
+        false => (oci::DOCKER_MANIFEST, DOCKER_CONFIG),
+    };
+    m.media_type = manifest_type.into();
+    m.config.media_type = config_type.into();
+    let mut desc = oci::put_json(&worker.content, manifest_type, &m)?;
+    desc.platform = manifest.platform.clone();
+    Ok(desc)
+}
+
+/// `layers` in `form`.
+pub(crate) fn layers(
+    worker: &Worker,
+    layers: &[Descriptor],
+    form: &LayerForm,
+) -> Result<Vec<Descriptor>, WorkerError> {
+    let compress = |l: &Descriptor| -> Result<Descriptor, WorkerError> {
+        let unknown = || {
+            WorkerError::Image(format!(
+                "layer {} has media type {}, which this version cannot export",
+                l.digest, l.media_type
+            ))
+        };
+        let have = Compression::of(&l.media_type).ok_or_else(unknown)?;
+        let mut out = match (have, form.compression) {
+            (Compression::Uncompressed, Compression::Gzip) => gzip_layer(worker, l, form.level)?,
+            _ => l.clone(),
+        };
+        let now = Compression::of(&out.media_type).ok_or_else(unknown)?;
+        let named = form.layer_type(now);
+        out.media_type = named
+            .map_err(|e| WorkerError::Image(format!("layer {}: {e}", l.digest)))?
+            .into();
+        Ok(out)
+    };
+    // gzip is the slow part of an export: one thread per layer, as many at once as there are CPUs.
+    let width = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut out = Vec::with_capacity(layers.len());
+    for batch in layers.chunks(width) {
+        let done: Vec<_> = std::thread::scope(|s| {
+            let running: Vec<_> = batch.iter().map(|l| s.spawn(|| compress(l))).collect();
+            running.into_iter().map(|t| t.join()).collect()
+        });
+        for d in done {
+            out.push(
+                d.map_err(|_| WorkerError::Image("a layer compression thread panicked".into()))??,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The gzip blob of uncompressed layer `layer` at `level`, made once and remembered.
+fn gzip_layer(
+    worker: &Worker,
+    layer: &Descriptor,
+    level: Option<u32>,
+) -> Result<Descriptor, WorkerError> {
+    let level = level.unwrap_or(6);
+    let key = format!("gzip{level}:{}", layer.digest);
+    let parse = |d: &str| Digest::parse(d).map_err(|e| WorkerError::Image(e.to_string()));
+    if let Some(rec) = worker.db.layer(&key)? {
+        if worker.content.has(&parse(&rec.blob.digest)?) {
+            return Ok(rec.blob);
+        }
+    }
+    let src = worker.content.open_blob(&parse(&layer.digest)?)?;
+    let fail =
+        |e: std::io::Error| WorkerError::Image(format!("compress layer {}: {e}", layer.digest));
+    let mut gz =
+        flate2::write::GzEncoder::new(worker.content.writer()?, flate2::Compression::new(level));
+    std::io::copy(&mut std::io::BufReader::new(src), &mut gz).map_err(fail)?;
+    let digest = gz.finish().map_err(fail)?.commit(None)?;
+    let blob = Descriptor {
+        media_type: oci::MEDIA_LAYER_GZIP.into(),
+        digest: digest.to_string(),
+        size: worker.content.size(&digest)?,
+        annotations: layer.annotations.clone(),
+        platform: None,
+    };
+    let record = LayerRecord {
+        diff_id: layer.digest.clone(),
+        blob: blob.clone(),
+    };
+    worker.db.put_layer(&key, &record)?;
+    Ok(blob)
+}
+
+/// `desc` named in the OCI family (the same blob): how the local store keeps every image.
+pub fn oci_layer(mut desc: Descriptor) -> Descriptor {
+    let oci = LayerForm::OCI;
+    if let Some(name) = Compression::of(&desc.media_type).and_then(|c| oci.layer_type(c).ok()) {
+        desc.media_type = name.into();
+    }
+    desc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_families() {
+        let mut f = LayerForm::OCI;
+        assert!(f.set("compression", "uncompressed").unwrap());
+        assert!(f.set("compression-level", "9").unwrap());
+        assert!(f.set("oci-mediatypes", "false").unwrap());
+        assert!(!f.set("dest", "x").unwrap());
+        assert_eq!(
+            (f.compression, f.level, f.oci),
+            (Compression::Uncompressed, Some(9), false)
+        );
+        let e = f.set("compression", "lz4").unwrap_err();
+        assert!(e.0.contains("use gzip or uncompressed"), "{e}");
+        assert!(f.set("compression-level", "10").is_err());
+        assert_eq!(
+            LayerForm::DOCKER.layer_type(Compression::Gzip).unwrap(),
+            DOCKER_LAYER_GZIP
+        );
+        assert!(LayerForm::DOCKER.layer_type(Compression::Zstd).is_err());
+        let docker = Descriptor {
+            media_type: DOCKER_LAYER_GZIP.into(),
+            digest: "sha256:x".into(),
+            size: 1,
+            annotations: Default::default(),
+            platform: None,
+        };
+        assert_eq!(oci_layer(docker).media_type, oci::MEDIA_LAYER_GZIP);
+    }
+}
