@@ -871,3 +871,57 @@ fn assert_cache_verified(root: &Path) {
         cache.display()
     );
 }
+
+#[test]
+fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
+    let reg = Registry::start();
+    let s = strata_fs_tests::strata::Strata::new();
+    // 400 files of 100 kB of noise: the layer is not compressible, so bytes fetched are bytes read.
+    s.dockerfile(
+        "FROM busybox\nRUN mkdir /data && i=0 && while [ $i -lt 400 ]; do head -c 100000 /dev/urandom > /data/f$i; i=$((i+1)); done && echo hello > /data/hello\n",
+    );
+    let target = format!("{}/team/lazy:1", reg.host);
+    s.build_ok(&[
+        "--output",
+        &format!("type=registry,name={target},compression=zstd:chunked"),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let (d, c) = lazy_daemon(dir.path(), "background_fetch = false\n");
+    let text = pull_lazy(&c, &target);
+    assert!(text.contains("mounted lazily"), "{text}");
+    let out = ctr_run(&c, &target, "first", &["cat", "/data/hello"]);
+    assert_eq!(out.trim(), "hello");
+    // Both layers (busybox, recompressed, and the built one) are served lazily, and the first
+    // output needed a small part of them.
+    let st = d.lazy_metrics();
+    let lazy_layers = st
+        .lines()
+        .filter(|l| l.starts_with("strata_lazy_layer_bytes{"))
+        .count();
+    assert_eq!(lazy_layers, 2, "{st}");
+    let (fetched, total) = (
+        metric(&st, "strata_lazy_fetched_bytes_total"),
+        metric(&st, "strata_lazy_layer_bytes"),
+    );
+    assert!(
+        fetched * 20 < total,
+        "fetched {fetched} of {total} bytes before the first output:\n{st}"
+    );
+
+    // Plain zstd: containerd pulls and runs it whole.
+    let zstd = format!("{}/team/zstd:1", reg.host);
+    s.build_ok(&[
+        "--output",
+        &format!("type=registry,name={zstd},compression=zstd"),
+    ]);
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &zstd,
+    ]);
+    let out = ctr_run(&c, &zstd, "whole", &["cat", "/data/hello"]);
+    assert_eq!(out.trim(), "hello");
+}

@@ -3,6 +3,10 @@
 //! types in a Docker v2 schema 2 manifest — as skopeo, docker and containerd expect; a base
 //! layer's blob stays the same bytes whatever its descriptor is called.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use strata_image::chunked;
 use strata_image::content::Digest;
 use strata_image::oci::{self, Descriptor, Manifest};
 
@@ -20,6 +24,9 @@ pub enum Compression {
     Uncompressed,
     Gzip,
     Zstd,
+    /// zstd:chunked: zstd frames per file and a TOC, which lazy pulls mount from the registry
+    /// (its media type is plain zstd's; only an output asks for it).
+    ZstdChunked,
 }
 
 impl Compression {
@@ -40,10 +47,12 @@ impl Compression {
 pub struct LayerForm {
     /// What new (uncompressed) layers become; base layers keep their blobs.
     pub compression: Compression,
-    /// gzip's level, 0-9 (default: 6, zlib's).
+    /// The compressor's level (default: gzip 6, zstd 3).
     pub level: Option<u32>,
     /// OCI media types (else Docker's).
     pub oci: bool,
+    /// Recompress base layers too (`force-compression=true`).
+    pub force: bool,
 }
 
 impl LayerForm {
@@ -52,6 +61,7 @@ impl LayerForm {
         compression: Compression::Gzip,
         level: None,
         oci: true,
+        force: false,
     };
     /// gzip layers in a Docker manifest: what `docker load` gets.
     pub const DOCKER: LayerForm = LayerForm {
@@ -61,7 +71,10 @@ impl LayerForm {
 
     /// Whether `key` is one of this form's `--output` keys.
     pub fn is_key(key: &str) -> bool {
-        matches!(key, "compression" | "compression-level" | "oci-mediatypes")
+        matches!(
+            key,
+            "compression" | "compression-level" | "oci-mediatypes" | "force-compression"
+        )
     }
 
     /// Takes `key=value` when it is one of this form's keys; false when it is not.
@@ -71,13 +84,22 @@ impl LayerForm {
                 self.compression = match value {
                     "gzip" => Compression::Gzip,
                     "uncompressed" => Compression::Uncompressed,
-                    other => return Err(format!("--output compression={other}: use gzip or uncompressed (zstd, zstd:chunked and estargz outputs are not built yet)").into()),
+                    "zstd" => Compression::Zstd,
+                    "zstd:chunked" => Compression::ZstdChunked,
+                    other => return Err(format!("--output compression={other}: use gzip, zstd, zstd:chunked or uncompressed (estargz outputs are not built yet)").into()),
                 }
             }
             "compression-level" => {
-                let level = value.parse().ok().filter(|l| *l <= 9);
-                let fix = || format!("--output compression-level={value}: use 0 (fastest) to 9 (smallest)");
+                let level = value.parse().ok().filter(|l| *l <= 22);
+                let fix = || format!("--output compression-level={value}: use 0-9 for gzip, 1-22 for zstd");
                 self.level = Some(level.ok_or_else(fix)?);
+            }
+            "force-compression" => {
+                self.force = match value {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("--output force-compression={other}: use true or false").into()),
+                }
             }
             "oci-mediatypes" => {
                 self.oci = match value {
@@ -98,8 +120,8 @@ impl LayerForm {
             (Compression::Uncompressed, false) => oci::DOCKER_LAYER,
             (Compression::Gzip, true) => oci::MEDIA_LAYER_GZIP,
             (Compression::Gzip, false) => DOCKER_LAYER_GZIP,
-            (Compression::Zstd, true) => MEDIA_LAYER_ZSTD,
-            (Compression::Zstd, false) => {
+            (Compression::Zstd | Compression::ZstdChunked, true) => MEDIA_LAYER_ZSTD,
+            (Compression::Zstd | Compression::ZstdChunked, false) => {
                 return Err("a zstd layer has no Docker media type: use oci-mediatypes=true".into())
             }
         })
@@ -141,9 +163,10 @@ pub(crate) fn layers(
             ))
         };
         let have = Compression::of(&l.media_type).ok_or_else(unknown)?;
-        let mut out = match (have, form.compression) {
-            (Compression::Uncompressed, Compression::Gzip) => gzip_layer(worker, l, form.level)?,
-            _ => l.clone(),
+        let mut out = if needs_recompression(have, form) {
+            recompress(worker, l, have, form)?
+        } else {
+            l.clone()
         };
         let now = Compression::of(&out.media_type).ok_or_else(unknown)?;
         let named = form.layer_type(now);
@@ -169,32 +192,55 @@ pub(crate) fn layers(
     Ok(out)
 }
 
-/// The gzip blob of uncompressed layer `layer` at `level`, made once and remembered.
-fn gzip_layer(
+/// Whether a layer compressed as `have` is written anew: new (uncompressed) layers always take
+/// the output's compression; base layers only with `force-compression=true`.
+fn needs_recompression(have: Compression, form: &LayerForm) -> bool {
+    let same = match form.compression {
+        // A zstd:chunked base layer is zstd too: kept unless forced.
+        Compression::ZstdChunked => have == Compression::Zstd,
+        c => have == c,
+    };
+    !same && (have == Compression::Uncompressed || form.force)
+}
+
+/// Layer `layer` (compressed as `have`) in the form's compression, made once per compression and
+/// level and remembered. The uncompressed tar, and so the diff ID, stays the same.
+fn recompress(
     worker: &Worker,
     layer: &Descriptor,
-    level: Option<u32>,
+    have: Compression,
+    form: &LayerForm,
 ) -> Result<Descriptor, WorkerError> {
-    let level = level.unwrap_or(6);
-    let key = format!("gzip{level}:{}", layer.digest);
+    let target = form.compression;
+    let key = format!("{target:?}{:?}:{}", form.level, layer.digest);
     let parse = |d: &str| Digest::parse(d).map_err(|e| WorkerError::Image(e.to_string()));
     if let Some(rec) = worker.db.layer(&key)? {
         if worker.content.has(&parse(&rec.blob.digest)?) {
             return Ok(rec.blob);
         }
     }
-    let src = worker.content.open_blob(&parse(&layer.digest)?)?;
     let fail =
         |e: std::io::Error| WorkerError::Image(format!("compress layer {}: {e}", layer.digest));
-    let mut gz =
-        flate2::write::GzEncoder::new(worker.content.writer()?, flate2::Compression::new(level));
-    std::io::copy(&mut std::io::BufReader::new(src), &mut gz).map_err(fail)?;
-    let digest = gz.finish().map_err(fail)?.commit(None)?;
+    let src = std::io::BufReader::new(worker.content.open_blob(&parse(&layer.digest)?)?);
+    let tar: Box<dyn Read> = match have {
+        Compression::Uncompressed => Box::new(src),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
+        Compression::Zstd | Compression::ZstdChunked => {
+            Box::new(zstd::Decoder::with_buffer(src).map_err(fail)?)
+        }
+    };
+    let (digest, annotations) = compress(worker, tar, target, form.level).map_err(|e| match e {
+        Compress::Io(e) => fail(e),
+        Compress::Worker(e) => e,
+    })?;
+    let media = LayerForm::OCI
+        .layer_type(target)
+        .expect("OCI names every compression");
     let blob = Descriptor {
-        media_type: oci::MEDIA_LAYER_GZIP.into(),
+        media_type: media.into(),
         digest: digest.to_string(),
         size: worker.content.size(&digest)?,
-        annotations: layer.annotations.clone(),
+        annotations,
         platform: None,
     };
     let record = LayerRecord {
@@ -203,6 +249,67 @@ fn gzip_layer(
     };
     worker.db.put_layer(&key, &record)?;
     Ok(blob)
+}
+
+enum Compress {
+    Io(std::io::Error),
+    Worker(WorkerError),
+}
+
+impl From<std::io::Error> for Compress {
+    fn from(e: std::io::Error) -> Compress {
+        Compress::Io(e)
+    }
+}
+
+impl From<WorkerError> for Compress {
+    fn from(e: WorkerError) -> Compress {
+        Compress::Worker(e)
+    }
+}
+
+impl From<strata_image::content::ContentError> for Compress {
+    fn from(e: strata_image::content::ContentError) -> Compress {
+        Compress::Worker(e.into())
+    }
+}
+
+/// The layer tar `tar` compressed as `target` into the content store; its digest and the
+/// descriptor annotations the format needs (zstd:chunked's TOC position and checksums).
+fn compress(
+    worker: &Worker,
+    mut tar: Box<dyn Read>,
+    target: Compression,
+    level: Option<u32>,
+) -> Result<(Digest, BTreeMap<String, String>), Compress> {
+    let mut w = worker.content.writer()?;
+    let mut annotations = BTreeMap::new();
+    match target {
+        Compression::Uncompressed => {
+            std::io::copy(&mut tar, &mut w)?;
+        }
+        Compression::Gzip => {
+            let level = flate2::Compression::new(level.unwrap_or(6).min(9));
+            let mut gz = flate2::write::GzEncoder::new(&mut w, level);
+            std::io::copy(&mut tar, &mut gz)?;
+            gz.finish()?;
+        }
+        Compression::Zstd => {
+            let mut z = zstd::Encoder::new(&mut w, level.map_or(3, |l| l as i32))?;
+            std::io::copy(&mut tar, &mut z)?;
+            z.finish()?;
+        }
+        Compression::ZstdChunked => {
+            let opts = chunked::write::Options {
+                level: level.map_or(3, |l| l as i32),
+                ..Default::default()
+            };
+            let written = chunked::write::write(tar, &mut w, opts)
+                .map_err(|e| Compress::Worker(WorkerError::Image(e.to_string())))?;
+            annotations = written.annotations;
+        }
+    }
+    Ok((w.commit(None)?, annotations))
 }
 
 /// `desc` named in the OCI family (the same blob): how the local store keeps every image.
@@ -230,8 +337,11 @@ mod tests {
             (Compression::Uncompressed, Some(9), false)
         );
         let e = f.set("compression", "lz4").unwrap_err();
-        assert!(e.0.contains("use gzip or uncompressed"), "{e}");
-        assert!(f.set("compression-level", "10").is_err());
+        assert!(
+            e.0.contains("use gzip, zstd, zstd:chunked or uncompressed"),
+            "{e}"
+        );
+        assert!(f.set("compression-level", "23").is_err());
         assert_eq!(
             LayerForm::DOCKER.layer_type(Compression::Gzip).unwrap(),
             DOCKER_LAYER_GZIP
