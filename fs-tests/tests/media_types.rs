@@ -177,6 +177,27 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
         assert_eq!(out.trim(), "built");
     }
 
+    // zstd:chunked leaves the gzip base layer's blob alone unless forced; recompressed, every
+    // digest still verifies (skopeo checks them all when it copies).
+    let base_digest = base_manifest["layers"][0]["digest"].clone();
+    for (tag, force) in [("chunked", false), ("forced", true)] {
+        let target = format!("{}/team/app:{tag}", reg.host);
+        let spec = format!(
+            "type=registry,name={target},compression=zstd:chunked,force-compression={force}"
+        );
+        s.build_ok(&["--output", &spec]);
+        let src = format!("docker://{target}");
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &src]);
+        let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(m["layers"][0]["digest"] == base_digest, !force, "{m:#}");
+        assert_eq!(
+            m["layers"][1]["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        let dest = format!("oci:{}:{tag}", s.root.path().join("copied").display());
+        skopeo(&["copy", "--src-tls-verify=false", &src, &dest]);
+    }
+
     // Keys with the values that work.
     let b = s.build(&["--output", "type=oci,dest=x.tar,compression=lz4"]);
     assert!(
