@@ -908,6 +908,30 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         "fetched {fetched} of {total} bytes before the first output:\n{st}"
     );
 
+    // What the container read is the next pull's prefetch list.
+    let list = snapshotter_cli(&[
+        "--root",
+        d.root.to_str().unwrap(),
+        "status",
+        "--prefetch-list",
+        &target,
+    ]);
+    assert!(
+        list.lines()
+            .any(|l| l.trim_start_matches('/') == "data/hello"),
+        "{list}"
+    );
+    let reads = dir.path().join("reads.txt");
+    std::fs::write(&reads, &list).unwrap();
+    let reordered = format!("{}/team/lazy:prefetch", reg.host);
+    snapshotter_cli(&[
+        "convert",
+        &target,
+        &reordered,
+        "--prefetch",
+        reads.to_str().unwrap(),
+    ]);
+
     // Plain zstd: containerd pulls and runs it whole.
     let zstd = format!("{}/team/zstd:1", reg.host);
     s.build_ok(&[

@@ -85,6 +85,25 @@ pub fn access_log(spec: &LayerSpec) -> PathBuf {
         .join(spec.digest.trim_start_matches("sha256:"))
 }
 
+/// The files containers opened, in the order the first mount of each of `layers` (digests, in
+/// image order) recorded them under snapshotter root `root`: the prefetch list for `convert
+/// --prefetch` and the `prefetch=` output key. Each path once.
+pub fn prefetch_list(root: &Path, layers: &[String]) -> Vec<String> {
+    let dir = root.join("lazy").join("access");
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for digest in layers {
+        let log = dir.join(digest.trim_start_matches("sha256:"));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        out.extend(
+            text.lines()
+                .filter(|p| seen.insert(p.to_string()))
+                .map(str::to_string),
+        );
+    }
+    out
+}
+
 /// Counters of one lazy layer, written to `stats.json` by its serving process.
 #[derive(Debug, Default)]
 pub struct Stats {

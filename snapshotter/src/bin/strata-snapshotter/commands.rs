@@ -106,6 +106,27 @@ pub fn convert(
     Ok(())
 }
 
+/// `status --prefetch-list IMAGE`: the files containers of IMAGE read on this machine, in order.
+pub fn prefetch_list(root: &Path, reference: &str, insecure: Vec<String>) -> anyhow::Result<()> {
+    let c = client(insecure);
+    let r = Reference::parse(reference.trim_start_matches("docker://"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-prefetch-")
+        .tempdir()
+        .context("create a work directory")?;
+    let store = ContentStore::open(tmp.path())?;
+    let (_, manifest) = transfer::fetch_manifest(&c, &r, &store)?;
+    let layers: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    let list = strata_snapshotter::lazy::prefetch_list(root, &layers);
+    if list.is_empty() {
+        anyhow::bail!("no container of {r} has read a lazy layer of it here yet: run one (strata-snapshotter pull --lazy, then ctr run) and ask again");
+    }
+    for path in list {
+        println!("{path}");
+    }
+    Ok(())
+}
+
 pub fn pull_lazy(
     reference: &str,
     address: &Path,

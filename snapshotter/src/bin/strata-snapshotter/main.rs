@@ -128,12 +128,19 @@ enum Cmd {
     /// Per lazy layer: bytes fetched / total, cache hits, chunk verification failures, fetch
     /// errors (--prometheus: the metrics endpoint's text)
     #[command(
-        after_help = "Examples:\n  strata-snapshotter status\n  strata-snapshotter --root /var/lib/strata status --prometheus"
+        after_help = "Examples:\n  strata-snapshotter status\n  strata-snapshotter --root /var/lib/strata status --prometheus\n  strata-snapshotter status --prefetch-list registry.example.com/app:1 > reads.txt"
     )]
     Status {
         /// Print Prometheus' text format instead of a table
         #[arg(long)]
         prometheus: bool,
+        /// Print the files containers of IMAGE read here, in the order they read them: the
+        /// prefetch list for `convert --prefetch` and `strata build --output ...,prefetch=FILE`
+        #[arg(long, value_name = "IMAGE", conflicts_with = "prometheus")]
+        prefetch_list: Option<String>,
+        /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
     },
     /// Restart the daemon serving --root without a moment offline: it starts the binary now on
     /// disk with its socket, hands over, and exits (SIGUSR2 does the same). Under systemd, use
@@ -195,7 +202,12 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::ServeLayer { state, mountpoint }) => {
             return strata_snapshotter::lazy::fs::serve(&state, &mountpoint)
         }
-        Some(Cmd::Status { prometheus }) => return status(&config.root, prometheus),
+        Some(Cmd::Status {
+            prefetch_list: Some(image),
+            insecure_registry,
+            ..
+        }) => return commands::prefetch_list(&config.root, &image, insecure_registry),
+        Some(Cmd::Status { prometheus, .. }) => return status(&config.root, prometheus),
         Some(Cmd::Restart) => {
             let pid = strata_snapshotter::upgrade::request_restart(&config.root)?;
             println!("restarted: pid {pid} serves {} now", config.root.display());
