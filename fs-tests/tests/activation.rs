@@ -4,7 +4,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command};
 
 use rand::{Rng, SeedableRng};
 use strata_fs_tests::containerd::Containerd;
@@ -20,7 +20,7 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
         .unwrap()
         .into();
     let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = spawn_activated(&root, &listener, &log);
+    let mut d = Guard(spawn_activated(&root, &listener, &log));
     let c = Containerd::start(&socket);
     c.wait_for_snapshotter("strata");
     c.ctr(&[
@@ -39,8 +39,8 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     // Down for 300 ms, as a supervisor restarts it (the unit: RestartSec=100ms): a Prepare made
     // then waits in the backlog and is answered by the next process. containerd's proxy client
     // gives a reconnection about a second (its backoff's base delay) to complete the handshake.
-    d.kill().unwrap();
-    d.wait().unwrap();
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
     let mut prepare = c.ctr_command(&[
         "snapshots",
         "--snapshotter",
@@ -51,7 +51,7 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     ]);
     let prepare = std::thread::spawn(move || prepare.output().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut d = spawn_activated(&root, &listener, &log);
+    let mut d = Guard(spawn_activated(&root, &listener, &log));
     let out = prepare.join().unwrap();
     assert!(
         out.status.success(),
@@ -64,17 +64,27 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
 
     // SIGTERM: the socket belongs to the supervisor and stays.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.id() as i32),
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(d.wait().unwrap().success());
+    assert!(d.0.wait().unwrap().success());
     assert!(socket.exists(), "the supervisor's socket is left in place");
     drop(c);
     strata_fs_tests::detach_mounts_under(dir.path());
 }
 
 const BUSYBOX: &str = "docker.io/strata/busybox:1";
+
+/// A daemon process, killed when the test ends (however it ends).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Starts `n` containers at once (`ctr run --rm`, each printing its name); returns each one's
 /// output, in order.
@@ -145,7 +155,7 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
         .unwrap()
         .into();
     let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = spawn_activated(&root, &listener, &log);
+    let mut d = Guard(spawn_activated(&root, &listener, &log));
     let c = Containerd::start(&socket);
     c.wait_for_snapshotter("strata");
     c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
@@ -154,10 +164,10 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
     // (RestartSec=100ms).
     let runs = start_containers(&c, 40);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    d.kill().unwrap();
-    d.wait().unwrap();
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let mut d = spawn_activated(&root, &listener, &log);
+    let mut d = Guard(spawn_activated(&root, &listener, &log));
     let failures = failed(runs);
     // Calls made while it is down wait in the backlog and are answered by the next process.
     // A call the kill cuts off in flight containerd reports as "transport is closing" (its proxy
@@ -177,8 +187,8 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
         "sigkill during 40 starts: {} cut off in flight, 0 refused",
         failures.len()
     );
-    d.kill().unwrap();
-    d.wait().unwrap();
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
     drop(c);
     strata_fs_tests::detach_mounts_under(dir.path());
 }
@@ -186,61 +196,42 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
 #[test]
 fn restart_hands_over_to_the_binary_on_disk_without_a_failed_start() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    // The daemon runs from a copy, which the "upgrade" replaces with a new file.
-    let bin = dir.path().join("bin/strata-snapshotter");
-    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
-    let (root, socket, log) = (
-        dir.path().join("root"),
-        dir.path().join("strata.sock"),
-        dir.path().join("strata.log"),
-    );
-    let log_file = std::fs::File::create(&log).unwrap();
-    let args = |cmd: &mut Command| {
-        cmd.arg("--root").arg(&root).arg("--address").arg(&socket);
-    };
-    let mut daemon = Command::new(&bin);
-    args(&mut daemon);
-    let mut d = daemon
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
-    let c = Containerd::start(&socket);
+    let mut d = Copied::start();
+    let c = Containerd::start(&d.socket);
     c.wait_for_snapshotter("strata");
     c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
-    let old_pid = d.id();
+    let old_pid = d.child.id();
 
     let runs = start_containers(&c, 40);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let staged = dir.path().join("bin/.strata-snapshotter.new");
+    // The "second build": the same binary as a new file at the daemon's path.
+    let staged = d.bin.with_extension("new");
     std::fs::copy(
         strata_fs_tests::workspace_bin("strata-snapshotter"),
         &staged,
     )
     .unwrap();
-    std::fs::rename(&staged, &bin).unwrap();
-    let mut restart = Command::new(&bin);
-    args(&mut restart);
-    let out = restart.arg("restart").output().unwrap();
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::rename(&staged, &d.bin).unwrap();
+    let out = d.restart();
     assert!(
         out.status.success(),
         "restart: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        logged()
+        d.log()
     );
     let failures = failed(runs);
     assert!(
         failures.is_empty(),
         "starts failed across the handover: {failures:#?}\n{}",
-        logged()
+        d.log()
     );
-    assert!(d.wait().unwrap().success(), "the old daemon exits cleanly");
+    assert!(
+        d.child.wait().unwrap().success(),
+        "the old daemon exits cleanly"
+    );
 
     // The successor is the binary now on disk, and serves.
-    let pid: u32 = std::fs::read_to_string(root.join("snapshotter.pid"))
+    let pid: u32 = std::fs::read_to_string(d.root.join("snapshotter.pid"))
         .unwrap()
         .trim()
         .parse()
@@ -248,11 +239,11 @@ fn restart_hands_over_to_the_binary_on_disk_without_a_failed_start() {
     assert_ne!(pid, old_pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(
-        exe, bin,
+        exe, d.bin,
         "the successor runs the new file, not the replaced one"
     );
     nothing_left(&c);
-    assert!(socket.exists(), "the socket stays");
+    assert!(d.socket.exists(), "the socket stays");
     c.ctr(&[
         "snapshots",
         "--snapshotter",
@@ -268,118 +259,125 @@ fn restart_hands_over_to_the_binary_on_disk_without_a_failed_start() {
     .unwrap();
     wait_gone(pid);
     assert!(
-        !socket.exists(),
+        !d.socket.exists(),
         "the last process removes the socket it was handed"
     );
-    drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
+}
+
+/// A daemon run from a copy of the binary (which a test replaces), on a socket it binds itself;
+/// killed when dropped, with any successor it handed over to.
+struct Copied {
+    child: Child,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    root: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl Copied {
+    fn start() -> Copied {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin/strata-snapshotter");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
+        let (root, socket) = (dir.path().join("root"), dir.path().join("strata.sock"));
+        let log = std::fs::File::create(dir.path().join("strata.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Copied {
+            child,
+            dir,
+            bin,
+            root,
+            socket,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("strata.log")).unwrap_or_default()
+    }
+
+    /// Puts `script` where the binary is, as a new file (an upgrade does the same).
+    fn replace_binary(&self, script: &str) {
+        let staged = self.bin.with_extension("new");
+        std::fs::write(&staged, script).unwrap();
+        std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::rename(&staged, &self.bin).unwrap();
+    }
+
+    /// `strata-snapshotter restart` for this daemon's root.
+    fn restart(&self) -> std::process::Output {
+        Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("restart")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Copied {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.root.join("snapshotter.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        strata_fs_tests::detach_mounts_under(self.dir.path());
+    }
 }
 
 #[test]
-fn a_successor_that_cannot_start_leaves_the_daemon_serving() {
+fn a_successor_that_fails_leaves_or_puts_the_daemon_back() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("strata-snapshotter");
-    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
-    let (root, socket) = (dir.path().join("root"), dir.path().join("strata.sock"));
-    let mut d = Command::new(&bin)
-        .arg("--root")
-        .arg(&root)
-        .arg("--address")
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let c = Containerd::start(&socket);
+    let mut d = Copied::start();
+    let c = Containerd::start(&d.socket);
     c.wait_for_snapshotter("strata");
-    // The "new binary" is broken.
-    std::fs::write(dir.path().join("broken"), "#!/bin/sh\nexit 3\n").unwrap();
-    std::fs::set_permissions(
-        dir.path().join("broken"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::rename(dir.path().join("broken"), &bin).unwrap();
-    let out = Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
-        .arg("--root")
-        .arg(&root)
-        .arg("restart")
-        .output()
-        .unwrap();
+    let prepare = |key: &str| c.ctr(&["snapshots", "--snapshotter", "strata", "prepare", key, ""]);
+    prepare("before");
+    // A "new binary" that fails at once: the daemon never stopped serving.
+    d.replace_binary("#!/bin/sh\nexit 3\n");
+    let out = d.restart();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("serves on"), "{err}");
-    assert!(d.try_wait().unwrap().is_none(), "the daemon still runs");
-    c.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "strata",
-        "prepare",
-        "still",
-        "",
-    ]);
-    d.kill().unwrap();
-    d.wait().unwrap();
-    drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
-}
-
-#[test]
-fn a_successor_that_fails_after_taking_over_puts_the_daemon_back() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("strata-snapshotter");
-    std::fs::copy(strata_fs_tests::workspace_bin("strata-snapshotter"), &bin).unwrap();
-    let (root, socket) = (dir.path().join("root"), dir.path().join("strata.sock"));
-    let mut d = Command::new(&bin)
-        .arg("--root")
-        .arg(&root)
-        .arg("--address")
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let c = Containerd::start(&socket);
-    c.wait_for_snapshotter("strata");
-    c.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "strata",
-        "prepare",
-        "before",
-        "",
-    ]);
-    // This successor says it is ready (the daemon lets go of its database) and then dies.
-    let script = dir.path().join("dies");
-    std::fs::write(&script, "#!/bin/sh\nprintf r >&4\nsleep 0.2\nexit 3\n").unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&script, &bin).unwrap();
-    let out = Command::new(strata_fs_tests::workspace_bin("strata-snapshotter"))
-        .arg("--root")
-        .arg(&root)
-        .arg("restart")
-        .output()
-        .unwrap();
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon still runs"
+    );
+    prepare("still");
+    // One that says it is ready (the daemon lets go of its database) and then dies: the daemon
+    // opens the database again and serves on.
+    d.replace_binary("#!/bin/sh\nprintf r >&4\nsleep 0.2\nexit 3\n");
+    let out = d.restart();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("exited before it served"),
-        "{err}"
+        "{err}\n{}",
+        d.log()
     );
-    assert!(d.try_wait().unwrap().is_none(), "the daemon still runs");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon still runs"
+    );
     c.wait_for_snapshotter("strata");
-    c.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "strata",
-        "prepare",
-        "after",
-        "",
-    ]);
+    prepare("after");
     let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
-    assert!(ls.contains("before") && ls.contains("after"), "{ls}");
-    d.kill().unwrap();
-    d.wait().unwrap();
-    drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
+    assert!(
+        ["before", "still", "after"].iter().all(|k| ls.contains(k)),
+        "{ls}"
+    );
 }
 
 /// (committed, active) snapshots in containerd's view and in Strata's own records.
@@ -426,7 +424,7 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
         .unwrap()
         .into();
     let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = spawn_activated(&root, &listener, &log);
+    let mut d = Guard(spawn_activated(&root, &listener, &log));
     let c = Containerd::start(&socket);
     c.wait_for_snapshotter("strata");
     c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
@@ -435,10 +433,10 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
     for round in 0..6 {
         let runs = start_named(&c, 16, &format!("r{round}c"));
         std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(100..1500)));
-        d.kill().unwrap();
-        d.wait().unwrap();
+        d.0.kill().unwrap();
+        d.0.wait().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
-        d = spawn_activated(&root, &listener, &log);
+        d = Guard(spawn_activated(&root, &listener, &log));
         let failures = failed(runs);
         let other: Vec<&String> = failures
             .iter()
@@ -456,8 +454,8 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
     println!(
         "6 kill -9 rounds under 16 concurrent starts: {cut} starts cut off in flight; views agree"
     );
-    d.kill().unwrap();
-    d.wait().unwrap();
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
     drop(c);
     strata_fs_tests::detach_mounts_under(dir.path());
 }

@@ -106,16 +106,39 @@ pub fn convert(
     Ok(())
 }
 
-/// `status --prefetch-list IMAGE`: the files containers of IMAGE read on this machine, in order.
-pub fn prefetch_list(root: &Path, reference: &str, insecure: Vec<String>) -> anyhow::Result<()> {
-    let c = client(insecure);
-    let r = Reference::parse(reference.trim_start_matches("docker://"))?;
-    let tmp = tempfile::Builder::new()
-        .prefix("strata-prefetch-")
+/// An image's manifest from its registry, in a content store under a temporary directory.
+struct Fetched {
+    client: Client,
+    reference: Reference,
+    store: ContentStore,
+    desc: Descriptor,
+    manifest: strata_image::oci::Manifest,
+    _dir: tempfile::TempDir,
+}
+
+fn fetch_manifest(reference: &str, insecure: Vec<String>) -> anyhow::Result<Fetched> {
+    let client = client(insecure);
+    let reference = Reference::parse(reference.trim_start_matches("docker://"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("strata-manifest-")
         .tempdir()
         .context("create a work directory")?;
-    let store = ContentStore::open(tmp.path())?;
-    let (_, manifest) = transfer::fetch_manifest(&c, &r, &store)?;
+    let store = ContentStore::open(dir.path())?;
+    let (desc, manifest) = transfer::fetch_manifest(&client, &reference, &store)?;
+    Ok(Fetched {
+        client,
+        reference,
+        store,
+        desc,
+        manifest,
+        _dir: dir,
+    })
+}
+
+/// `status --prefetch-list IMAGE`: the files containers of IMAGE read on this machine, in order.
+pub fn prefetch_list(root: &Path, reference: &str, insecure: Vec<String>) -> anyhow::Result<()> {
+    let f = fetch_manifest(reference, insecure)?;
+    let (r, manifest) = (&f.reference, &f.manifest);
     let layers: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
     let list = strata_snapshotter::lazy::prefetch_list(root, &layers);
     if list.is_empty() {
@@ -134,20 +157,14 @@ pub fn pull_lazy(
     snapshotter: &str,
     insecure: Vec<String>,
 ) -> anyhow::Result<()> {
-    let c = client(insecure);
-    let r = Reference::parse(reference.trim_start_matches("docker://"))?;
-    let tmp = tempfile::Builder::new()
-        .prefix("strata-pull-")
-        .tempdir()
-        .context("create a work directory")?;
-    let store = ContentStore::open(tmp.path())?;
-    let (desc, manifest) = transfer::fetch_manifest(&c, &r, &store)?;
-    transfer::fetch_blob(&c, &r, &store, &manifest.config)?;
+    let f = fetch_manifest(reference, insecure)?;
+    let (c, r, store, desc, manifest) = (&f.client, &f.reference, &f.store, &f.desc, &f.manifest);
+    transfer::fetch_blob(c, r, store, &manifest.config)?;
     let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
     let b = bar(manifest.layers.len() as u64, &format!("pulling {r} lazily"));
     let fetched = std::sync::atomic::AtomicU64::new(0);
     let fetch_layer = |l: &Descriptor| -> Result<(), ImportError> {
-        transfer::fetch_blob(&c, &r, &store, l).map_err(|e| ImportError(e.to_string()))
+        transfer::fetch_blob(c, r, store, l).map_err(|e| ImportError(e.to_string()))
     };
     let report = |i: usize, how: &LayerPull| {
         b.set_position(i as u64 + 1);
@@ -174,9 +191,9 @@ pub fn pull_lazy(
         .enable_all()
         .build()?;
     rt.block_on(containerd_pull_lazy(
-        &store,
+        store,
         &name,
-        &desc,
+        desc,
         &name,
         &Destination {
             address,
