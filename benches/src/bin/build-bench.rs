@@ -7,7 +7,8 @@
 //! and the same three through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker
 //! build --network none`), started privately by this program.
 //!
-//! `build-bench [REPEATS]` (default 3) prints medians in seconds and the ratios.
+//! `build-bench [REPEATS] [export]` (default 3) prints medians in seconds and the ratios; with
+//! `export`, only (d).
 
 use std::process::Command;
 use std::time::Instant;
@@ -151,6 +152,9 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("REPEATS is a number"))
         .unwrap_or(3);
+    if std::env::args().nth(2).as_deref() == Some("export") {
+        return export();
+    }
     let (par, seq, cold, cached, changed) = scenarios(&StrataBuild, repeats, true);
     let seq = seq.expect("measured");
     println!("strata build benchmarks, median of {repeats} (seconds)");
