@@ -33,10 +33,17 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start async runtime")?;
-    let (listener, bound) = listener(&runtime, config, handover.as_mut())?;
+    // Taken before anything is spawned (the lazy layers' servers must not inherit it); a socket
+    // of our own is bound only once the root is open and its lazy layers are mounted again, so
+    // that a connectable socket means a ready daemon.
+    let mut taken = taken_listener(config, handover.as_mut())?;
     loop {
         let successor = handover.is_some();
         let (snapshots, lazy) = open(config, successor)?;
+        let (listener, bound) = match taken.take() {
+            Some(l) => l,
+            None => bind(&runtime, config)?,
+        };
         if let Some(h) = handover.take() {
             h.serving()?;
             info!("took over from the previous process");
@@ -61,41 +68,51 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             });
         }
         match stop {
-            Stop::Terminate => break,
+            Stop::Terminate => {
+                if let Some(path) = bound {
+                    let _ = std::fs::remove_file(path);
+                }
+                let _ = std::fs::remove_file(upgrade::pid_file(&config.root));
+                return Ok(());
+            }
             Stop::Upgrade(successor) => match successor.wait_serving(&config.root) {
                 Ok(()) => {
                     info!("handed over to the successor");
                     return Ok(());
                 }
-                Err(e) => error!(
-                    error = format!("{e:#}"),
-                    "the successor failed; serving again"
-                ),
+                Err(e) => {
+                    error!(
+                        error = format!("{e:#}"),
+                        "the successor failed; serving again"
+                    );
+                    taken = Some((listener, bound));
+                }
             },
         }
     }
-    if let Some(path) = bound {
-        let _ = std::fs::remove_file(path);
-    }
-    let _ = std::fs::remove_file(upgrade::pid_file(&config.root));
-    Ok(())
 }
 
-/// The socket: handed over by a predecessor, passed by the service manager, or bound at the
-/// configured address (then also returned, to be removed at exit).
-fn listener(
-    runtime: &Runtime,
+/// A socket and the path to remove when the last process exits (when it was bound by us).
+type Listening = (UnixListener, Option<PathBuf>);
+
+/// The socket handed over by a predecessor or passed by the service manager, if any.
+fn taken_listener(
     config: &Config,
     handover: Option<&mut Handover>,
-) -> anyhow::Result<(UnixListener, Option<PathBuf>)> {
+) -> anyhow::Result<Option<Listening>> {
     if let Some(h) = handover {
         let l = h.listener.try_clone().context("the handed-over socket")?;
-        return Ok((l, h.bound.then(|| config.address.clone())));
+        return Ok(Some((l, h.bound.then(|| config.address.clone()))));
     }
-    if let Some(l) = activation::inherited_listener()? {
+    let inherited = activation::inherited_listener()?;
+    if inherited.is_some() {
         info!("serving containerd snapshots API on the socket the service manager passed");
-        return Ok((l, None));
     }
+    Ok(inherited.map(|l| (l, None)))
+}
+
+/// The socket bound at the configured address.
+fn bind(runtime: &Runtime, config: &Config) -> anyhow::Result<Listening> {
     let group = server::socket_group(&config.group)?;
     let l = runtime.block_on(server::bind(&config.address, group))?;
     info!(address = %config.address.display(), "serving containerd snapshots API");
