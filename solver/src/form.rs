@@ -47,7 +47,8 @@ impl Compression {
 pub struct LayerForm {
     /// What new (uncompressed) layers become; base layers keep their blobs.
     pub compression: Compression,
-    /// The compressor's level (default: gzip 6, zstd 3).
+    /// The compressor's level (default: gzip 1, chosen for speed as most of an export's time is
+    /// gzip; zstd 3).
     pub level: Option<u32>,
     /// OCI media types (else Docker's).
     pub oci: bool,
@@ -212,7 +213,11 @@ fn recompress(
     form: &LayerForm,
 ) -> Result<Descriptor, WorkerError> {
     let target = form.compression;
-    let key = format!("{target:?}{:?}:{}", form.level, layer.digest);
+    let level = form.level.unwrap_or(match target {
+        Compression::Gzip => 1,
+        _ => 3,
+    });
+    let key = format!("{target:?}{level}:{}", layer.digest);
     let parse = |d: &str| Digest::parse(d).map_err(|e| WorkerError::Image(e.to_string()));
     if let Some(rec) = worker.db.layer(&key)? {
         if worker.content.has(&parse(&rec.blob.digest)?) {
@@ -229,7 +234,7 @@ fn recompress(
             Box::new(zstd::Decoder::with_buffer(src).map_err(fail)?)
         }
     };
-    let (digest, annotations) = compress(worker, tar, target, form.level).map_err(|e| match e {
+    let (digest, annotations) = compress(worker, tar, target, level).map_err(|e| match e {
         Compress::Io(e) => fail(e),
         Compress::Worker(e) => e,
     })?;
@@ -280,7 +285,7 @@ fn compress(
     worker: &Worker,
     mut tar: Box<dyn Read>,
     target: Compression,
-    level: Option<u32>,
+    level: u32,
 ) -> Result<(Digest, BTreeMap<String, String>), Compress> {
     let mut w = worker.content.writer()?;
     let mut annotations = BTreeMap::new();
@@ -289,19 +294,19 @@ fn compress(
             std::io::copy(&mut tar, &mut w)?;
         }
         Compression::Gzip => {
-            let level = flate2::Compression::new(level.unwrap_or(6).min(9));
+            let level = flate2::Compression::new(level.min(9));
             let mut gz = flate2::write::GzEncoder::new(&mut w, level);
             std::io::copy(&mut tar, &mut gz)?;
             gz.finish()?;
         }
         Compression::Zstd => {
-            let mut z = zstd::Encoder::new(&mut w, level.map_or(3, |l| l as i32))?;
+            let mut z = zstd::Encoder::new(&mut w, level as i32)?;
             std::io::copy(&mut tar, &mut z)?;
             z.finish()?;
         }
         Compression::ZstdChunked => {
             let opts = chunked::write::Options {
-                level: level.map_or(3, |l| l as i32),
+                level: level as i32,
                 ..Default::default()
             };
             let written = chunked::write::write(tar, &mut w, opts)
