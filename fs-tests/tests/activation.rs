@@ -14,14 +14,8 @@ use strata_fs_tests::require_root;
 #[test]
 fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("strata.sock");
-    let listener: OwnedFd = std::os::unix::net::UnixListener::bind(&socket)
-        .unwrap()
-        .into();
-    let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = Guard(spawn_activated(&root, &listener, &log));
-    let c = Containerd::start(&socket);
+    let mut s = Supervisor::start();
+    let c = Containerd::start(&s.socket);
     c.wait_for_snapshotter("strata");
     c.ctr(&[
         "snapshots",
@@ -32,15 +26,14 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
         "",
     ]);
     assert!(
-        !root.join("never-bound.sock").exists(),
+        !s.root.join("never-bound.sock").exists(),
         "it served the passed socket"
     );
 
     // Down for 300 ms, as a supervisor restarts it (the unit: RestartSec=100ms): a Prepare made
     // then waits in the backlog and is answered by the next process. containerd's proxy client
     // gives a reconnection about a second (its backoff's base delay) to complete the handshake.
-    d.0.kill().unwrap();
-    d.0.wait().unwrap();
+    s.kill();
     let mut prepare = c.ctr_command(&[
         "snapshots",
         "--snapshotter",
@@ -51,27 +44,29 @@ fn calls_made_while_the_snapshotter_is_down_wait_for_the_next_one() {
     ]);
     let prepare = std::thread::spawn(move || prepare.output().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut d = Guard(spawn_activated(&root, &listener, &log));
+    s.respawn();
     let out = prepare.join().unwrap();
     assert!(
         out.status.success(),
         "a call made while the snapshotter was down: {}{}",
         String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(&log).unwrap_or_default()
+        s.log()
     );
     let ls = c.ctr(&["snapshots", "--snapshotter", "strata", "ls"]);
     assert!(ls.contains("before") && ls.contains("while-down"), "{ls}");
 
     // SIGTERM: the socket belongs to the supervisor and stays.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::unistd::Pid::from_raw(s.daemon.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(d.0.wait().unwrap().success());
-    assert!(socket.exists(), "the supervisor's socket is left in place");
+    assert!(s.daemon.0.wait().unwrap().success());
+    assert!(
+        s.socket.exists(),
+        "the supervisor's socket is left in place"
+    );
     drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
 }
 
 const BUSYBOX: &str = "docker.io/strata/busybox:1";
@@ -83,6 +78,63 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A supervisor holding the snapshotter's listening socket as systemd does, and the daemon it
+/// runs on it; when dropped, the daemon is killed and what it mounted detached.
+struct Supervisor {
+    dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    root: std::path::PathBuf,
+    listener: OwnedFd,
+    daemon: Guard,
+}
+
+impl Supervisor {
+    fn start() -> Supervisor {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("strata.sock");
+        let listener: OwnedFd = std::os::unix::net::UnixListener::bind(&socket)
+            .unwrap()
+            .into();
+        let root = dir.path().join("root");
+        let daemon = Guard(spawn_activated(
+            &root,
+            &listener,
+            &dir.path().join("strata.log"),
+        ));
+        Supervisor {
+            dir,
+            socket,
+            root,
+            listener,
+            daemon,
+        }
+    }
+
+    /// SIGKILLs the daemon and waits for it.
+    fn kill(&mut self) {
+        self.daemon.0.kill().unwrap();
+        self.daemon.0.wait().unwrap();
+    }
+
+    /// Starts the next daemon on the socket.
+    fn respawn(&mut self) {
+        let log = self.dir.path().join("strata.log");
+        self.daemon = Guard(spawn_activated(&self.root, &self.listener, &log));
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("strata.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.daemon.0.kill();
+        let _ = self.daemon.0.wait();
+        strata_fs_tests::detach_mounts_under(self.dir.path());
     }
 }
 
@@ -149,14 +201,8 @@ fn nothing_left(c: &Containerd) {
 #[test]
 fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("strata.sock");
-    let listener: OwnedFd = std::os::unix::net::UnixListener::bind(&socket)
-        .unwrap()
-        .into();
-    let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = Guard(spawn_activated(&root, &listener, &log));
-    let c = Containerd::start(&socket);
+    let mut s = Supervisor::start();
+    let c = Containerd::start(&s.socket);
     c.wait_for_snapshotter("strata");
     c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
 
@@ -164,10 +210,9 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
     // (RestartSec=100ms).
     let runs = start_containers(&c, 40);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    d.0.kill().unwrap();
-    d.0.wait().unwrap();
+    s.kill();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let mut d = Guard(spawn_activated(&root, &listener, &log));
+    s.respawn();
     let failures = failed(runs);
     // Calls made while it is down wait in the backlog and are answered by the next process.
     // A call the kill cuts off in flight containerd reports as "transport is closing" (its proxy
@@ -187,10 +232,7 @@ fn sigkill_in_the_middle_of_40_starts_fails_only_calls_in_flight() {
         "sigkill during 40 starts: {} cut off in flight, 0 refused",
         failures.len()
     );
-    d.0.kill().unwrap();
-    d.0.wait().unwrap();
     drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
 }
 
 #[test]
@@ -418,14 +460,8 @@ fn views_agree(c: &Containerd, socket: &Path, round: usize) {
 #[test]
 fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("strata.sock");
-    let listener: OwnedFd = std::os::unix::net::UnixListener::bind(&socket)
-        .unwrap()
-        .into();
-    let (root, log) = (dir.path().join("root"), dir.path().join("strata.log"));
-    let mut d = Guard(spawn_activated(&root, &listener, &log));
-    let c = Containerd::start(&socket);
+    let mut s = Supervisor::start();
+    let c = Containerd::start(&s.socket);
     c.wait_for_snapshotter("strata");
     c.import(BUSYBOX, &[strata_fs_tests::image::busybox_layer().finish()]);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6c);
@@ -433,10 +469,9 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
     for round in 0..6 {
         let runs = start_named(&c, 16, &format!("r{round}c"));
         std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(100..1500)));
-        d.0.kill().unwrap();
-        d.0.wait().unwrap();
+        s.kill();
         std::thread::sleep(std::time::Duration::from_millis(100));
-        d = Guard(spawn_activated(&root, &listener, &log));
+        s.respawn();
         let failures = failed(runs);
         let other: Vec<&String> = failures
             .iter()
@@ -444,9 +479,9 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
             .collect();
         assert!(other.is_empty(), "round {round}: {other:#?}");
         cut += failures.len();
-        views_agree(&c, &socket, round);
+        views_agree(&c, &s.socket, round);
         assert_eq!(
-            counts(&c, &socket).1 .1,
+            counts(&c, &s.socket).1 .1,
             0,
             "round {round}: active snapshots left behind"
         );
@@ -454,10 +489,7 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
     println!(
         "6 kill -9 rounds under 16 concurrent starts: {cut} starts cut off in flight; views agree"
     );
-    d.0.kill().unwrap();
-    d.0.wait().unwrap();
     drop(c);
-    strata_fs_tests::detach_mounts_under(dir.path());
 }
 
 /// Waits (10 s at most) until process `pid` is gone.

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::dataroot::{DataRoot, Driver};
 use crate::error::{io, MigrateError};
 use crate::journal::{daemon_json_backup, write_atomic, TMP};
-use crate::migrate::set_driver;
+use crate::migrate::{container_config, set_driver};
 use crate::verify::VERIFIED;
 
 /// Removes the old driver's layers and store, and the migration's work directory. Refused
@@ -55,10 +55,7 @@ pub fn rollback(data_root: &Path, daemon_json: &Path) -> Result<(), MigrateError
         .ok_or_else(|| MigrateError::Refused("the old driver's store is gone: cleanup already ran; rollback is no longer possible".into()))?;
     for c in &legacy.containers {
         set_driver(
-            &data_root
-                .join("containers")
-                .join(&c.id)
-                .join("config.v2.json"),
+            &container_config(data_root, &c.id),
             legacy.driver.dir_name(),
         )?;
     }

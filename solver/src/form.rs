@@ -4,7 +4,7 @@
 //! layer's blob stays the same bytes whatever its descriptor is called.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 
 use strata_image::chunked;
 use strata_image::content::Digest;
@@ -234,10 +234,9 @@ fn recompress(
             Box::new(zstd::Decoder::with_buffer(src).map_err(fail)?)
         }
     };
-    let (digest, annotations) = compress(worker, tar, target, level).map_err(|e| match e {
-        Compress::Io(e) => fail(e),
-        Compress::Worker(e) => e,
-    })?;
+    let mut w = worker.content.writer()?;
+    let annotations = encode(tar, &mut w, target, level).map_err(fail)?;
+    let digest = w.commit(None)?;
     let media = LayerForm::OCI
         .layer_type(target)
         .expect("OCI names every compression");
@@ -256,51 +255,25 @@ fn recompress(
     Ok(blob)
 }
 
-enum Compress {
-    Io(std::io::Error),
-    Worker(WorkerError),
-}
-
-impl From<std::io::Error> for Compress {
-    fn from(e: std::io::Error) -> Compress {
-        Compress::Io(e)
-    }
-}
-
-impl From<WorkerError> for Compress {
-    fn from(e: WorkerError) -> Compress {
-        Compress::Worker(e)
-    }
-}
-
-impl From<strata_image::content::ContentError> for Compress {
-    fn from(e: strata_image::content::ContentError) -> Compress {
-        Compress::Worker(e.into())
-    }
-}
-
-/// The layer tar `tar` compressed as `target` into the content store; its digest and the
-/// descriptor annotations the format needs (zstd:chunked's TOC position and checksums).
-fn compress(
-    worker: &Worker,
+/// Writes the layer tar `tar` to `out` compressed as `target`; returns the descriptor
+/// annotations the format needs (zstd:chunked's TOC position and checksums).
+fn encode(
     mut tar: Box<dyn Read>,
+    out: &mut impl Write,
     target: Compression,
     level: u32,
-) -> Result<(Digest, BTreeMap<String, String>), Compress> {
-    let mut w = worker.content.writer()?;
-    let mut annotations = BTreeMap::new();
+) -> std::io::Result<BTreeMap<String, String>> {
     match target {
         Compression::Uncompressed => {
-            std::io::copy(&mut tar, &mut w)?;
+            std::io::copy(&mut tar, out)?;
         }
         Compression::Gzip => {
-            let level = flate2::Compression::new(level.min(9));
-            let mut gz = flate2::write::GzEncoder::new(&mut w, level);
+            let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
             std::io::copy(&mut tar, &mut gz)?;
             gz.finish()?;
         }
         Compression::Zstd => {
-            let mut z = zstd::Encoder::new(&mut w, level as i32)?;
+            let mut z = zstd::Encoder::new(out, level as i32)?;
             std::io::copy(&mut tar, &mut z)?;
             z.finish()?;
         }
@@ -309,12 +282,11 @@ fn compress(
                 level: level as i32,
                 ..Default::default()
             };
-            let written = chunked::write::write(tar, &mut w, opts)
-                .map_err(|e| Compress::Worker(WorkerError::Image(e.to_string())))?;
-            annotations = written.annotations;
+            let written = chunked::write::write(tar, out, opts).map_err(std::io::Error::other)?;
+            return Ok(written.annotations);
         }
     }
-    Ok((w.commit(None)?, annotations))
+    Ok(BTreeMap::new())
 }
 
 /// `desc` named in the OCI family (the same blob): how the local store keeps every image.

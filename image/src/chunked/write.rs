@@ -272,12 +272,7 @@ impl<R: Read, W: Write> Writer<R, W> {
         if !(pax || kind.is_gnu_longname() || kind.is_gnu_longlink()) {
             return Ok(false);
         }
-        let mut data = vec![0u8; padded(size) as usize];
-        if !read_exact_or_eof(&mut self.input, &mut data)? {
-            return Err(ChunkedError::Format(
-                "the tar ends inside an extension record".into(),
-            ));
-        }
+        let data = self.read(size, "an extension record")?;
         self.pending.extend_from_slice(&data);
         let data = &data[..size as usize];
         let until_nul = || data.split(|b| *b == 0).next().unwrap_or(&[]).to_vec();

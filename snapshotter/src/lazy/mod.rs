@@ -79,22 +79,29 @@ pub fn load_toc(state: &Path) -> anyhow::Result<Toc> {
     Ok(serde_json::from_slice(&bytes)?)
 }
 
+/// Where the access logs of the lazy layers under snapshotter root `root` are.
+pub fn access_dir(root: &Path) -> PathBuf {
+    root.join("lazy").join("access")
+}
+
 /// Where the first mount of a layer records the order files are opened in.
 pub fn access_log(spec: &LayerSpec) -> PathBuf {
-    spec.access_dir
-        .join(spec.digest.trim_start_matches("sha256:"))
+    log_in(&spec.access_dir, &spec.digest)
+}
+
+fn log_in(access_dir: &Path, digest: &str) -> PathBuf {
+    access_dir.join(digest.trim_start_matches("sha256:"))
 }
 
 /// The files containers opened, in the order the first mount of each of `layers` (digests, in
 /// image order) recorded them under snapshotter root `root`: the prefetch list for `convert
 /// --prefetch` and the `prefetch=` output key. Each path once.
 pub fn prefetch_list(root: &Path, layers: &[String]) -> Vec<String> {
-    let dir = root.join("lazy").join("access");
+    let dir = access_dir(root);
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for digest in layers {
-        let log = dir.join(digest.trim_start_matches("sha256:"));
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let text = std::fs::read_to_string(log_in(&dir, digest)).unwrap_or_default();
         out.extend(
             text.lines()
                 .filter(|p| seen.insert(p.to_string()))

@@ -188,7 +188,7 @@ impl RemoteLayers for Lazy {
                 retries: self.cfg.fetch_retries,
                 cache_dir: self.root.join("lazy").join("chunks"),
                 cache_max_bytes: self.cfg.cache_max_bytes,
-                access_dir: self.root.join("lazy").join("access"),
+                access_dir: super::access_dir(&self.root),
                 background_fetch: self.cfg.background_fetch,
                 fetch_concurrency: self.cfg.fetch_concurrency,
                 passthrough: self.cfg.passthrough,
