@@ -28,7 +28,7 @@ pub async fn bind(address: &Path, group: Option<u32>) -> anyhow::Result<UnixList
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(address).await.is_ok() {
                 bail!(
-                    "{} is in use by a running process: stop the other strata-snapshotter or pass another --address",
+                    "{} is in use by a running process: stop the daemon serving it or pass another --address",
                     address.display()
                 );
             }

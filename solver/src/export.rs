@@ -1,6 +1,7 @@
 //! Exporting a build result: its snapshot chain as layers (each diffed once and remembered), the
 //! image config and manifest in the content store, then the outputs the user asked for.
 
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use strata_image::content::Digest;
@@ -10,7 +11,6 @@ use strata_image::oci::{self, Descriptor, History, ImageConfig, Manifest};
 use crate::db::{now, ImageRecord, LayerRecord};
 use crate::form::{self, LayerForm};
 use crate::spec::InvalidSpec;
-use crate::worker::tree::{self, Attrs, Source};
 use crate::worker::{Ref, Worker, WorkerError};
 
 /// Where a build goes (`--output`, `-t`).
@@ -45,6 +45,14 @@ pub enum Output {
 }
 
 impl Output {
+    /// Whether the output's bytes go to the client (a directory or an archive there).
+    pub fn streamed(&self) -> bool {
+        matches!(
+            self,
+            Output::Oci { .. } | Output::Docker { .. } | Output::Local { .. }
+        )
+    }
+
     /// Parses buildx's `--output` syntax: `type=oci,dest=out.tar[,name=REF]`, `type=local,dest=DIR`,
     /// `type=image,name=REF`, or a bare `DIR` (local).
     pub fn parse(spec: &str) -> Result<Output, InvalidSpec> {
@@ -230,14 +238,20 @@ pub fn image(
     Ok(desc)
 }
 
-/// Writes `manifest` (the image of `result`) to `output`.
+/// Writes `manifest` (the image of `result`) to `output`; an output that goes to the client
+/// ([`Output::streamed`]) is written to `to`.
 pub fn write(
     worker: &Worker,
     output: &Output,
     result: &Ref,
     manifest: &Descriptor,
     epoch: Option<u64>,
+    to: Option<Box<dyn Write + Send>>,
 ) -> Result<String, WorkerError> {
+    let stream = |to: Option<Box<dyn Write + Send>>| {
+        to.map(|w| BufWriter::with_capacity(1 << 18, w))
+            .ok_or_else(|| WorkerError::Exec("this output goes to the client, which is not here".into()))
+    };
     match output {
         Output::Image { name, push, form } => {
             let full = crate::worker::images::normalize(name);
@@ -256,81 +270,71 @@ pub fn write(
             let manifest = &form::apply(worker, manifest, form)?;
             let name =
                 crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
-            let tmp = format!("{dest}.partial");
-            let f =
-                std::fs::File::create(&tmp).map_err(WorkerError::io(format!("create {tmp}")))?;
-            oci::write_layout_archive(&worker.content, manifest, &name, epoch.unwrap_or(0), f)?;
-            std::fs::rename(&tmp, dest)
-                .map_err(WorkerError::io(format!("rename {tmp} to {dest}")))?;
+            let mut w = stream(to)?;
+            oci::write_layout_archive(&worker.content, manifest, &name, epoch.unwrap_or(0), &mut w)?;
+            w.flush().map_err(WorkerError::io(format!("send {dest}")))?;
             Ok(format!("exporting OCI archive {dest} ({name})"))
         }
         Output::Containerd {
             name,
             address,
             namespace,
-        } => {
-            let full = crate::worker::images::normalize(name);
-            let store = worker.content.clone();
-            let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-                WorkerError::Exec("containerd export needs the async runtime".into())
-            })?;
-            handle
-                .block_on(strata_image::containerd::import(
-                    &store,
-                    manifest,
-                    &full,
-                    Path::new(address),
-                    namespace,
-                    None,
-                ))
-                .map_err(|e| WorkerError::Image(e.0))?;
-            Ok(format!(
-                "importing to containerd {address} as {full} (namespace {namespace})"
-            ))
-        }
+        } => containerd(worker, manifest, name, address, namespace),
         Output::Docker { dest, name, form } => {
             let manifest = &form::apply(worker, manifest, form)?;
             let name = name.as_deref().map(crate::worker::images::normalize);
-            let tmp = format!("{dest}.partial");
-            let f =
-                std::fs::File::create(&tmp).map_err(WorkerError::io(format!("create {tmp}")))?;
-            docker_archive(worker, manifest, name.as_deref(), epoch.unwrap_or(0), f)?;
-            std::fs::rename(&tmp, dest)
-                .map_err(WorkerError::io(format!("rename {tmp} to {dest}")))?;
+            let mut w = stream(to)?;
+            docker_archive(worker, manifest, name.as_deref(), epoch.unwrap_or(0), &mut w)?;
+            w.flush().map_err(WorkerError::io(format!("send {dest}")))?;
             Ok(format!("exporting docker archive {dest}"))
         }
         Output::Local { dest } => {
-            let Ref::Snapshot(top) = result else {
-                std::fs::create_dir_all(dest).map_err(WorkerError::io(format!("create {dest}")))?;
-                return Ok(format!("copying files to {dest}"));
-            };
-            std::fs::create_dir_all(dest).map_err(WorkerError::io(format!("create {dest}")))?;
-            worker.with_view(top, |root| {
-                let src = Source { root, ignore: None };
-                for entry in std::fs::read_dir(root)
-                    .map_err(|e| WorkerError::Exec(e.to_string()))?
-                    .flatten()
-                {
-                    let name = entry.file_name();
-                    tree::copy(
-                        &src,
-                        &entry.path(),
-                        &name.to_string_lossy(),
-                        &Path::new(dest).join(&name),
-                        Attrs {
-                            owner: None,
-                            mode: None,
-                        },
-                    )
-                    .map_err(|e| {
-                        WorkerError::Copy(format!("copy {} to {dest}: {e}", name.to_string_lossy()))
-                    })?;
-                }
-                Ok(())
-            })?;
+            let mut w = stream(to)?;
+            local_tar(worker, result, &mut w)?;
+            w.flush().map_err(WorkerError::io(format!("send {dest}")))?;
             Ok(format!("copying files to {dest}"))
         }
     }
+}
+
+/// `type=containerd`: the image imported into a containerd's content store and named there.
+fn containerd(
+    worker: &Worker,
+    manifest: &Descriptor,
+    name: &str,
+    address: &str,
+    namespace: &str,
+) -> Result<String, WorkerError> {
+    let full = crate::worker::images::normalize(name);
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| WorkerError::Exec("containerd export needs the async runtime".into()))?;
+    handle
+        .block_on(strata_image::containerd::import(
+            &worker.content,
+            manifest,
+            &full,
+            Path::new(address),
+            namespace,
+            None,
+        ))
+        .map_err(|e| WorkerError::Image(e.0))?;
+    Ok(format!(
+        "importing to containerd {address} as {full} (namespace {namespace})"
+    ))
+}
+
+/// `type=local`: the result's files as a tar (owners, modes, times, links kept), which the client
+/// unpacks into its directory.
+fn local_tar(worker: &Worker, result: &Ref, w: &mut dyn Write) -> Result<(), WorkerError> {
+    let mut tar = tar::Builder::new(w);
+    tar.follow_symlinks(false);
+    if let Ref::Snapshot(top) = result {
+        worker.with_view(top, |root| {
+            tar.append_dir_all(".", root)
+                .map_err(WorkerError::io("the result's files"))
+        })?;
+    }
+    tar.finish().map_err(WorkerError::io("the result's files"))
 }
 
 /// Writes the image as `docker save` does (manifest.json, the config, one tar per layer).

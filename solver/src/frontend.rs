@@ -98,6 +98,8 @@ pub struct Request<'a> {
     pub context: &'a Path,
     pub build_args: &'a BTreeMap<String, String>,
     pub target: Option<&'a str>,
+    /// Set when the build is cancelled.
+    pub cancel: &'a std::sync::atomic::AtomicBool,
 }
 
 /// What a frontend returns.
@@ -179,11 +181,11 @@ impl Worker {
                 host_root(&root, &mut mounts)?;
                 mounts.push(bind(path, EXECUTABLE, true));
                 meta.args = vec![EXECUTABLE.into()];
-                (name, self.sandboxed(&root, &meta, &mounts, log))
+                (name, self.sandboxed(&root, &meta, &mounts, req.cancel, log))
             }
             Frontend::Image(name) => {
                 let (digest, config) =
-                    crate::dockerfile::convert::ImageResolver::resolve(self, name)
+                    crate::dockerfile::convert::ImageResolver::resolve(&self.resolver(false), name)
                         .map_err(|e| WorkerError::Image(format!("frontend image {name}: {e}")))?;
                 let c = &config.config;
                 meta.args = [
@@ -202,7 +204,7 @@ impl Worker {
                 }
                 let top = self.unpack(&digest)?;
                 let stdout = self.with_scratch(top.as_deref(), |root| {
-                    self.sandboxed(root, &meta, &mounts, log)
+                    self.sandboxed(root, &meta, &mounts, req.cancel, log)
                 });
                 (name, stdout)
             }
@@ -216,6 +218,7 @@ impl Worker {
         root: &Path,
         meta: &llb::Meta,
         mounts: &[SpecMount],
+        cancel: &std::sync::atomic::AtomicBool,
         log: &(dyn Fn(&str) + Sync),
     ) -> Result<Vec<u8>, WorkerError> {
         let id = format!("strata-frontend-{}", nonce());
@@ -228,6 +231,7 @@ impl Worker {
             state_dir: self.state_dir(),
             id: &id,
             sandbox: true,
+            cancel,
         };
         exec::run_with(root, &spec, log, Stdout::Capture(MAX_DEFINITION))
     }

@@ -5,7 +5,7 @@
 //! deterministic and an op's digest — the sha256 of its bytes — identifies it. Metadata that must
 //! not change the digest (descriptions, ignore-cache) travels beside the ops in the `Definition`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use strata_image::content::Digest;
@@ -411,6 +411,54 @@ impl Graph {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    fn execs(&self) -> impl Iterator<Item = &ExecOp> {
+        self.ops.values().filter_map(|o| match &o.kind {
+            Some(op::Kind::Exec(e)) => Some(e),
+            _ => None,
+        })
+    }
+
+    /// The ids of the secrets steps mount or take as environment variables.
+    pub fn secret_ids(&self) -> BTreeSet<String> {
+        let mounted = self
+            .execs()
+            .flat_map(|e| e.mounts.iter())
+            .filter_map(|m| m.secret_opt.as_ref().map(|s| s.id.clone()));
+        let env = self.execs().flat_map(|e| e.secretenv.iter().map(|s| s.id.clone()));
+        mounted.chain(env).collect()
+    }
+
+    /// The ids of the ssh agents steps mount.
+    pub fn ssh_ids(&self) -> BTreeSet<String> {
+        self.execs()
+            .flat_map(|e| e.mounts.iter())
+            .filter_map(|m| m.ssh_opt.as_ref().map(|s| s.id.clone()))
+            .collect()
+    }
+
+    /// What the graph reads of the build context: the include patterns of its `local://`
+    /// sources; None when a source takes the whole context.
+    pub fn context_patterns(&self) -> Option<BTreeSet<String>> {
+        let mut all = BTreeSet::new();
+        for o in self.ops.values() {
+            let Some(op::Kind::Source(s)) = &o.kind else {
+                continue;
+            };
+            if !s.identifier.starts_with("local://") {
+                continue;
+            }
+            let patterns: Vec<String> = s
+                .attrs
+                .get("includepatterns")
+                .and_then(|p| serde_json::from_str(p).ok())?;
+            if patterns.iter().any(|p| crate::pattern::clean(p).is_empty()) {
+                return None;
+            }
+            all.extend(patterns);
+        }
+        Some(all)
     }
 
     /// A human-readable JSON rendering (for `strata debug dump-llb`).

@@ -1,7 +1,12 @@
 //! BuildKit-style progress: `plain` lines (`#N [stage 2/3] RUN ...`, output with elapsed seconds,
 //! `#N CACHED`, `#N DONE 0.3s`, `#N ERROR: ...`), or live `tty` lines, or nothing (`quiet`).
+//!
+//! A build reports [`Event`]s to its [`Progress`]; a [`Printer`] shows them. The builder and the
+//! printer may be in different processes: the builder service sends the events to the client,
+//! whose printer shows them as a local build's.
 
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -20,12 +25,27 @@ pub enum Mode {
     Quiet,
 }
 
+/// What happened in a build, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Started { vertex: usize, name: String },
+    Log { vertex: usize, elapsed: f64, line: String },
+    /// `DONE 0.3s`, `CACHED` or `ERROR: ...`.
+    Ended { vertex: usize, elapsed: f64, status: String },
+    /// A line outside any vertex (the summary).
+    Note(String),
+}
+
+/// Where a build's events go.
+enum Sink {
+    Print(Printer),
+    Send(Box<dyn Fn(Event) + Send + Sync>),
+}
+
 /// The progress of one build.
 pub struct Progress {
-    mode: Mode,
     next: AtomicUsize,
-    out: Mutex<std::io::Stderr>,
-    multi: MultiProgress,
+    sink: Sink,
     pub started: Instant,
 }
 
@@ -34,23 +54,107 @@ pub struct Vertex<'a> {
     p: &'a Progress,
     id: usize,
     started: Instant,
-    bar: Option<ProgressBar>,
-    name: String,
 }
 
 impl Progress {
+    /// Progress shown in this process.
     pub fn new(mode: Mode) -> Progress {
+        Progress::with(Sink::Print(Printer::new(mode)))
+    }
+
+    /// Progress given as events to `to` (which sends them to a client that shows them).
+    pub fn sending(to: impl Fn(Event) + Send + Sync + 'static) -> Progress {
+        Progress::with(Sink::Send(Box::new(to)))
+    }
+
+    fn with(sink: Sink) -> Progress {
+        Progress {
+            next: AtomicUsize::new(1),
+            sink,
+            started: Instant::now(),
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        match &self.sink {
+            Sink::Print(p) => p.show(&e),
+            Sink::Send(to) => to(e),
+        }
+    }
+
+    /// Starts vertex `name`.
+    pub fn vertex(&self, name: &str) -> Vertex<'_> {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        self.emit(Event::Started {
+            vertex: id,
+            name: name.to_string(),
+        });
+        Vertex {
+            p: self,
+            id,
+            started: Instant::now(),
+        }
+    }
+
+    /// A line outside any vertex (the summary).
+    pub fn note(&self, s: &str) {
+        self.emit(Event::Note(s.to_string()));
+    }
+}
+
+impl Vertex<'_> {
+    /// One line of the step's output.
+    pub fn log(&self, line: &str) {
+        self.p.emit(Event::Log {
+            vertex: self.id,
+            elapsed: self.started.elapsed().as_secs_f64(),
+            line: line.to_string(),
+        });
+    }
+
+    fn end(self, status: String) {
+        self.p.emit(Event::Ended {
+            vertex: self.id,
+            elapsed: self.started.elapsed().as_secs_f64(),
+            status,
+        });
+    }
+
+    pub fn cached(self) {
+        self.end("CACHED".into());
+    }
+
+    pub fn done(self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.end(format!("DONE {secs:.1}s"));
+    }
+
+    pub fn error(self, msg: &str) {
+        self.end(format!("ERROR: {msg}"));
+    }
+}
+
+/// Shows events on stderr in one of the [`Mode`]s.
+pub struct Printer {
+    mode: Mode,
+    out: Mutex<std::io::Stderr>,
+    multi: MultiProgress,
+    /// tty mode: the spinner and name of each running vertex.
+    bars: Mutex<HashMap<usize, (ProgressBar, String)>>,
+}
+
+impl Printer {
+    pub fn new(mode: Mode) -> Printer {
         let mode = match mode {
             Mode::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => Mode::Tty,
             Mode::Auto => Mode::Plain,
             m => m,
         };
-        Progress {
+        Printer {
             mode,
-            next: AtomicUsize::new(1),
             out: Mutex::new(std::io::stderr()),
             multi: MultiProgress::new(),
-            started: Instant::now(),
+            bars: Mutex::new(HashMap::new()),
         }
     }
 
@@ -67,83 +171,60 @@ impl Progress {
         }
     }
 
-    /// Starts vertex `name` and prints its header.
-    pub fn vertex(&self, name: &str) -> Vertex<'_> {
-        let id = self.next.fetch_add(1, Ordering::SeqCst);
-        let bar = (self.mode == Mode::Tty).then(|| {
-            let b = self.multi.add(ProgressBar::new_spinner());
-            b.set_style(
-                ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
-            );
-            b.set_message(format!("[+] #{id} {name}"));
-            b.enable_steady_tick(std::time::Duration::from_millis(120));
-            b
-        });
-        match self.mode {
-            Mode::Rawjson => {
-                self.line(&serde_json::json!({ "vertex": id, "name": name }).to_string())
-            }
-            _ if bar.is_none() => self.line(&format!("#{id} {name}")),
-            _ => {}
-        }
-        Vertex {
-            p: self,
-            id,
-            started: Instant::now(),
-            bar,
-            name: name.to_string(),
-        }
-    }
-
-    /// A line outside any vertex (the summary).
-    pub fn note(&self, s: &str) {
+    pub fn show(&self, e: &Event) {
         if self.mode == Mode::Rawjson {
-            self.line(&serde_json::json!({ "summary": s }).to_string());
-        } else {
-            self.line(s);
+            return self.line(&json(e).to_string());
+        }
+        match e {
+            Event::Started { vertex, name } if self.mode == Mode::Tty => {
+                let b = self.multi.add(ProgressBar::new_spinner());
+                b.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                        .expect("static template"),
+                );
+                b.set_message(format!("[+] #{vertex} {name}"));
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                self.bars.lock().insert(*vertex, (b, name.clone()));
+            }
+            Event::Started { vertex, name } => self.line(&format!("#{vertex} {name}")),
+            Event::Log {
+                vertex,
+                elapsed,
+                line,
+            } => self.line(&format!("#{vertex} {elapsed:.3} {line}")),
+            Event::Ended { vertex, status, .. } => match self.bars.lock().remove(vertex) {
+                Some((bar, name)) => {
+                    bar.finish_and_clear();
+                    self.line(&format!("#{vertex} {name} {status}"));
+                }
+                None => self.line(&format!("#{vertex} {status}")),
+            },
+            Event::Note(s) => self.line(s),
         }
     }
 }
 
-impl Vertex<'_> {
-    /// One line of the step's output.
-    pub fn log(&self, line: &str) {
-        let t = self.started.elapsed().as_secs_f64();
-        if self.p.mode == Mode::Rawjson {
-            self.p.line(
-                &serde_json::json!({ "vertex": self.id, "elapsed": t, "log": line }).to_string(),
-            );
-        } else {
-            self.p.line(&format!("#{} {t:.3} {line}", self.id));
-        }
-    }
-
-    fn end(self, status: String) {
-        if self.p.mode == Mode::Rawjson {
+/// An event as a `rawjson` line.
+fn json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::Started { vertex, name } => serde_json::json!({ "vertex": vertex, "name": name }),
+        Event::Log {
+            vertex,
+            elapsed,
+            line,
+        } => serde_json::json!({ "vertex": vertex, "elapsed": elapsed, "log": line }),
+        Event::Ended {
+            vertex,
+            elapsed,
+            status,
+        } => {
             let (word, rest) = status.split_once(' ').unwrap_or((status.as_str(), ""));
-            let v = serde_json::json!({ "vertex": self.id, "status": word.trim_end_matches(':'), "detail": rest, "elapsed": self.started.elapsed().as_secs_f64() });
-            self.p.line(&v.to_string());
-        } else if let Some(b) = &self.bar {
-            b.finish_and_clear();
-            self.p.line(&format!("#{} {} {status}", self.id, self.name));
-        } else {
-            self.p.line(&format!("#{} {status}", self.id));
+            serde_json::json!({ "vertex": vertex, "status": word.trim_end_matches(':'), "detail": rest, "elapsed": elapsed })
         }
-    }
-
-    pub fn cached(self) {
-        self.end("CACHED".into());
-    }
-
-    pub fn done(self) {
-        let secs = self.started.elapsed().as_secs_f64();
-        self.end(format!("DONE {secs:.1}s"));
-    }
-
-    pub fn error(self, msg: &str) {
-        self.end(format!("ERROR: {msg}"));
+        Event::Note(s) => serde_json::json!({ "summary": s }),
     }
 }
+
 /// A byte count as people read it: `512B`, `1.5MB`, `10.0GB` (powers of 1000, as BuildKit).
 pub fn human_size(n: u64) -> String {
     let units = ["B", "kB", "MB", "GB", "TB"];

@@ -274,6 +274,8 @@ impl Solver {
             None => return Err(fail(WorkerError::Exec("empty op".into()))),
             _ => {}
         }
+        // Another build of this builder running the same step finishes it first.
+        let _step = self.worker.steps.lock(&key).await;
         if !ignore_cache {
             let worker = self.worker.clone();
             let k = key.clone();

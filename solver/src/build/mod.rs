@@ -1,12 +1,14 @@
-//! One build, from a request to its outputs — the flow `strata build` runs: read the source
-//! ([`source`]), compile it with its frontend, import caches, solve the graph in parallel, export
-//! the result, export the cache, trim the cache. The client-side pieces of a build (secrets, ssh
-//! agents) are in [`session`].
+//! One build on the builder, from a request to its outputs: compile the source with its
+//! frontend ([`source`]), fetch from the client what the graph reads (context files, secrets,
+//! ssh agents: [`Client`]), import caches, solve the graph in parallel, export the result (the
+//! outputs that belong to the client are streamed to it), export the cache, trim the cache.
 
-pub mod session;
 pub mod source;
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use strata_image::oci::ImageConfig;
@@ -14,13 +16,16 @@ use strata_image::oci::ImageConfig;
 use crate::db::DbError;
 use crate::dockerfile::DockerfileError;
 use crate::export::{self, Output};
+use crate::frontend::Frontend;
 use crate::llb::{Graph, LlbError};
+use crate::pattern::Ignore;
 use crate::progress::Progress;
 use crate::remote_cache::{self, CacheSpec};
 use crate::secrets::SecretError;
 use crate::solver::{SolveError, Solver};
 use crate::spec::InvalidSpec;
-use crate::worker::{Context, Ref, Worker, WorkerError, CANCELLED};
+use crate::worker::mounts::{Dialer, Session};
+use crate::worker::{Context, Ref, Worker, WorkerError};
 
 /// Why a build stopped. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -44,15 +49,19 @@ pub enum BuildError {
     Db(#[from] DbError),
     #[error("{0}")]
     Export(String),
+    /// The client went away or broke the protocol.
+    #[error("{0}")]
+    Session(String),
     #[error("a build task stopped: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
-/// What to build and where the result goes: `strata build`'s flags, in BuildKit's terms.
+/// What to build and where the result goes: `strata build`'s flags, in BuildKit's terms, as the
+/// builder gets them (the client keeps the context, secret values and agents).
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     pub source: source::Source,
-    /// Names in the local image store (`-t`).
+    /// Names in the builder's image store (`-t`).
     pub tags: Vec<String>,
     /// `--output` specs.
     pub outputs: Vec<String>,
@@ -60,69 +69,89 @@ pub struct Request {
     pub no_cache_filter: Vec<String>,
     /// `--build-context NAME=SOURCE`.
     pub build_contexts: Vec<String>,
-    /// `--secret` and `--ssh` specs.
-    pub secrets: Vec<String>,
-    pub ssh: Vec<String>,
+    /// The ids of the `--secret`s and `--ssh` agents the client holds.
+    pub secret_ids: Vec<String>,
+    pub ssh_ids: Vec<String>,
     /// `--cache-to` / `--cache-from` specs.
     pub cache_to: Vec<String>,
     pub cache_from: Vec<String>,
-    /// Check the registry for newer base images.
-    pub pull: bool,
     /// Steps run at once (default: the number of CPUs).
     pub max_parallelism: Option<usize>,
     /// `SOURCE_DATE_EPOCH`: timestamps for reproducible digests.
     pub epoch: Option<u64>,
 }
 
-/// Runs `req` on `worker` (its `always_pull` set from the request), reporting to `progress`.
+/// The client's side of a build, as the builder reaches it.
+#[tonic::async_trait]
+pub trait Client: Send + Sync {
+    /// The builder's copy of the client's context, up to date for what `patterns` select (None:
+    /// all of it), `ignore` applied.
+    async fn context(
+        &self,
+        patterns: Option<Vec<String>>,
+        ignore: &Ignore,
+        progress: &Progress,
+    ) -> Result<PathBuf, BuildError>;
+    /// The value of secret `id`, if the client has it.
+    async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError>;
+    /// Connections to the client's ssh agent `id`.
+    fn ssh(&self, id: &str) -> Dialer;
+    /// Where output `index` (a `type=local|oci|docker` output) goes: to the client.
+    fn output(&self, index: usize) -> Box<dyn Write + Send>;
+}
+
+/// Runs `req` on `worker`, reporting to `progress`; `cancel` stops it.
 pub async fn build(
-    mut worker: Arc<Worker>,
+    worker: Arc<Worker>,
     req: &Request,
+    client: Arc<dyn Client>,
     progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
 ) -> Result<(), BuildError> {
-    if let Some(w) = Arc::get_mut(&mut worker) {
-        w.always_pull = req.pull;
-    }
     let outputs = outputs(req)?;
-    let loaded = source::load(&req.source, &progress)?;
-    let mut opts = source::convert_options(&req.source, loaded.ignore.clone());
+    show_source(&req.source, &progress);
+    let mut opts = req.source.convert_options();
     opts.no_cache = req.no_cache;
     opts.no_cache_filter = req.no_cache_filter.clone();
     opts.contexts = source::named_contexts(&worker, &req.build_contexts)?;
     let cache_to = cache_specs(&req.cache_to, "--cache-to")?;
     let cache_from = cache_specs(&req.cache_from, "--cache-from")?;
+    let fe = req.source.frontend()?;
+    let ignore = &req.source.ignore;
+    // An external frontend may read any of the context; the Dockerfile's steps say what they read.
+    let early = match fe {
+        Frontend::Dockerfile => None,
+        _ => Some(client.context(None, ignore, &progress).await?),
+    };
     let (definition, config) =
-        source::compile(&worker, &req.source, &loaded, opts, &progress).await?;
+        source::compile(&worker, &req.source, fe, early.as_deref(), opts, &progress, &cancel)
+            .await?;
     let graph = Graph::from_definition(&definition)?;
+    let dir = match early {
+        Some(dir) => Some(dir),
+        None => context_for(&graph, client.as_ref(), ignore, &progress).await?,
+    };
+    let session = session(&graph, req, client.as_ref(), cancel).await?;
     let volume_ids = graph.cache_ids();
     for spec in cache_from {
         import_cache(&worker, spec, &progress).await?;
     }
-    let context = Context {
-        dir: req.source.context.canonicalize().map_err(|e| {
-            BuildError::Input(format!(
-                "build context {}: {e}",
-                req.source.context.display()
-            ))
-        })?,
-        ignore: loaded.ignore,
-    };
+    let context = dir.map(|dir| Context {
+        dir,
+        ignore: ignore.clone(),
+    });
     let parallel = req
         .max_parallelism
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let session = session::session(&req.secrets, &req.ssh)?;
-    let solver = Solver::new(
-        worker.clone(),
-        graph,
-        Some(context),
-        session,
-        progress.clone(),
-        parallel,
-    );
-    cancel_on_ctrl_c();
+    let solver = Solver::new(worker.clone(), graph, context, session, progress.clone(), parallel);
     let done = solver.solve().await?;
     let result = done.map(|d| d.result.clone()).unwrap_or(Ref::Scratch);
-    export_image(&worker, &result, config, outputs, req.epoch, &progress).await?;
+    let streams = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| o.streamed().then(|| client.output(i)))
+        .collect();
+    export_image(&worker, &result, config, outputs, streams, req.epoch, &progress).await?;
     for spec in cache_to {
         export_cache(&worker, &solver, spec, &result, &volume_ids, &progress).await?;
     }
@@ -138,13 +167,63 @@ pub async fn build(
     Ok(())
 }
 
-/// Ctrl-C: running steps are killed, mounts undone, no cache record written for them.
-fn cancel_on_ctrl_c() {
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            CANCELLED.store(true, Ordering::SeqCst);
-        }
+/// The source as BuildKit shows it arriving.
+fn show_source(source: &source::Source, progress: &Progress) {
+    let file = std::path::Path::new(&source.name)
+        .file_name()
+        .map_or_else(|| "Dockerfile".into(), |n| n.to_string_lossy());
+    let v = progress.vertex(&format!("[internal] load build definition from {file}"));
+    v.log(&format!("transferring dockerfile: {}B done", source.text.len()));
+    v.done();
+    progress.vertex("[internal] load .dockerignore").done();
+}
+
+/// The context, synced for what the graph's sources select; None when nothing reads it.
+async fn context_for(
+    graph: &Graph,
+    client: &dyn Client,
+    ignore: &Ignore,
+    progress: &Progress,
+) -> Result<Option<PathBuf>, BuildError> {
+    let reads = graph.ops.values().any(|o| {
+        matches!(&o.kind, Some(crate::llb::op::Kind::Source(s)) if s.identifier.starts_with("local://"))
     });
+    if !reads {
+        return Ok(None);
+    }
+    let patterns = graph.context_patterns().map(|p| p.into_iter().collect());
+    Ok(Some(client.context(patterns, ignore, progress).await?))
+}
+
+/// The secrets and agents the graph's steps use, of those the client holds.
+async fn session(
+    graph: &Graph,
+    req: &Request,
+    client: &dyn Client,
+    cancel: Arc<AtomicBool>,
+) -> Result<Session, BuildError> {
+    let mut secrets = HashMap::new();
+    for id in graph.secret_ids() {
+        if req.secret_ids.contains(&id) {
+            if let Some(v) = client.secret(&id).await? {
+                secrets.insert(id, v);
+            }
+        }
+    }
+    let ssh = graph
+        .ssh_ids()
+        .into_iter()
+        .filter(|id| req.ssh_ids.contains(id))
+        .map(|id| {
+            let d = client.ssh(&id);
+            (id, d)
+        })
+        .collect();
+    Ok(Session {
+        secrets,
+        ssh,
+        cancel,
+    })
 }
 
 /// The `--output`s and `-t` names; an archive without `name=` is named like the first `-t`.
@@ -204,12 +283,14 @@ async fn import_cache(
     Ok(())
 }
 
-/// The image of `result` with `config`, written to every output.
+/// The image of `result` with `config`, written to every output (`streams[i]`: where output i's
+/// bytes go, for the outputs that go to the client).
 async fn export_image(
     worker: &Arc<Worker>,
     result: &Ref,
     config: ImageConfig,
     outputs: Vec<Output>,
+    streams: Vec<Option<Box<dyn Write + Send>>>,
     epoch: Option<u64>,
     progress: &Arc<Progress>,
 ) -> Result<(), BuildError> {
@@ -218,8 +299,8 @@ async fn export_image(
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         let manifest = export::image(&w, &r, config, epoch)?;
         let mut lines = vec![format!("writing image {}", manifest.digest)];
-        for o in &outputs {
-            lines.push(export::write(&w, o, &r, &manifest, epoch)?);
+        for (o, to) in outputs.iter().zip(streams) {
+            lines.push(export::write(&w, o, &r, &manifest, epoch, to)?);
         }
         Ok(lines)
     })

@@ -1,9 +1,10 @@
-//! The source of a build: the Dockerfile (or another frontend's source file), its context and
-//! `.dockerignore`, build args and named contexts, compiled to LLB by the frontend that its
-//! `# syntax` line names.
+//! The source of a build as the builder gets it: the Dockerfile's (or another frontend's) text,
+//! the context's `.dockerignore` rules, build args and named contexts, compiled to LLB by the
+//! frontend that its `# syntax` line names.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use strata_image::oci::ImageConfig;
@@ -16,92 +17,36 @@ use crate::pattern::Ignore;
 use crate::progress::Progress;
 use crate::worker::Worker;
 
-/// Where the build's source is, and the frontend's inputs.
+/// What the frontend compiles.
 #[derive(Debug, Clone, Default)]
 pub struct Source {
-    /// The Dockerfile (default: `<context>/Dockerfile`).
-    pub file: Option<PathBuf>,
-    pub context: PathBuf,
-    /// `--build-arg KEY=VALUE`, or `KEY` to take the value from the environment.
-    pub build_args: Vec<String>,
-    pub target: Option<String>,
-    /// `--frontend-path [NAME=]PATH`.
-    pub frontend_paths: Vec<String>,
-}
-
-/// The source file as read, and the ignore rules of the context.
-pub struct Loaded {
-    pub path: PathBuf,
+    /// The file's name where the client read it (for messages) and its text.
+    pub name: String,
     pub text: String,
     pub ignore: Ignore,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    /// `--frontend-path [NAME=]PATH`, on the builder's machine.
+    pub frontend_paths: Vec<String>,
+    /// Check the registry for newer base images (`--pull`).
+    pub pull: bool,
 }
 
-/// Reads the source file and the `.dockerignore`, shown as BuildKit's internal steps.
-pub fn load(source: &Source, progress: &Progress) -> Result<Loaded, BuildError> {
-    let v = progress.vertex("[internal] load build definition from Dockerfile");
-    let (path, text) = read_dockerfile(source)?;
-    v.log(&format!("transferring dockerfile: {}B done", text.len()));
-    v.done();
-    let v = progress.vertex("[internal] load .dockerignore");
-    let ignore = ignore_rules(&path, &source.context)?;
-    v.done();
-    Ok(Loaded { path, text, ignore })
-}
+impl Source {
+    /// The frontend its `# syntax` line names.
+    pub fn frontend(&self) -> Result<Frontend, BuildError> {
+        let syntax = crate::dockerfile::parser::syntax(&self.text);
+        Ok(frontend::select(syntax.as_deref(), &self.frontend_paths)?)
+    }
 
-/// The Dockerfile's text, which must be UTF-8.
-pub fn read_dockerfile(source: &Source) -> Result<(PathBuf, String), BuildError> {
-    let path = source
-        .file
-        .clone()
-        .unwrap_or_else(|| source.context.join("Dockerfile"));
-    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => BuildError::Input(format!(
-            "no Dockerfile at {}: pass -f FILE or add a Dockerfile to the context",
-            path.display()
-        )),
-        _ => BuildError::Input(format!("cannot read Dockerfile {}: {e}", path.display())),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
-        BuildError::Input(format!(
-            "Dockerfile {}:{line}: not UTF-8 text (invalid byte at offset {at}); save it as UTF-8",
-            path.display()
-        ))
-    })?;
-    Ok((path, text))
-}
-
-/// `<Dockerfile>.dockerignore`, else the context's `.dockerignore`, else nothing ignored.
-pub fn ignore_rules(dockerfile: &Path, context: &Path) -> Result<Ignore, BuildError> {
-    let specific = PathBuf::from(format!("{}.dockerignore", dockerfile.display()));
-    for p in [specific, context.join(".dockerignore")] {
-        if p.is_file() {
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| BuildError::Input(format!("read {}: {e}", p.display())))?;
-            return Ok(Ignore::parse(&text));
+    /// The Dockerfile frontend's options.
+    pub fn convert_options(&self) -> ConvertOptions {
+        ConvertOptions {
+            build_args: self.build_args.clone(),
+            target: self.target.clone(),
+            ignore: self.ignore.clone(),
+            ..Default::default()
         }
-    }
-    Ok(Ignore::default())
-}
-
-/// The frontend's options: build args (a bare `NAME` takes the environment's value, as docker
-/// does), target, ignore rules.
-pub fn convert_options(source: &Source, ignore: Ignore) -> ConvertOptions {
-    let mut build_args = BTreeMap::new();
-    for a in &source.build_args {
-        match a.split_once('=') {
-            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
-            None => std::env::var(a)
-                .ok()
-                .and_then(|v| build_args.insert(a.clone(), v)),
-        };
-    }
-    ConvertOptions {
-        build_args,
-        target: source.target.clone(),
-        ignore,
-        ..Default::default()
     }
 }
 
@@ -135,34 +80,47 @@ pub fn named_contexts(
     Ok(out)
 }
 
-/// Compiles the source to LLB and an image config with the frontend its `# syntax` line names:
-/// the built-in Dockerfile frontend, or an external one run in a sandbox.
+/// Compiles the source to LLB and an image config: the built-in Dockerfile frontend, or an
+/// external one run in a sandbox over `context` (which it may read).
 pub async fn compile(
     worker: &Arc<Worker>,
     source: &Source,
-    loaded: &Loaded,
+    fe: Frontend,
+    context: Option<&Path>,
     opts: ConvertOptions,
     progress: &Arc<Progress>,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<(Definition, ImageConfig), BuildError> {
-    let syntax = crate::dockerfile::parser::syntax(&loaded.text);
-    let fe = frontend::select(syntax.as_deref(), &source.frontend_paths)?;
-    let (w, text) = (worker.clone(), loaded.text.clone());
+    let (w, text) = (worker.clone(), source.text.clone());
     if fe == Frontend::Dockerfile {
-        let c = tokio::task::spawn_blocking(move || convert(&text, &opts, &*w)).await??;
+        let pull = source.pull;
+        let c = tokio::task::spawn_blocking(move || {
+            convert(&text, &opts, &w.resolver(pull))
+        })
+        .await??;
         return Ok((c.definition, c.config));
     }
-    let progress = progress.clone();
-    let (path, context) = (loaded.path.clone(), source.context.clone());
+    let context = context
+        .ok_or_else(|| BuildError::Input("an external frontend needs the build context".into()))?
+        .to_path_buf();
+    let (progress, cancel) = (progress.clone(), cancel.clone());
+    let syntax = crate::dockerfile::parser::syntax(&text).unwrap_or_default();
+    let file = Path::new(&source.name)
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
     let r = tokio::task::spawn_blocking(move || {
-        let v = progress.vertex(&format!(
-            "[internal] frontend {}",
-            syntax.unwrap_or_default()
-        ));
+        // The frontend reads its source as a file: a private copy of the client's text.
+        let dir = tempfile::tempdir().map_err(crate::worker::WorkerError::io("temp dir"))?;
+        let path = dir.path().join(file);
+        std::fs::write(&path, &text).map_err(crate::worker::WorkerError::io("source copy"))?;
+        let v = progress.vertex(&format!("[internal] frontend {syntax}"));
         let req = frontend::Request {
             source: &path,
             context: &context,
             build_args: &opts.build_args,
             target: opts.target.as_deref(),
+            cancel: &cancel,
         };
         let r = w.run_frontend(&fe, &req, &|l| v.log(l));
         match &r {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
-use super::{rootfs, WorkerError, CANCELLED};
+use super::{rootfs, WorkerError};
 use crate::llb;
 
 /// What one exec needs besides its root.
@@ -26,6 +26,8 @@ pub struct ExecSpec<'a> {
     /// A frontend, not a build step: read-only root, no capabilities, root user without a
     /// passwd lookup.
     pub sandbox: bool,
+    /// Set when the build is cancelled: the process is killed.
+    pub cancel: &'a std::sync::atomic::AtomicBool,
 }
 
 /// Where a process's standard output goes.
@@ -230,7 +232,7 @@ pub fn run_with(
             if let Some(status) = child.try_wait()? {
                 return Ok::<_, std::io::Error>(Some(status));
             }
-            if CANCELLED.load(Ordering::SeqCst) {
+            if e.cancel.load(Ordering::SeqCst) {
                 let _ = Command::new(e.runtime)
                     .arg("--root")
                     .arg(&runtime_root)

@@ -162,11 +162,25 @@ impl Worker {
         Ok(())
     }
 
+    /// Base images as a build resolves them (pulled first when `pull`).
+    pub fn resolver(&self, pull: bool) -> Resolver<'_> {
+        Resolver { worker: self, pull }
+    }
+
     /// The manifest of `reference` (for linux/amd64 when it names an index), pulled when the
-    /// local store does not have it (or always, with `--pull`).
+    /// local store does not have it.
     pub fn manifest(&self, reference: &str) -> Result<(Descriptor, Manifest), WorkerError> {
+        self.manifest_pulled(reference, false)
+    }
+
+    /// [`Worker::manifest`], pulled first when `pull` (`--pull`) even if the store has it.
+    pub fn manifest_pulled(
+        &self,
+        reference: &str,
+        pull: bool,
+    ) -> Result<(Descriptor, Manifest), WorkerError> {
         let name = normalize(reference);
-        if self.always_pull || self.db.image(&name)?.is_none() {
+        if pull || self.db.image(&name)?.is_none() {
             if let Err(e) = self.pull(reference) {
                 if self.db.image(&name)?.is_none() {
                     return Err(WorkerError::Image(format!(
@@ -337,10 +351,20 @@ impl Worker {
     }
 }
 
-impl ImageResolver for Worker {
+/// Base images as a build resolves them: from the store, pulled when missing or when the
+/// build asked to `pull`.
+pub struct Resolver<'a> {
+    pub worker: &'a Worker,
+    pub pull: bool,
+}
+
+impl ImageResolver for Resolver<'_> {
     fn resolve(&self, reference: &str) -> Result<(String, ImageConfig), String> {
-        let (desc, manifest) = self.manifest(reference).map_err(|e| e.to_string())?;
-        let config = self.config(&manifest).map_err(|e| e.to_string())?;
+        let (desc, manifest) = self
+            .worker
+            .manifest_pulled(reference, self.pull)
+            .map_err(|e| e.to_string())?;
+        let config = self.worker.config(&manifest).map_err(|e| e.to_string())?;
         Ok((desc.digest, config))
     }
 }

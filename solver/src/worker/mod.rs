@@ -13,7 +13,6 @@ pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use strata_image::content::{ContentError, ContentStore};
 use strata_image::layer::LayerError;
@@ -27,9 +26,6 @@ use crate::db::{Db, DbError};
 use crate::llb;
 use crate::pattern::Ignore;
 use tree::Source;
-
-/// Set by Ctrl-C: running steps are killed and the build stops.
-pub static CANCELLED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -104,8 +100,8 @@ pub struct Worker {
     pub runtime: String,
     pub registry: strata_image::registry::Client,
     pub volumes: std::sync::Arc<crate::volumes::Volumes>,
-    /// Check registries for newer base images even when the local store has them (`--pull`).
-    pub always_pull: bool,
+    /// Cache keys being solved by some build of this builder.
+    pub steps: std::sync::Arc<crate::keylock::KeyLocks>,
 }
 
 /// The first component of `dest` missing under `root` (what a mount point creation would add).
@@ -147,7 +143,7 @@ impl Worker {
             runtime: runtime.to_string(),
             registry,
             volumes,
-            always_pull: false,
+            steps: Default::default(),
         };
         w.remove_leftovers();
         Ok(w)
@@ -349,6 +345,7 @@ impl Worker {
                 state_dir: &self.dir,
                 id: &id,
                 sandbox: false,
+                cancel: &session.cancel,
             };
             let r = exec::run(root, &spec, &masked).map_err(|e| session.mask_error(e));
             for s in stubs.iter().rev() {

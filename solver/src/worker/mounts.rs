@@ -16,15 +16,18 @@ use nix::mount::{mount, MsFlags};
 use strata_image::nonce;
 use strata_snapshotter::mounts::unmount;
 
-use super::{agent, rootfs, tree, Context, Ref, Worker, WorkerError};
+use super::{rootfs, tree, Context, Ref, Worker, WorkerError};
 use crate::llb;
 
 /// Secrets and ssh agents the client gave this build (`--secret`, `--ssh`).
 #[derive(Default, Clone)]
 pub struct Session {
     pub secrets: HashMap<String, Vec<u8>>,
-    /// ssh id → the agent that answers for it.
-    pub ssh: HashMap<String, Agent>,
+    /// ssh id → how to reach the agent that answers for it.
+    pub ssh: HashMap<String, Dialer>,
+    /// Set when the build is cancelled (Ctrl-C, or its client went away): running steps are
+    /// killed, mounts undone, no cache record written for them.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Session {
@@ -63,14 +66,9 @@ pub fn name_resolution() -> Vec<SpecMount> {
         .collect()
 }
 
-/// An ssh agent a build step reaches through its socket.
-#[derive(Debug, Clone)]
-pub enum Agent {
-    /// The user's agent (`--ssh default=$SSH_AUTH_SOCK`): connections are relayed to it.
-    Socket(PathBuf),
-    /// Keys from files (`--ssh id=KEYFILE`), served by [`agent::Keys`] in this process.
-    Keys(Arc<agent::Keys>),
-}
+/// Opens one connection to an ssh agent (the client's, relayed over its session): each
+/// connection a step makes to its agent socket is relayed to one of these.
+pub type Dialer = Arc<dyn Fn() -> std::io::Result<UnixStream> + Send + Sync>;
 
 /// A mount the runtime spec gets.
 #[derive(Debug, Clone)]
@@ -520,7 +518,7 @@ impl Worker {
 
 /// Serves `sock`: every connection is relayed to the user's agent or answered from loaded keys;
 /// stops when the flag is set.
-fn forward_agent(sock: &Path, agent: Agent) -> Result<Arc<AtomicBool>, WorkerError> {
+fn forward_agent(sock: &Path, agent: Dialer) -> Result<Arc<AtomicBool>, WorkerError> {
     let listener = UnixListener::bind(sock)
         .map_err(WorkerError::io(format!("listen on {}", sock.display())))?;
     listener
@@ -535,9 +533,8 @@ fn forward_agent(sock: &Path, agent: Agent) -> Result<Arc<AtomicBool>, WorkerErr
                     let agent = agent.clone();
                     std::thread::spawn(move || {
                         let _ = client.set_nonblocking(false);
-                        match agent {
-                            Agent::Keys(keys) => keys.serve(client),
-                            Agent::Socket(path) => relay(client, &path),
+                        if let Ok(upstream) = agent() {
+                            relay(client, upstream);
                         }
                     });
                 }
@@ -549,10 +546,7 @@ fn forward_agent(sock: &Path, agent: Agent) -> Result<Arc<AtomicBool>, WorkerErr
 }
 
 /// Copies bytes both ways between a step's connection and the user's agent.
-fn relay(client: UnixStream, agent: &Path) {
-    let Ok(upstream) = UnixStream::connect(agent) else {
-        return;
-    };
+pub fn relay(client: UnixStream, upstream: UnixStream) {
     let (Ok(mut c1), Ok(mut u1)) = (client.try_clone(), upstream.try_clone()) else {
         return;
     };

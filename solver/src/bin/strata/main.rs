@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use commands::{BuildArgs, CacheCmd, DebugCmd, ImagesCmd};
+use commands::{BuildArgs, CacheCmd, DebugCmd, ImagesCmd, ServeArgs};
 
 const AFTER_HELP: &str = r#"Examples:
   strata images load busybox.tar                      # an OCI layout archive becomes a base image
@@ -23,6 +23,18 @@ const BUILD_HELP: &str = r#"Examples:
   strata build --output type=registry,name=registry.example.com/app:1 .
   strata build --secret id=npmrc,src=$HOME/.npmrc --ssh default .
   strata build --cache-to type=registry,ref=registry.example.com/app:cache,mode=max                --cache-from registry.example.com/app:cache ."#;
+
+const SERVE_HELP: &str = r#"Examples:
+  strata serve                                    # on /run/strata/buildd.sock, root only
+  strata serve --group strata --root /srv/strata  # members of group strata may build
+  strata build --builder unix:///run/strata/buildd.sock -t app .
+  strata build --builder ssh://me@buildhost -t app .        # runs `strata dial-stdio` there
+  STRATA_BUILDER=ssh://me@buildhost:2222 strata build .
+
+Clients send only the context files that changed since their last build on this builder;
+secrets and ssh agents stay on the client and are asked for when a step uses them.
+SIGTERM cancels running builds (their clients are told why) and stops. systemd unit:
+solver/strata-buildd.service."#;
 
 /// Build container images from Dockerfiles: parallel, cached, daemonless.
 #[derive(Parser)]
@@ -79,6 +91,19 @@ enum Cmd {
         #[arg(long, value_name = "SIZE")]
         keep_storage: Option<String>,
     },
+    /// Run the builder as a service that clients reach with `strata build --builder`
+    #[command(after_help = SERVE_HELP)]
+    Serve(ServeArgs),
+    /// Connect stdin and stdout to a builder's socket (what `--builder ssh://` runs remotely)
+    #[command(
+        name = "dial-stdio",
+        after_help = "Example (what `strata build --builder ssh://me@host` does):\n  ssh -T me@host strata dial-stdio --addr unix:///run/strata/buildd.sock"
+    )]
+    DialStdio {
+        /// The builder's socket
+        #[arg(long, default_value = "unix:///run/strata/buildd.sock", value_name = "unix:///PATH")]
+        addr: String,
+    },
     /// Developer tools
     #[command(
         subcommand,
@@ -104,5 +129,7 @@ fn main() -> anyhow::Result<()> {
         } => commands::prune::prune(&cli, keep_duration.as_deref(), keep_storage.as_deref()),
         Cmd::Cache(cmd) => commands::cache::run(&cli, cmd),
         Cmd::Debug(DebugCmd::DumpLlb(f)) => rt.block_on(commands::debug::dump_llb(&cli, f)),
+        Cmd::Serve(args) => rt.block_on(commands::serve::serve(&cli, args)),
+        Cmd::DialStdio { addr } => rt.block_on(commands::serve::dial_stdio(addr)),
     }
 }

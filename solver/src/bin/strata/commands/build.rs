@@ -1,18 +1,25 @@
-//! `strata build`: the build flow of the library, with this process as the builder.
+//! `strata build`: the client side of a build, against `--builder` or a builder in this process.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use strata_solver::build::{self, Request};
-use strata_solver::progress::Progress;
+use strata_solver::client::{self, connect, Request};
+use strata_solver::progress::Printer;
+use strata_solver::service::{serve, Service};
 
 use super::{open_worker, BuildArgs};
 use crate::Cli;
 
 pub async fn run(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
-    let progress = Arc::new(Progress::new(args.progress));
-    let worker = open_worker(cli)?;
-    build::build(worker, &request(args)?, progress).await?;
+    let printer = Arc::new(Printer::new(args.progress));
+    let conn = match &args.builder {
+        Some(addr) => connect::connect(&connect::Address::parse(addr)?).await?,
+        None => {
+            let service = Service::new(open_worker(cli)?, &cli.root);
+            connect::in_process(serve::in_process(service)).await?
+        }
+    };
+    client::build(conn, &request(args)?, printer).await?;
     Ok(())
 }
 
@@ -24,8 +31,13 @@ fn request(args: &BuildArgs) -> anyhow::Result<Request> {
                 .with_context(|| format!("SOURCE_DATE_EPOCH={s:?} is not unix seconds"))
         })
         .transpose()?;
+    let f = &args.frontend;
     Ok(Request {
-        source: args.frontend.source(),
+        file: f.file.clone(),
+        context: f.context.clone(),
+        build_args: f.build_args.clone(),
+        target: f.target.clone(),
+        frontend_paths: f.frontend_paths.clone(),
         tags: args.tags.clone(),
         outputs: args.outputs.clone(),
         no_cache: args.no_cache,

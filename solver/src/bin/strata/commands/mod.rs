@@ -5,6 +5,7 @@ pub mod cache;
 pub mod debug;
 pub mod images;
 pub mod prune;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -111,6 +112,21 @@ pub struct BuildArgs {
     /// Steps run at once (default: number of CPUs)
     #[arg(long, value_name = "N")]
     pub max_parallelism: Option<usize>,
+    /// Build on this builder: unix:///run/strata/buildd.sock or
+    /// ssh://[user@]host[:port][/path/to/buildd.sock] (runs `strata dial-stdio` there with your
+    /// ssh; STRATA_SSH_COMMAND replaces `ssh`). Default: a builder in this process, on --root
+    #[arg(long, env = "STRATA_BUILDER", value_name = "ADDRESS")]
+    pub builder: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Socket to listen on
+    #[arg(long, default_value = "unix:///run/strata/buildd.sock", value_name = "unix:///PATH")]
+    pub address: String,
+    /// Group whose members may use the socket (mode 0660); default: root only (0600)
+    #[arg(long, value_name = "NAME|GID")]
+    pub group: Option<String>,
 }
 
 /// The worker over the store under `--root`.
@@ -122,17 +138,4 @@ pub fn open_worker(cli: &Cli) -> anyhow::Result<Arc<Worker>> {
     let w = Worker::open(&cli.root, &cli.oci_runtime, registry)
         .with_context(|| format!("open the build store under {}", cli.root.display()))?;
     Ok(Arc::new(w))
-}
-
-impl FrontendArgs {
-    /// The library's view of these flags.
-    pub fn source(&self) -> strata_solver::build::source::Source {
-        strata_solver::build::source::Source {
-            file: self.file.clone(),
-            context: self.context.clone(),
-            build_args: self.build_args.clone(),
-            target: self.target.clone(),
-            frontend_paths: self.frontend_paths.clone(),
-        }
-    }
 }
