@@ -13,6 +13,7 @@ pub mod image;
 pub mod lazy_lowers;
 pub mod mount;
 pub mod registry;
+pub mod remote;
 pub mod strata;
 pub mod tree;
 

@@ -140,17 +140,7 @@ pub async fn build(
     for m in opening(req, &context, &loaded, &held) {
         let _ = tx.send(m).await;
     }
-    let mut api = BuilderClient::new(conn.channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let inbound = match api.build(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-            return Err(ClientError::Protocol(s.message().to_string()))
-        }
-        Err(s) => return Err(ClientError::Lost(s.message().to_string())),
-    };
-    let mut talk = Talk {
+    let talk = Talk {
         agents: agents::Agents::new(held.agents, tx.clone()),
         secrets: held.secrets,
         context,
@@ -160,7 +150,7 @@ pub async fn build(
         printer,
         tx,
     };
-    match (talk.converse(inbound).await, &conn.ssh) {
+    match (talk.run(&conn, rx).await, &conn.ssh) {
         (Err(ClientError::Lost(m)), Some(ssh)) => {
             Err(ClientError::Lost(format!("{m}; {}", ssh.diagnose().await)))
         }
@@ -182,6 +172,24 @@ struct Talk {
 }
 
 impl Talk {
+    /// Opens the build's stream with the messages queued on `rx`, then converses.
+    async fn run(
+        mut self,
+        conn: &connect::Connection,
+        rx: mpsc::Receiver<ClientMessage>,
+    ) -> Result<(), ClientError> {
+        let mut api = BuilderClient::new(conn.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        match api.build(ReceiverStream::new(rx)).await {
+            Ok(r) => self.converse(r.into_inner()).await,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(ClientError::Protocol(s.message().to_string()))
+            }
+            Err(s) => Err(ClientError::Lost(s.message().to_string())),
+        }
+    }
+
     /// Answers the builder until it says Finished; Ctrl-C asks it to cancel (a second one quits).
     async fn converse(&mut self, mut inbound: tonic::Streaming<BuilderMessage>) -> Result<(), ClientError> {
         let mut interrupted = false;
