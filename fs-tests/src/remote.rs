@@ -71,10 +71,11 @@ impl Netns {
             .unwrap()
     }
 
-    /// `argv` run inside the namespace.
+    /// `argv` run on the namespace's network (with this mount namespace: `ip netns exec` would
+    /// remount /sys, and runc needs the cgroup mounts under it).
     pub fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").args(argv);
         c
     }
 

@@ -36,12 +36,13 @@ pub struct Peer {
     ctl: mpsc::UnboundedSender<BuilderMessage>,
     /// The stream itself, for output bytes (bounded: a slow client slows the export).
     out: mpsc::Sender<Result<BuilderMessage, Status>>,
+    /// Senders are taken when the client leaves, so that whoever waits learns it.
     stats: (
-        mpsc::UnboundedSender<proto::ContextStats>,
+        Mutex<Option<mpsc::UnboundedSender<proto::ContextStats>>>,
         tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::ContextStats>>,
     ),
     files: (
-        mpsc::Sender<proto::FileChunk>,
+        Mutex<Option<mpsc::Sender<proto::FileChunk>>>,
         Arc<tokio::sync::Mutex<mpsc::Receiver<proto::FileChunk>>>,
     ),
     secrets: Mutex<HashMap<String, oneshot::Sender<proto::SecretValue>>>,
@@ -70,8 +71,8 @@ impl Peer {
             held: Default::default(),
             ctl,
             out,
-            stats: (stats.0, tokio::sync::Mutex::new(stats.1)),
-            files: (files.0, Arc::new(tokio::sync::Mutex::new(files.1))),
+            stats: (Mutex::new(Some(stats.0)), tokio::sync::Mutex::new(stats.1)),
+            files: (Mutex::new(Some(files.0)), Arc::new(tokio::sync::Mutex::new(files.1))),
             secrets: Default::default(),
             conns: Default::default(),
             next_conn: Arc::new(AtomicU32::new(1)),
@@ -99,9 +100,18 @@ impl Peer {
             };
             use client_message::Msg as C;
             match m {
-                C::Stats(s) => drop(self.stats.0.send(s)),
+                C::Stats(s) => {
+                    if let Some(tx) = self.stats.0.lock().as_ref() {
+                        let _ = tx.send(s);
+                    }
+                }
                 C::File(f) => {
-                    if self.files.0.send(f).await.is_err() {
+                    let tx = self.files.0.lock().clone();
+                    let sent = match tx {
+                        Some(tx) => tx.send(f).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent {
                         cancel.cancel("the client sent context files no one asked for");
                     }
                 }
@@ -118,6 +128,8 @@ impl Peer {
             }
         }
         // Waiters learn the client is gone: their senders drop.
+        self.stats.0.lock().take();
+        self.files.0.lock().take();
         self.secrets.lock().clear();
         self.conns.lock().clear();
     }
