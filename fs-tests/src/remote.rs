@@ -44,9 +44,17 @@ impl Netns {
         };
         let peer = format!("{}p", ns.veth);
         run("ip", &["netns", "add", &ns.name]);
-        run("ip", &["link", "add", &ns.veth, "type", "veth", "peer", "name", &peer]);
+        run(
+            "ip",
+            &[
+                "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
+            ],
+        );
         run("ip", &["link", "set", &peer, "netns", &ns.name]);
-        run("ip", &["addr", "add", &format!("{}/30", ns.host), "dev", &ns.veth]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{}/30", ns.host), "dev", &ns.veth],
+        );
         run("ip", &["link", "set", &ns.veth, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns.name, "ip"];
@@ -57,7 +65,13 @@ impl Netns {
         inside(&["link", "set", &peer, "up"]);
         inside(&["link", "set", "lo", "up"]);
         if let Some(rate) = rate {
-            run("tc", &["qdisc", "add", "dev", &ns.veth, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "400ms"]);
+            run(
+                "tc",
+                &[
+                    "qdisc", "add", "dev", &ns.veth, "root", "tbf", "rate", rate, "burst", "64kb",
+                    "latency", "400ms",
+                ],
+            );
         }
         ns
     }
@@ -75,13 +89,18 @@ impl Netns {
     /// remount /sys, and runc needs the cgroup mounts under it).
     pub fn command(&self, argv: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").args(argv);
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .args(argv);
         c
     }
 
     /// The command lines of the processes inside the namespace.
     pub fn processes(&self) -> Vec<String> {
-        let out = Command::new("ip").args(["netns", "pids", &self.name]).output().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
@@ -92,8 +111,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
     }
 }
 
@@ -110,7 +133,20 @@ impl Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["host_key", "client_key"] {
-            run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", key, "-f", d.join(key).to_str().unwrap()]);
+            run(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    key,
+                    "-f",
+                    d.join(key).to_str().unwrap(),
+                ],
+            );
         }
         std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
@@ -127,7 +163,13 @@ impl Sshd {
         std::fs::write(d.join("sshd_config"), config).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
         let child = ns
-            .command(&["/usr/sbin/sshd", "-D", "-e", "-f", d.join("sshd_config").to_str().unwrap()])
+            .command(&[
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                d.join("sshd_config").to_str().unwrap(),
+            ])
             .stderr(Stdio::null())
             .spawn()
             .expect("start sshd");
@@ -138,7 +180,11 @@ impl Sshd {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect((ns.remote.as_str(), 22)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start in {}", ns.name);
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start in {}",
+                ns.name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         sshd
@@ -175,7 +221,14 @@ impl Builder {
         let socket = dir.path().join("buildd.sock");
         let strata = crate::workspace_bin("strata");
         let address = format!("unix://{}", socket.display());
-        let argv = [strata.to_str().unwrap(), "--root", root.to_str().unwrap(), "serve", "--address", &address];
+        let argv = [
+            strata.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "serve",
+            "--address",
+            &address,
+        ];
         let mut cmd = match ns {
             Some(ns) => ns.command(&argv),
             None => {
@@ -184,10 +237,17 @@ impl Builder {
                 c
             }
         };
-        let child = cmd.stderr(Stdio::null()).spawn().expect("start strata serve");
+        let child = cmd
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start strata serve");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "strata serve did not listen on {}", socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "strata serve did not listen on {}",
+                socket.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Builder {

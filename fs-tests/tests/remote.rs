@@ -25,11 +25,20 @@ impl Remote {
         let ns = Netns::new(rate);
         let sshd = Sshd::start(&ns);
         let builder = Builder::start(Some(&ns), store.root.path());
-        Remote { ns, sshd, builder, store }
+        Remote {
+            ns,
+            sshd,
+            builder,
+            store,
+        }
     }
 
     fn address(&self) -> String {
-        format!("ssh://root@{}{}", self.sshd.address, self.builder.socket.display())
+        format!(
+            "ssh://root@{}{}",
+            self.sshd.address,
+            self.builder.socket.display()
+        )
     }
 
     /// `strata build --builder ssh://... ARGS CONTEXT`, with the client's environment `env`.
@@ -67,7 +76,11 @@ fn write(ctx: &Path, rel: &str, data: &[u8]) {
 /// 2,000 files of 32.8 KiB (64 MiB) under data/, and a 100 MiB file .dockerignore leaves out.
 fn big_context(ctx: &Path) {
     for i in 0..2000u64 {
-        write(ctx, &format!("data/{:02}/f{i:04}", i % 40), &noise(i, (64 << 20) / 2000 + 1));
+        write(
+            ctx,
+            &format!("data/{:02}/f{i:04}", i % 40),
+            &noise(i, (64 << 20) / 2000 + 1),
+        );
     }
     write(ctx, "ignored.bin", &noise(99, 100 << 20));
     write(ctx, ".dockerignore", b"ignored.bin\n");
@@ -96,9 +109,20 @@ fn a_remote_build_sends_only_what_changed_and_outputs_come_back() {
     ok(r.build(ctx.path(), &["--output", &local], &[]));
     let cold = r.ns.sent() - before;
     assert!(cold > 64 * MIB, "the 64 MiB context crossed: {cold} bytes");
-    assert!(cold < 72 * MIB, "only the context crossed, once, and not the ignored 100 MiB: {cold} bytes");
-    assert_eq!(std::fs::read_to_string(out.path().join("count")).unwrap().trim(), "2000");
-    assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "version one\n");
+    assert!(
+        cold < 72 * MIB,
+        "only the context crossed, once, and not the ignored 100 MiB: {cold} bytes"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("count"))
+            .unwrap()
+            .trim(),
+        "2000"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("seen")).unwrap(),
+        "version one\n"
+    );
 
     // One file edited: it alone crosses; the steps before its COPY are cached.
     write(ctx.path(), "small.txt", b"version two\n");
@@ -106,8 +130,14 @@ fn a_remote_build_sends_only_what_changed_and_outputs_come_back() {
     let p = ok(r.build(ctx.path(), &["--output", &local], &[]));
     let warm = r.ns.sent() - before;
     assert!(warm < MIB, "after one edit {warm} bytes crossed");
-    assert!(cached(&p) >= 2, "COPY data and the RUN after it are cached:\n{p}");
-    assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "version two\n");
+    assert!(
+        cached(&p) >= 2,
+        "COPY data and the RUN after it are cached:\n{p}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("seen")).unwrap(),
+        "version two\n"
+    );
 
     // Edited with its size and mtime kept (BuildKit's hole): still sent, still seen.
     let small = ctx.path().join("small.txt");
@@ -117,12 +147,19 @@ fn a_remote_build_sends_only_what_changed_and_outputs_come_back() {
     let f = std::fs::File::options().write(true).open(&small).unwrap();
     f.set_modified(mtime).unwrap();
     ok(r.build(ctx.path(), &["--output", &local], &[]));
-    assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "version 3!!\n");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("seen")).unwrap(),
+        "version 3!!\n"
+    );
 
     // Nothing changed: nothing but stats cross, every step is cached.
     let before = r.ns.sent();
     let p = ok(r.build(ctx.path(), &[], &[]));
-    assert!(r.ns.sent() - before < MIB, "{} bytes for an unchanged context", r.ns.sent() - before);
+    assert!(
+        r.ns.sent() - before < MIB,
+        "{} bytes for an unchanged context",
+        r.ns.sent() - before
+    );
     assert_eq!(cached(&p), 5, "{p}");
 }
 
@@ -137,7 +174,16 @@ fn secrets_and_ssh_agents_stay_on_the_client() {
     write(ctx.path(), ".dockerignore", b"token\nkey*\n");
     let key = ctx.path().join("key");
     let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "the-clients-key", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "the-clients-key",
+            "-f",
+        ])
         .arg(&key)
         .status()
         .unwrap();
@@ -154,13 +200,20 @@ fn secrets_and_ssh_agents_stay_on_the_client() {
     let ssh = format!("default={}", key.display());
     let p = ok(r.build(ctx.path(), &["--secret", &spec, "--ssh", &ssh], &[]));
     assert!(p.contains("secret-ok"), "{p}");
-    assert!(p.contains("the-clients-key"), "ssh-add -l lists the client's key:\n{p}");
+    assert!(
+        p.contains("the-clients-key"),
+        "ssh-add -l lists the client's key:\n{p}"
+    );
     let found = Command::new("grep")
         .args(["-rlsF", "--devices=skip", &value])
         .arg(r.store.root.path())
         .output()
         .unwrap();
-    assert!(found.stdout.is_empty(), "the secret is on the builder's disk: {}", String::from_utf8_lossy(&found.stdout));
+    assert!(
+        found.stdout.is_empty(),
+        "the secret is on the builder's disk: {}",
+        String::from_utf8_lossy(&found.stdout)
+    );
     assert!(!p.contains(&value), "the secret reached the progress:\n{p}");
 }
 
@@ -192,10 +245,17 @@ fn a_dropped_ssh_connection_ends_the_session_and_the_next_build_works() {
     let out = build.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = text(&out);
-    assert!(err.contains("connection to the builder was lost") && err.contains("stderr="), "{err}");
+    assert!(
+        err.contains("connection to the builder was lost") && err.contains("stderr="),
+        "{err}"
+    );
     let mut left = Vec::new();
     for _ in 0..100 {
-        left = r.ns.processes().into_iter().filter(|p| p.contains("dial-stdio")).collect();
+        left =
+            r.ns.processes()
+                .into_iter()
+                .filter(|p| p.contains("dial-stdio"))
+                .collect();
         if left.is_empty() {
             break;
         }
@@ -214,7 +274,10 @@ fn a_remote_host_without_strata_is_an_error_in_sshs_words() {
     let o = r.build(ctx.path(), &[], &[]);
     assert!(!o.status.success());
     let err = text(&o);
-    assert!(err.contains("exit status 127") && err.contains("strata: command not found"), "{err}");
+    assert!(
+        err.contains("exit status 127") && err.contains("strata: command not found"),
+        "{err}"
+    );
     let bad = client(
         &format!("ssh://root@{}", r.sshd.address),
         ctx.path(),
@@ -223,18 +286,27 @@ fn a_remote_host_without_strata_is_an_error_in_sshs_words() {
         "ssh -o BatchMode=yes -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes",
     );
     let err = text(&bad);
-    assert!(!bad.status.success() && err.contains("Host key verification failed"), "{err}");
+    assert!(
+        !bad.status.success() && err.contains("Host key verification failed"),
+        "{err}"
+    );
 }
 
 #[test]
 fn two_clients_on_one_builder_run_a_shared_step_once() {
     let store = Strata::new();
     let builder = Builder::start(None, store.root.path());
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&builder.socket).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&builder.socket).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600, "the builder's socket is root's only");
     let contexts: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     for c in &contexts {
-        write(c.path(), "Dockerfile", b"FROM busybox\nCOPY a.txt /a.txt\nRUN sleep 3 && cat /a.txt > /b.txt\n");
+        write(
+            c.path(),
+            "Dockerfile",
+            b"FROM busybox\nCOPY a.txt /a.txt\nRUN sleep 3 && cat /a.txt > /b.txt\n",
+        );
         write(c.path(), "a.txt", b"same in both\n");
     }
     let address = builder.unix_address();
@@ -248,7 +320,11 @@ fn two_clients_on_one_builder_run_a_shared_step_once() {
     let outs: Vec<String> = runs.into_iter().map(|t| ok(t.join().unwrap())).collect();
     let mut ends: Vec<String> = outs.iter().map(|p| end_of(p, "RUN sleep 3")).collect();
     ends.sort();
-    assert_eq!(ends, ["CACHED", "DONE"], "one build ran the shared step, the other waited for it:\n{outs:#?}");
+    assert_eq!(
+        ends,
+        ["CACHED", "DONE"],
+        "one build ran the shared step, the other waited for it:\n{outs:#?}"
+    );
     assert_eq!(builder.stop(), Some(0), "SIGTERM stops the builder cleanly");
 }
 
@@ -262,7 +338,11 @@ fn end_of(progress: &str, step: &str) -> String {
     progress
         .lines()
         .filter_map(|l| l.strip_prefix(id)?.strip_prefix(' '))
-        .filter_map(|rest| ["DONE", "CACHED", "ERROR"].into_iter().find(|w| rest.starts_with(w)))
+        .filter_map(|rest| {
+            ["DONE", "CACHED", "ERROR"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+        })
         .next()
         .unwrap_or_else(|| panic!("step {step:?} did not end:\n{progress}"))
         .to_string()

@@ -250,7 +250,9 @@ pub fn write(
 ) -> Result<String, WorkerError> {
     let stream = |to: Option<Box<dyn Write + Send>>| {
         to.map(|w| BufWriter::with_capacity(1 << 18, w))
-            .ok_or_else(|| WorkerError::Exec("this output goes to the client, which is not here".into()))
+            .ok_or_else(|| {
+                WorkerError::Exec("this output goes to the client, which is not here".into())
+            })
     };
     match output {
         Output::Image { name, push, form } => {
@@ -271,7 +273,13 @@ pub fn write(
             let name =
                 crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
             let mut w = stream(to)?;
-            oci::write_layout_archive(&worker.content, manifest, &name, epoch.unwrap_or(0), &mut w)?;
+            oci::write_layout_archive(
+                &worker.content,
+                manifest,
+                &name,
+                epoch.unwrap_or(0),
+                &mut w,
+            )?;
             w.flush().map_err(WorkerError::io(format!("send {dest}")))?;
             Ok(format!("exporting OCI archive {dest} ({name})"))
         }
@@ -284,7 +292,13 @@ pub fn write(
             let manifest = &form::apply(worker, manifest, form)?;
             let name = name.as_deref().map(crate::worker::images::normalize);
             let mut w = stream(to)?;
-            docker_archive(worker, manifest, name.as_deref(), epoch.unwrap_or(0), &mut w)?;
+            docker_archive(
+                worker,
+                manifest,
+                name.as_deref(),
+                epoch.unwrap_or(0),
+                &mut w,
+            )?;
             w.flush().map_err(WorkerError::io(format!("send {dest}")))?;
             Ok(format!("exporting docker archive {dest}"))
         }

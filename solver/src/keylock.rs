@@ -36,7 +36,10 @@ impl Drop for KeyGuard {
         drop(self.guard.take());
         let mut held = self.locks.held.lock();
         // Only the map refers to it: no one holds or waits for the key any more.
-        if held.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if held
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             held.remove(&self.key);
         }
     }

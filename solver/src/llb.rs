@@ -426,7 +426,9 @@ impl Graph {
             .execs()
             .flat_map(|e| e.mounts.iter())
             .filter_map(|m| m.secret_opt.as_ref().map(|s| s.id.clone()));
-        let env = self.execs().flat_map(|e| e.secretenv.iter().map(|s| s.id.clone()));
+        let env = self
+            .execs()
+            .flat_map(|e| e.secretenv.iter().map(|s| s.id.clone()));
         mounted.chain(env).collect()
     }
 

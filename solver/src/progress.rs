@@ -28,10 +28,21 @@ pub enum Mode {
 /// What happened in a build, in the order it happened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Started { vertex: usize, name: String },
-    Log { vertex: usize, elapsed: f64, line: String },
+    Started {
+        vertex: usize,
+        name: String,
+    },
+    Log {
+        vertex: usize,
+        elapsed: f64,
+        line: String,
+    },
     /// `DONE 0.3s`, `CACHED` or `ERROR: ...`.
-    Ended { vertex: usize, elapsed: f64, status: String },
+    Ended {
+        vertex: usize,
+        elapsed: f64,
+        status: String,
+    },
     /// A line outside any vertex (the summary).
     Note(String),
 }

@@ -123,9 +123,16 @@ pub async fn build(
         Frontend::Dockerfile => None,
         _ => Some(client.context(None, ignore, &progress).await?),
     };
-    let (definition, config) =
-        source::compile(&worker, &req.source, fe, early.as_deref(), opts, &progress, &cancel)
-            .await?;
+    let (definition, config) = source::compile(
+        &worker,
+        &req.source,
+        fe,
+        early.as_deref(),
+        opts,
+        &progress,
+        &cancel,
+    )
+    .await?;
     let graph = Graph::from_definition(&definition)?;
     let dir = match early {
         Some(dir) => Some(dir),
@@ -143,7 +150,14 @@ pub async fn build(
     let parallel = req
         .max_parallelism
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let solver = Solver::new(worker.clone(), graph, context, session, progress.clone(), parallel);
+    let solver = Solver::new(
+        worker.clone(),
+        graph,
+        context,
+        session,
+        progress.clone(),
+        parallel,
+    );
     let done = solver.solve().await?;
     let result = done.map(|d| d.result.clone()).unwrap_or(Ref::Scratch);
     let streams = outputs
@@ -151,7 +165,10 @@ pub async fn build(
         .enumerate()
         .map(|(i, o)| o.streamed().then(|| client.output(i)))
         .collect();
-    export_image(&worker, &result, config, outputs, streams, req.epoch, &progress).await?;
+    export_image(
+        &worker, &result, config, outputs, streams, req.epoch, &progress,
+    )
+    .await?;
     for spec in cache_to {
         export_cache(&worker, &solver, spec, &result, &volume_ids, &progress).await?;
     }
@@ -173,7 +190,10 @@ fn show_source(source: &source::Source, progress: &Progress) {
         .file_name()
         .map_or_else(|| "Dockerfile".into(), |n| n.to_string_lossy());
     let v = progress.vertex(&format!("[internal] load build definition from {file}"));
-    v.log(&format!("transferring dockerfile: {}B done", source.text.len()));
+    v.log(&format!(
+        "transferring dockerfile: {}B done",
+        source.text.len()
+    ));
     v.done();
     progress.vertex("[internal] load .dockerignore").done();
 }

@@ -94,10 +94,8 @@ pub async fn compile(
     let (w, text) = (worker.clone(), source.text.clone());
     if fe == Frontend::Dockerfile {
         let pull = source.pull;
-        let c = tokio::task::spawn_blocking(move || {
-            convert(&text, &opts, &w.resolver(pull))
-        })
-        .await??;
+        let c =
+            tokio::task::spawn_blocking(move || convert(&text, &opts, &w.resolver(pull))).await??;
         return Ok((c.definition, c.config));
     }
     let context = context

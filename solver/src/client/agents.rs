@@ -97,7 +97,10 @@ impl Agents {
         std::thread::spawn(move || {
             let mut buf = vec![0; 16 << 10];
             while let Ok(n @ 1..) = r.read(&mut buf) {
-                if out.blocking_send(message(conn, &id, buf[..n].to_vec(), false)).is_err() {
+                if out
+                    .blocking_send(message(conn, &id, buf[..n].to_vec(), false))
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -42,7 +42,9 @@ impl Address {
             }
             return Ok(Address::Unix(path.into()));
         }
-        let rest = s.strip_prefix("ssh://").ok_or_else(|| bad("unknown scheme"))?;
+        let rest = s
+            .strip_prefix("ssh://")
+            .ok_or_else(|| bad("unknown scheme"))?;
         let (authority, socket) = match rest.find('/') {
             Some(i) => (&rest[..i], Some(rest[i..].to_string())),
             None => (rest, None),
@@ -52,16 +54,23 @@ impl Address {
             None => (None, authority),
         };
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
-                (h, Some(p.parse::<u16>().map_err(|_| bad("the port is not a number"))?))
-            }
+            Some((h, p)) if !h.contains(':') || h.starts_with('[') => (
+                h,
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| bad("the port is not a number"))?,
+                ),
+            ),
             _ => (hostport, None),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.starts_with('-') {
             return Err(bad("no host"));
         }
-        if user.as_deref().is_some_and(|u| u.is_empty() || u.starts_with('-')) {
+        if user
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.starts_with('-'))
+        {
             return Err(bad("the user name is not valid"));
         }
         Ok(Address::Ssh {
@@ -100,7 +109,9 @@ impl Ssh {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let stderr = String::from_utf8_lossy(&self.stderr.lock()).trim().to_string();
+        let stderr = String::from_utf8_lossy(&self.stderr.lock())
+            .trim()
+            .to_string();
         let ended = match status.and_then(|s| s.code()) {
             Some(code) => format!("exited with exit status {code}"),
             None => "stopped".to_string(),
@@ -162,7 +173,13 @@ fn source_text(e: &dyn std::error::Error) -> String {
 /// The `ssh` command line: `STRATA_SSH_COMMAND` (as git's `GIT_SSH_COMMAND`) or `ssh`, then
 /// docker's arguments, with the remote command quoted for the remote shell.
 pub fn ssh_argv(addr: &Address) -> Vec<String> {
-    let Address::Ssh { user, host, port, socket } = addr else {
+    let Address::Ssh {
+        user,
+        host,
+        port,
+        socket,
+    } = addr
+    else {
         return Vec::new();
     };
     let mut argv: Vec<String> = std::env::var("STRATA_SSH_COMMAND")
@@ -227,7 +244,10 @@ fn spawn_ssh(argv: &[String], s: &Ssh) -> std::io::Result<SshIo> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("run {}: {e}", argv[0])))?;
-    let (stdin, stdout) = (child.stdin.take().expect("piped"), child.stdout.take().expect("piped"));
+    let (stdin, stdout) = (
+        child.stdin.take().expect("piped"),
+        child.stdout.take().expect("piped"),
+    );
     if let Some(mut err) = child.stderr.take() {
         let keep = s.stderr.clone();
         tokio::spawn(async move {
@@ -252,13 +272,21 @@ pub struct SshIo {
 }
 
 impl AsyncRead for SshIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stdout).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for SshIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stdin).poll_write(cx, buf)
     }
 
@@ -288,10 +316,24 @@ mod tests {
         );
         assert_eq!(
             Address::parse("ssh://host").unwrap(),
-            Address::Ssh { user: None, host: "host".into(), port: None, socket: None }
+            Address::Ssh {
+                user: None,
+                host: "host".into(),
+                port: None,
+                socket: None
+            }
         );
-        assert_eq!(Address::parse("unix:///run/x.sock").unwrap(), Address::Unix("/run/x.sock".into()));
-        for bad in ["tcp://x", "ssh://", "ssh://-oProxyCommand=x", "ssh://h:port", "unix://rel"] {
+        assert_eq!(
+            Address::parse("unix:///run/x.sock").unwrap(),
+            Address::Unix("/run/x.sock".into())
+        );
+        for bad in [
+            "tcp://x",
+            "ssh://",
+            "ssh://-oProxyCommand=x",
+            "ssh://h:port",
+            "unix://rel",
+        ] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }
     }
@@ -301,7 +343,26 @@ mod tests {
         std::env::remove_var("STRATA_SSH_COMMAND");
         let a = Address::parse("ssh://u@h:22/tmp/it's.sock").unwrap();
         let argv = ssh_argv(&a);
-        assert_eq!(argv[..8], ["ssh", "-l", "u", "-p", "22", "-o", "ConnectTimeout=30", "-T"]);
-        assert_eq!(argv[8..], ["--", "h", r"strata dial-stdio --addr 'unix:///tmp/it'\''s.sock'"]);
+        assert_eq!(
+            argv[..8],
+            [
+                "ssh",
+                "-l",
+                "u",
+                "-p",
+                "22",
+                "-o",
+                "ConnectTimeout=30",
+                "-T"
+            ]
+        );
+        assert_eq!(
+            argv[8..],
+            [
+                "--",
+                "h",
+                r"strata dial-stdio --addr 'unix:///tmp/it'\''s.sock'"
+            ]
+        );
     }
 }

@@ -90,7 +90,12 @@ pub fn client_id() -> String {
 }
 
 /// The build's opening messages: Hello and the request.
-fn opening(req: &Request, context: &std::path::Path, loaded: &source::Loaded, held: &session::Held) -> [ClientMessage; 2] {
+fn opening(
+    req: &Request,
+    context: &std::path::Path,
+    loaded: &source::Loaded,
+    held: &session::Held,
+) -> [ClientMessage; 2] {
     use crate::service::proto::{BuildRequest, Hello};
     let hello = Hello {
         protocol: PROTOCOL,
@@ -119,8 +124,12 @@ fn opening(req: &Request, context: &std::path::Path, loaded: &source::Loaded, he
         source_date_epoch: req.epoch,
     };
     [
-        ClientMessage { msg: Some(client_message::Msg::Hello(hello)) },
-        ClientMessage { msg: Some(client_message::Msg::Request(request)) },
+        ClientMessage {
+            msg: Some(client_message::Msg::Hello(hello)),
+        },
+        ClientMessage {
+            msg: Some(client_message::Msg::Request(request)),
+        },
     ]
 }
 
@@ -131,9 +140,10 @@ pub async fn build(
     printer: Arc<Printer>,
 ) -> Result<(), ClientError> {
     let held = session::hold(&req.secrets, &req.ssh)?;
-    let context = req.context.canonicalize().map_err(|e| {
-        ClientError::Input(format!("build context {}: {e}", req.context.display()))
-    })?;
+    let context = req
+        .context
+        .canonicalize()
+        .map_err(|e| ClientError::Input(format!("build context {}: {e}", req.context.display())))?;
     let loaded = source::load(req.file.as_deref(), &context)?;
     let outputs = outputs::Outputs::new(&req.outputs)?;
     let (tx, rx) = mpsc::channel(64);
@@ -191,7 +201,10 @@ impl Talk {
     }
 
     /// Answers the builder until it says Finished; Ctrl-C asks it to cancel (a second one quits).
-    async fn converse(&mut self, mut inbound: tonic::Streaming<BuilderMessage>) -> Result<(), ClientError> {
+    async fn converse(
+        &mut self,
+        mut inbound: tonic::Streaming<BuilderMessage>,
+    ) -> Result<(), ClientError> {
         let mut interrupted = false;
         loop {
             let m = tokio::select! {
@@ -210,7 +223,11 @@ impl Talk {
             let msg = match m {
                 Ok(Some(BuilderMessage { msg: Some(m) })) => m,
                 Ok(Some(_)) => continue,
-                Ok(None) => return Err(ClientError::Lost("the builder ended the build without a result".into())),
+                Ok(None) => {
+                    return Err(ClientError::Lost(
+                        "the builder ended the build without a result".into(),
+                    ))
+                }
                 Err(s) => return Err(ClientError::Lost(s.message().to_string())),
             };
             if let Some(done) = self.answer(msg).await? {
@@ -240,14 +257,23 @@ impl Talk {
                     missing: value.is_none(),
                     value: value.unwrap_or_default(),
                 };
-                let _ = self.tx.send(ClientMessage { msg: Some(client_message::Msg::Secret(v)) }).await;
+                let _ = self
+                    .tx
+                    .send(ClientMessage {
+                        msg: Some(client_message::Msg::Secret(v)),
+                    })
+                    .await;
             }
             Msg::Ssh(c) => self.agents.chunk(c),
             Msg::Output(c) => self.outputs.as_mut().expect("until finished").chunk(c)?,
             Msg::Finished(f) => {
                 let ok = f.error.is_empty();
                 let written = self.outputs.take().expect("finished once").finish(ok);
-                let built = if ok { Ok(()) } else { Err(ClientError::Build(f.error)) };
+                let built = if ok {
+                    Ok(())
+                } else {
+                    Err(ClientError::Build(f.error))
+                };
                 return Ok(Some(built.and(written)));
             }
         }
@@ -256,19 +282,35 @@ impl Talk {
 
     /// Walks the context (on a blocking thread) and sends its stats in batches.
     fn send_stats(&self, include: Option<Vec<String>>) {
-        let (root, ignore, tx, walked) = (self.context.clone(), self.ignore.clone(), self.tx.clone(), self.walked.clone());
+        let (root, ignore, tx, walked) = (
+            self.context.clone(),
+            self.ignore.clone(),
+            self.tx.clone(),
+            self.walked.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let started = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64);
             let (w, error) = match walk::walk(&root, &ignore, include.as_deref()) {
                 Ok(w) => (w, String::new()),
-                Err(e) => (walk::Walked::default(), format!("walk {}: {e}", root.display())),
+                Err(e) => (
+                    walk::Walked::default(),
+                    format!("walk {}: {e}", root.display()),
+                ),
             };
             *walked.lock() = w.paths;
             let send = |entries: Vec<_>, done| {
-                let s = ContextStats { entries, done, walk_started_ns: started, error: error.clone() };
-                tx.blocking_send(ClientMessage { msg: Some(client_message::Msg::Stats(s)) }).is_ok()
+                let s = ContextStats {
+                    entries,
+                    done,
+                    walk_started_ns: started,
+                    error: error.clone(),
+                };
+                tx.blocking_send(ClientMessage {
+                    msg: Some(client_message::Msg::Stats(s)),
+                })
+                .is_ok()
             };
             let mut batches = w.stats.chunks(1000).peekable();
             if batches.peek().is_none() {
@@ -282,7 +324,6 @@ impl Talk {
         });
     }
 
-
     /// Sends the files the builder asked for (on a blocking thread), chunk by chunk.
     fn send_files(&self, ids: Vec<u32>) {
         let (tx, walked) = (self.tx.clone(), self.walked.clone());
@@ -291,7 +332,10 @@ impl Talk {
             for id in ids {
                 let path = paths.get(id as usize).cloned().unwrap_or_default();
                 walk::chunks(id, &path, |c| {
-                    tx.blocking_send(ClientMessage { msg: Some(client_message::Msg::File(c)) }).is_ok()
+                    tx.blocking_send(ClientMessage {
+                        msg: Some(client_message::Msg::File(c)),
+                    })
+                    .is_ok()
                 });
             }
         });

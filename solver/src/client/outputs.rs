@@ -18,7 +18,10 @@ enum Dest {
 }
 
 enum Open {
-    File { tmp: PathBuf, f: File },
+    File {
+        tmp: PathBuf,
+        f: File,
+    },
     Dir {
         tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
         unpack: JoinHandle<std::io::Result<()>>,
@@ -94,7 +97,10 @@ impl Outputs {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
                 let dest = dest.clone();
                 let unpack = std::thread::spawn(move || unpack(rx, &dest));
-                Ok(Open::Dir { tx: Some(tx), unpack })
+                Ok(Open::Dir {
+                    tx: Some(tx),
+                    unpack,
+                })
             }
             None => Err(ClientError::Protocol(format!(
                 "the builder sent output {index}, which is not one this client writes"
@@ -118,8 +124,11 @@ impl Outputs {
                 (Open::File { tmp, f }, Dest::File(dest)) => {
                     drop(f);
                     if succeeded && first_error.is_none() {
-                        std::fs::rename(&tmp, dest)
-                            .map_err(io(format!("rename {} to {}", tmp.display(), dest.display())))
+                        std::fs::rename(&tmp, dest).map_err(io(format!(
+                            "rename {} to {}",
+                            tmp.display(),
+                            dest.display()
+                        )))
                     } else {
                         let _ = std::fs::remove_file(&tmp);
                         Ok(())
@@ -127,7 +136,9 @@ impl Outputs {
                 }
                 (Open::Dir { tx, unpack }, Dest::Dir(dest)) => {
                     drop(tx);
-                    let joined = unpack.join().unwrap_or_else(|_| Err(std::io::Error::other("panicked")));
+                    let joined = unpack
+                        .join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("panicked")));
                     joined.map_err(io(format!("unpack the result into {}", dest.display())))
                 }
                 _ => Ok(()),
@@ -143,7 +154,11 @@ impl Outputs {
 /// Unpacks the tar arriving on `rx` into `dest`: owners, modes, times and xattrs kept; nothing
 /// written outside `dest` (the tar crate refuses `..` and paths through symlinks it made).
 fn unpack(rx: std::sync::mpsc::Receiver<Vec<u8>>, dest: &std::path::Path) -> std::io::Result<()> {
-    let mut a = tar::Archive::new(ChannelReader { rx, buf: Vec::new(), at: 0 });
+    let mut a = tar::Archive::new(ChannelReader {
+        rx,
+        buf: Vec::new(),
+        at: 0,
+    });
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_preserve_mtime(true);

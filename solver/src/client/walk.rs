@@ -60,7 +60,9 @@ fn wanted(rel: &str, roots: Option<&BTreeSet<String>>) -> bool {
     roots.iter().any(|r| {
         r.is_empty()
             || r == rel
-            || rel.strip_prefix(r.as_str()).is_some_and(|t| t.starts_with('/'))
+            || rel
+                .strip_prefix(r.as_str())
+                .is_some_and(|t| t.starts_with('/'))
             || r.strip_prefix(rel).is_some_and(|t| t.starts_with('/'))
     })
 }
@@ -78,7 +80,11 @@ fn visit(
         .collect();
     names.sort();
     for name in names {
-        let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let child = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
         if ignore.excludes(&child) || !wanted(&child, roots) {
             continue;
         }
@@ -154,7 +160,13 @@ pub fn chunks(id: u32, path: &Path, mut send: impl FnMut(FileChunk) -> bool) {
         };
         let eof = n < CHUNK;
         let data = buf[..n].to_vec();
-        if !send(FileChunk { id, data, eof, error: String::new() }) || eof {
+        if !send(FileChunk {
+            id,
+            data,
+            eof,
+            error: String::new(),
+        }) || eof
+        {
             return;
         }
     }
@@ -190,7 +202,17 @@ mod tests {
         let paths = |w: Walked| -> Vec<String> { w.stats.into_iter().map(|s| s.path).collect() };
         let ignore = Ignore::parse("big\n");
         let all = paths(walk(r, &ignore, None).unwrap());
-        assert_eq!(all, ["README", "app", "src", "src/app", "src/app/main.py", "src/notes.txt"]);
+        assert_eq!(
+            all,
+            [
+                "README",
+                "app",
+                "src",
+                "src/app",
+                "src/app/main.py",
+                "src/notes.txt"
+            ]
+        );
         let some = paths(walk(r, &ignore, Some(&["app".to_string()])).unwrap());
         assert_eq!(some, ["app", "src", "src/app", "src/app/main.py"]);
         let glob = paths(walk(r, &ignore, Some(&["src/*.txt".to_string()])).unwrap());

@@ -172,7 +172,10 @@ impl Copy {
         }
         let index = Index {
             walk_started_ns,
-            entries: stats.iter().map(|s| (s.path.clone(), Seen::of(s))).collect(),
+            entries: stats
+                .iter()
+                .map(|s| (s.path.clone(), Seen::of(s)))
+                .collect(),
         };
         let tmp = self.dir.join("index.json.tmp");
         fs::write(&tmp, serde_json::to_vec(&index).expect("json"))
@@ -180,6 +183,27 @@ impl Copy {
         fs::rename(&tmp, &index_path).map_err(io_err("write the index"))?;
         Ok(done)
     }
+}
+
+/// Removes the context copies under `root` not synced within `keep` (all of them with None):
+/// `strata prune`. Returns how many went.
+pub fn prune(root: &Path, keep: Option<std::time::Duration>) -> io::Result<usize> {
+    let Ok(rd) = fs::read_dir(root) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let synced = fs::metadata(e.path().join("index.json")).and_then(|m| m.modified());
+        let fresh = match (keep, synced) {
+            (Some(keep), Ok(t)) => t.elapsed().is_ok_and(|age| age < keep),
+            _ => false,
+        };
+        if !fresh {
+            strata_image::fsutil::remove_tree(&e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Sorts the entries (parents first) and refuses paths that could leave the copy.
@@ -193,7 +217,9 @@ fn check(stats: &mut [Stat]) -> Result<(), SyncError> {
         };
         if s.path.is_empty()
             || s.path.contains('\0')
-            || s.path.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || s.path
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(bad("not a clean relative path"));
         }
@@ -221,7 +247,11 @@ fn remove_others(tree: &Path, stats: &[Stat]) -> Result<usize, SyncError> {
         let rd = fs::read_dir(&dir).map_err(io_err(format!("read {}", dir.display())))?;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
             if !listed.contains(child.as_str()) {
                 strata_image::fsutil::remove_tree(&e.path())
@@ -253,8 +283,7 @@ fn place(tree: &Path, s: &Stat) -> Result<(), SyncError> {
         .as_ref()
         .is_some_and(|m| m.mode() & S_IFMT == kind && kind == S_IFDIR);
     if existing.is_some() && !same_kind {
-        strata_image::fsutil::remove_tree(&path)
-            .map_err(io_err(format!("replace {}", s.path)))?;
+        strata_image::fsutil::remove_tree(&path).map_err(io_err(format!("replace {}", s.path)))?;
     }
     let what = format!("create {}", s.path);
     match kind {
@@ -380,7 +409,10 @@ mod tests {
             assert!(check(&mut s).is_err(), "{bad:?} accepted");
         }
         // A child of a symlink: writing it would follow the link.
-        let mut s = vec![stat("l", S_IFLNK | 0o777), stat("l/passwd", S_IFREG | 0o644)];
+        let mut s = vec![
+            stat("l", S_IFLNK | 0o777),
+            stat("l/passwd", S_IFREG | 0o644),
+        ];
         assert!(check(&mut s).is_err());
         let mut s = vec![stat("d/f", S_IFREG | 0o644), stat("d", S_IFDIR | 0o755)];
         check(&mut s).unwrap();
@@ -402,7 +434,13 @@ mod tests {
                 for id in ids {
                     let data = b"abc".to_vec();
                     let eof = true;
-                    tx.send(FileChunk { id, data, eof, ..Default::default() }).unwrap();
+                    tx.send(FileChunk {
+                        id,
+                        data,
+                        eof,
+                        ..Default::default()
+                    })
+                    .unwrap();
                 }
                 Ok(())
             };

@@ -110,7 +110,14 @@ impl Service {
         }));
         let req = request_of(request);
         tracing::info!(build = id, client = %hello.client_id, "build started");
-        let r = build::build(self.worker.clone(), &req, peer, progress, cancel.flag.clone()).await;
+        let r = build::build(
+            self.worker.clone(),
+            &req,
+            peer,
+            progress,
+            cancel.flag.clone(),
+        )
+        .await;
         let error = match (r, cancel.reason()) {
             (Ok(()), _) => String::new(),
             (Err(_), Some(reason)) => format!("cancelled: {reason}"),
@@ -236,7 +243,9 @@ async fn opening(
         )));
     }
     let client_message::Msg::Request(request) = next(inbound).await? else {
-        return Err(Status::invalid_argument("Hello is followed by the build request"));
+        return Err(Status::invalid_argument(
+            "Hello is followed by the build request",
+        ));
     };
     Ok((hello, request))
 }

@@ -37,18 +37,24 @@ pub struct Peer {
     /// The stream itself, for output bytes (bounded: a slow client slows the export).
     out: mpsc::Sender<Result<BuilderMessage, Status>>,
     /// Senders are taken when the client leaves, so that whoever waits learns it.
-    stats: (
-        Mutex<Option<mpsc::UnboundedSender<proto::ContextStats>>>,
-        tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::ContextStats>>,
-    ),
-    files: (
-        Mutex<Option<mpsc::Sender<proto::FileChunk>>>,
-        Arc<tokio::sync::Mutex<mpsc::Receiver<proto::FileChunk>>>,
-    ),
+    stats: StatsIn,
+    files: FilesIn,
     secrets: Mutex<HashMap<String, oneshot::Sender<proto::SecretValue>>>,
     conns: Conns,
     next_conn: Arc<AtomicU32>,
 }
+
+/// The client's context stats: taken by the dispatcher, waited for by the build.
+type StatsIn = (
+    Mutex<Option<mpsc::UnboundedSender<proto::ContextStats>>>,
+    tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::ContextStats>>,
+);
+
+/// The client's context files, the same way (bounded: a slow disk slows the client).
+type FilesIn = (
+    Mutex<Option<mpsc::Sender<proto::FileChunk>>>,
+    Arc<tokio::sync::Mutex<mpsc::Receiver<proto::FileChunk>>>,
+);
 
 /// Open ssh agent connections: where the client's bytes for each go.
 type Conns = Arc<Mutex<HashMap<u32, std::sync::mpsc::Sender<proto::SshChunk>>>>;
@@ -72,7 +78,10 @@ impl Peer {
             ctl,
             out,
             stats: (Mutex::new(Some(stats.0)), tokio::sync::Mutex::new(stats.1)),
-            files: (Mutex::new(Some(files.0)), Arc::new(tokio::sync::Mutex::new(files.1))),
+            files: (
+                Mutex::new(Some(files.0)),
+                Arc::new(tokio::sync::Mutex::new(files.1)),
+            ),
             secrets: Default::default(),
             conns: Default::default(),
             next_conn: Arc::new(AtomicU32::new(1)),
@@ -84,7 +93,11 @@ impl Peer {
     }
 
     /// Routes what the client sends to whoever waits for it; the client leaving cancels the build.
-    pub async fn dispatch(self: Arc<Self>, mut inbound: Streaming<ClientMessage>, cancel: Arc<Cancel>) {
+    pub async fn dispatch(
+        self: Arc<Self>,
+        mut inbound: Streaming<ClientMessage>,
+        cancel: Arc<Cancel>,
+    ) {
         loop {
             let m = match inbound.message().await {
                 Ok(Some(ClientMessage { msg: Some(m) })) => m,
@@ -94,7 +107,10 @@ impl Peer {
                     break;
                 }
                 Err(e) => {
-                    cancel.cancel(&format!("the connection to the client was lost ({})", e.message()));
+                    cancel.cancel(&format!(
+                        "the connection to the client was lost ({})",
+                        e.message()
+                    ));
                     break;
                 }
             };
@@ -150,7 +166,10 @@ impl Peer {
         loop {
             let batch = rx.recv().await.ok_or_else(gone)?;
             if !batch.error.is_empty() {
-                return Err(BuildError::Session(format!("the client's build context: {}", batch.error)));
+                return Err(BuildError::Session(format!(
+                    "the client's build context: {}",
+                    batch.error
+                )));
             }
             all.extend(batch.entries);
             if all.len() > MAX_ENTRIES {
@@ -273,9 +292,9 @@ impl Dial {
                 close,
             }))
         };
-        self.ctl
-            .send(chunk(Vec::new(), false))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+        self.ctl.send(chunk(Vec::new(), false)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })?;
         let mut w = ours.try_clone()?;
         std::thread::spawn(move || {
             for c in rx {
@@ -290,7 +309,12 @@ impl Dial {
         std::thread::spawn(move || {
             let mut buf = vec![0; 16 << 10];
             let send = |data: Vec<u8>, close| {
-                let c = proto::SshChunk { conn, id: id.clone(), data, close };
+                let c = proto::SshChunk {
+                    conn,
+                    id: id.clone(),
+                    data,
+                    close,
+                };
                 ctl.send(msg(Msg::Ssh(c))).is_ok()
             };
             while let Ok(n @ 1..) = r.read(&mut buf) {
@@ -312,20 +336,22 @@ struct OutputWriter {
 }
 
 impl OutputWriter {
-    fn chunk(&self, data: Vec<u8>, eof: bool) -> Result<BuilderMessage, Status> {
-        Ok(msg(Msg::Output(proto::OutputChunk {
+    fn chunk(&self, data: Vec<u8>, eof: bool) -> BuilderMessage {
+        msg(Msg::Output(proto::OutputChunk {
             index: self.index,
             data,
             eof,
-        })))
+        }))
     }
 }
 
 impl Write for OutputWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.out
-            .blocking_send(self.chunk(buf.to_vec(), false))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+            .blocking_send(Ok(self.chunk(buf.to_vec(), false)))
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+            })?;
         Ok(buf.len())
     }
 
@@ -337,10 +363,10 @@ impl Write for OutputWriter {
 impl Drop for OutputWriter {
     fn drop(&mut self) {
         // On a thread of its own: a blocking send may not run on the async runtime's threads.
-        let eof = self.chunk(Vec::new(), true);
+        let eof = Ok(self.chunk(Vec::new(), true));
         let out = &self.out;
         std::thread::scope(|s| {
-            s.spawn(|| out.blocking_send(eof));
+            s.spawn(|| drop(out.blocking_send(eof)));
         });
     }
 }

@@ -65,7 +65,10 @@ pub async fn dial_stdio(path: &Path) -> std::io::Result<()> {
     let sock = tokio::net::UnixStream::connect(path).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("connect to the builder at unix://{}: {e}; is `strata serve` running there?", path.display()),
+            format!(
+                "connect to the builder at unix://{}: {e}; is `strata serve` running there?",
+                path.display()
+            ),
         )
     })?;
     let (mut from_sock, mut to_sock) = sock.into_split();

@@ -101,7 +101,11 @@ enum Cmd {
     )]
     DialStdio {
         /// The builder's socket
-        #[arg(long, default_value = "unix:///run/strata/buildd.sock", value_name = "unix:///PATH")]
+        #[arg(
+            long,
+            default_value = "unix:///run/strata/buildd.sock",
+            value_name = "unix:///PATH"
+        )]
         addr: String,
     },
     /// Developer tools

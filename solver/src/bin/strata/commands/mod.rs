@@ -122,7 +122,11 @@ pub struct BuildArgs {
 #[derive(Args)]
 pub struct ServeArgs {
     /// Socket to listen on
-    #[arg(long, default_value = "unix:///run/strata/buildd.sock", value_name = "unix:///PATH")]
+    #[arg(
+        long,
+        default_value = "unix:///run/strata/buildd.sock",
+        value_name = "unix:///PATH"
+    )]
     pub address: String,
     /// Group whose members may use the socket (mode 0660); default: root only (0600)
     #[arg(long, value_name = "NAME|GID")]

@@ -34,8 +34,16 @@ pub fn prune(
         keep_storage: keep_storage.map(gc::parse_size).transpose()?,
     };
     let r = gc::prune(&w, &policy)?;
+    // Context copies are dropped by age (--keep-duration) or all at once (no limits).
+    let contexts = match (policy.keep_duration, policy.keep_storage) {
+        (None, Some(_)) => 0,
+        (keep, _) => strata_solver::service::context::prune(
+            &cli.root.join("contexts"),
+            keep.map(std::time::Duration::from_secs),
+        )?,
+    };
     println!(
-        "removed {} cache records, freed {}",
+        "removed {} cache records, freed {}; removed {contexts} clients' context copies",
         r.records,
         human_size(r.freed)
     );

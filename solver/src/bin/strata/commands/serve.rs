@@ -21,6 +21,8 @@ pub async fn dial_stdio(address: &str) -> anyhow::Result<()> {
 fn unix_path(address: &str) -> anyhow::Result<&str> {
     match address.strip_prefix("unix://") {
         Some(p) if p.starts_with('/') => Ok(p),
-        _ => anyhow::bail!("--addr {address:?}: use unix:///ABSOLUTE/PATH (e.g. unix:///run/strata/buildd.sock)"),
+        _ => anyhow::bail!(
+            "--addr {address:?}: use unix:///ABSOLUTE/PATH (e.g. unix:///run/strata/buildd.sock)"
+        ),
     }
 }
