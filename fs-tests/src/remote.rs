@@ -130,6 +130,11 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(ns: &Netns) -> Sshd {
+        Sshd::start_with(ns, &[])
+    }
+
+    /// With more environment for its sessions (e.g. DOCKER_HOST for `docker system dial-stdio`).
+    pub fn start_with(ns: &Netns, env: &[(&str, &str)]) -> Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["host_key", "client_key"] {
@@ -154,8 +159,9 @@ impl Sshd {
         let bin = d.join("bin");
         std::fs::create_dir(&bin).unwrap();
         std::os::unix::fs::symlink(crate::workspace_bin("strata"), bin.join("strata")).unwrap();
+        let extra: String = env.iter().map(|(k, v)| format!(" {k}={v}")).collect();
         let config = format!(
-            "ListenAddress {}:22\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSetEnv PATH={}:/usr/sbin:/usr/bin:/sbin:/bin\n",
+            "ListenAddress {}:22\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSetEnv PATH={}:/usr/sbin:/usr/bin:/sbin:/bin{extra}\n",
             ns.remote,
             bin.display(),
             d = d.display()
@@ -194,6 +200,19 @@ impl Sshd {
     pub fn ssh_command(&self) -> String {
         let d = self.dir.path().display();
         format!("ssh -i {d}/client_key -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes")
+    }
+
+    /// A directory whose `ssh` is [`Sshd::ssh_command`]: put first on a client's PATH, it serves
+    /// clients that run plain `ssh` (docker's CLI).
+    pub fn client_path(&self) -> PathBuf {
+        let dir = self.dir.path().join("client-bin");
+        let _ = std::fs::create_dir(&dir);
+        let cmd = self.ssh_command().replacen("ssh", "/usr/bin/ssh", 1);
+        let script = dir.join("ssh");
+        std::fs::write(&script, format!("#!/bin/sh\nexec {cmd} \"$@\"\n")).unwrap();
+        let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+        std::fs::set_permissions(&script, mode).unwrap();
+        dir
     }
 
     /// Takes `strata` off the sessions' PATH.
