@@ -116,6 +116,7 @@ impl Drop for Netns {
             .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
+            .stderr(Stdio::null())
             .status();
     }
 }

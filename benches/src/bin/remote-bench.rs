@@ -55,10 +55,10 @@ fn main() {
     let mb: usize = std::env::args().nth(1).map_or(64, |s| s.parse().expect("CONTEXT_MB"));
     let rates = std::env::args().nth(2).unwrap_or_else(|| "20mbit,unlimited".into());
     let store = Strata::new();
-    let builder = Builder::start(None, store.root.path());
     store.dockerfile("FROM busybox\n");
     let archive = store.root.path().join("busybox-docker.tar");
     store.build_ok(&["--output", &format!("type=docker,dest={},name=busybox:latest", archive.display())]);
+    let builder = Builder::start(None, store.root.path());
     let dockerd = Dockerd::start("overlay2", &[]);
     dockerd.load(&archive);
     println!("remote builds over ssh: {mb} MiB context of 2000 files; strata serve vs dockerd 20.10 (BuildKit)");
