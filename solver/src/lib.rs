@@ -28,6 +28,7 @@ pub mod remote_cache;
 pub mod secrets;
 pub mod service;
 pub mod solver;
+pub mod source;
 pub mod spec;
 pub mod volumes;
 pub mod worker;

@@ -10,6 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use prost::Message;
 use strata_image::content::Digest;
 
+/// Metadata key of an op's progress name (BuildKit's).
+pub const CUSTOM_NAME: &str = "llb.customname";
+
 #[derive(Clone, PartialEq, Message)]
 pub struct Op {
     #[prost(message, repeated, tag = "1")]

@@ -16,11 +16,12 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::db::{now, CacheRecord};
-use crate::dockerfile::convert::CUSTOM_NAME;
+use crate::llb::CUSTOM_NAME;
 use crate::llb::{op, Graph, Op};
 use crate::progress::Progress;
+use crate::source::Keyed;
 use crate::worker::mounts::Session;
-use crate::worker::{tree::Source, Context, Ref, Worker, WorkerError};
+use crate::worker::{Context, Ref, Worker, WorkerError};
 use strata_image::content::Digest;
 use strata_image::nonce;
 
@@ -125,6 +126,29 @@ impl Solver {
             .unwrap_or_else(|| digest.to_string())
     }
 
+    /// A source op's key content (on the blocking pool), shown as a step when it downloads.
+    async fn source_key(
+        &self,
+        op: &crate::llb::SourceOp,
+        name: &str,
+    ) -> Result<Keyed, WorkerError> {
+        let source = crate::source::Source::of(op)?;
+        let shown = source.fetches().then(|| self.progress.clone());
+        let (worker, context, name) = (self.worker.clone(), self.context.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            let v = shown.as_ref().map(|p| p.vertex(&name));
+            let keyed = source.key(&worker, context.as_deref());
+            match (v, &keyed) {
+                (Some(v), Ok(_)) => v.done(),
+                (Some(v), Err(e)) => v.error(&e.to_string()),
+                (None, _) => {}
+            }
+            keyed
+        })
+        .await
+        .map_err(|e| WorkerError::Exec(e.to_string()))?
+    }
+
     async fn run_vertex(self: Arc<Self>, digest: String) -> Outcome {
         let op = self.graph.ops[&digest].clone();
         let name = self.name(&digest);
@@ -139,57 +163,14 @@ impl Solver {
                 .await;
         let inputs: Vec<Arc<Done>> = inputs.into_iter().collect::<Result<_, _>>()?;
 
-        // The context's content checksum belongs in the key of the source that selects it.
-        let mut checksum = String::new();
-        if let Some(op::Kind::Source(s)) = &op.kind {
-            if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
-                // A download's key is its content: fetched (once, into the content store) first.
-                let worker = self.worker.clone();
-                let (url, sum) = (s.identifier.clone(), s.attrs.get("checksum").cloned());
-                let v = self.progress.vertex(&name);
-                let fetched =
-                    tokio::task::spawn_blocking(move || worker.fetch_url(&url, sum.as_deref()))
-                        .await
-                        .map_err(|e| fail(WorkerError::Exec(e.to_string())))?;
-                match &fetched {
-                    Ok(_) => v.done(),
-                    Err(e) => v.error(&e.to_string()),
-                }
-                checksum = fetched.map_err(fail)?;
-            } else if let Some(r) = s
-                .identifier
-                .strip_prefix("docker-image://")
-                .filter(|r| !r.contains('@'))
-            {
-                // An unpinned image (from an external frontend): its key is what the tag names now.
-                let (worker, r) = (self.worker.clone(), r.to_string());
-                checksum = tokio::task::spawn_blocking(move || worker.image_digest(&r))
-                    .await
-                    .map_err(|e| fail(WorkerError::Exec(e.to_string())))?
-                    .map_err(fail)?;
-            } else if s.identifier.starts_with("local://") {
-                let ctx = self
-                    .context
-                    .clone()
-                    .ok_or_else(|| fail(WorkerError::Copy("this build has no context".into())))?;
-                let patterns: Vec<String> = s
-                    .attrs
-                    .get("includepatterns")
-                    .and_then(|p| serde_json::from_str(p).ok())
-                    // No patterns: the whole context, as in BuildKit.
-                    .unwrap_or_else(|| vec![String::new()]);
-                checksum = tokio::task::spawn_blocking(move || {
-                    Source {
-                        root: &ctx.dir,
-                        ignore: Some(&ctx.ignore),
-                    }
-                    .checksum(&patterns)
-                })
-                .await
-                .map_err(|e| fail(WorkerError::Exec(e.to_string())))?
-                .map_err(|e| fail(WorkerError::Copy(format!("read build context: {e}"))))?;
+        // A source's content (context files, a download, what a tag names) is part of its key.
+        let (checksum, ready) = match &op.kind {
+            Some(op::Kind::Source(s)) => {
+                let keyed = self.source_key(s, &name).await.map_err(fail)?;
+                (keyed.checksum, keyed.ready)
             }
-        }
+            _ => (String::new(), None),
+        };
         let mut h = Sha256::new();
         h.update(&digest);
         for i in &inputs {
@@ -199,24 +180,6 @@ impl Solver {
         h.update(b"\n");
         h.update(&checksum);
         let key = Digest::from_hasher(h).to_string();
-        if let Some(op::Kind::Source(s)) = &op.kind {
-            if s.identifier.starts_with("http") {
-                let url = s.identifier.split(['?', '#']).next().unwrap_or("");
-                let name = url
-                    .rsplit('/')
-                    .next()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("index.html")
-                    .to_string();
-                return Ok(Arc::new(Done {
-                    key,
-                    result: Ref::Http {
-                        digest: checksum,
-                        name,
-                    },
-                }));
-            }
-        }
 
         // Equal cache keys run once, whatever their digests.
         let shared = {
@@ -226,7 +189,7 @@ impl Solver {
                 None => {
                     let this = self.clone();
                     let (d, k) = (digest.clone(), key.clone());
-                    let f = async move { this.execute(d, k, op, inputs).await }
+                    let f = async move { this.execute(d, k, op, inputs, ready).await }
                         .boxed()
                         .shared();
                     by_key.insert(key.clone(), f.clone());
@@ -243,6 +206,7 @@ impl Solver {
         key: String,
         op: Op,
         inputs: Vec<Arc<Done>>,
+        ready: Option<Ref>,
     ) -> Outcome {
         let name = self.name(&digest);
         let fail = |source: WorkerError| {
@@ -267,12 +231,11 @@ impl Solver {
             }))
         };
 
-        match &op.kind {
-            Some(op::Kind::Source(s)) if s.identifier.starts_with("local://") => {
-                return done(Ref::Context)
-            }
-            None => return Err(fail(WorkerError::Exec("empty op".into()))),
-            _ => {}
+        if let Some(result) = ready {
+            return done(result);
+        }
+        if op.kind.is_none() {
+            return Err(fail(WorkerError::Exec("empty op".into())));
         }
         // Another build of this builder running the same step finishes it first.
         let _step = self.worker.steps.lock(&key).await;
@@ -381,19 +344,7 @@ fn run_op(
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<Ref, WorkerError> {
     match op.kind.as_ref().expect("checked") {
-        op::Kind::Source(s) => {
-            let Some(rest) = s.identifier.strip_prefix("docker-image://") else {
-                return Err(WorkerError::Image(format!(
-                    "source {} is not supported by this version",
-                    s.identifier
-                )));
-            };
-            let digest = worker.image_digest(rest)?;
-            Ok(match worker.unpack(&digest)? {
-                Some(top) => Ref::Snapshot(top),
-                None => Ref::Scratch,
-            })
-        }
+        op::Kind::Source(s) => crate::source::Source::of(s)?.run(worker),
         op::Kind::Exec(e) => {
             let refs: Vec<Ref> = inputs.iter().map(|d| d.result.clone()).collect();
             let name = result_name(worker, key);

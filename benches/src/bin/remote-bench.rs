@@ -38,7 +38,11 @@ fn context(dir: &Path, mb: usize, seed: u64) {
 fn measure(ns: &Netns, mut cmd: Command) -> Cost {
     let (bytes, t) = (ns.sent(), Instant::now());
     let out = cmd.output().expect("run the client");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (t.elapsed().as_secs_f64(), ns.sent() - bytes)
 }
 
@@ -52,42 +56,66 @@ fn rounds(ns: &Netns, ctx: &Path, client: impl Fn() -> Command) -> [Cost; 3] {
 }
 
 fn main() {
-    let mb: usize = std::env::args().nth(1).map_or(64, |s| s.parse().expect("CONTEXT_MB"));
-    let rates = std::env::args().nth(2).unwrap_or_else(|| "20mbit,unlimited".into());
+    let mb: usize = std::env::args()
+        .nth(1)
+        .map_or(64, |s| s.parse().expect("CONTEXT_MB"));
+    let rates = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "20mbit,unlimited".into());
     let store = Strata::new();
     store.dockerfile("FROM busybox\n");
     let archive = store.root.path().join("busybox-docker.tar");
-    store.build_ok(&["--output", &format!("type=docker,dest={},name=busybox:latest", archive.display())]);
+    store.build_ok(&[
+        "--output",
+        &format!("type=docker,dest={},name=busybox:latest", archive.display()),
+    ]);
     let builder = Builder::start(None, store.root.path());
     let dockerd = Dockerd::start("overlay2", &[]);
     dockerd.load(&archive);
     println!("remote builds over ssh: {mb} MiB context of 2000 files; strata serve vs dockerd 20.10 (BuildKit)");
-    println!("{:<10} {:<14} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7}", "link", "build", "strata s", "strata MB", "docker s", "docker MB", "time", "bytes");
+    println!(
+        "{:<10} {:<14} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7}",
+        "link", "build", "strata s", "strata MB", "docker s", "docker MB", "time", "bytes"
+    );
     for (n, rate) in rates.split(',').enumerate() {
         let ns = Netns::new((rate != "unlimited").then_some(rate));
         let host = format!("unix://{}", dockerd.socket());
         let sshd = Sshd::start_with(&ns, &[("DOCKER_HOST", &host)]);
-        let path = format!("{}:{}", sshd.client_path().display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            sshd.client_path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let (sctx, dctx) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         context(sctx.path(), mb, 2 * n as u64 + 1);
         context(dctx.path(), mb, 2 * n as u64 + 2);
         let address = format!("ssh://root@{}{}", sshd.address, builder.socket.display());
         let strata = rounds(&ns, sctx.path(), || {
             let mut c = Command::new(strata_fs_tests::workspace_bin("strata"));
-            c.args(["build", "--progress", "quiet", "--builder", &address]).arg(sctx.path()).env("PATH", &path);
+            c.args(["build", "--progress", "quiet", "--builder", &address])
+                .arg(sctx.path())
+                .env("PATH", &path);
             c
         });
         let docker_host = format!("ssh://root@{}", sshd.address);
         let docker = rounds(&ns, dctx.path(), || {
             let mut c = Command::new(DOCKER);
             c.args(["build", "-q", "--network=none"]).arg(dctx.path());
-            c.env("PATH", &path).env("DOCKER_HOST", &docker_host).env("DOCKER_BUILDKIT", "1");
+            c.env("PATH", &path)
+                .env("DOCKER_HOST", &docker_host)
+                .env("DOCKER_BUILDKIT", "1");
             c
         });
         for (i, name) in ["cold", "1 file changed", "no change"].iter().enumerate() {
             let ((st, sb), (dt, db)) = (strata[i], docker[i]);
             let mbs = |b: u64| b as f64 / 1e6;
-            println!("{rate:<10} {name:<14} {st:>9.2} {:>11.2} {dt:>9.2} {:>11.2} {:>7.2} {:>7.2}", mbs(sb), mbs(db), st / dt, sb as f64 / db.max(1) as f64);
+            println!(
+                "{rate:<10} {name:<14} {st:>9.2} {:>11.2} {dt:>9.2} {:>11.2} {:>7.2} {:>7.2}",
+                mbs(sb),
+                mbs(db),
+                st / dt,
+                sb as f64 / db.max(1) as f64
+            );
         }
     }
     drop(builder);

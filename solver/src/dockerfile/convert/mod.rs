@@ -51,8 +51,7 @@ pub struct Converted {
     pub syntax: Option<String>,
 }
 
-/// Metadata key of an op's progress name.
-pub const CUSTOM_NAME: &str = "llb.customname";
+pub use crate::llb::CUSTOM_NAME;
 
 struct Stage {
     name: Option<String>,
