@@ -43,7 +43,7 @@ pub fn prune(
         )?,
     };
     println!(
-        "removed {} cache records, freed {}; removed {contexts} clients' context copies",
+        "removed {} cache records, freed {}; {contexts} clients' context copies removed",
         r.records,
         human_size(r.freed)
     );
