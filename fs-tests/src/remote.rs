@@ -21,6 +21,15 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
+/// A new unencrypted ed25519 key at `path` (and `path.pub`) with `comment`.
+pub fn keygen(path: &Path, comment: &str) {
+    let p = path.to_str().expect("UTF-8 path");
+    run(
+        "ssh-keygen",
+        &["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", p],
+    );
+}
+
 /// A network namespace joined to this one by a veth pair: `host` here, `remote` inside.
 pub struct Netns {
     pub name: String,
@@ -139,20 +148,7 @@ impl Sshd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for key in ["host_key", "client_key"] {
-            run(
-                "ssh-keygen",
-                &[
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    key,
-                    "-f",
-                    d.join(key).to_str().unwrap(),
-                ],
-            );
+            keygen(&d.join(key), key);
         }
         std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();

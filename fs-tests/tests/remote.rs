@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use strata_fs_tests::image::{self, noise};
-use strata_fs_tests::remote::{Builder, Netns, Sshd};
+use strata_fs_tests::remote::{keygen, Builder, Netns, Sshd};
 use strata_fs_tests::strata::Strata;
 
 const MIB: u64 = 1 << 20;
@@ -173,21 +173,7 @@ fn secrets_and_ssh_agents_stay_on_the_client() {
     std::fs::write(&secret, &value).unwrap();
     write(ctx.path(), ".dockerignore", b"token\nkey*\n");
     let key = ctx.path().join("key");
-    let keygen = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "the-clients-key",
-            "-f",
-        ])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(keygen.success());
+    keygen(&key, "the-clients-key");
     write(
         ctx.path(),
         "Dockerfile",
