@@ -311,6 +311,30 @@ fn two_clients_on_one_builder_run_a_shared_step_once() {
         ["CACHED", "DONE"],
         "one build ran the shared step, the other waited for it:\n{outs:#?}"
     );
+    // --load: the result also lands in the client's own store.
+    let local = Strata::empty();
+    let loaded = Command::new(strata_fs_tests::workspace_bin("strata"))
+        .arg("--root")
+        .arg(local.root.path())
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--builder",
+            &address,
+            "--load",
+            "-t",
+            "loaded:1",
+        ])
+        .arg(contexts[0].path())
+        .output()
+        .unwrap();
+    ok(loaded);
+    let ls = local.run(&["images", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&ls.stdout).contains("loaded:1"),
+        "{ls:?}"
+    );
     assert_eq!(builder.stop(), Some(0), "SIGTERM stops the builder cleanly");
 }
 

@@ -12,6 +12,7 @@ use crate::Cli;
 
 pub async fn run(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
     let printer = Arc::new(Printer::new(args.progress));
+    let mut req = request(args)?;
     let conn = match &args.builder {
         Some(addr) => connect::connect(&connect::Address::parse(addr)?).await?,
         None => {
@@ -19,7 +20,26 @@ pub async fn run(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
             connect::in_process(serve::in_process(service)).await?
         }
     };
-    client::build(conn, &request(args)?, printer).await?;
+    // --load: the image comes back as an OCI archive and goes into the local store (a builder in
+    // this process already wrote it there).
+    let load = (args.load && args.builder.is_some())
+        .then(tempfile::tempdir)
+        .transpose()?;
+    if let Some(dir) = &load {
+        let name = args
+            .tags
+            .first()
+            .context("--load needs a name: add -t NAME")?;
+        let dest = dir.path().join("load.tar");
+        req.outputs
+            .push(format!("type=oci,dest={},name={name}", dest.display()));
+    }
+    client::build(conn, &req, printer).await?;
+    if let Some(dir) = load {
+        for name in open_worker(cli)?.load_archive(&dir.path().join("load.tar"))? {
+            eprintln!("loaded {name} into {}", cli.root.display());
+        }
+    }
     Ok(())
 }
 

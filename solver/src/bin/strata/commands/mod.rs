@@ -117,6 +117,10 @@ pub struct BuildArgs {
     /// ssh; STRATA_SSH_COMMAND replaces `ssh`). Default: a builder in this process, on --root
     #[arg(long, env = "STRATA_BUILDER", value_name = "ADDRESS")]
     pub builder: Option<String>,
+    /// With --builder: also load the result (named by the first -t) into this machine's store
+    /// under --root
+    #[arg(long)]
+    pub load: bool,
 }
 
 #[derive(Args)]
