@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+/// Held while a namespace picks its addresses, so that two tests never pick the same.
+static PICKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().expect(cmd);
@@ -30,6 +32,20 @@ pub fn keygen(path: &Path, comment: &str) {
     );
 }
 
+/// A /30 of TEST-NET-2 (198.51.100.4k/30, k in 1..=62) that no interface here uses yet, from
+/// `seed` on: a test killed earlier may have left its link behind.
+fn free_slot(seed: u32) -> u32 {
+    let out = Command::new("ip")
+        .args(["-br", "addr"])
+        .output()
+        .expect("ip");
+    let used = String::from_utf8_lossy(&out.stdout).into_owned();
+    (0..62)
+        .map(|i| (seed + i) % 62 + 1)
+        .find(|k| !used.contains(&format!("198.51.100.{}/30", k * 4 + 1)))
+        .expect("a free /30 in 198.51.100.0/24")
+}
+
 /// A network namespace joined to this one by a veth pair: `host` here, `remote` inside.
 pub struct Netns {
     pub name: String,
@@ -44,7 +60,8 @@ impl Netns {
     pub fn new(rate: Option<&str>) -> Netns {
         crate::require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let slot = (std::process::id() * 7 + n) % 62 + 1;
+        let picking = PICKING.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = free_slot(std::process::id() * 7 + n);
         let ns = Netns {
             name: format!("strata-t{}-{n}", std::process::id()),
             veth: format!("st{}x{n}", std::process::id() % 100_000),
@@ -65,6 +82,7 @@ impl Netns {
             &["addr", "add", &format!("{}/30", ns.host), "dev", &ns.veth],
         );
         run("ip", &["link", "set", &ns.veth, "up"]);
+        drop(picking);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns.name, "ip"];
             all.extend_from_slice(args);
