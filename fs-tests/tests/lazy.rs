@@ -511,7 +511,19 @@ fn estargz_and_zstd_chunked_layers_from_ctr_remote_are_served() {
                 "{err}"
             );
         }
-        let text = pull_lazy(&c, &image);
+        let out = try_pull_lazy(&c, &image);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            // Whose fault: the converter's manifest is part of the report.
+            use strata_image::registry::{Client, Options, Reference};
+            let r = Reference::parse(&image).unwrap();
+            let (bytes, _, _) = Client::new(Options::default()).manifest(&r).unwrap();
+            panic!(
+                "pull --lazy {image}: {text}\nmanifest: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
         assert!(text.contains("mounted lazily"), "{format}: {text}");
         let st = d.lazy_metrics();
         let before = metric(&st, "strata_lazy_fetched_bytes_total");
