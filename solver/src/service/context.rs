@@ -100,6 +100,9 @@ pub struct Synced {
     pub removed: usize,
 }
 
+/// How much more than their stat sizes the files of one sync may turn out to hold.
+const GROWTH: u64 = 64 << 20;
+
 const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
@@ -318,13 +321,16 @@ fn receive(
     chunks: &mut dyn Iterator<Item = FileChunk>,
 ) -> Result<(usize, u64), SyncError> {
     let wanted: HashSet<u32> = wanted.iter().copied().collect();
+    // Files may grow between the client's stat and its read, but not without bound.
+    let budget = GROWTH + wanted.iter().map(|i| stats[*i as usize].size).sum::<u64>();
     let mut open: Option<(u32, fs::File, PathBuf)> = None;
-    let (mut files, mut bytes) = (0, 0u64);
-    while files < wanted.len() {
+    let mut done = HashSet::new();
+    let mut bytes = 0u64;
+    while done.len() < wanted.len() {
         let Some(c) = chunks.next() else { break };
         let s = stats
             .get(c.id as usize)
-            .filter(|_| wanted.contains(&c.id))
+            .filter(|_| wanted.contains(&c.id) && !done.contains(&c.id))
             .ok_or_else(|| SyncError::Client(format!("it sent file {} unasked", c.id)))?;
         if !c.error.is_empty() {
             return Err(SyncError::Client(format!("{}: {}", s.path, c.error)));
@@ -338,22 +344,28 @@ fn receive(
         f.write_all(&c.data)
             .map_err(io_err(format!("write {}", s.path)))?;
         bytes += c.data.len() as u64;
+        if bytes > budget {
+            return Err(SyncError::Client(format!(
+                "it sent more than {budget} bytes for files of {} bytes",
+                budget - GROWTH
+            )));
+        }
         if c.eof {
             let path = tree.join(&s.path);
             fs::rename(&*tmp, &path).map_err(io_err(format!("write {}", s.path)))?;
             finish(&path, s)?;
-            files += 1;
+            done.insert(c.id);
             open = None;
         }
     }
-    if files != wanted.len() {
+    if done.len() != wanted.len() {
         return Err(SyncError::Client(format!(
             "{} of {} files arrived",
-            files,
+            done.len(),
             wanted.len()
         )));
     }
-    Ok((files, bytes))
+    Ok((done.len(), bytes))
 }
 
 /// Owner, mode, xattrs and times as the client has them (symlinks: owner and times only).
@@ -455,6 +467,17 @@ mod tests {
         assert_eq!(sync(&f, 7_000).files_sent, 1);
         assert_eq!(fs::read(copy.tree().join("f")).unwrap(), b"abc");
         assert_eq!(sync(&stat("g", S_IFDIR | 0o755), 8_000).removed, 1);
+        // A client that sends far more than it listed, or a file twice, is refused.
+        let mut huge = stat("h", S_IFREG | 0o644);
+        huge.size = 1;
+        let flood = std::iter::repeat_with(|| FileChunk {
+            id: 0,
+            data: vec![0; 1 << 20],
+            ..Default::default()
+        });
+        let mut fetch = |_: Vec<u32>| Ok(());
+        let e = copy.sync(vec![huge], 9_000, &mut fetch, &mut flood.take(100));
+        assert!(matches!(e, Err(SyncError::Client(_))), "{e:?}");
         assert!(!copy.tree().join("f").exists());
     }
 }
