@@ -103,15 +103,12 @@ mod tests {
         for root in [old.path(), new.path()] {
             fs::create_dir_all(root.join("etc/sub")).unwrap();
             fs::write(root.join("etc/same"), "x").unwrap();
+            // The same times in both trees: created a clock tick apart (a loaded machine), the
+            // directories would differ by their mtimes.
             let t = TimeSpec::new(1_600_000_000, 0);
-            utimensat(
-                None,
-                &root.join("etc/same"),
-                &t,
-                &t,
-                UtimensatFlags::NoFollowSymlink,
-            )
-            .unwrap();
+            for p in ["etc/same", "etc/sub"] {
+                utimensat(None, &root.join(p), &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
+            }
         }
         fs::write(old.path().join("etc/gone"), "g").unwrap();
         fs::write(new.path().join("etc/added"), "a").unwrap();
