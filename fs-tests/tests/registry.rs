@@ -138,11 +138,120 @@ fn build_cache_and_cache_mounts_travel_through_the_registry() {
         "127.0.0.1:1/nothing:here",
     ]);
     assert!(
-        b.progress.contains("is not a strata build cache"),
+        b.progress.contains("is not a strata build cache")
+            && b.progress.contains("no inline cache"),
         "{}",
         b.progress
     );
     assert!(b.progress.contains("runs 1"), "{}", b.progress);
+}
+
+#[test]
+fn build_caches_in_a_local_directory_and_inline_in_the_image() {
+    let dockerfile = "FROM busybox\n\
+        COPY src.txt /src.txt\n\
+        RUN echo built from $(cat /src.txt) > /out\n\
+        RUN echo second > /second\n";
+    let a = Strata::new();
+    a.dockerfile(dockerfile);
+    a.file("src.txt", "v1");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("ci/cache");
+    // A first CI run: no cache yet (a cold build that says so), one exported.
+    let from = format!("type=local,src={}", cache.display());
+    let to = format!("type=local,dest={},mode=max", cache.display());
+    let b = a.build_ok(&["--cache-from", &from, "--cache-to", &to]);
+    assert!(b.progress.contains("not imported"), "{}", b.progress);
+    assert!(
+        b.progress.contains("0 blobs already there"),
+        "{}",
+        b.progress
+    );
+    // An OCI layout, as BuildKit's local cache: the index names the cache by its tag.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).unwrap()).unwrap();
+    let entry = &index["manifests"][0];
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    let hex = entry["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    assert!(cache.join("blobs/sha256").join(hex).is_file());
+    assert!(cache.join("oci-layout").is_file());
+    let blobs = std::fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .count();
+
+    // Exported again unchanged: every blob is already there, none is sent.
+    let b = a.build_ok(&["--cache-to", &to]);
+    assert!(
+        b.progress.contains(&format!("{blobs} blobs already there")),
+        "{blobs} blobs:\n{}",
+        b.progress
+    );
+
+    // Another machine starts warm from the directory.
+    let m = Strata::new();
+    m.dockerfile(dockerfile);
+    m.file("src.txt", "v1");
+    let b = m.build_ok(&["--cache-from", &from]);
+    assert!(b.progress.contains(", 0 run"), "{}", b.progress);
+    // A blob altered in the directory (here the cache's config) is refused by its digest.
+    let blob = |d: &serde_json::Value| {
+        let hex = d["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        cache.join("blobs/sha256").join(hex)
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(entry)).unwrap()).unwrap();
+    let config = blob(&manifest["config"]);
+    let mut bytes = std::fs::read(&config).unwrap();
+    bytes.push(b' ');
+    std::fs::write(&config, bytes).unwrap();
+    let n = Strata::new();
+    n.dockerfile(dockerfile);
+    n.file("src.txt", "v1");
+    let b = n.build_ok(&["--cache-from", &from]);
+    assert!(b.progress.contains("not imported"), "{}", b.progress);
+    assert!(b.progress.contains(", 0 cached, 4 run"), "{}", b.progress);
+
+    // Inline: the image carries the records of its own layers under BuildKit's key.
+    let reg = Registry::start();
+    let image = format!("{}/app/inline:1", reg.host);
+    let push = format!("type=image,name={image},push=true");
+    a.build_ok(&["--cache-to", "type=inline", "--output", &push]);
+    let client = Client::new(Options::default());
+    let r = Reference::parse(&image).unwrap();
+    let (bytes, _, _) = client.manifest(&r).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut config = Vec::new();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    client.blob(&r, config_digest, &mut config).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert!(config["moby.buildkit.cache.v0"].is_string(), "{config:#}");
+    let c = Strata::new();
+    c.dockerfile(dockerfile);
+    c.file("src.txt", "v1");
+    let b = c.build_ok(&["--cache-from", &image]);
+    assert!(b.progress.contains(", 0 run"), "{}", b.progress);
+    // An image built FROM it does not carry its base's inline cache.
+    c.dockerfile(&format!("FROM {image}\nRUN echo more > /more\n"));
+    let derived = format!("{}/app/derived:1", reg.host);
+    c.build_ok(&["--output", &format!("type=image,name={derived},push=true")]);
+    let r = Reference::parse(&derived).unwrap();
+    let (bytes, _, _) = client.manifest(&r).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut config = Vec::new();
+    client
+        .blob(
+            &r,
+            manifest["config"]["digest"].as_str().unwrap(),
+            &mut config,
+        )
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&config).contains("moby.buildkit.cache"));
 }
 
 #[test]

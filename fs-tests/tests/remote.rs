@@ -357,3 +357,37 @@ fn end_of(progress: &str, step: &str) -> String {
         .unwrap_or_else(|| panic!("step {step:?} did not end:\n{progress}"))
         .to_string()
 }
+
+#[test]
+fn a_local_cache_lives_on_the_client_and_warms_another_builder() {
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        "Dockerfile",
+        b"FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt\n",
+    );
+    write(ctx.path(), "a.txt", b"cached\n");
+    let home = tempfile::tempdir().unwrap();
+    // A relative directory is the client's, taken from where the client runs.
+    let build = |builder: &Builder, args: &[&str]| {
+        let out = Command::new(strata_fs_tests::workspace_bin("strata"))
+            .current_dir(home.path())
+            .args(["build", "--progress", "plain", "--builder"])
+            .arg(builder.unix_address())
+            .args(args)
+            .arg(ctx.path())
+            .output()
+            .unwrap();
+        ok(out)
+    };
+    let (one, two) = (Strata::new(), Strata::new());
+    let first = Builder::start(None, one.root.path());
+    build(&first, &["--cache-to", "type=local,dest=ci-cache"]);
+    assert!(home.path().join("ci-cache/index.json").is_file());
+    let second = Builder::start(None, two.root.path());
+    let p = build(&second, &["--cache-from", "type=local,src=ci-cache"]);
+    assert!(
+        p.contains(", 0 run"),
+        "warm from the client's directory:\n{p}"
+    );
+}

@@ -3,7 +3,7 @@
 //! Field names follow the image spec; the config keeps Docker's capitalised names so `docker load`
 //! and containerd read it unchanged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -118,6 +118,13 @@ pub struct ImageConfig {
     pub rootfs: RootFs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
+    /// A build cache of the image's own layers, in BuildKit's key (base64 of its JSON).
+    #[serde(
+        rename = "moby.buildkit.cache.v0",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub inline_cache: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +191,6 @@ pub fn write_layout_archive(
     mtime: u64,
     out: impl Write,
 ) -> Result<(), OciError> {
-    let m: Manifest = read_json(store, &Digest::parse(&manifest.digest)?)?;
     let tag = name
         .rsplit_once(':')
         .filter(|(_, t)| !t.contains('/'))
@@ -195,11 +201,21 @@ pub fn write_layout_archive(
         .insert(ANNOTATION_IMAGE_NAME.into(), name.into());
     desc.annotations
         .insert(ANNOTATION_REF_NAME.into(), tag.into());
-    let index = Index {
-        schema_version: 2,
-        media_type: MEDIA_INDEX.into(),
-        manifests: vec![desc],
-    };
+    write_layout(store, desc, &HashSet::new(), mtime, out)?;
+    Ok(())
+}
+
+/// An OCI image layout tar whose index lists `manifest` (with its annotations), holding the
+/// blobs it reaches except those in `skip`; `index.json` comes last, once its blobs are there.
+/// Returns how many blobs it left out.
+pub fn write_layout(
+    store: &ContentStore,
+    manifest: Descriptor,
+    skip: &HashSet<String>,
+    mtime: u64,
+    out: impl Write,
+) -> Result<usize, OciError> {
+    let m: Manifest = read_json(store, &Digest::parse(&manifest.digest)?)?;
     let mut tar = tar::Builder::new(out);
     let mut add = |path: &str, reader: &mut dyn Read, size: u64| -> Result<(), OciError> {
         let mut h = tar::Header::new_ustar();
@@ -211,20 +227,28 @@ pub fn write_layout_archive(
     };
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     add("oci-layout", &mut &layout[..], layout.len() as u64)?;
-    let index = serde_json::to_vec(&index).expect("index serializes");
-    add("index.json", &mut &index[..], index.len() as u64)?;
     let mut blobs = vec![manifest.digest.clone(), m.config.digest.clone()];
     blobs.extend(m.layers.iter().map(|l| l.digest.clone()));
     blobs.dedup();
+    let all = blobs.len();
+    blobs.retain(|b| !skip.contains(b));
+    let left_out = all - blobs.len();
     for blob in blobs {
         let digest = Digest::parse(&blob)?;
         let size = store.size(&digest)?;
         let mut f = store.open_blob(&digest)?;
         add(&format!("blobs/sha256/{}", digest.hex()), &mut f, size)?;
     }
+    let index = Index {
+        schema_version: 2,
+        media_type: MEDIA_INDEX.into(),
+        manifests: vec![manifest],
+    };
+    let index = serde_json::to_vec(&index).expect("index serializes");
+    add("index.json", &mut &index[..], index.len() as u64)?;
     tar.into_inner()
         .map_err(|e| OciError::Archive(e.to_string()))?;
-    Ok(())
+    Ok(left_out)
 }
 
 /// An image found in a layout archive.
@@ -274,7 +298,7 @@ pub fn read_layout_archive(
 
 /// Stores every `blobs/sha256/*` of the archive (each checked against its name), recording the
 /// ones that were not in the store before in `added`; returns the archive's `index.json`.
-fn read_archive_blobs(
+pub fn read_archive_blobs(
     store: &ContentStore,
     input: impl Read,
     added: &mut Vec<Digest>,

@@ -193,6 +193,38 @@ pub(crate) fn layers(
     Ok(out)
 }
 
+/// The tar of `layer` (a blob in the store, compressed as `have`), decompressed as it is read.
+pub(crate) fn open_tar(
+    worker: &Worker,
+    layer: &Descriptor,
+    have: Compression,
+) -> Result<Box<dyn Read + Send>, WorkerError> {
+    let digest = Digest::parse(&layer.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
+    let src = std::io::BufReader::new(worker.content.open_blob(&digest)?);
+    Ok(match have {
+        Compression::Uncompressed => Box::new(src),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
+        Compression::Zstd | Compression::ZstdChunked => Box::new(
+            zstd::Decoder::with_buffer(src)
+                .map_err(|e| WorkerError::Image(format!("layer {}: {e}", layer.digest)))?,
+        ),
+    })
+}
+
+/// [`open_tar`] for a layer named by its media type.
+pub(crate) fn open_layer(
+    worker: &Worker,
+    layer: &Descriptor,
+) -> Result<Box<dyn Read + Send>, WorkerError> {
+    let have = Compression::of(&layer.media_type).ok_or_else(|| {
+        WorkerError::Image(format!(
+            "layer {} has media type {}, which this version cannot unpack",
+            layer.digest, layer.media_type
+        ))
+    })?;
+    open_tar(worker, layer, have)
+}
+
 /// Whether a layer compressed as `have` is written anew: new (uncompressed) layers always take
 /// the output's compression; base layers only with `force-compression=true`.
 fn needs_recompression(have: Compression, form: &LayerForm) -> bool {
@@ -226,14 +258,7 @@ fn recompress(
     }
     let fail =
         |e: std::io::Error| WorkerError::Image(format!("compress layer {}: {e}", layer.digest));
-    let src = std::io::BufReader::new(worker.content.open_blob(&parse(&layer.digest)?)?);
-    let tar: Box<dyn Read> = match have {
-        Compression::Uncompressed => Box::new(src),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
-        Compression::Zstd | Compression::ZstdChunked => {
-            Box::new(zstd::Decoder::with_buffer(src).map_err(fail)?)
-        }
-    };
+    let tar = open_tar(worker, layer, have)?;
     let mut w = worker.content.writer()?;
     let annotations = encode(tar, &mut w, target, level).map_err(fail)?;
     let digest = w.commit(None)?;

@@ -50,6 +50,15 @@ pub struct Init {
     pub gid: u32,
 }
 
+impl Init {
+    /// root's, 0755: for a volume that is only read if it exists.
+    pub const ROOT: Init = Init {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    };
+}
+
 /// A volume as listed by `strata cache ls`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {

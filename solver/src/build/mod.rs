@@ -5,7 +5,7 @@
 
 pub mod source;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -72,9 +72,11 @@ pub struct Request {
     /// The ids of the `--secret`s and `--ssh` agents the client holds.
     pub secret_ids: Vec<String>,
     pub ssh_ids: Vec<String>,
-    /// `--cache-to` / `--cache-from` specs.
+    /// `--cache-to` / `--cache-from` specs (a local cache's directory absolute, on the client).
     pub cache_to: Vec<String>,
     pub cache_from: Vec<String>,
+    /// For each `--cache-to type=local`, by its index: the blobs its directory holds already.
+    pub cache_have: HashMap<usize, HashSet<String>>,
     /// Steps run at once (default: the number of CPUs).
     pub max_parallelism: Option<usize>,
     /// `SOURCE_DATE_EPOCH`: timestamps for reproducible digests.
@@ -96,8 +98,17 @@ pub trait Client: Send + Sync {
     async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError>;
     /// Connections to the client's ssh agent `id`.
     fn ssh(&self, id: &str) -> Dialer;
-    /// Where output `index` (a `type=local|oci|docker` output) goes: to the client.
+    /// Where output `index` (a `type=local|oci|docker` output) goes: to the client. The caches
+    /// of `--cache-to type=local` follow the `--output`s: cache `i` is output `outputs.len() + i`.
     fn output(&self, index: usize) -> Box<dyn Write + Send>;
+    /// The builder's copy of the directory of `--cache-from` `index` (a `type=local` cache at
+    /// `path` on the client), up to date.
+    async fn cache_dir(
+        &self,
+        index: usize,
+        path: &str,
+        progress: &Progress,
+    ) -> Result<PathBuf, BuildError>;
 }
 
 /// Runs `req` on `worker`, reporting to `progress`; `cancel` stops it.
@@ -140,8 +151,19 @@ pub async fn build(
     };
     let session = session(&graph, req, client.as_ref(), cancel).await?;
     let volume_ids = graph.cache_ids();
-    for spec in cache_from {
-        import_cache(&worker, spec, &progress).await?;
+    for (i, spec) in cache_from.into_iter().enumerate() {
+        let dir = match &spec {
+            // A directory that is not there yet (a first CI run) makes a cold build.
+            CacheSpec::Local { dir, .. } => match client.cache_dir(i, dir, &progress).await {
+                Ok(copy) => Some(copy),
+                Err(e) => {
+                    progress.note(&format!("--cache-from {dir}: not imported: {e}"));
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        import_cache(&worker, spec, dir, &progress).await?;
     }
     let context = dir.map(|dir| Context {
         dir,
@@ -160,6 +182,18 @@ pub async fn build(
     );
     let done = solver.solve().await?;
     let result = done.map(|d| d.result.clone()).unwrap_or(Ref::Scratch);
+    let built = Arc::new(remote_cache::Built {
+        keys: solver.keys(),
+        final_chain: final_chain(&worker, &result)?,
+        volume_ids,
+        epoch: req.epoch,
+    });
+    let mut config = config;
+    // A base image's inline cache names its layers only: never carried into this image.
+    config.inline_cache = None;
+    if cache_to.contains(&CacheSpec::Inline) {
+        config.inline_cache = Some(inline_cache(&worker, &built, &progress).await?);
+    }
     let streams = outputs
         .iter()
         .enumerate()
@@ -169,8 +203,11 @@ pub async fn build(
         &worker, &result, config, outputs, streams, req.epoch, &progress,
     )
     .await?;
-    for spec in cache_to {
-        export_cache(&worker, &solver, spec, &result, &volume_ids, &progress).await?;
+    for (i, spec) in cache_to.into_iter().enumerate() {
+        let to =
+            matches!(spec, CacheSpec::Local { .. }).then(|| client.output(req.outputs.len() + i));
+        let have = req.cache_have.get(&i).cloned().unwrap_or_default();
+        export_cache(&worker, spec, &built, to, have, &progress).await?;
     }
     trim_cache(&worker, &progress).await?;
     let s = solver.stats();
@@ -281,16 +318,21 @@ fn cache_specs(specs: &[String], flag: &str) -> Result<Vec<CacheSpec>, BuildErro
     specs.iter().map(parse).collect()
 }
 
-/// `--cache-from`: a missing or unreachable cache makes a cold build, as in BuildKit.
+/// `--cache-from`: a missing or unreachable cache makes a cold build, as in BuildKit. `dir`: the
+/// builder's copy of a local cache.
 async fn import_cache(
     worker: &Arc<Worker>,
     spec: CacheSpec,
+    dir: Option<PathBuf>,
     progress: &Arc<Progress>,
 ) -> Result<(), BuildError> {
     let (w, p) = (worker.clone(), progress.clone());
     tokio::task::spawn_blocking(move || {
-        let v = p.vertex(&format!("importing cache manifest from {}", spec.reference));
-        match remote_cache::import(&w, &spec) {
+        let v = p.vertex(&format!(
+            "importing cache manifest from {}",
+            spec.describe()
+        ));
+        match remote_cache::import(&w, &spec, dir.as_deref()) {
             Ok(s) => v.log(&format!(
                 "{} records ({} layers), {} cache volumes imported; {} already here",
                 s.records, s.layers, s.volumes, s.kept
@@ -333,36 +375,61 @@ async fn export_image(
     Ok(())
 }
 
-/// `--cache-to`: the records of this build (and the result's layers) to a registry.
+/// The snapshots of the image of `result`, lowest first.
+fn final_chain(worker: &Worker, result: &Ref) -> Result<Vec<String>, BuildError> {
+    let Ref::Snapshot(top) = result else {
+        return Ok(Vec::new());
+    };
+    let mut chain = worker.snapshots.parents(top).map_err(WorkerError::from)?;
+    chain.reverse();
+    chain.push(top.clone());
+    Ok(chain)
+}
+
+/// `--cache-to type=inline`: the cache config that goes into the image's config.
+async fn inline_cache(
+    worker: &Arc<Worker>,
+    built: &Arc<remote_cache::Built>,
+    progress: &Arc<Progress>,
+) -> Result<String, BuildError> {
+    let (w, b, p) = (worker.clone(), built.clone(), progress.clone());
+    tokio::task::spawn_blocking(move || {
+        let v = p.vertex("preparing build cache for export (inline)");
+        match remote_cache::inline_config(&w, &b) {
+            Ok((config, s)) => {
+                v.log(&format!("{} records, {} layers", s.records, s.layers));
+                v.done();
+                Ok(config)
+            }
+            Err(e) => {
+                v.error(&e.to_string());
+                Err(BuildError::Export(format!("--cache-to type=inline: {e}")))
+            }
+        }
+    })
+    .await?
+}
+
+/// `--cache-to`: the records of this build (and their layers) to a registry or the client.
 async fn export_cache(
     worker: &Arc<Worker>,
-    solver: &Arc<Solver>,
     spec: CacheSpec,
-    result: &Ref,
-    volume_ids: &[String],
+    built: &Arc<remote_cache::Built>,
+    to: Option<Box<dyn Write + Send>>,
+    have: HashSet<String>,
     progress: &Arc<Progress>,
 ) -> Result<(), BuildError> {
-    let final_chain = match result {
-        Ref::Snapshot(top) => {
-            let mut c = worker.snapshots.parents(top).map_err(WorkerError::from)?;
-            c.push(top.clone());
-            c
-        }
-        _ => Vec::new(),
-    };
-    let (w, p, keys, ids) = (
-        worker.clone(),
-        progress.clone(),
-        solver.keys(),
-        volume_ids.to_vec(),
-    );
+    if spec == CacheSpec::Inline {
+        return Ok(());
+    }
+    let (w, b, p) = (worker.clone(), built.clone(), progress.clone());
     tokio::task::spawn_blocking(move || {
-        let v = p.vertex(&format!("exporting cache to {}", spec.reference));
-        match remote_cache::export(&w, &spec, &keys, &final_chain, &ids) {
+        let v = p.vertex(&format!("exporting cache to {}", spec.describe()));
+        match remote_cache::export(&w, &spec, &b, to, &have) {
             Ok(s) => {
                 v.log(&format!(
-                    "{} records, {} layers, {} cache volumes",
-                    s.records, s.layers, s.volumes
+                    "{} records, {} layers, {} cache volumes; {} blobs already there",
+                    s.records, s.layers, s.volumes, s.kept
                 ));
                 v.done();
                 Ok(())
@@ -371,7 +438,7 @@ async fn export_cache(
                 v.error(&e.to_string());
                 Err(BuildError::Export(format!(
                     "--cache-to {}: {e}",
-                    spec.reference
+                    spec.describe()
                 )))
             }
         }

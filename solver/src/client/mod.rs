@@ -4,6 +4,7 @@
 //! (`proto/builder.proto`). The builder asks; the client answers and shows the progress.
 
 pub mod agents;
+pub mod caches;
 pub mod connect;
 pub mod outputs;
 pub mod session;
@@ -95,6 +96,7 @@ fn opening(
     context: &std::path::Path,
     loaded: &source::Loaded,
     held: &session::Held,
+    caches: &caches::Caches,
 ) -> [ClientMessage; 2] {
     use crate::service::proto::{BuildRequest, Hello};
     let hello = Hello {
@@ -117,8 +119,9 @@ fn opening(
         build_contexts: req.build_contexts.clone(),
         secret_ids: held.secrets.keys().cloned().collect(),
         ssh_ids: held.agents.keys().cloned().collect(),
-        cache_to: req.cache_to.clone(),
-        cache_from: req.cache_from.clone(),
+        cache_to: caches.to.clone(),
+        cache_from: caches.from.clone(),
+        cache_have: caches.have.clone(),
         pull: req.pull,
         max_parallelism: req.max_parallelism.unwrap_or(0) as u32,
         source_date_epoch: req.epoch,
@@ -145,9 +148,10 @@ pub async fn build(
         .canonicalize()
         .map_err(|e| ClientError::Input(format!("build context {}: {e}", req.context.display())))?;
     let loaded = source::load(req.file.as_deref(), &context)?;
-    let outputs = outputs::Outputs::new(&req.outputs)?;
+    let caches = caches::Caches::new(&req.cache_to, &req.cache_from)?;
+    let outputs = outputs::Outputs::new(&req.outputs, &caches.to_dirs)?;
     let (tx, rx) = mpsc::channel(64);
-    for m in opening(req, &context, &loaded, &held) {
+    for m in opening(req, &context, &loaded, &held, &caches) {
         let _ = tx.send(m).await;
     }
     let talk = Talk {
@@ -155,6 +159,7 @@ pub async fn build(
         secrets: held.secrets,
         context,
         ignore: loaded.ignore,
+        cache_dirs: caches.from_dirs,
         walked: Default::default(),
         outputs: Some(outputs),
         printer,
@@ -174,6 +179,8 @@ struct Talk {
     secrets: std::collections::HashMap<String, Vec<u8>>,
     context: PathBuf,
     ignore: Ignore,
+    /// The directories of the `--cache-from type=local`s, by index.
+    cache_dirs: std::collections::HashMap<u32, PathBuf>,
     /// Where the entries of the last stats sent are on this machine, by index.
     walked: Arc<Mutex<Vec<PathBuf>>>,
     outputs: Option<outputs::Outputs>,
@@ -248,7 +255,16 @@ impl Talk {
                     self.printer.show(&e);
                 }
             }
-            Msg::Context(c) => self.send_stats((!c.all).then_some(c.include_patterns)),
+            Msg::Context(c) => {
+                let (root, ignore) = match c.cache_from {
+                    None => (self.context.clone(), self.ignore.clone()),
+                    Some(i) => (
+                        self.cache_dirs.get(&i).cloned().unwrap_or_default(),
+                        Ignore::default(),
+                    ),
+                };
+                self.send_stats(root, ignore, (!c.all).then_some(c.include_patterns))
+            }
             Msg::Files(f) => self.send_files(f.ids),
             Msg::Secret(s) => {
                 let value = self.secrets.get(&s.id).cloned();
@@ -280,14 +296,10 @@ impl Talk {
         Ok(None)
     }
 
-    /// Walks the context (on a blocking thread) and sends its stats in batches.
-    fn send_stats(&self, include: Option<Vec<String>>) {
-        let (root, ignore, tx, walked) = (
-            self.context.clone(),
-            self.ignore.clone(),
-            self.tx.clone(),
-            self.walked.clone(),
-        );
+    /// Walks `root` (the context, or a local cache's directory) on a blocking thread and sends
+    /// its stats in batches.
+    fn send_stats(&self, root: PathBuf, ignore: Ignore, include: Option<Vec<String>>) {
+        let (tx, walked) = (self.tx.clone(), self.walked.clone());
         tokio::task::spawn_blocking(move || {
             let started = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

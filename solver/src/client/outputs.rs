@@ -1,12 +1,17 @@
 //! The outputs a build streams back to the client: archives (`type=oci|docker,dest=FILE`) are
 //! written to `FILE.partial` and renamed into place only when the build succeeded; a directory
-//! (`type=local,dest=DIR`) is unpacked from the tar the builder sends.
+//! (`type=local,dest=DIR`) is unpacked from the tar the builder sends; a build cache
+//! (`--cache-to type=local,dest=DIR`) arrives as an OCI layout tar whose blobs are stored
+//! verified, and whose `index.json` replaces the directory's only when the build succeeded.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+
+use strata_image::content::ContentStore;
+use strata_image::oci::{self, Index, OciError};
 
 use super::ClientError;
 use crate::export::Output;
@@ -15,6 +20,7 @@ use crate::service::proto::OutputChunk;
 enum Dest {
     File(PathBuf),
     Dir(PathBuf),
+    Cache(PathBuf),
 }
 
 enum Open {
@@ -25,6 +31,10 @@ enum Open {
     Dir {
         tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
         unpack: JoinHandle<std::io::Result<()>>,
+    },
+    Cache {
+        tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        unpack: JoinHandle<Result<Index, OciError>>,
     },
 }
 
@@ -40,8 +50,9 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> ClientError {
 }
 
 impl Outputs {
-    /// The destinations of the `--output`s that come back to this machine.
-    pub fn new(specs: &[String]) -> Result<Outputs, ClientError> {
+    /// The destinations of the `--output`s that come back to this machine, and of the local
+    /// caches (`caches`: `--cache-to` index to directory).
+    pub fn new(specs: &[String], caches: &HashMap<u32, PathBuf>) -> Result<Outputs, ClientError> {
         let mut dests = HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
             let d = match Output::parse(spec)? {
@@ -50,6 +61,9 @@ impl Outputs {
                 _ => continue,
             };
             dests.insert(i as u32, d);
+        }
+        for (i, dir) in caches {
+            dests.insert(specs.len() as u32 + i, Dest::Cache(dir.clone()));
         }
         Ok(Outputs {
             dests,
@@ -67,7 +81,7 @@ impl Outputs {
             Open::File { tmp, f } => f
                 .write_all(&c.data)
                 .map_err(io(format!("write {}", tmp.display())))?,
-            Open::Dir { tx, .. } => {
+            Open::Dir { tx, .. } | Open::Cache { tx, .. } => {
                 if let Some(t) = tx {
                     // The unpacking thread stopped: its error is reported at the end.
                     if t.send(c.data).is_err() {
@@ -78,7 +92,7 @@ impl Outputs {
         }
         if c.eof {
             *done = true;
-            if let Open::Dir { tx, .. } = open {
+            if let Open::Dir { tx, .. } | Open::Cache { tx, .. } = open {
                 *tx = None;
             }
         }
@@ -98,6 +112,19 @@ impl Outputs {
                 let dest = dest.clone();
                 let unpack = std::thread::spawn(move || unpack(rx, &dest));
                 Ok(Open::Dir {
+                    tx: Some(tx),
+                    unpack,
+                })
+            }
+            Some(Dest::Cache(dest)) => {
+                let store = ContentStore::open(dest).map_err(|e| {
+                    ClientError::Input(format!("--cache-to {}: {e}", dest.display()))
+                })?;
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+                let unpack = std::thread::spawn(move || {
+                    oci::read_archive_blobs(&store, ChannelReader::new(rx), &mut Vec::new())
+                });
+                Ok(Open::Cache {
                     tx: Some(tx),
                     unpack,
                 })
@@ -141,6 +168,20 @@ impl Outputs {
                         .unwrap_or_else(|_| Err(std::io::Error::other("panicked")));
                     joined.map_err(io(format!("unpack the result into {}", dest.display())))
                 }
+                (Open::Cache { tx, unpack }, Dest::Cache(dest)) => {
+                    drop(tx);
+                    let joined = unpack
+                        .join()
+                        .unwrap_or_else(|_| Err(OciError::Archive("panicked".into())));
+                    match joined {
+                        Ok(index) if succeeded => write_index(dest, &index),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(ClientError::Input(format!(
+                            "--cache-to {}: {e}",
+                            dest.display()
+                        ))),
+                    }
+                }
                 _ => Ok(()),
             };
             if let Err(e) = r {
@@ -154,11 +195,7 @@ impl Outputs {
 /// Unpacks the tar arriving on `rx` into `dest`: owners, modes, times and xattrs kept; nothing
 /// written outside `dest` (the tar crate refuses `..` and paths through symlinks it made).
 fn unpack(rx: std::sync::mpsc::Receiver<Vec<u8>>, dest: &std::path::Path) -> std::io::Result<()> {
-    let mut a = tar::Archive::new(ChannelReader {
-        rx,
-        buf: Vec::new(),
-        at: 0,
-    });
+    let mut a = tar::Archive::new(ChannelReader::new(rx));
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_preserve_mtime(true);
@@ -171,6 +208,33 @@ struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     at: usize,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+/// Makes `dir` the layout `index` lists (its blobs are there): `oci-layout`, then `index.json`
+/// replaced in one rename.
+fn write_index(dir: &std::path::Path, index: &Index) -> Result<(), ClientError> {
+    let put = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.partial"));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(io(format!("write {}", path.display())))
+    };
+    put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    put(
+        "index.json",
+        &serde_json::to_vec(index).expect("an index serializes"),
+    )
 }
 
 impl Read for ChannelReader {

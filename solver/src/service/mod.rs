@@ -215,6 +215,11 @@ fn request_of(r: proto::BuildRequest) -> build::Request {
         ssh_ids: r.ssh_ids,
         cache_to: r.cache_to,
         cache_from: r.cache_from,
+        cache_have: r
+            .cache_have
+            .into_iter()
+            .map(|h| (h.index as usize, h.digests.into_iter().collect()))
+            .collect(),
         max_parallelism: Some(r.max_parallelism as usize).filter(|n| *n > 0),
         epoch: r.source_date_epoch,
     }

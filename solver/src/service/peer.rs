@@ -30,8 +30,8 @@ pub struct Peer {
     context_path: String,
     contexts: PathBuf,
     context_locks: Arc<KeyLocks>,
-    /// The context copy this build reads, held until the build ends.
-    held: tokio::sync::Mutex<Option<KeyGuard>>,
+    /// The copies (context, local caches) this build reads, held until the build ends.
+    held: tokio::sync::Mutex<Vec<KeyGuard>>,
     /// Messages to the client, in order (the service forwards them).
     ctl: mpsc::UnboundedSender<BuilderMessage>,
     /// The stream itself, for output bytes (bounded: a slow client slows the export).
@@ -182,30 +182,22 @@ impl Peer {
     }
 }
 
-fn gone() -> BuildError {
-    BuildError::Session("the client went away".into())
-}
-
-#[tonic::async_trait]
-impl Client for Peer {
-    async fn context(
+impl Peer {
+    /// Brings the builder's copy of the client's directory at `path` up to date (`request` says
+    /// which and how much); the copy stays held until the build ends.
+    async fn sync(
         &self,
-        patterns: Option<Vec<String>>,
-        _ignore: &Ignore,
-        progress: &Progress,
+        request: proto::ContextRequest,
+        path: &str,
+        v: crate::progress::Vertex<'_>,
     ) -> Result<PathBuf, BuildError> {
-        let v = progress.vertex("[internal] load build context");
-        let all = patterns.is_none();
-        let include_patterns = patterns.unwrap_or_default();
-        self.send(Msg::Context(proto::ContextRequest {
-            include_patterns,
-            all,
-        }))?;
+        self.send(Msg::Context(request))?;
         let (stats, started) = self.stats().await?;
-        let copy = Copy::new(&self.contexts, &self.client_id, &self.context_path);
+        let copy = Copy::new(&self.contexts, &self.client_id, path);
         let tree = copy.tree();
         let key = tree.display().to_string();
-        *self.held.lock().await = Some(self.context_locks.lock(&key).await);
+        let guard = self.context_locks.lock(&key).await;
+        self.held.lock().await.push(guard);
         let mut rx = self.files.1.clone().lock_owned().await;
         let ctl = self.ctl.clone();
         let synced = tokio::task::spawn_blocking(move || {
@@ -234,6 +226,43 @@ impl Client for Peer {
                 Err(BuildError::Session(e.to_string()))
             }
         }
+    }
+}
+
+fn gone() -> BuildError {
+    BuildError::Session("the client went away".into())
+}
+
+#[tonic::async_trait]
+impl Client for Peer {
+    async fn context(
+        &self,
+        patterns: Option<Vec<String>>,
+        _ignore: &Ignore,
+        progress: &Progress,
+    ) -> Result<PathBuf, BuildError> {
+        let request = proto::ContextRequest {
+            all: patterns.is_none(),
+            include_patterns: patterns.unwrap_or_default(),
+            cache_from: None,
+        };
+        let v = progress.vertex("[internal] load build context");
+        self.sync(request, &self.context_path, v).await
+    }
+
+    async fn cache_dir(
+        &self,
+        index: usize,
+        path: &str,
+        progress: &Progress,
+    ) -> Result<PathBuf, BuildError> {
+        let request = proto::ContextRequest {
+            all: true,
+            include_patterns: Vec::new(),
+            cache_from: Some(index as u32),
+        };
+        let v = progress.vertex(&format!("[internal] load build cache from {path}"));
+        self.sync(request, path, v).await
     }
 
     async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError> {

@@ -3,7 +3,6 @@
 //! named by chain ID, shared by every image and build that has the same layers).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
 use strata_image::content::{Digest, Hashing};
@@ -136,6 +135,13 @@ impl Worker {
     /// verified against its digest.
     pub fn fetch_blob(&self, r: &Reference, blob: &Descriptor) -> Result<(), WorkerError> {
         transfer::fetch_blob(&self.registry, r, &self.content, blob).map_err(image_error)
+    }
+
+    /// The linux/amd64 manifest `r` names (resolving an index), stored.
+    pub fn fetch_manifest(&self, r: &Reference) -> Result<Manifest, WorkerError> {
+        let (_, m) =
+            transfer::fetch_manifest(&self.registry, r, &self.content).map_err(image_error)?;
+        Ok(m)
     }
 
     /// Pulls `reference` from its registry into the local store (linux/amd64 of an index).
@@ -289,19 +295,7 @@ impl Worker {
             .prepare(&active, parent.unwrap_or(""), BTreeMap::new())?;
         let result = (|| -> Result<(), WorkerError> {
             let dir = self.snapshots.dir(&active)?;
-            let digest =
-                Digest::parse(&layer.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
-            let blob = self.content.open_blob(&digest)?;
-            let plain: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
-                Box::new(flate2::read::GzDecoder::new(blob))
-            } else if layer.media_type.ends_with("tar") || layer.media_type == oci::DOCKER_LAYER {
-                Box::new(blob)
-            } else {
-                return Err(WorkerError::Image(format!(
-                    "layer {} has media type {}, which this version cannot unpack",
-                    layer.digest, layer.media_type
-                )));
-            };
+            let plain = crate::form::open_layer(self, layer)?;
             let mut reader = Hashing::new(plain);
             layer::apply(&mut reader, &dir)?;
             std::io::copy(&mut reader, &mut std::io::sink())
