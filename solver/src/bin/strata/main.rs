@@ -22,7 +22,11 @@ const BUILD_HELP: &str = r#"Examples:
   strata build -f ci/Dockerfile --target test .             # one stage of another Dockerfile
   strata build --output type=registry,name=registry.example.com/app:1 .
   strata build --secret id=npmrc,src=$HOME/.npmrc --ssh default .
-  strata build --cache-to type=registry,ref=registry.example.com/app:cache,mode=max                --cache-from registry.example.com/app:cache ."#;
+  strata build --cache-to type=registry,ref=registry.example.com/app:cache,mode=max \
+               --cache-from registry.example.com/app:cache .
+  strata build --cache-to type=local,dest=.ci-cache,mode=max --cache-from type=local,src=.ci-cache .
+  strata build --cache-to type=inline --output type=registry,name=registry.example.com/app:1 .
+  strata build --cache-from registry.example.com/app:1 .   # warm from the image's inline cache"#;
 
 const SERVE_HELP: &str = r#"Examples:
   strata serve                                    # on /run/strata/buildd.sock, root only

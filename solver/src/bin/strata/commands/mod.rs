@@ -99,11 +99,13 @@ pub struct BuildArgs {
     /// (unencrypted keys served by an agent inside strata; keys with a passphrase: use your agent)
     #[arg(long = "ssh", value_name = "ID=SOCKET|KEYS")]
     pub ssh: Vec<String>,
-    /// Export the build cache to a registry: type=registry,ref=REF[,mode=min|max][,mounts=true]
-    /// (max: every step; mounts: RUN --mount=type=cache volumes too)
+    /// Export the build cache: type=registry,ref=REF | type=local,dest=DIR[,tag=T] | type=inline,
+    /// with [,mode=min|max][,mounts=true] (max: every step; mounts: RUN --mount=type=cache
+    /// volumes too; inline: the image's own layers, in its config)
     #[arg(long = "cache-to", value_name = "SPEC")]
     pub cache_to: Vec<String>,
-    /// Import a build cache exported with --cache-to: type=registry,ref=REF[,mounts=true] or REF
+    /// Import a build cache: type=registry,ref=REF (a cache, or an image with an inline cache),
+    /// REF, or type=local,src=DIR[,tag=T]; [,mounts=true]. A missing cache makes a cold build
     #[arg(long = "cache-from", value_name = "SPEC")]
     pub cache_from: Vec<String>,
     /// Check the registry for newer base images even when the local store has them
