@@ -79,7 +79,7 @@ impl Source {
                     ignore: Some(&ctx.ignore),
                 };
                 let checksum = src
-                    .checksum(patterns)
+                    .checksum(patterns, &ctx.digests)
                     .map_err(|e| WorkerError::Copy(format!("read build context: {e}")))?;
                 Keyed {
                     checksum,

@@ -93,7 +93,7 @@ pub trait Client: Send + Sync {
         patterns: Option<Vec<String>>,
         ignore: &Ignore,
         progress: &Progress,
-    ) -> Result<PathBuf, BuildError>;
+    ) -> Result<Context, BuildError>;
     /// The value of secret `id`, if the client has it.
     async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError>;
     /// Connections to the client's ssh agent `id`.
@@ -138,15 +138,15 @@ pub async fn build(
         &worker,
         &req.source,
         fe,
-        early.as_deref(),
+        early.as_ref().map(|c| c.dir.as_path()),
         opts,
         &progress,
         &cancel,
     )
     .await?;
     let graph = Graph::from_definition(&definition)?;
-    let dir = match early {
-        Some(dir) => Some(dir),
+    let context = match early {
+        Some(c) => Some(c),
         None => context_for(&graph, client.as_ref(), ignore, &progress).await?,
     };
     let session = session(&graph, req, client.as_ref(), cancel).await?;
@@ -165,10 +165,6 @@ pub async fn build(
         };
         import_cache(&worker, spec, dir, &progress).await?;
     }
-    let context = dir.map(|dir| Context {
-        dir,
-        ignore: ignore.clone(),
-    });
     let parallel = req
         .max_parallelism
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -241,7 +237,7 @@ async fn context_for(
     client: &dyn Client,
     ignore: &Ignore,
     progress: &Progress,
-) -> Result<Option<PathBuf>, BuildError> {
+) -> Result<Option<Context>, BuildError> {
     let reads = graph.ops.values().any(|o| {
         matches!(&o.kind, Some(crate::llb::op::Kind::Source(s)) if s.identifier.starts_with("local://"))
     });

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use strata_image::content::Hashing;
+
 use super::proto::{FileChunk, Stat};
 
 /// Why a context could not be brought up to date.
@@ -84,6 +86,9 @@ impl Seen {
 struct Index {
     walk_started_ns: i64,
     entries: BTreeMap<String, Seen>,
+    /// Regular files' content sha256 (hex), hashed as they arrived.
+    #[serde(default)]
+    digests: BTreeMap<String, String>,
 }
 
 /// One client context's copy on the builder: `<dir>/tree` and `<dir>/index.json`.
@@ -91,13 +96,15 @@ pub struct Copy {
     dir: PathBuf,
 }
 
-/// What a sync did, for progress.
-#[derive(Debug, Default, Clone, Copy)]
+/// What a sync did, for progress, and the copy's content digests.
+#[derive(Debug, Default, Clone)]
 pub struct Synced {
     pub entries: usize,
     pub files_sent: usize,
     pub bytes_sent: u64,
     pub removed: usize,
+    /// Every regular file's content sha256 (hex), by path.
+    pub digests: BTreeMap<String, String>,
 }
 
 /// How much more than their stat sizes the files of one sync may turn out to hold.
@@ -163,22 +170,33 @@ impl Copy {
                 }
             }
         }
+        let mut arrived = BTreeMap::new();
         if !wanted.is_empty() {
             fetch(wanted.clone())?;
-            let (files, bytes) = receive(&tree, &stats, &wanted, chunks)?;
-            done.files_sent = files;
+            let bytes = receive(&tree, &stats, &wanted, chunks, &mut arrived)?;
+            done.files_sent = arrived.len();
             done.bytes_sent = bytes;
         }
         // Directories last, deepest first: their times change as their children are written.
         for s in stats.iter().rev().filter(|s| s.mode & S_IFMT == S_IFDIR) {
             finish(&tree.join(&s.path), s)?;
         }
+        let regular = stats.iter().filter(|s| s.mode & S_IFMT == S_IFREG);
+        done.digests = regular
+            .filter_map(|s| {
+                let d = arrived
+                    .remove(&s.path)
+                    .or_else(|| old.digests.get(&s.path).cloned());
+                d.map(|d| (s.path.clone(), d))
+            })
+            .collect();
         let index = Index {
             walk_started_ns,
             entries: stats
                 .iter()
                 .map(|s| (s.path.clone(), Seen::of(s)))
                 .collect(),
+            digests: done.digests.clone(),
         };
         let tmp = self.dir.join("index.json.tmp");
         fs::write(&tmp, serde_json::to_vec(&index).expect("json"))
@@ -313,17 +331,19 @@ fn place(tree: &Path, s: &Stat) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Writes the files the client sends, each to a temporary name renamed into place when complete.
+/// Writes the files the client sends, each to a temporary name renamed into place when complete,
+/// hashing each as it arrives (into `digests`, by path); returns the bytes received.
 fn receive(
     tree: &Path,
     stats: &[Stat],
     wanted: &[u32],
     chunks: &mut dyn Iterator<Item = FileChunk>,
-) -> Result<(usize, u64), SyncError> {
+    digests: &mut BTreeMap<String, String>,
+) -> Result<u64, SyncError> {
     let wanted: HashSet<u32> = wanted.iter().copied().collect();
     // Files may grow between the client's stat and its read, but not without bound.
     let budget = GROWTH + wanted.iter().map(|i| stats[*i as usize].size).sum::<u64>();
-    let mut open: Option<(u32, fs::File, PathBuf)> = None;
+    let mut open: Option<(u32, Hashing<fs::File>, PathBuf)> = None;
     let mut done = HashSet::new();
     let mut bytes = 0u64;
     while done.len() < wanted.len() {
@@ -338,7 +358,7 @@ fn receive(
         if open.as_ref().map(|o| o.0) != Some(c.id) {
             let tmp = tree.join(format!("{}.strata-incoming", s.path));
             let f = fs::File::create(&tmp).map_err(io_err(format!("write {}", s.path)))?;
-            open = Some((c.id, f, tmp));
+            open = Some((c.id, Hashing::new(f), tmp));
         }
         let (_, f, tmp) = open.as_mut().expect("opened above");
         f.write_all(&c.data)
@@ -355,6 +375,7 @@ fn receive(
             fs::rename(&*tmp, &path).map_err(io_err(format!("write {}", s.path)))?;
             finish(&path, s)?;
             done.insert(c.id);
+            digests.insert(s.path.clone(), f.digest().hex().to_string());
             open = None;
         }
     }
@@ -365,7 +386,7 @@ fn receive(
             wanted.len()
         )));
     }
-    Ok((done.len(), bytes))
+    Ok(bytes)
 }
 
 /// Owner, mode, xattrs and times as the client has them (symlinks: owner and times only).
@@ -462,7 +483,11 @@ mod tests {
         assert_eq!(sync(&f, 500).files_sent, 1);
         // Modified at or after the previous walk began: racy, sent again.
         assert_eq!(sync(&f, 5_000).files_sent, 1);
-        assert_eq!(sync(&f, 6_000).files_sent, 0);
+        let kept = sync(&f, 6_000);
+        assert_eq!(kept.files_sent, 0);
+        // Its content digest, hashed when it arrived, is kept for the cache keys.
+        let abc = strata_image::content::Digest::of(b"abc");
+        assert_eq!(kept.digests["f"], abc.hex());
         f.ctime_ns = 2_000;
         assert_eq!(sync(&f, 7_000).files_sent, 1);
         assert_eq!(fs::read(copy.tree().join("f")).unwrap(), b"abc");

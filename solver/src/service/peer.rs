@@ -1,7 +1,7 @@
 //! The builder's side of one client's session: what the build asks of the client (context files,
 //! secrets, ssh agent connections) and what it sends back (outputs), over the build's stream.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -21,6 +21,7 @@ use crate::pattern::Ignore;
 use crate::progress::{human_size, Progress};
 use crate::secrets::MAX_SECRET_BYTES;
 use crate::worker::mounts::Dialer;
+use crate::worker::Context;
 
 /// Most context entries one build takes: a bound on the builder's memory for a hostile client.
 const MAX_ENTRIES: usize = 5_000_000;
@@ -184,13 +185,14 @@ impl Peer {
 
 impl Peer {
     /// Brings the builder's copy of the client's directory at `path` up to date (`request` says
-    /// which and how much); the copy stays held until the build ends.
+    /// which and how much); the copy stays held until the build ends. Returns the copy and its
+    /// files' content digests.
     async fn sync(
         &self,
         request: proto::ContextRequest,
         path: &str,
         v: crate::progress::Vertex<'_>,
-    ) -> Result<PathBuf, BuildError> {
+    ) -> Result<(PathBuf, BTreeMap<String, String>), BuildError> {
         self.send(Msg::Context(request))?;
         let (stats, started) = self.stats().await?;
         let copy = Copy::new(&self.contexts, &self.client_id, path);
@@ -219,7 +221,7 @@ impl Peer {
                     s.removed
                 ));
                 v.done();
-                Ok(tree)
+                Ok((tree, s.digests))
             }
             Err(e) => {
                 v.error(&e.to_string());
@@ -238,16 +240,21 @@ impl Client for Peer {
     async fn context(
         &self,
         patterns: Option<Vec<String>>,
-        _ignore: &Ignore,
+        ignore: &Ignore,
         progress: &Progress,
-    ) -> Result<PathBuf, BuildError> {
+    ) -> Result<Context, BuildError> {
         let request = proto::ContextRequest {
             all: patterns.is_none(),
             include_patterns: patterns.unwrap_or_default(),
             cache_from: None,
         };
         let v = progress.vertex("[internal] load build context");
-        self.sync(request, &self.context_path, v).await
+        let (dir, digests) = self.sync(request, &self.context_path, v).await?;
+        Ok(Context {
+            dir,
+            ignore: ignore.clone(),
+            digests: Arc::new(digests),
+        })
     }
 
     async fn cache_dir(
@@ -262,7 +269,7 @@ impl Client for Peer {
             cache_from: Some(index as u32),
         };
         let v = progress.vertex(&format!("[internal] load build cache from {path}"));
-        self.sync(request, path, v).await
+        Ok(self.sync(request, path, v).await?.0)
     }
 
     async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError> {

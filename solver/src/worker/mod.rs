@@ -13,6 +13,7 @@ pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use strata_image::content::{ContentError, ContentStore};
 use strata_image::layer::LayerError;
@@ -89,6 +90,9 @@ pub enum Ref {
 pub struct Context {
     pub dir: PathBuf,
     pub ignore: Ignore,
+    /// The sha256 (hex) of regular files' contents by relative path, as hashed when they arrived:
+    /// cache keys use them instead of reading the files again.
+    pub digests: Arc<BTreeMap<String, String>>,
 }
 
 /// The builder's store under `<root>/build` and the OCI runtime to run steps with.

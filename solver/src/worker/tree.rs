@@ -1,6 +1,7 @@
 //! Source trees for copies: selecting what a `COPY src` names (wildcards, `.dockerignore`), its
 //! content checksum (the cache key of a context copy), and copying it into a container root.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{lchown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
@@ -60,20 +61,31 @@ impl Source<'_> {
     }
 
     /// Checksum of everything `patterns` select: paths, types, modes and contents (not times or
-    /// owners), so an unrelated change keeps it and a renamed or edited file changes it.
-    pub fn checksum(&self, patterns: &[String]) -> io::Result<String> {
+    /// owners), so an unrelated change keeps it and a renamed or edited file changes it. `known`:
+    /// files' content digests (hex) by relative path, hashed when they arrived; others are read.
+    pub fn checksum(
+        &self,
+        patterns: &[String],
+        known: &BTreeMap<String, String>,
+    ) -> io::Result<String> {
         let mut h = Sha256::new();
         for p in patterns {
             h.update(format!("pattern {p}\n"));
             for rel in self.select(p)? {
                 let path = rootfs::resolve(self.root, &rel, true)?;
-                self.hash_tree(&path, &rel, &mut h)?;
+                self.hash_tree(&path, &rel, known, &mut h)?;
             }
         }
         Ok(Digest::from_hasher(h).to_string())
     }
 
-    fn hash_tree(&self, path: &Path, rel: &str, h: &mut Sha256) -> io::Result<()> {
+    fn hash_tree(
+        &self,
+        path: &Path,
+        rel: &str,
+        known: &BTreeMap<String, String>,
+        h: &mut Sha256,
+    ) -> io::Result<()> {
         let meta = match fs::symlink_metadata(path) {
             Ok(m) => m,
             // A dangling name: the copy reports it; the checksum just records it.
@@ -95,11 +107,13 @@ impl Source<'_> {
             for n in names {
                 let child = join(rel, &n);
                 if !self.ignored(&child) {
-                    self.hash_tree(&path.join(&n), &child, h)?;
+                    self.hash_tree(&path.join(&n), &child, known, h)?;
                 }
             }
         } else if ft.is_symlink() {
             h.update(format!("l{}\n", fs::read_link(path)?.display()));
+        } else if let (true, Some(d)) = (ft.is_file(), known.get(rel)) {
+            h.update(format!("f{d}\n"));
         } else if ft.is_file() {
             let mut f = fs::File::open(path)?;
             let mut fh = Sha256::new();
@@ -241,19 +255,29 @@ mod tests {
         assert_eq!(src.select("*.log").unwrap(), Vec::<String>::new());
         assert_eq!(src.select("nope").unwrap(), Vec::<String>::new());
         let pat = vec!["foo*".to_string()];
-        let before = src.checksum(&pat).unwrap();
+        let none = BTreeMap::new();
+        let before = src.checksum(&pat, &none).unwrap();
+        // Digests known from arrival stand in for reading the files, with the same result.
+        let known: BTreeMap<String, String> = ["foo1", "foo2"]
+            .iter()
+            .map(|f| {
+                let bytes = fs::read(d.path().join(f)).unwrap();
+                (f.to_string(), Digest::of(&bytes).hex().to_string())
+            })
+            .collect();
+        assert_eq!(src.checksum(&pat, &known).unwrap(), before);
         fs::write(d.path().join("bar"), "changed").unwrap();
         assert_eq!(
-            src.checksum(&pat).unwrap(),
+            src.checksum(&pat, &none).unwrap(),
             before,
             "an unrelated file keeps the checksum"
         );
         fs::write(d.path().join("foo2"), "changed").unwrap();
-        let edited = src.checksum(&pat).unwrap();
+        let edited = src.checksum(&pat, &none).unwrap();
         assert_ne!(edited, before);
         fs::rename(d.path().join("foo2"), d.path().join("foo3")).unwrap();
         assert_ne!(
-            src.checksum(&pat).unwrap(),
+            src.checksum(&pat, &none).unwrap(),
             edited,
             "a renamed match changes it"
         );
