@@ -416,13 +416,20 @@ pub fn read_layout_dir(
     store: &ContentStore,
     dir: &std::path::Path,
 ) -> Result<Vec<LayoutImage>, OciError> {
+    // Never through a symlink: the directory may be a copy of someone else's.
+    let open = |rel: &std::path::Path| {
+        crate::fsutil::open_beneath(dir, rel, nix::fcntl::OFlag::O_RDONLY).map(std::fs::File::from)
+    };
     let index_path = dir.join("index.json");
-    let bytes = std::fs::read(&index_path).map_err(|e| {
-        OciError::Archive(format!(
-            "{}: {e}: not an OCI image layout",
-            index_path.display()
-        ))
-    })?;
+    let mut bytes = Vec::new();
+    open(std::path::Path::new("index.json"))
+        .and_then(|f| f.take(MAX_JSON_BLOB + 1).read_to_end(&mut bytes))
+        .map_err(|e| {
+            OciError::Archive(format!(
+                "{}: {e}: not an OCI image layout",
+                index_path.display()
+            ))
+        })?;
     let index: Index = serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
         what: index_path.display().to_string(),
         source,
@@ -430,7 +437,7 @@ pub fn read_layout_dir(
     let mut blob = |d: &Descriptor| -> Result<(), OciError> {
         let digest = Digest::parse(&d.digest)?;
         if !store.has(&digest) {
-            let f = std::fs::File::open(dir.join("blobs/sha256").join(digest.hex()))
+            let f = open(&std::path::Path::new("blobs/sha256").join(digest.hex()))
                 .map_err(|e| OciError::Archive(format!("blob {}: {e}", d.digest)))?;
             store.put_reader(f, Some(&digest))?;
         }

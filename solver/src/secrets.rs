@@ -1,9 +1,12 @@
 //! Build secrets (`--secret id=ID,src=FILE|env=VAR`): reading them with a size cap, and masking
 //! their values in everything a build prints or keeps (step output, error messages).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// BuildKit's cap: a secret is a key or a token, not a file tree.
 pub const MAX_SECRET_BYTES: u64 = 500 * 1024;
@@ -122,9 +125,70 @@ pub fn mask(needles: &[String], text: &str) -> String {
     out
 }
 
+/// How a build asks its client for a secret's value (blocking): None if the client has none.
+pub type Ask = Arc<dyn Fn(&str) -> Result<Option<Vec<u8>>, String> + Send + Sync>;
+
+/// A build's secrets: asked of the client the first time a running step mounts one (a cached
+/// step asks for nothing), then held in memory for the rest of the build.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    held: Arc<Mutex<HashMap<String, Option<Vec<u8>>>>>,
+    /// The ids the client holds, and how to ask for them.
+    ask: Option<(Arc<HashSet<String>>, Ask)>,
+}
+
+impl Secrets {
+    pub fn new(ids: HashSet<String>, ask: Ask) -> Secrets {
+        Secrets {
+            held: Default::default(),
+            ask: Some((Arc::new(ids), ask)),
+        }
+    }
+
+    /// The value of secret `id`, if the client has it.
+    pub fn get(&self, id: &str) -> Result<Option<Vec<u8>>, String> {
+        if let Some(v) = self.held.lock().get(id) {
+            return Ok(v.clone());
+        }
+        let value = match &self.ask {
+            Some((ids, ask)) if ids.contains(id) => ask(id)?,
+            _ => None,
+        };
+        self.held.lock().insert(id.to_string(), value.clone());
+        Ok(value)
+    }
+
+    /// What to mask: the values asked for so far (only those can have reached a step).
+    pub fn needles(&self) -> Vec<String> {
+        let held = self.held.lock();
+        let values: HashMap<String, Vec<u8>> = held
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect();
+        needles(&values)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_asked_for_once_and_only_if_the_client_holds_it() {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let ask: Ask = Arc::new(move |id: &str| {
+            log.lock().push(id.to_string());
+            Ok(Some(b"t0k3n-value".to_vec()))
+        });
+        let s = Secrets::new(HashSet::from(["token".to_string()]), ask);
+        assert!(s.needles().is_empty(), "nothing asked, nothing to mask");
+        assert_eq!(s.get("token").unwrap().unwrap(), b"t0k3n-value");
+        assert_eq!(s.get("token").unwrap().unwrap(), b"t0k3n-value");
+        assert_eq!(s.get("other").unwrap(), None);
+        assert_eq!(*asked.lock(), ["token"]);
+        assert_eq!(s.needles(), ["t0k3n-value"]);
+    }
 
     #[test]
     fn every_line_of_a_multiline_secret_is_masked() {

@@ -83,6 +83,15 @@ pub struct Request {
     pub epoch: Option<u64>,
 }
 
+/// A directory of the client's that the request names, besides the context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dir {
+    /// `--cache-from` number N: a `type=local` cache.
+    CacheFrom(usize),
+    /// `--build-context` number N: `NAME=oci-layout://DIR`.
+    BuildContext(usize),
+}
+
 /// The client's side of a build, as the builder reaches it.
 #[tonic::async_trait]
 pub trait Client: Send + Sync {
@@ -94,18 +103,17 @@ pub trait Client: Send + Sync {
         ignore: &Ignore,
         progress: &Progress,
     ) -> Result<Context, BuildError>;
-    /// The value of secret `id`, if the client has it.
-    async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError>;
+    /// How a running step asks the client for a secret's value (blocking).
+    fn secrets(&self) -> crate::secrets::Ask;
     /// Connections to the client's ssh agent `id`.
     fn ssh(&self, id: &str) -> Dialer;
     /// Where output `index` (a `type=local|oci|docker` output) goes: to the client. The caches
     /// of `--cache-to type=local` follow the `--output`s: cache `i` is output `outputs.len() + i`.
     fn output(&self, index: usize) -> Box<dyn Write + Send>;
-    /// The builder's copy of the directory of `--cache-from` `index` (a `type=local` cache at
-    /// `path` on the client), up to date.
-    async fn cache_dir(
+    /// The builder's copy of the client's directory `dir` (at `path` there), up to date.
+    async fn directory(
         &self,
-        index: usize,
+        dir: Dir,
         path: &str,
         progress: &Progress,
     ) -> Result<PathBuf, BuildError>;
@@ -124,7 +132,8 @@ pub async fn build(
     let mut opts = req.source.convert_options();
     opts.no_cache = req.no_cache;
     opts.no_cache_filter = req.no_cache_filter.clone();
-    opts.contexts = source::named_contexts(&worker, &req.build_contexts)?;
+    opts.contexts =
+        source::named_contexts(&worker, client.as_ref(), &req.build_contexts, &progress).await?;
     let cache_to = cache_specs(&req.cache_to, "--cache-to")?;
     let cache_from = cache_specs(&req.cache_from, "--cache-from")?;
     let fe = req.source.frontend()?;
@@ -149,18 +158,20 @@ pub async fn build(
         Some(c) => Some(c),
         None => context_for(&graph, client.as_ref(), ignore, &progress).await?,
     };
-    let session = session(&graph, req, client.as_ref(), cancel).await?;
+    let session = session(&graph, req, client.as_ref(), cancel)?;
     let volume_ids = graph.cache_ids();
     for (i, spec) in cache_from.into_iter().enumerate() {
         let dir = match &spec {
             // A directory that is not there yet (a first CI run) makes a cold build.
-            CacheSpec::Local { dir, .. } => match client.cache_dir(i, dir, &progress).await {
-                Ok(copy) => Some(copy),
-                Err(e) => {
-                    progress.note(&format!("--cache-from {dir}: not imported: {e}"));
-                    continue;
+            CacheSpec::Local { dir, .. } => {
+                match client.directory(Dir::CacheFrom(i), dir, &progress).await {
+                    Ok(copy) => Some(copy),
+                    Err(e) => {
+                        progress.note(&format!("--cache-from {dir}: not imported: {e}"));
+                        continue;
+                    }
                 }
-            },
+            }
             _ => None,
         };
         import_cache(&worker, spec, dir, &progress).await?;
@@ -248,21 +259,20 @@ async fn context_for(
     Ok(Some(client.context(patterns, ignore, progress).await?))
 }
 
-/// The secrets and agents the graph's steps use, of those the client holds.
-async fn session(
+/// The secrets and agents the graph's steps use, of those the client holds; a secret's value
+/// crosses only when a running step mounts it.
+fn session(
     graph: &Graph,
     req: &Request,
     client: &dyn Client,
     cancel: Arc<AtomicBool>,
 ) -> Result<Session, BuildError> {
-    let mut secrets = HashMap::new();
-    for id in graph.secret_ids() {
-        if req.secret_ids.contains(&id) {
-            if let Some(v) = client.secret(&id).await? {
-                secrets.insert(id, v);
-            }
-        }
-    }
+    let ids = graph
+        .secret_ids()
+        .into_iter()
+        .filter(|id| req.secret_ids.contains(id))
+        .collect();
+    let secrets = crate::secrets::Secrets::new(ids, client.secrets());
     let ssh = graph
         .ssh_ids()
         .into_iter()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use strata_image::oci::ImageConfig;
 
-use super::BuildError;
+use super::{BuildError, Client, Dir};
 use crate::dockerfile::convert::{convert, ConvertOptions};
 use crate::frontend::{self, Frontend};
 use crate::llb::Definition;
@@ -50,32 +50,73 @@ impl Source {
     }
 }
 
-/// `--build-context NAME=oci-layout:///DIR[:TAG]` (loaded into the store) or
-/// `NAME=docker-image://REF`: the image FROM NAME and --from=NAME use.
-pub fn named_contexts(
-    worker: &Worker,
+/// Where a `--build-context NAME=...` comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Named {
+    /// `oci-layout://DIR[:TAG]`: an OCI image layout directory on the client.
+    Layout { dir: String, tag: Option<String> },
+    /// `docker-image://REF`.
+    Image(String),
+}
+
+/// Parses `NAME=oci-layout://DIR[:TAG]` or `NAME=docker-image://REF`.
+pub fn parse_named(spec: &str) -> Result<(String, Named), BuildError> {
+    let usage = "use NAME=oci-layout:///DIR[:TAG] or NAME=docker-image://REF";
+    let (name, source) = spec
+        .split_once('=')
+        .ok_or_else(|| BuildError::Input(format!("--build-context {spec:?}: {usage}")))?;
+    let named = if let Some(path) = source.strip_prefix("oci-layout://") {
+        match path.rsplit_once(':') {
+            Some((d, t)) if !t.contains('/') => Named::Layout {
+                dir: d.into(),
+                tag: Some(t.into()),
+            },
+            _ => Named::Layout {
+                dir: path.into(),
+                tag: None,
+            },
+        }
+    } else if let Some(r) = source.strip_prefix("docker-image://") {
+        Named::Image(r.into())
+    } else {
+        return Err(BuildError::Input(format!(
+            "--build-context {spec:?}: {usage}"
+        )));
+    };
+    Ok((name.to_string(), named))
+}
+
+/// The images `--build-context`s name, for FROM NAME and --from=NAME: an OCI layout is brought
+/// from the client ([`Dir::BuildContext`]) and loaded into the store.
+pub async fn named_contexts(
+    worker: &Arc<Worker>,
+    client: &dyn Client,
     specs: &[String],
+    progress: &Progress,
 ) -> Result<BTreeMap<String, String>, BuildError> {
     let mut out = BTreeMap::new();
-    for spec in specs {
-        let (name, source) = spec.split_once('=').ok_or_else(|| BuildError::Input(format!("--build-context {spec:?}: use NAME=oci-layout:///DIR[:TAG] or NAME=docker-image://REF")))?;
-        let image = if let Some(path) = source.strip_prefix("oci-layout://") {
-            let (dir, tag) = match path.rsplit_once(':') {
-                Some((d, t)) if !t.contains('/') => (d, Some(t)),
-                _ => (path, None),
-            };
-            let name = format!(
-                "localhost/strata-context/{}:{}",
-                name.to_ascii_lowercase(),
-                tag.unwrap_or("latest")
-            );
-            worker.load_layout_dir(Path::new(dir), tag, &name)?
-        } else if let Some(r) = source.strip_prefix("docker-image://") {
-            r.to_string()
-        } else {
-            return Err(BuildError::Input(format!("--build-context {spec:?}: the source must be oci-layout:///DIR[:TAG] or docker-image://REF")));
+    for (i, spec) in specs.iter().enumerate() {
+        let (name, named) = parse_named(spec)?;
+        let image = match named {
+            Named::Image(r) => r,
+            Named::Layout { dir, tag } => {
+                let copy = client
+                    .directory(Dir::BuildContext(i), &dir, progress)
+                    .await?;
+                let stored = format!(
+                    "localhost/strata-context/{}:{}",
+                    name.to_ascii_lowercase(),
+                    tag.as_deref().unwrap_or("latest")
+                );
+                let w = worker.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    w.load_layout_dir(&copy, tag.as_deref(), &stored)
+                })
+                .await?;
+                loaded.map_err(|e| BuildError::Input(format!("--build-context {spec}: {e}")))?
+            }
         };
-        out.insert(name.to_string(), image);
+        out.insert(name, image);
     }
     Ok(out)
 }

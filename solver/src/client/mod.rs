@@ -4,8 +4,8 @@
 //! (`proto/builder.proto`). The builder asks; the client answers and shows the progress.
 
 pub mod agents;
-pub mod caches;
 pub mod connect;
+pub mod dirs;
 pub mod outputs;
 pub mod session;
 pub mod source;
@@ -96,7 +96,7 @@ fn opening(
     context: &std::path::Path,
     loaded: &source::Loaded,
     held: &session::Held,
-    caches: &caches::Caches,
+    dirs: &dirs::Dirs,
 ) -> [ClientMessage; 2] {
     use crate::service::proto::{BuildRequest, Hello};
     let hello = Hello {
@@ -116,12 +116,12 @@ fn opening(
         outputs: req.outputs.clone(),
         no_cache: req.no_cache,
         no_cache_filter: req.no_cache_filter.clone(),
-        build_contexts: req.build_contexts.clone(),
+        build_contexts: dirs.build_contexts.clone(),
         secret_ids: held.secrets.keys().cloned().collect(),
         ssh_ids: held.agents.keys().cloned().collect(),
-        cache_to: caches.to.clone(),
-        cache_from: caches.from.clone(),
-        cache_have: caches.have.clone(),
+        cache_to: dirs.cache_to.clone(),
+        cache_from: dirs.cache_from.clone(),
+        cache_have: dirs.have.clone(),
         pull: req.pull,
         max_parallelism: req.max_parallelism.unwrap_or(0) as u32,
         source_date_epoch: req.epoch,
@@ -148,10 +148,10 @@ pub async fn build(
         .canonicalize()
         .map_err(|e| ClientError::Input(format!("build context {}: {e}", req.context.display())))?;
     let loaded = source::load(req.file.as_deref(), &context)?;
-    let caches = caches::Caches::new(&req.cache_to, &req.cache_from)?;
-    let outputs = outputs::Outputs::new(&req.outputs, &caches.to_dirs)?;
+    let dirs = dirs::Dirs::new(&req.cache_to, &req.cache_from, &req.build_contexts)?;
+    let outputs = outputs::Outputs::new(&req.outputs, &dirs.cache_to_dirs)?;
     let (tx, rx) = mpsc::channel(64);
-    for m in opening(req, &context, &loaded, &held, &caches) {
+    for m in opening(req, &context, &loaded, &held, &dirs) {
         let _ = tx.send(m).await;
     }
     let talk = Talk {
@@ -159,7 +159,7 @@ pub async fn build(
         secrets: held.secrets,
         context,
         ignore: loaded.ignore,
-        cache_dirs: caches.from_dirs,
+        dirs,
         walked: Default::default(),
         outputs: Some(outputs),
         printer,
@@ -179,8 +179,8 @@ struct Talk {
     secrets: std::collections::HashMap<String, Vec<u8>>,
     context: PathBuf,
     ignore: Ignore,
-    /// The directories of the `--cache-from type=local`s, by index.
-    cache_dirs: std::collections::HashMap<u32, PathBuf>,
+    /// The other directories the request names.
+    dirs: dirs::Dirs,
     /// Where the entries of the last stats sent are on this machine, by index.
     walked: Arc<Mutex<Vec<PathBuf>>>,
     outputs: Option<outputs::Outputs>,
@@ -256,12 +256,15 @@ impl Talk {
                 }
             }
             Msg::Context(c) => {
-                let (root, ignore) = match c.cache_from {
+                let other = match (c.cache_from, c.build_context) {
+                    (Some(i), _) => Some(self.dirs.cache_from_dirs.get(&i)),
+                    (_, Some(i)) => Some(self.dirs.build_context_dirs.get(&i)),
+                    _ => None,
+                };
+                let (root, ignore) = match other {
                     None => (self.context.clone(), self.ignore.clone()),
-                    Some(i) => (
-                        self.cache_dirs.get(&i).cloned().unwrap_or_default(),
-                        Ignore::default(),
-                    ),
+                    // Not one the user named: the walk of an empty path fails, and says so.
+                    Some(dir) => (dir.cloned().unwrap_or_default(), Ignore::default()),
                 };
                 self.send_stats(root, ignore, (!c.all).then_some(c.include_patterns))
             }

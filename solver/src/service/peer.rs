@@ -15,7 +15,7 @@ use tonic::{Status, Streaming};
 use super::context::{Copy, SyncError};
 use super::proto::{self, builder_message::Msg, client_message, BuilderMessage, ClientMessage};
 use super::{msg, Cancel, Service};
-use crate::build::{BuildError, Client};
+use crate::build::{BuildError, Client, Dir};
 use crate::keylock::{KeyGuard, KeyLocks};
 use crate::pattern::Ignore;
 use crate::progress::{human_size, Progress};
@@ -40,7 +40,8 @@ pub struct Peer {
     /// Senders are taken when the client leaves, so that whoever waits learns it.
     stats: StatsIn,
     files: FilesIn,
-    secrets: Mutex<HashMap<String, oneshot::Sender<proto::SecretValue>>>,
+    /// Steps waiting for a secret's value; None once the client is gone.
+    secrets: Arc<Mutex<Option<SecretWaits>>>,
     conns: Conns,
     next_conn: Arc<AtomicU32>,
 }
@@ -56,6 +57,8 @@ type FilesIn = (
     Mutex<Option<mpsc::Sender<proto::FileChunk>>>,
     Arc<tokio::sync::Mutex<mpsc::Receiver<proto::FileChunk>>>,
 );
+
+type SecretWaits = HashMap<String, oneshot::Sender<proto::SecretValue>>;
 
 /// Open ssh agent connections: where the client's bytes for each go.
 type Conns = Arc<Mutex<HashMap<u32, std::sync::mpsc::Sender<proto::SshChunk>>>>;
@@ -83,7 +86,7 @@ impl Peer {
                 Mutex::new(Some(files.0)),
                 Arc::new(tokio::sync::Mutex::new(files.1)),
             ),
-            secrets: Default::default(),
+            secrets: Arc::new(Mutex::new(Some(HashMap::new()))),
             conns: Default::default(),
             next_conn: Arc::new(AtomicU32::new(1)),
         }
@@ -133,7 +136,7 @@ impl Peer {
                     }
                 }
                 C::Secret(v) => {
-                    if let Some(w) = self.secrets.lock().remove(&v.id) {
+                    if let Some(w) = self.secrets.lock().as_mut().and_then(|m| m.remove(&v.id)) {
                         let _ = w.send(v);
                     }
                 }
@@ -147,7 +150,7 @@ impl Peer {
         // Waiters learn the client is gone: their senders drop.
         self.stats.0.lock().take();
         self.files.0.lock().take();
-        self.secrets.lock().clear();
+        self.secrets.lock().take();
         self.conns.lock().clear();
     }
 
@@ -246,7 +249,7 @@ impl Client for Peer {
         let request = proto::ContextRequest {
             all: patterns.is_none(),
             include_patterns: patterns.unwrap_or_default(),
-            cache_from: None,
+            ..Default::default()
         };
         let v = progress.vertex("[internal] load build context");
         let (dir, digests) = self.sync(request, &self.context_path, v).await?;
@@ -257,34 +260,53 @@ impl Client for Peer {
         })
     }
 
-    async fn cache_dir(
+    async fn directory(
         &self,
-        index: usize,
+        dir: Dir,
         path: &str,
         progress: &Progress,
     ) -> Result<PathBuf, BuildError> {
-        let request = proto::ContextRequest {
+        let mut request = proto::ContextRequest {
             all: true,
-            include_patterns: Vec::new(),
-            cache_from: Some(index as u32),
+            ..Default::default()
         };
-        let v = progress.vertex(&format!("[internal] load build cache from {path}"));
+        let label = match dir {
+            Dir::CacheFrom(i) => {
+                request.cache_from = Some(i as u32);
+                format!("[internal] load build cache from {path}")
+            }
+            Dir::BuildContext(i) => {
+                request.build_context = Some(i as u32);
+                format!("[internal] load build context {path}")
+            }
+        };
+        let v = progress.vertex(&label);
         Ok(self.sync(request, path, v).await?.0)
     }
 
-    async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, BuildError> {
-        let (tx, rx) = oneshot::channel();
-        self.secrets.lock().insert(id.to_string(), tx);
-        self.send(Msg::Secret(proto::SecretRequest { id: id.into() }))?;
-        let v = rx.await.map_err(|_| gone())?;
-        if v.value.len() as u64 > MAX_SECRET_BYTES {
-            return Err(crate::secrets::SecretError::TooLarge {
-                id: id.into(),
-                what: "the value the client sent".into(),
+    fn secrets(&self) -> crate::secrets::Ask {
+        let (waiting, ctl) = (self.secrets.clone(), self.ctl.clone());
+        Arc::new(move |id: &str| {
+            let (tx, rx) = oneshot::channel();
+            match waiting.lock().as_mut() {
+                Some(m) => m.insert(id.to_string(), tx),
+                None => return Err("the client went away".into()),
+            };
+            let ask = msg(Msg::Secret(proto::SecretRequest { id: id.into() }));
+            ctl.send(ask)
+                .map_err(|_| "the client went away".to_string())?;
+            let v = rx
+                .blocking_recv()
+                .map_err(|_| "the client went away".to_string())?;
+            if v.value.len() as u64 > MAX_SECRET_BYTES {
+                let e = crate::secrets::SecretError::TooLarge {
+                    id: id.into(),
+                    what: "the value the client sent".into(),
+                };
+                return Err(e.to_string());
             }
-            .into());
-        }
-        Ok((!v.missing).then_some(v.value))
+            Ok((!v.missing).then_some(v.value))
+        })
     }
 
     fn ssh(&self, id: &str) -> Dialer {

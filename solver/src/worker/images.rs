@@ -110,14 +110,11 @@ impl Worker {
             Some(t) => images
                 .into_iter()
                 .find(|i| i.name.as_deref() == Some(t))
-                .ok_or_else(|| {
-                    WorkerError::Image(format!("OCI layout {}: no image tagged {t}", dir.display()))
-                })?,
+                .ok_or_else(|| WorkerError::Image(format!("no image tagged {t}")))?,
             None if images.len() == 1 => images.into_iter().next().expect("one"),
             None => {
                 return Err(WorkerError::Image(format!(
-                    "OCI layout {} holds {} images: name one with :TAG",
-                    dir.display(),
+                    "the layout holds {} images: name one with :TAG",
                     images.len()
                 )))
             }

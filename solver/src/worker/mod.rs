@@ -328,7 +328,7 @@ impl Worker {
             session,
             reset_caches,
         )?;
-        let needles = crate::secrets::needles(&session.secrets);
+        let needles = session.secrets.needles();
         let masked = |line: &str| log(&crate::secrets::mask(&needles, line));
         let mut extra = prepared.spec.clone();
         if network != llb::NetMode::None {

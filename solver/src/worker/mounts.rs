@@ -22,7 +22,7 @@ use crate::llb;
 /// Secrets and ssh agents the client gave this build (`--secret`, `--ssh`).
 #[derive(Default, Clone)]
 pub struct Session {
-    pub secrets: HashMap<String, Vec<u8>>,
+    pub secrets: crate::secrets::Secrets,
     /// ssh id → how to reach the agent that answers for it.
     pub ssh: HashMap<String, Dialer>,
     /// Set when the build is cancelled (Ctrl-C, or its client went away): running steps are
@@ -34,7 +34,7 @@ impl Session {
     /// `e` with every secret value in its text replaced by `****`: a failed step's error carries
     /// its last lines of output, and errors reach the terminal, rawjson events and logs.
     pub fn mask_error(&self, e: WorkerError) -> WorkerError {
-        let needles = crate::secrets::needles(&self.secrets);
+        let needles = self.secrets.needles();
         let mask = |s: &str| crate::secrets::mask(&needles, s);
         match e {
             WorkerError::ExitCode {
@@ -102,8 +102,11 @@ struct Inputs<'a> {
 fn secret_env(secretenv: &[llb::SecretEnv], session: &Session) -> Result<Vec<String>, WorkerError> {
     let mut env = Vec::new();
     for e in secretenv {
-        match session.secrets.get(&e.id) {
-            Some(v) => env.push(format!("{}={}", e.name, String::from_utf8_lossy(v))),
+        let value = session.secrets.get(&e.id).map_err(|m| {
+            WorkerError::Exec(format!("secret {}: the client did not answer: {m}", e.id))
+        })?;
+        match value {
+            Some(v) => env.push(format!("{}={}", e.name, String::from_utf8_lossy(&v))),
             None if e.optional => {}
             None => {
                 return Err(WorkerError::Exec(format!(
@@ -433,8 +436,13 @@ impl Worker {
                 o.id
             )
         };
-        let Some(value) = given(&session.secrets, &o, missing)? else {
-            return Ok(());
+        let asked = session.secrets.get(&o.id).map_err(|m| {
+            WorkerError::Exec(format!("secret {}: the client did not answer: {m}", o.id))
+        })?;
+        let value = match asked {
+            Some(v) => v,
+            None if o.optional => return Ok(()),
+            None => return Err(WorkerError::Exec(missing())),
         };
         let dir = self.scratch_dir(p)?;
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
@@ -456,7 +464,7 @@ impl Worker {
             .create_new(true)
             .open(&file)
             .map_err(WorkerError::io("write secret"))?;
-        f.write_all(value)
+        f.write_all(&value)
             .map_err(WorkerError::io("write secret"))?;
         set_owner_mode(&file, o.uid, o.gid, o.mode, "secret")?;
         p.spec.push(SpecMount {
