@@ -123,7 +123,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Waits (10 s at most) until containerd reaches the proxy snapshotter `name` again: after a
     /// snapshotter restart its client backs off for up to 3 s.
     pub fn wait_for_snapshotter(&self, name: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let out = self.try_ctr(&["snapshots", "--snapshotter", name, "ls"]);
             if out.status.success() {

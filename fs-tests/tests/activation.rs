@@ -132,6 +132,16 @@ impl Supervisor {
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let state = self.daemon.0.try_wait();
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "strata-snapshotter ({state:?}), its log's tail:\n{}",
+                tail.join("\n")
+            );
+        }
         let _ = self.daemon.0.kill();
         let _ = self.daemon.0.wait();
         strata_fs_tests::detach_mounts_under(self.dir.path());
@@ -479,6 +489,9 @@ fn kill9_rounds_under_concurrent_starts_leave_containerd_and_strata_agreeing() {
             .collect();
         assert!(other.is_empty(), "round {round}: {other:#?}");
         cut += failures.len();
+        // A daemon slow to start (a loaded machine) puts containerd's client in its reconnect
+        // back-off; the views are compared once containerd reaches the daemon again.
+        c.wait_for_snapshotter("strata");
         views_agree(&c, &s.socket, round);
         assert_eq!(
             counts(&c, &s.socket).1 .1,
