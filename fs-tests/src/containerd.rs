@@ -120,7 +120,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .expect("ctr is missing: install Debian's containerd (scripts/test does)")
     }
 
-    /// Waits (10 s at most) until containerd reaches the proxy snapshotter `name` again: after a
+    /// Waits (30 s at most) until containerd reaches the proxy snapshotter `name` again: after a
     /// snapshotter restart its client backs off for up to 3 s.
     pub fn wait_for_snapshotter(&self, name: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
