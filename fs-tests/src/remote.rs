@@ -295,6 +295,12 @@ impl Builder {
         format!("unix://{}", self.socket.display())
     }
 
+    /// SIGKILL, as a crash would end it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, and how it ended.
     pub fn stop(mut self) -> Option<i32> {
         crate::terminate(&mut self.child, Duration::from_secs(30));

@@ -12,6 +12,29 @@ pub struct Strata {
     pub ctx: TempDir,
 }
 
+/// A build killed mid-step (the kill -9 tests) leaves its container running and its mounts in
+/// place until the next build on the root removes them; at the end of a test nothing may stay.
+impl Drop for Strata {
+    fn drop(&mut self) {
+        let runtime = self.root.path().join("build/runtime");
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&runtime)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runtime)
+                    .args(["delete", "-f", id])
+                    .output();
+            }
+        }
+        crate::detach_mounts_under(self.root.path());
+    }
+}
+
 /// What a build printed, split up.
 pub struct Build {
     pub ok: bool,

@@ -391,3 +391,65 @@ fn a_local_cache_lives_on_the_client_and_warms_another_builder() {
         "warm from the client's directory:\n{p}"
     );
 }
+
+/// `strata build` against `address` in a thread; its output arrives on the receiver.
+fn build_in_background(address: &str, ctx: &Path) -> std::sync::mpsc::Receiver<Output> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (a, p) = (address.to_string(), ctx.to_path_buf());
+    std::thread::spawn(move || tx.send(client(&a, &p, &[], &[], "ssh")));
+    rx
+}
+
+/// What the client said once it ended; a client still waiting after a minute is hung.
+fn ended(rx: std::sync::mpsc::Receiver<Output>) -> String {
+    let out = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client hangs after its builder went away");
+    assert!(!out.status.success(), "the build cannot have succeeded");
+    text(&out)
+}
+
+#[test]
+fn a_builder_that_dies_or_stops_mid_build_is_a_clear_error_and_the_next_one_builds() {
+    let store = Strata::new();
+    let ctx = tempfile::tempdir().unwrap();
+    let slow = b"FROM busybox\nRUN echo started && sleep 40\n";
+    write(ctx.path(), "Dockerfile", slow);
+    let mut builder = Builder::start(None, store.root.path());
+    let running = build_in_background(&builder.unix_address(), ctx.path());
+    std::thread::sleep(Duration::from_secs(3));
+    builder.kill();
+    let said = ended(running);
+    assert!(
+        said.contains("connection to the builder was lost"),
+        "a crash is named as one:\n{said}"
+    );
+
+    // A new builder on the same root removes the step the crash left running, and builds; then
+    // SIGTERM mid-build tells the client why.
+    let builder = Builder::start(None, store.root.path());
+    let runtime = store.root.path().join("build/runtime");
+    let listed = Command::new("runc")
+        .arg("--root")
+        .arg(&runtime)
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).trim(),
+        "",
+        "the crashed builder's step is still running"
+    );
+    write(
+        ctx.path(),
+        "Dockerfile",
+        b"FROM busybox\nRUN echo after the crash\n",
+    );
+    ok(client(&builder.unix_address(), ctx.path(), &[], &[], "ssh"));
+    write(ctx.path(), "Dockerfile", slow);
+    let running = build_in_background(&builder.unix_address(), ctx.path());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(builder.stop(), Some(0), "SIGTERM drains and stops");
+    let said = ended(running);
+    assert!(said.contains("shutting down"), "{said}");
+}

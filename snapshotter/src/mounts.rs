@@ -186,9 +186,59 @@ pub fn unmount(target: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("unmount {}", target.display()))(e.into()))
 }
 
+/// Detaches every mount at or below `dir`, deepest first: what a killed process left mounted.
+/// Returns how many there were.
+pub fn unmount_all_under(dir: &Path) -> Result<usize> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(Error::io("read /proc/self/mountinfo"))?;
+    let mut points: Vec<std::path::PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| std::path::PathBuf::from(unescape_octal(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in &points {
+        // Already gone (a parent's detach took it) is fine.
+        let _ = umount2(p, MntFlags::MNT_DETACH);
+    }
+    Ok(points.len())
+}
+
+/// A mountinfo path: spaces, tabs, newlines and backslashes come as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let code = b.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (b[i], code) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_octal("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_octal("/plain\\"), "/plain\\");
+    }
 
     #[test]
     fn common_dir_is_a_whole_directory() {

@@ -276,3 +276,33 @@ pub fn run_with(
         }
     }
 }
+
+/// Kills and deletes the containers a killed builder left in the runtime state under
+/// `state_dir`, and their bundles.
+pub fn remove_containers(runtime: &str, state_dir: &Path) {
+    let runtime_root = state_dir.join("runtime");
+    if !runtime_root.exists() {
+        return;
+    }
+    let listed = Command::new(runtime)
+        .arg("--root")
+        .arg(&runtime_root)
+        .args(["list", "-q"])
+        .stderr(Stdio::null())
+        .output();
+    let ids = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    for id in ids.unwrap_or_default().lines().filter(|l| !l.is_empty()) {
+        tracing::info!(id, "removing a container an interrupted build left");
+        let _ = Command::new(runtime)
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["delete", "-f", id])
+            .stderr(Stdio::null())
+            .status();
+    }
+    if let Ok(rd) = fs::read_dir(state_dir.join("bundles")) {
+        for e in rd.flatten() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}

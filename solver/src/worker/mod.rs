@@ -153,11 +153,18 @@ impl Worker {
         Ok(w)
     }
 
+    /// What a killed builder left: its steps' containers (still running), their mounts, and
+    /// temporary snapshots. Safe here: the database lock makes this process the store's only user.
     fn remove_leftovers(&self) {
+        exec::remove_containers(&self.runtime, &self.dir);
         let mnt = self.dir.join("mnt");
+        // Every mount detached first, so that removing the directories never reaches into one.
+        if let Err(e) = snapshot_mounts::unmount_all_under(&mnt) {
+            warn!(error = %e, "could not detach what an interrupted build left mounted");
+            return;
+        }
         if let Ok(rd) = std::fs::read_dir(&mnt) {
             for e in rd.flatten() {
-                let _ = snapshot_mounts::unmount(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
