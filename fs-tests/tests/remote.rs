@@ -325,15 +325,18 @@ fn two_clients_on_one_builder_run_a_shared_step_once() {
             "--load",
             "-t",
             "loaded:1",
+            "-t",
+            "loaded:also",
         ])
         .arg(contexts[0].path())
         .output()
         .unwrap();
     ok(loaded);
     let ls = local.run(&["images", "ls"]);
+    let ls = String::from_utf8_lossy(&ls.stdout);
     assert!(
-        String::from_utf8_lossy(&ls.stdout).contains("loaded:1"),
-        "{ls:?}"
+        ls.contains("loaded:1") && ls.contains("loaded:also"),
+        "every -t name is loaded: {ls}"
     );
     assert_eq!(builder.stop(), Some(0), "SIGTERM stops the builder cleanly");
 }

@@ -36,7 +36,24 @@ pub async fn run(cli: &Cli, args: &BuildArgs) -> anyhow::Result<()> {
     }
     client::build(conn, &req, printer).await?;
     if let Some(dir) = load {
-        for name in open_worker(cli)?.load_archive(&dir.path().join("load.tar"))? {
+        let worker = open_worker(cli)?;
+        let loaded = worker.load_archive(&dir.path().join("load.tar"))?;
+        // The archive carries the first -t; the others name the same image.
+        let first = loaded
+            .first()
+            .context("--load: the archive names no image")?;
+        let first = worker
+            .db
+            .image(first)?
+            .context("--load: the loaded image")?;
+        for tag in args.tags.iter().skip(1) {
+            let name = strata_solver::worker::images::normalize(tag);
+            worker.db.put_image(&strata_solver::db::ImageRecord {
+                name,
+                ..first.clone()
+            })?;
+        }
+        for name in loaded.iter().chain(args.tags.iter().skip(1)) {
             eprintln!("loaded {name} into {}", cli.root.display());
         }
     }
