@@ -236,12 +236,28 @@ fn independent_stages_run_in_parallel() {
                 .any(|b| a.0 < b.1 - 0.5 && b.0 < a.1 - 0.5)
         })
     };
+    // How many run at once at the busiest moment (a step's start, when others are well inside).
+    let most_at_once = |iv: &[(f64, f64)]| {
+        iv.iter()
+            .map(|a| {
+                iv.iter()
+                    .filter(|b| b.0 <= a.0 + 0.5 && a.0 < b.1 - 0.5)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
     let parallel = s.build_ok(&["--no-cache"]);
     let iv = intervals(&parallel);
     assert_eq!(iv.len(), 4, "{}", parallel.progress);
     assert!(
         overlaps(&iv),
         "default parallelism overlaps the stages: {iv:?}"
+    );
+    // Waiting steps are not capped by the CPU count (2 on the CI machines).
+    assert!(
+        most_at_once(&iv) >= 3,
+        "more waiting steps than cores run at once: {iv:?}"
     );
     let serial = s.build_ok(&["--no-cache", "--max-parallelism", "1"]);
     let iv = intervals(&serial);

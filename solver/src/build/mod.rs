@@ -27,6 +27,13 @@ use crate::spec::InvalidSpec;
 use crate::worker::mounts::{Dialer, Session};
 use crate::worker::{Context, Ref, Worker, WorkerError};
 
+/// Steps that run at once unless `--max-parallelism` says otherwise. Not the CPU count: a step
+/// that waits (a download, a sleep, a remote service) should not wait for a core as well, and
+/// CPU-bound steps share the cores through the kernel's scheduler, as in BuildKit, which has no
+/// cap at all. The bound keeps a graph of thousands of stages from starting thousands of
+/// containers at once.
+pub const DEFAULT_PARALLELISM: usize = 64;
+
 /// Why a build stopped. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -77,7 +84,7 @@ pub struct Request {
     pub cache_from: Vec<String>,
     /// For each `--cache-to type=local`, by its index: the blobs its directory holds already.
     pub cache_have: HashMap<usize, HashSet<String>>,
-    /// Steps run at once (default: the number of CPUs).
+    /// Steps run at once (default: [`DEFAULT_PARALLELISM`]).
     pub max_parallelism: Option<usize>,
     /// `SOURCE_DATE_EPOCH`: timestamps for reproducible digests.
     pub epoch: Option<u64>,
@@ -176,9 +183,7 @@ pub async fn build(
         };
         import_cache(&worker, spec, dir, &progress).await?;
     }
-    let parallel = req
-        .max_parallelism
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let parallel = req.max_parallelism.unwrap_or(DEFAULT_PARALLELISM);
     let solver = Solver::new(
         worker.clone(),
         graph,

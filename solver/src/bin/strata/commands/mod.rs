@@ -111,7 +111,8 @@ pub struct BuildArgs {
     /// Check the registry for newer base images even when the local store has them
     #[arg(long)]
     pub pull: bool,
-    /// Steps run at once (default: number of CPUs)
+    /// Steps run at once (default: 64, whatever the CPU count: waiting steps do not wait for a
+    /// core; use 1 to run steps one by one)
     #[arg(long, value_name = "N")]
     pub max_parallelism: Option<usize>,
     /// Build on this builder: unix:///run/strata/buildd.sock or
