@@ -920,6 +920,28 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         "fetched {fetched} of {total} bytes before the first output:\n{st}"
     );
 
+    // Every other puller takes it whole and verifies it: containerd's overlayfs, skopeo, podman.
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &target,
+    ]);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        &target,
+        "whole-overlayfs",
+        "cat",
+        "/data/hello",
+    ]);
+    assert_eq!(out.trim(), "hello");
+    others_pull_it_whole(&target, dir.path());
+
     // What the container read is the next pull's prefetch list.
     let list = snapshotter_cli(&[
         "--root",
@@ -960,4 +982,35 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
     ]);
     let out = ctr_run(&c, &zstd, "whole", &["cat", "/data/hello"]);
     assert_eq!(out.trim(), "hello");
+}
+
+/// `skopeo copy` to an OCI layout (every blob checked against its digest) and podman's pull
+/// (containers/storage, which knows zstd:chunked) of `image`; podman's copy has its files.
+fn others_pull_it_whole(image: &str, dir: &Path) {
+    let layout = dir.join("skopeo-layout");
+    let out = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:copy", layout.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy: {out:?}");
+    let podman = |args: &[&str]| {
+        let out = Command::new("podman")
+            .arg("--root")
+            .arg(dir.join("podman-root"))
+            .arg("--runroot")
+            .arg(dir.join("podman-run"))
+            .args(["--storage-driver", "overlay"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "podman {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    podman(&["pull", "--tls-verify=false", image]);
+    let mounted = podman(&["image", "mount", image]);
+    let hello = std::fs::read_to_string(Path::new(&mounted).join("data/hello"));
+    podman(&["image", "unmount", image]);
+    assert_eq!(hello.unwrap().trim(), "hello");
 }
