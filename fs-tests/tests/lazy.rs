@@ -217,12 +217,23 @@ fn data_layer_toc(
     strata_image::oci::Descriptor,
     strata_image::chunked::toc::Toc,
 ) {
+    layer_toc(&s.lazy_ref, 1)
+}
+
+/// Layer `index` of `reference` and its TOC, from the registry.
+fn layer_toc(
+    reference: &str,
+    index: usize,
+) -> (
+    strata_image::oci::Descriptor,
+    strata_image::chunked::toc::Toc,
+) {
     use strata_image::registry::{Client, Options, Reference};
     let c = Client::new(Options::default());
-    let r = Reference::parse(&s.lazy_ref).unwrap();
+    let r = Reference::parse(reference).unwrap();
     let (bytes, _, _) = c.manifest(&r).unwrap();
     let m: strata_image::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
-    let layer = m.layers[1].clone();
+    let layer = m.layers[index].clone();
     let fetch = |a: u64, b: u64| -> std::io::Result<Vec<u8>> {
         c.blob_range(&r, &layer.digest, a, b)
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -965,6 +976,42 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         "--prefetch",
         reads.to_str().unwrap(),
     ]);
+    // Or straight from the build: the file the container read comes first in its layer, and
+    // the image still verifies and runs.
+    let rebuilt = format!("{}/team/lazy:rebuilt", reg.host);
+    let key = format!("prefetch={}", reads.display());
+    s.build_ok(&[
+        "--output",
+        &format!("type=registry,name={rebuilt},compression=zstd:chunked,{key}"),
+    ]);
+    let (_, toc) = layer_toc(&rebuilt, 1);
+    let first = toc.entries.iter().find(|e| e.kind == "reg" && e.size > 0);
+    assert_eq!(first.map(|e| e.name.as_str()), Some("data/hello"));
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &rebuilt,
+    ]);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        &rebuilt,
+        "rebuilt",
+        "cat",
+        "/data/hello",
+    ]);
+    assert_eq!(out.trim(), "hello");
+    let b = s.build(&["--output", &format!("type=registry,name={rebuilt},{key}")]);
+    assert!(
+        !b.ok && b.progress.contains("add compression=zstd:chunked"),
+        "{}",
+        b.progress
+    );
 
     // Plain zstd: containerd pulls and runs it whole.
     let zstd = format!("{}/team/zstd:1", reg.host);

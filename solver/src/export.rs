@@ -83,7 +83,7 @@ impl Output {
                 other if LayerForm::is_key(other) => form_keys.push((other, v)),
                 other => {
                     return Err(format!(
-                        "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace, compression, compression-level, oci-mediatypes)"
+                        "--output: unknown key {other:?} (known: type, dest, name, push, address, namespace, compression, compression-level, force-compression, oci-mediatypes, prefetch)"
                     ).into())
                 }
             }
@@ -95,6 +95,9 @@ impl Output {
         };
         for (k, v) in form_keys {
             form.set(k, v)?;
+        }
+        if form.prefetch.is_some() && form.compression != crate::form::Compression::ZstdChunked {
+            return Err("--output prefetch=FILE orders the files of zstd:chunked layers: add compression=zstd:chunked".into());
         }
         if let Some(n) = &name {
             crate::worker::images::checked_name(n).map_err(|e| format!("--output name: {e}"))?;
@@ -239,7 +242,7 @@ pub fn image(
 }
 
 /// Writes `manifest` (the image of `result`) to `output`; an output that goes to the client
-/// ([`Output::streamed`]) is written to `to`.
+/// ([`Output::streamed`]) is written to `to`; `prefetch`: the paths of its `prefetch=FILE`.
 pub fn write(
     worker: &Worker,
     output: &Output,
@@ -247,6 +250,7 @@ pub fn write(
     manifest: &Descriptor,
     epoch: Option<u64>,
     to: Option<Box<dyn Write + Send>>,
+    prefetch: &[String],
 ) -> Result<String, WorkerError> {
     let stream = |to: Option<Box<dyn Write + Send>>| {
         to.map(|w| BufWriter::with_capacity(1 << 18, w))
@@ -263,13 +267,13 @@ pub fn write(
                 created: now(),
             })?;
             if *push {
-                worker.push(name, &form::apply(worker, manifest, form)?)?;
+                worker.push(name, &form::apply(worker, manifest, form, prefetch)?)?;
                 return Ok(format!("naming to {full}, pushed"));
             }
             Ok(format!("naming to {full}"))
         }
         Output::Oci { dest, name, form } => {
-            let manifest = &form::apply(worker, manifest, form)?;
+            let manifest = &form::apply(worker, manifest, form, prefetch)?;
             let name =
                 crate::worker::images::normalize(name.as_deref().unwrap_or("strata-build:latest"));
             let mut w = stream(to)?;
@@ -289,7 +293,7 @@ pub fn write(
             namespace,
         } => containerd(worker, manifest, name, address, namespace),
         Output::Docker { dest, name, form } => {
-            let manifest = &form::apply(worker, manifest, form)?;
+            let manifest = &form::apply(worker, manifest, form, prefetch)?;
             let name = name.as_deref().map(crate::worker::images::normalize);
             let mut w = stream(to)?;
             docker_archive(

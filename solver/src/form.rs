@@ -42,8 +42,8 @@ impl Compression {
 }
 
 /// The form of an output's image: BuildKit's `compression`, `compression-level` and
-/// `oci-mediatypes` keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `oci-mediatypes` keys, and `prefetch=FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerForm {
     /// What new (uncompressed) layers become; base layers keep their blobs.
     pub compression: Compression,
@@ -54,6 +54,9 @@ pub struct LayerForm {
     pub oci: bool,
     /// Recompress base layers too (`force-compression=true`).
     pub force: bool,
+    /// `prefetch=FILE` (zstd:chunked): every layer, base layers too, rewritten with the files
+    /// FILE lists first, so that a lazy pull fetches them first. The client reads FILE.
+    pub prefetch: Option<String>,
 }
 
 impl LayerForm {
@@ -63,6 +66,7 @@ impl LayerForm {
         level: None,
         oci: true,
         force: false,
+        prefetch: None,
     };
     /// gzip layers in a Docker manifest: what `docker load` gets.
     pub const DOCKER: LayerForm = LayerForm {
@@ -74,7 +78,11 @@ impl LayerForm {
     pub fn is_key(key: &str) -> bool {
         matches!(
             key,
-            "compression" | "compression-level" | "oci-mediatypes" | "force-compression"
+            "compression"
+                | "compression-level"
+                | "oci-mediatypes"
+                | "force-compression"
+                | "prefetch"
         )
     }
 
@@ -102,6 +110,7 @@ impl LayerForm {
                     other => return Err(format!("--output force-compression={other}: use true or false").into()),
                 }
             }
+            "prefetch" => self.prefetch = Some(value.to_string()),
             "oci-mediatypes" => {
                 self.oci = match value {
                     "true" => true,
@@ -130,14 +139,35 @@ impl LayerForm {
 }
 
 /// The image of `manifest` in `form`: new layers compressed (in parallel, each once per level
-/// and remembered), every descriptor in the form's family.
+/// and remembered), every descriptor in the form's family; with a `prefetch` list (the paths of
+/// `form.prefetch`), every layer rewritten as zstd:chunked with those files first.
 pub fn apply(
     worker: &Worker,
     manifest: &Descriptor,
     form: &LayerForm,
+    prefetch: &[String],
 ) -> Result<Descriptor, WorkerError> {
     let digest = Digest::parse(&manifest.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
     let mut m: Manifest = oci::read_json(&worker.content, &digest)?;
+    if !prefetch.is_empty() {
+        let opts = strata_image::chunked::write::Options {
+            level: form.level.unwrap_or(3) as i32,
+            ..Default::default()
+        };
+        m = strata_image::chunked::convert::convert(
+            &worker.content,
+            &m,
+            opts,
+            prefetch,
+            &|_, _, _| {},
+        )
+        .map_err(|e| {
+            WorkerError::Image(format!(
+                "prefetch={}: {e}",
+                form.prefetch.as_deref().unwrap_or_default()
+            ))
+        })?;
+    }
     m.layers = layers(worker, &m.layers, form)?;
     let (manifest_type, config_type) = match form.oci {
         true => (oci::MEDIA_MANIFEST, oci::MEDIA_CONFIG),

@@ -84,6 +84,9 @@ pub struct Request {
     pub cache_from: Vec<String>,
     /// For each `--cache-to type=local`, by its index: the blobs its directory holds already.
     pub cache_have: HashMap<usize, HashSet<String>>,
+    /// For each `--output` with `prefetch=FILE`, by its index: the paths FILE lists (the client
+    /// read it).
+    pub prefetch: HashMap<usize, Vec<String>>,
     /// Steps run at once (default: [`DEFAULT_PARALLELISM`]).
     pub max_parallelism: Option<usize>,
     /// `SOURCE_DATE_EPOCH`: timestamps for reproducible digests.
@@ -206,15 +209,16 @@ pub async fn build(
     if cache_to.contains(&CacheSpec::Inline) {
         config.inline_cache = Some(inline_cache(&worker, &built, &progress).await?);
     }
-    let streams = outputs
-        .iter()
+    let targets = outputs
+        .into_iter()
         .enumerate()
-        .map(|(i, o)| o.streamed().then(|| client.output(i)))
+        .map(|(i, o)| {
+            let to = o.streamed().then(|| client.output(i));
+            let prefetch = req.prefetch.get(&i).cloned().unwrap_or_default();
+            (o, to, prefetch)
+        })
         .collect();
-    export_image(
-        &worker, &result, config, outputs, streams, req.epoch, &progress,
-    )
-    .await?;
+    export_image(&worker, &result, config, targets, req.epoch, &progress).await?;
     for (i, spec) in cache_to.into_iter().enumerate() {
         let to =
             matches!(spec, CacheSpec::Local { .. }).then(|| client.output(req.outputs.len() + i));
@@ -356,14 +360,15 @@ async fn import_cache(
     Ok(())
 }
 
-/// The image of `result` with `config`, written to every output (`streams[i]`: where output i's
-/// bytes go, for the outputs that go to the client).
+/// An output, where its bytes go when they go to the client, and its prefetch list.
+type Target = (Output, Option<Box<dyn Write + Send>>, Vec<String>);
+
+/// The image of `result` with `config`, written to every output of `targets`.
 async fn export_image(
     worker: &Arc<Worker>,
     result: &Ref,
     config: ImageConfig,
-    outputs: Vec<Output>,
-    streams: Vec<Option<Box<dyn Write + Send>>>,
+    targets: Vec<Target>,
     epoch: Option<u64>,
     progress: &Arc<Progress>,
 ) -> Result<(), BuildError> {
@@ -372,8 +377,8 @@ async fn export_image(
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         let manifest = export::image(&w, &r, config, epoch)?;
         let mut lines = vec![format!("writing image {}", manifest.digest)];
-        for (o, to) in outputs.iter().zip(streams) {
-            lines.push(export::write(&w, o, &r, &manifest, epoch, to)?);
+        for (o, to, prefetch) in targets {
+            lines.push(export::write(&w, &o, &r, &manifest, epoch, to, &prefetch)?);
         }
         Ok(lines)
     })

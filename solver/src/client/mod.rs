@@ -97,6 +97,7 @@ fn opening(
     loaded: &source::Loaded,
     held: &session::Held,
     dirs: &dirs::Dirs,
+    prefetch: Vec<crate::service::proto::OutputPrefetch>,
 ) -> [ClientMessage; 2] {
     use crate::service::proto::{BuildRequest, Hello};
     let hello = Hello {
@@ -122,6 +123,7 @@ fn opening(
         cache_to: dirs.cache_to.clone(),
         cache_from: dirs.cache_from.clone(),
         cache_have: dirs.have.clone(),
+        prefetch,
         pull: req.pull,
         max_parallelism: req.max_parallelism.unwrap_or(0) as u32,
         source_date_epoch: req.epoch,
@@ -151,7 +153,8 @@ pub async fn build(
     let dirs = dirs::Dirs::new(&req.cache_to, &req.cache_from, &req.build_contexts)?;
     let outputs = outputs::Outputs::new(&req.outputs, &dirs.cache_to_dirs)?;
     let (tx, rx) = mpsc::channel(64);
-    for m in opening(req, &context, &loaded, &held, &dirs) {
+    let prefetch = outputs::prefetch_lists(&req.outputs)?;
+    for m in opening(req, &context, &loaded, &held, &dirs, prefetch) {
         let _ = tx.send(m).await;
     }
     let talk = Talk {

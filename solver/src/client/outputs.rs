@@ -15,7 +15,7 @@ use strata_image::oci::{self, Index, OciError};
 
 use super::ClientError;
 use crate::export::Output;
-use crate::service::proto::OutputChunk;
+use crate::service::proto::{OutputChunk, OutputPrefetch};
 
 enum Dest {
     File(PathBuf),
@@ -190,6 +190,34 @@ impl Outputs {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The paths each `--output ...,prefetch=FILE` lists, one per line (FILE is on this machine):
+/// `strata-snapshotter status --prefetch-list IMAGE` writes such a file.
+pub fn prefetch_lists(specs: &[String]) -> Result<Vec<OutputPrefetch>, ClientError> {
+    let mut lists = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let form = match Output::parse(spec)? {
+            Output::Image { form, .. } | Output::Oci { form, .. } | Output::Docker { form, .. } => {
+                form
+            }
+            _ => continue,
+        };
+        let Some(file) = form.prefetch else { continue };
+        let text = std::fs::read_to_string(&file)
+            .map_err(io(format!("--output prefetch={file}: read the list")))?;
+        let paths = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        lists.push(OutputPrefetch {
+            index: i as u32,
+            paths,
+        });
+    }
+    Ok(lists)
 }
 
 /// Unpacks the tar arriving on `rx` into `dest`: owners, modes, times and xattrs kept; nothing

@@ -220,6 +220,11 @@ fn request_of(r: proto::BuildRequest) -> build::Request {
             .into_iter()
             .map(|h| (h.index as usize, h.digests.into_iter().collect()))
             .collect(),
+        prefetch: r
+            .prefetch
+            .into_iter()
+            .map(|p| (p.index as usize, p.paths))
+            .collect(),
         max_parallelism: Some(r.max_parallelism as usize).filter(|n| *n > 0),
         epoch: r.source_date_epoch,
     }

@@ -18,7 +18,8 @@ pub fn run(cli: &Cli, cmd: &ImagesCmd) -> anyhow::Result<()> {
         ImagesCmd::Pull { reference } => println!("pulled {}", w.pull(reference)?),
         ImagesCmd::Push { name } => {
             let (desc, _) = w.manifest(name)?;
-            let desc = strata_solver::form::apply(&w, &desc, &strata_solver::form::LayerForm::OCI)?;
+            let desc =
+                strata_solver::form::apply(&w, &desc, &strata_solver::form::LayerForm::OCI, &[])?;
             w.push(name, &desc)?;
             println!("pushed {name} ({})", desc.digest);
         }
