@@ -55,7 +55,7 @@ impl LazyLowers {
         let mut blob = Vec::new();
         let opts = write::Options {
             chunk_size: 64 << 10,
-            level: 3,
+            ..Default::default()
         };
         let w = write::write(&tar[..], &mut blob, opts).unwrap();
         self.pushed += 1;

@@ -895,27 +895,27 @@ fn assert_cache_verified(root: &Path) {
     );
 }
 
-#[test]
-fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
-    let reg = Registry::start();
-    let s = strata_fs_tests::strata::Strata::new();
-    // 400 files of 100 kB of noise: the layer is not compressible, so bytes fetched are bytes read.
+/// Builds 400 files of 100 kB of noise (not compressible: bytes fetched are bytes read) and
+/// pushes them with `output` keys (`compression=...`); a fresh lazy snapshotter mounts both
+/// layers (busybox, recompressed, and the built one) from the registry, and `cat` prints after
+/// fetching under 5 % of their bytes.
+fn built_and_pulled_lazily(
+    reg: &Registry,
+    s: &strata_fs_tests::strata::Strata,
+    name: &str,
+    keys: &str,
+) -> (String, tempfile::TempDir, Daemon, Containerd) {
     s.dockerfile(
         "FROM busybox\nRUN mkdir /data && i=0 && while [ $i -lt 400 ]; do head -c 100000 /dev/urandom > /data/f$i; i=$((i+1)); done && echo hello > /data/hello\n",
     );
-    let target = format!("{}/team/lazy:1", reg.host);
-    s.build_ok(&[
-        "--output",
-        &format!("type=registry,name={target},compression=zstd:chunked"),
-    ]);
+    let target = format!("{}/team/{name}", reg.host);
+    s.build_ok(&["--output", &format!("type=registry,name={target},{keys}")]);
     let dir = tempfile::tempdir().unwrap();
     let (d, c) = lazy_daemon(dir.path(), "background_fetch = false\n");
     let text = pull_lazy(&c, &target);
     assert!(text.contains("mounted lazily"), "{text}");
     let out = ctr_run(&c, &target, "first", &["cat", "/data/hello"]);
     assert_eq!(out.trim(), "hello");
-    // Both layers (busybox, recompressed, and the built one) are served lazily, and the first
-    // output needed a small part of them.
     let st = d.lazy_metrics();
     let lazy_layers = st
         .lines()
@@ -930,6 +930,46 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         fetched * 20 < total,
         "fetched {fetched} of {total} bytes before the first output:\n{st}"
     );
+    (target, dir, d, c)
+}
+
+#[test]
+fn a_build_pushed_as_estargz_is_pulled_lazily() {
+    let reg = Registry::start();
+    let s = strata_fs_tests::strata::Strata::new();
+    let (target, dir, _d, c) =
+        built_and_pulled_lazily(&reg, &s, "estargz:1", "compression=estargz");
+    // eStargz is gzip: every puller takes it whole (its landmark and TOC are then files at the
+    // root, as in any eStargz image; lazy mounts hide them).
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &target,
+    ]);
+    let ls = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        &target,
+        "ls",
+        "ls",
+        "-a",
+        "/",
+    ]);
+    assert!(ls.contains("data"), "{ls}");
+    others_pull_it_whole(&target, dir.path());
+}
+
+#[test]
+fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
+    let reg = Registry::start();
+    let s = strata_fs_tests::strata::Strata::new();
+    let (target, dir, d, c) =
+        built_and_pulled_lazily(&reg, &s, "lazy:1", "compression=zstd:chunked");
 
     // Every other puller takes it whole and verifies it: containerd's overlayfs, skopeo, podman.
     c.ctr(&[

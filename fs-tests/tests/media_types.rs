@@ -203,7 +203,7 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
     assert!(
         !b.ok
             && b.progress
-                .contains("use gzip, zstd, zstd:chunked or uncompressed"),
+                .contains("use gzip, zstd, zstd:chunked, estargz or uncompressed"),
         "{}",
         b.progress
     );

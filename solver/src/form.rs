@@ -27,6 +27,9 @@ pub enum Compression {
     /// zstd:chunked: zstd frames per file and a TOC, which lazy pulls mount from the registry
     /// (its media type is plain zstd's; only an output asks for it).
     ZstdChunked,
+    /// eStargz: gzip members per file and a TOC inside the tar (a gzip media type; only an
+    /// output asks for it).
+    Estargz,
 }
 
 impl Compression {
@@ -95,7 +98,8 @@ impl LayerForm {
                     "uncompressed" => Compression::Uncompressed,
                     "zstd" => Compression::Zstd,
                     "zstd:chunked" => Compression::ZstdChunked,
-                    other => return Err(format!("--output compression={other}: use gzip, zstd, zstd:chunked or uncompressed (estargz outputs are not built yet)").into()),
+                    "estargz" => Compression::Estargz,
+                    other => return Err(format!("--output compression={other}: use gzip, zstd, zstd:chunked, estargz or uncompressed").into()),
                 }
             }
             "compression-level" => {
@@ -128,8 +132,8 @@ impl LayerForm {
         Ok(match (c, self.oci) {
             (Compression::Uncompressed, true) => oci::MEDIA_LAYER,
             (Compression::Uncompressed, false) => oci::DOCKER_LAYER,
-            (Compression::Gzip, true) => oci::MEDIA_LAYER_GZIP,
-            (Compression::Gzip, false) => DOCKER_LAYER_GZIP,
+            (Compression::Gzip | Compression::Estargz, true) => oci::MEDIA_LAYER_GZIP,
+            (Compression::Gzip | Compression::Estargz, false) => DOCKER_LAYER_GZIP,
             (Compression::Zstd | Compression::ZstdChunked, true) => MEDIA_LAYER_ZSTD,
             (Compression::Zstd | Compression::ZstdChunked, false) => {
                 return Err("a zstd layer has no Docker media type: use oci-mediatypes=true".into())
@@ -149,24 +153,9 @@ pub fn apply(
 ) -> Result<Descriptor, WorkerError> {
     let digest = Digest::parse(&manifest.digest).map_err(|e| WorkerError::Image(e.to_string()))?;
     let mut m: Manifest = oci::read_json(&worker.content, &digest)?;
-    if !prefetch.is_empty() {
-        let opts = strata_image::chunked::write::Options {
-            level: form.level.unwrap_or(3) as i32,
-            ..Default::default()
-        };
-        m = strata_image::chunked::convert::convert(
-            &worker.content,
-            &m,
-            opts,
-            prefetch,
-            &|_, _, _| {},
-        )
-        .map_err(|e| {
-            WorkerError::Image(format!(
-                "prefetch={}: {e}",
-                form.prefetch.as_deref().unwrap_or_default()
-            ))
-        })?;
+    let estargz = form.compression == Compression::Estargz;
+    if estargz || !prefetch.is_empty() {
+        m = lazy_layers(worker, &m, form, prefetch)?;
     }
     m.layers = layers(worker, &m.layers, form)?;
     let (manifest_type, config_type) = match form.oci {
@@ -178,6 +167,32 @@ pub fn apply(
     let mut desc = oci::put_json(&worker.content, manifest_type, &m)?;
     desc.platform = manifest.platform.clone();
     Ok(desc)
+}
+
+/// The layers of `m` rewritten by the lazy-pull writer: eStargz (new layers, or every layer
+/// with `force-compression`), or zstd:chunked with `prefetch`'s files first (every layer: each
+/// puts the listed files it holds first).
+fn lazy_layers(
+    worker: &Worker,
+    m: &Manifest,
+    form: &LayerForm,
+    prefetch: &[String],
+) -> Result<Manifest, WorkerError> {
+    use strata_image::chunked::{convert, write};
+    let (format, default_level) = match form.compression {
+        Compression::Estargz => (write::Format::Estargz, 1),
+        _ => (write::Format::ZstdChunked, 3),
+    };
+    let opts = write::Options {
+        level: form.level.map_or(default_level, |l| l as i32),
+        format,
+        ..Default::default()
+    };
+    let all = form.force || !prefetch.is_empty();
+    convert::convert(&worker.content, m, opts, prefetch, all, &|_, _, _| {}).map_err(|e| {
+        let what = form.prefetch.as_deref().map(|p| format!("prefetch={p}: "));
+        WorkerError::Image(format!("{}{e}", what.unwrap_or_default()))
+    })
 }
 
 /// `layers` in `form`.
@@ -233,7 +248,10 @@ pub(crate) fn open_tar(
     let src = std::io::BufReader::new(worker.content.open_blob(&digest)?);
     Ok(match have {
         Compression::Uncompressed => Box::new(src),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
+        // Every member: an eStargz layer is one gzip member per file.
+        Compression::Gzip | Compression::Estargz => {
+            Box::new(flate2::read::MultiGzDecoder::new(src))
+        }
         Compression::Zstd | Compression::ZstdChunked => Box::new(
             zstd::Decoder::with_buffer(src)
                 .map_err(|e| WorkerError::Image(format!("layer {}: {e}", layer.digest)))?,
@@ -259,8 +277,9 @@ pub(crate) fn open_layer(
 /// the output's compression; base layers only with `force-compression=true`.
 fn needs_recompression(have: Compression, form: &LayerForm) -> bool {
     let same = match form.compression {
-        // A zstd:chunked base layer is zstd too: kept unless forced.
+        // A zstd:chunked base layer is zstd too, an eStargz one gzip: kept unless forced.
         Compression::ZstdChunked => have == Compression::Zstd,
+        Compression::Estargz => have == Compression::Gzip,
         c => have == c,
     };
     !same && (have == Compression::Uncompressed || form.force)
@@ -339,6 +358,12 @@ fn encode(
             };
             let written = chunked::write::write(tar, out, opts).map_err(std::io::Error::other)?;
             return Ok(written.annotations);
+        }
+        // Its diff_id differs from the tar's: written by the converter, with the config.
+        Compression::Estargz => {
+            return Err(std::io::Error::other(
+                "eStargz layers are written with the image (lazy_layers), not one by one",
+            ))
         }
     }
     Ok(BTreeMap::new())

@@ -1,11 +1,14 @@
-//! Converting an image's layers to zstd:chunked (`strata-snapshotter convert`, and a library
-//! call for exporters): each layer is decompressed and rewritten frame by frame; its tar bytes
-//! stay the same, so the config (diff_ids) is unchanged and only the manifest is new.
+//! Converting an image's layers to zstd:chunked or eStargz (`strata-snapshotter convert`, and
+//! build outputs): each layer is decompressed and rewritten frame by frame (member by member).
+//! zstd:chunked keeps the tar bytes, so the config (diff_ids) is unchanged and only the manifest
+//! is new; eStargz adds its TOC to the tar, so the config is new too.
 
 use std::io::{BufReader, Read, Seek};
 
+use super::estargz::is_estargz;
 use super::read::is_chunked_descriptor;
-use super::write::{write, Options};
+use super::reorder::reorder;
+use super::write::{write, Format, Options, Written};
 use super::MEDIA_LAYER_ZSTD;
 use crate::content::{ContentStore, Digest};
 use crate::oci::{self, Descriptor, ImageConfig, Manifest};
@@ -20,15 +23,19 @@ pub enum ConvertError {
     Oci(#[from] oci::OciError),
 }
 
-/// Converts every layer of `manifest` (with its blobs in `store`) that is not zstd:chunked yet;
-/// with a `prefetch` list (paths in the order a workload reads them), those files go first in
-/// their layers (the layers' diff_ids, and so the config, change). `progress(i, n, digest)` is
-/// called before layer `i` of `n`. Returns the new manifest.
+/// Converts the layers of `manifest` (with their blobs in `store`) to `opts.format`: every layer
+/// with `all`, else only the uncompressed ones (new layers; base layers keep their blobs); a
+/// layer already in the format is kept. With a `prefetch` list (paths in the order a workload
+/// reads them), those files go first in their layers. zstd:chunked keeps a layer's diff_id
+/// unless its files were reordered; eStargz always changes it (its TOC is in the tar); a changed
+/// diff_id makes a new config. `progress(i, n, digest)` is called before layer `i` of `n`.
+/// Returns the new manifest.
 pub fn convert(
     store: &ContentStore,
     manifest: &Manifest,
     opts: Options,
     prefetch: &[String],
+    all: bool,
     progress: &dyn Fn(usize, usize, &str),
 ) -> Result<Manifest, ConvertError> {
     let mut config: ImageConfig = oci::read_json(store, &Digest::parse(&manifest.config.digest)?)?;
@@ -37,49 +44,23 @@ pub fn convert(
     out.media_type = oci::MEDIA_MANIFEST.into();
     for (i, layer) in out.layers.iter_mut().enumerate() {
         progress(i, manifest.layers.len(), &layer.digest);
-        if is_chunked_descriptor(layer) {
+        let done = match opts.format {
+            Format::ZstdChunked => is_chunked_descriptor(layer),
+            Format::Estargz => is_estargz(&layer.annotations),
+        };
+        let plain = layer.media_type.ends_with(".tar") || layer.media_type == oci::DOCKER_LAYER;
+        if done || !(all || plain) {
             continue;
         }
         let bad = |reason: String| ConvertError::Layer {
             digest: layer.digest.clone(),
             reason,
         };
-        let blob = BufReader::new(store.open_blob(&Digest::parse(&layer.digest)?)?);
-        let plain: Box<dyn Read> = match layer.media_type.as_str() {
-            m if m.ends_with("gzip") => Box::new(flate2::read::GzDecoder::new(blob)),
-            m if m.ends_with("zstd") => {
-                Box::new(zstd::stream::read::Decoder::new(blob).map_err(|e| bad(e.to_string()))?)
-            }
-            m if m.ends_with("tar") || m == oci::DOCKER_LAYER => Box::new(blob),
-            m => {
-                return Err(bad(format!(
-                    "media type {m} is not a layer this converter reads"
-                )))
-            }
-        };
+        let tar = open_tar(store, layer).map_err(|e| bad(e.to_string()))?;
         let mut w = store.writer()?;
-        let (written, reordered) = if prefetch.is_empty() {
-            (
-                write(plain, &mut w, opts).map_err(|e| bad(e.to_string()))?,
-                false,
-            )
-        } else {
-            // The tar is spooled to disk once to be read in the new order.
-            let mut plain = plain;
-            let mut spool = tempfile::tempfile().map_err(|e| bad(e.to_string()))?;
-            std::io::copy(&mut plain, &mut spool).map_err(|e| bad(e.to_string()))?;
-            let mut ordered = tempfile::tempfile().map_err(|e| bad(e.to_string()))?;
-            let moved = super::reorder::reorder(&mut spool, &mut ordered, prefetch)
-                .map_err(|e| bad(e.to_string()))?;
-            ordered
-                .seek(std::io::SeekFrom::Start(0))
-                .map_err(|e| bad(e.to_string()))?;
-            let w2 =
-                write(BufReader::new(ordered), &mut w, opts).map_err(|e| bad(e.to_string()))?;
-            (w2, moved > 0)
-        };
+        let (written, reordered) = write_layer(tar, &mut w, opts, prefetch).map_err(bad)?;
         let digest = w.commit(None)?;
-        if reordered {
+        if reordered || opts.format == Format::Estargz {
             config.rootfs.diff_ids[i] = written.diff_id.clone();
         } else if original_diff_ids.get(i) != Some(&written.diff_id) {
             return Err(bad(format!(
@@ -89,7 +70,10 @@ pub fn convert(
             )));
         }
         *layer = Descriptor {
-            media_type: MEDIA_LAYER_ZSTD.into(),
+            media_type: match opts.format {
+                Format::ZstdChunked => MEDIA_LAYER_ZSTD.into(),
+                Format::Estargz => oci::MEDIA_LAYER_GZIP.into(),
+            },
             digest: digest.to_string(),
             size: written.size,
             annotations: written.annotations,
@@ -100,4 +84,48 @@ pub fn convert(
         out.config = oci::put_json(store, &manifest.config.media_type, &config)?;
     }
     Ok(out)
+}
+
+/// The tar of `layer`, decompressed as it is read.
+fn open_tar(store: &ContentStore, layer: &Descriptor) -> Result<Box<dyn Read>, String> {
+    let blob = BufReader::new(
+        store
+            .open_blob(&Digest::parse(&layer.digest).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?,
+    );
+    Ok(match layer.media_type.as_str() {
+        m if m.ends_with("gzip") => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        m if m.ends_with("zstd") => {
+            Box::new(zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?)
+        }
+        m if m.ends_with("tar") || m == oci::DOCKER_LAYER => Box::new(blob),
+        m => {
+            return Err(format!(
+                "media type {m} is not a layer this converter reads"
+            ))
+        }
+    })
+}
+
+/// Writes `tar` in `opts.format` to `w`, the files `prefetch` lists first (the tar is spooled to
+/// disk once to be read in the new order); whether any moved.
+fn write_layer(
+    tar: Box<dyn Read>,
+    w: &mut impl std::io::Write,
+    mut opts: Options,
+    prefetch: &[String],
+) -> Result<(Written, bool), String> {
+    if prefetch.is_empty() {
+        return Ok((write(tar, w, opts).map_err(|e| e.to_string())?, false));
+    }
+    let e = |e: std::io::Error| e.to_string();
+    let mut tar = tar;
+    let mut spool = tempfile::tempfile().map_err(e)?;
+    std::io::copy(&mut tar, &mut spool).map_err(e)?;
+    let mut ordered = tempfile::tempfile().map_err(e)?;
+    let moved = reorder(&mut spool, &mut ordered, prefetch).map_err(|e| e.to_string())?;
+    ordered.seek(std::io::SeekFrom::Start(0)).map_err(e)?;
+    opts.prefetched = moved.bytes;
+    let written = write(BufReader::new(ordered), w, opts).map_err(|e| e.to_string())?;
+    Ok((written, moved.entries > 0))
 }

@@ -12,8 +12,10 @@ use super::toc::{parse_toc, verify_toc, Fetch, Toc, MAX_TOC};
 use super::ChunkedError;
 
 pub const ANNOTATION_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The size of the layer's tar, which a puller may use to size its work.
+pub const ANNOTATION_UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
 pub const FOOTER_SIZE: u64 = 51;
-const TOC_NAME: &str = "stargz.index.json";
+pub const TOC_NAME: &str = "stargz.index.json";
 /// Marker files of the prefetch area: part of the format, not of the image.
 const LANDMARKS: [&str; 2] = [".prefetch.landmark", ".no.prefetch.landmark"];
 
@@ -21,6 +23,35 @@ const LANDMARKS: [&str; 2] = [".prefetch.landmark", ".no.prefetch.landmark"];
 /// zstd:chunked ones (stargz-snapshotter's zstd:chunked layers carry both).
 pub fn is_estargz(a: &BTreeMap<String, String>) -> bool {
     a.contains_key(ANNOTATION_TOC_DIGEST) && !super::read::is_chunked(a)
+}
+
+/// The landmark entry (a tar header, its one byte 0xf, padding): `.prefetch.landmark` where the
+/// files to prefetch end, or `.no.prefetch.landmark` first when there are none.
+pub fn landmark(prefetch: bool) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(LANDMARKS[usize::from(!prefetch)])
+        .expect("a short name");
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let mut entry = h.as_bytes().to_vec();
+    entry.push(0xf);
+    entry.resize(1024, 0);
+    entry
+}
+
+/// The footer for a TOC member at `at`: an empty gzip member whose extra field `SG` holds the
+/// offset in 16 hex digits and `STARGZ` (as Go's gzip writes it: 51 bytes).
+pub fn footer(at: u64) -> Vec<u8> {
+    let mut f = vec![
+        0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+    ];
+    f.extend_from_slice(format!("{at:016x}STARGZ").as_bytes());
+    // An empty final stored block, then CRC-32 and size, both 0.
+    f.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    f.extend_from_slice(&[0; 8]);
+    f
 }
 
 /// The TOC's offset from the footer.
@@ -123,17 +154,6 @@ fn toc_json(member: &[u8]) -> Result<Vec<u8>, ChunkedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A footer as the format defines it, for offset `at`.
-    fn footer(at: u64) -> Vec<u8> {
-        let mut f = vec![
-            0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
-        ];
-        f.extend_from_slice(format!("{at:016x}STARGZ").as_bytes());
-        f.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-        f.extend_from_slice(&[0; 8]);
-        f
-    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

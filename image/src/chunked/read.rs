@@ -236,13 +236,65 @@ mod tests {
         move |s, e| Ok(blob[s as usize..e as usize].to_vec())
     }
 
+    /// eStargz from the same tar: one gzip stream of the tar with a landmark and the TOC entry
+    /// added (its diff_id), the TOC verified by its digest annotation, chunks served.
+    #[test]
+    fn estargz_round_trip() {
+        use super::super::write::Format;
+        use std::io::Read;
+        let tar = layer();
+        // 512: the first entry (a directory) is the prefetch area.
+        for prefetched in [0, 512] {
+            let mut blob = Vec::new();
+            let opts = Options {
+                chunk_size: 256 << 10,
+                format: Format::Estargz,
+                prefetched,
+                ..Default::default()
+            };
+            let w = write(Cursor::new(&tar), &mut blob, opts).unwrap();
+            let mut whole = Vec::new();
+            flate2::read::MultiGzDecoder::new(&blob[..])
+                .read_to_end(&mut whole)
+                .unwrap();
+            assert_eq!(w.diff_id, Digest::of(&whole).to_string());
+            let mut names = Vec::new();
+            for e in tar::Archive::new(&whole[..]).entries().unwrap() {
+                names.push(e.unwrap().path().unwrap().display().to_string());
+            }
+            let landmark = match prefetched {
+                0 => ".no.prefetch.landmark",
+                _ => ".prefetch.landmark",
+            };
+            let at = names.iter().position(|n| n == landmark).unwrap();
+            assert_eq!(at, usize::from(prefetched > 0), "{names:?}");
+            assert_eq!(names.last().unwrap(), "stargz.index.json");
+            let fetch = fetcher(&blob);
+            let toc =
+                super::super::lazy::read_toc(&w.annotations, blob.len() as u64, &fetch, false)
+                    .unwrap();
+            let chunks = toc.chunks();
+            let big = toc
+                .entries
+                .iter()
+                .position(|e| e.name == "big.bin")
+                .unwrap();
+            let mut content = Vec::new();
+            for c in &chunks[&big] {
+                content.extend(read_chunk(c, Codec::Gzip, &fetch).unwrap());
+            }
+            let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+            assert_eq!(content, expected);
+        }
+    }
+
     #[test]
     fn round_trip_keeps_the_tar_and_serves_verified_chunks() {
         let tar = layer();
         let mut blob = Vec::new();
         let opts = Options {
             chunk_size: 256 << 10,
-            level: 3,
+            ..Default::default()
         };
         let w = write(Cursor::new(&tar), &mut blob, opts).unwrap();
         // A plain zstd reader gets the original tar back: diff_id unchanged.

@@ -17,13 +17,21 @@ struct Record {
     end: u64,
 }
 
-/// Copies the tar in `input` to `output` with the entries named in `order` first. Returns how
-/// many entries moved (0: the tar was copied as it is).
+/// What a reordering moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// Entries now at the front (0: the tar was copied as it is).
+    pub entries: usize,
+    /// The bytes of tar they take.
+    pub bytes: u64,
+}
+
+/// Copies the tar in `input` to `output` with the entries named in `order` first.
 pub fn reorder<R: Read + Seek>(
     mut input: R,
     output: &mut impl Write,
     order: &[String],
-) -> Result<usize, ChunkedError> {
+) -> Result<Moved, ChunkedError> {
     let io = |what: &'static str| ChunkedError::io(what);
     let mut records = Vec::new();
     let mut opaque_dirs: HashSet<String> = HashSet::new();
@@ -129,7 +137,13 @@ pub fn reorder<R: Read + Seek>(
         copy(records[i].start, records[i].end)?;
     }
     copy(trailer_start, total)?;
-    Ok(first.len())
+    Ok(Moved {
+        entries: first.len(),
+        bytes: first
+            .iter()
+            .map(|i| records[*i].end - records[*i].start)
+            .sum(),
+    })
 }
 
 #[cfg(test)]
@@ -175,7 +189,7 @@ mod tests {
             "missing".into(),
         ];
         let moved = reorder(Cursor::new(&tar), &mut out, &order).unwrap();
-        assert_eq!(moved, 4);
+        assert_eq!(moved.entries, 4);
         assert_eq!(
             names(&out),
             vec![
@@ -191,7 +205,8 @@ mod tests {
         assert_eq!(out.len(), tar.len());
         // Nothing listed: the same bytes.
         let mut same = Vec::new();
-        assert_eq!(reorder(Cursor::new(&tar), &mut same, &[]).unwrap(), 0);
+        let none = reorder(Cursor::new(&tar), &mut same, &[]).unwrap();
+        assert_eq!((none.entries, none.bytes), (0, 0));
         assert_eq!(same, tar);
     }
 }

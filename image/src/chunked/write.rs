@@ -1,7 +1,10 @@
-//! Writing zstd:chunked: the layer tar is walked block by block and copied byte for byte into
-//! zstd frames — tar headers (with padding) in one frame, each chunk of a regular file's content
-//! in its own — so the blob decompresses to exactly the input tar (its diff_id is unchanged).
-//! Then the TOC, the tar-split stream and the footer follow as skippable frames.
+//! Writing zstd:chunked and eStargz: the layer tar is walked block by block and copied byte for
+//! byte into zstd frames (gzip members for eStargz) — tar headers (with padding) in one frame,
+//! each chunk of a regular file's content in its own. zstd:chunked then appends the TOC, the
+//! tar-split stream and the footer as skippable frames: the blob decompresses to exactly the
+//! input tar (its diff_id is unchanged). eStargz instead ends the tar with a prefetch landmark
+//! entry and the TOC as the entry `stargz.index.json` in a member of its own, then its footer:
+//! the tar, and so the diff_id, changes.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -21,7 +24,12 @@ use crate::content::{Digest, Hashing};
 pub struct Options {
     /// Regular files larger than this are cut in chunks of this size, each its own frame.
     pub chunk_size: u64,
+    /// zstd's level, or gzip's (at most 9) for eStargz.
     pub level: i32,
+    pub format: Format,
+    /// eStargz: how many bytes at the start of the tar are the files to prefetch (0: none);
+    /// the landmark entry that says so goes there.
+    pub prefetched: u64,
 }
 
 impl Default for Options {
@@ -29,8 +37,19 @@ impl Default for Options {
         Options {
             chunk_size: 4 << 20,
             level: 3,
+            format: Format::ZstdChunked,
+            prefetched: 0,
         }
     }
+}
+
+/// The lazily pullable layer formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// containers/storage's: zstd frames, diff_id kept.
+    ZstdChunked,
+    /// stargz-snapshotter's: gzip members, TOC inside the tar.
+    Estargz,
 }
 
 /// What was written.
@@ -59,10 +78,15 @@ impl<W: Write> Out<W> {
         self.0.bytes()
     }
 
-    /// One zstd frame of `data`; returns its `[start, end)`.
-    fn frame(&mut self, data: &[u8], level: i32) -> Result<(u64, u64), ChunkedError> {
+    /// One zstd frame (or gzip member) of `data`; returns its `[start, end)`.
+    fn frame(&mut self, data: &[u8], opts: &Options) -> Result<(u64, u64), ChunkedError> {
         let start = self.written();
-        let z = zstd::bulk::compress(data, level).map_err(ChunkedError::io("compress"))?;
+        let z = match opts.format {
+            Format::ZstdChunked => {
+                zstd::bulk::compress(data, opts.level).map_err(ChunkedError::io("compress"))?
+            }
+            Format::Estargz => gzip(data, opts.level)?,
+        };
         self.put(&z)?;
         Ok((start, self.written()))
     }
@@ -174,8 +198,34 @@ fn rfc3339(secs: u64) -> String {
     crate::oci::rfc3339(secs)
 }
 
-/// Converts the layer tar `input` into a zstd:chunked blob written to `output`.
+/// One gzip member of `data`.
+fn gzip(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkedError> {
+    let level = flate2::Compression::new(level.clamp(1, 9) as u32);
+    let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 2 + 64), level);
+    e.write_all(data).map_err(ChunkedError::io("compress"))?;
+    e.finish().map_err(ChunkedError::io("compress"))
+}
+
+/// Converts the layer tar `input` into a zstd:chunked or eStargz blob written to `output`.
 pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Written, ChunkedError> {
+    // eStargz: its landmark entry spliced in where the prefetch area ends.
+    let input: Box<dyn Read + '_> = match opts.format {
+        Format::ZstdChunked => Box::new(input),
+        Format::Estargz => {
+            let mut input = input;
+            let mut front = Vec::new();
+            (&mut input)
+                .take(opts.prefetched)
+                .read_to_end(&mut front)
+                .map_err(ChunkedError::io("read the layer tar"))?;
+            let landmark = super::estargz::landmark(opts.prefetched > 0);
+            Box::new(
+                std::io::Cursor::new(front)
+                    .chain(std::io::Cursor::new(landmark))
+                    .chain(input),
+            )
+        }
+    };
     let mut w = Writer {
         input,
         out: Out(Hashing::new(output)),
@@ -187,6 +237,8 @@ pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Writ
         },
         split: TarSplit::default(),
         pending: Vec::new(),
+        end_of_entries: 0,
+        uncompressed: 0,
         ext: Extensions::default(),
     };
     while let Some((header, size)) = w.next_header()? {
@@ -197,8 +249,20 @@ pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Writ
             w.other(entry, &name, size)?;
         }
     }
-    w.flush_pending()?;
-    w.finish()
+    match opts.format {
+        Format::ZstdChunked => {
+            w.flush_pending()?;
+            w.finish()
+        }
+        Format::Estargz => {
+            // The end-of-archive blocks come after the TOC's entry.
+            w.pending.truncate(w.end_of_entries);
+            if !w.pending.is_empty() {
+                w.flush_pending()?;
+            }
+            w.finish_estargz()
+        }
+    }
 }
 
 /// PAX and GNU long-name records, which apply to the next header.
@@ -220,6 +284,10 @@ struct Writer<R: Read, W: Write> {
     split: TarSplit,
     /// Raw tar bytes not yet written: headers, extension records, padding.
     pending: Vec<u8>,
+    /// Where in `pending` the end-of-archive blocks began, once seen.
+    end_of_entries: usize,
+    /// Bytes of tar written so far.
+    uncompressed: u64,
     ext: Extensions,
 }
 
@@ -243,6 +311,7 @@ impl<R: Read, W: Write> Writer<R, W> {
                     "the tar has no end-of-archive blocks: it is truncated".into(),
                 ));
             }
+            self.end_of_entries = self.pending.len();
             self.pending.extend_from_slice(&block);
             if block.iter().all(|b| *b == 0) {
                 self.input
@@ -296,7 +365,8 @@ impl<R: Read, W: Write> Writer<R, W> {
     fn flush_pending(&mut self) -> Result<(), ChunkedError> {
         self.split.segment(&self.pending);
         self.diff.update(&self.pending);
-        self.out.frame(&self.pending, self.opts.level)?;
+        self.uncompressed += self.pending.len() as u64;
+        self.out.frame(&self.pending, &self.opts)?;
         self.pending.clear();
         Ok(())
     }
@@ -331,7 +401,8 @@ impl<R: Read, W: Write> Writer<R, W> {
             file_hash.update(&data);
             crc = crc64_iso(crc, &data);
             self.diff.update(&data);
-            let (start, end) = self.out.frame(&data, self.opts.level)?;
+            self.uncompressed += n;
+            let (start, end) = self.out.frame(&data, &self.opts)?;
             chunks.push(Entry {
                 kind: "chunk".into(),
                 name: entry.name.clone(),
@@ -391,6 +462,52 @@ impl<R: Read, W: Write> Writer<R, W> {
                     "{}:{}:{}",
                     split_pos.offset, split_pos.compressed, split_pos.uncompressed
                 ),
+            ),
+        ]);
+        Ok(Written {
+            digest: self.out.0.digest().to_string(),
+            size: self.out.written(),
+            diff_id: Digest::from_hasher(self.diff).to_string(),
+            annotations,
+            toc: self.toc,
+        })
+    }
+}
+
+impl<R: Read, W: Write> Writer<R, W> {
+    /// eStargz's end: the TOC as the tar's last entry (with the end-of-archive blocks) in a
+    /// member of its own, the footer pointing at it, and the TOC digest annotation.
+    fn finish_estargz(mut self) -> Result<Written, ChunkedError> {
+        use super::estargz::{
+            footer, ANNOTATION_TOC_DIGEST, ANNOTATION_UNCOMPRESSED_SIZE, TOC_NAME,
+        };
+        let toc_json = serde_json::to_vec(&self.toc).expect("TOC serializes");
+        let mut h = tar::Header::new_ustar();
+        h.set_path(TOC_NAME)
+            .map_err(ChunkedError::io("the TOC's tar header"))?;
+        h.set_size(toc_json.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut tail = h.as_bytes().to_vec();
+        tail.extend_from_slice(&toc_json);
+        tail.resize(512 + padded(toc_json.len() as u64) as usize + 1024, 0);
+        self.diff.update(&tail);
+        let (toc_at, _) = self.out.frame(&tail, &self.opts)?;
+        self.out.put(&footer(toc_at))?;
+        self.out
+            .0
+            .flush()
+            .map_err(ChunkedError::io("write the layer"))?;
+        let uncompressed = self.uncompressed + tail.len() as u64;
+        let annotations = BTreeMap::from([
+            (
+                ANNOTATION_TOC_DIGEST.to_string(),
+                Digest::of(&toc_json).to_string(),
+            ),
+            (
+                ANNOTATION_UNCOMPRESSED_SIZE.to_string(),
+                uncompressed.to_string(),
             ),
         ]);
         Ok(Written {

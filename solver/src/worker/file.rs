@@ -42,7 +42,7 @@ fn unpack_archive(
         let f = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
         let mut inner = Vec::with_capacity(262);
         let _ = std::io::Read::read_to_end(
-            &mut std::io::Read::take(flate2::read::GzDecoder::new(f), 262),
+            &mut std::io::Read::take(flate2::read::MultiGzDecoder::new(f), 262),
             &mut inner,
         );
         is_tar(&inner)
@@ -54,7 +54,7 @@ fn unpack_archive(
     }
     let f = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
     let reader: Box<dyn std::io::Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(f))
+        Box::new(flate2::read::MultiGzDecoder::new(f))
     } else {
         Box::new(f)
     };

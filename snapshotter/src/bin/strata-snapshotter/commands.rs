@@ -85,7 +85,7 @@ pub fn convert(
         chunk_size,
         ..Default::default()
     };
-    let out = convert::convert(&store, &manifest, opts, &order, &|i, _, _| {
+    let out = convert::convert(&store, &manifest, opts, &order, true, &|i, _, _| {
         b.set_position(i as u64)
     })?;
     b.finish_and_clear();
