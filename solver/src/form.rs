@@ -395,7 +395,7 @@ mod tests {
         );
         let e = f.set("compression", "lz4").unwrap_err();
         assert!(
-            e.0.contains("use gzip, zstd, zstd:chunked or uncompressed"),
+            e.0.contains("use gzip, zstd, zstd:chunked, estargz or uncompressed"),
             "{e}"
         );
         assert!(f.set("compression-level", "23").is_err());
