@@ -1016,6 +1016,14 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         "--prefetch",
         reads.to_str().unwrap(),
     ]);
+    // The converter writes eStargz too; it mounts lazily.
+    let esgz = format!("{}/team/lazy:esgz", reg.host);
+    snapshotter_cli(&["convert", "--estargz", &target, &esgz]);
+    let text = pull_lazy(&c, &esgz);
+    assert!(text.contains("mounted lazily"), "{text}");
+    let out = ctr_run(&c, &esgz, "esgz", &["cat", "/data/hello"]);
+    assert_eq!(out.trim(), "hello");
+
     // Or straight from the build: the file the container read comes first in its layer, and
     // the image still verifies and runs.
     let rebuilt = format!("{}/team/lazy:rebuilt", reg.host);

@@ -59,7 +59,7 @@ fn read_source(
 pub fn convert(
     src: &str,
     dst: &str,
-    chunk_size: u64,
+    (chunk_size, format): (u64, write::Format),
     prefetch: Option<&Path>,
     insecure: Vec<String>,
 ) -> anyhow::Result<()> {
@@ -80,9 +80,18 @@ pub fn convert(
         .context("create a work directory")?;
     let store = ContentStore::open(tmp.path())?;
     let (_, manifest) = read_source(&store, src, &c).with_context(|| format!("read {src}"))?;
-    let b = bar(manifest.layers.len() as u64, "converting to zstd:chunked");
+    let (name, level) = match format {
+        write::Format::ZstdChunked => ("zstd:chunked", 3),
+        write::Format::Estargz => ("eStargz", 6),
+    };
+    let b = bar(
+        manifest.layers.len() as u64,
+        &format!("converting to {name}"),
+    );
     let opts = write::Options {
         chunk_size,
+        format,
+        level,
         ..Default::default()
     };
     let out = convert::convert(&store, &manifest, opts, &order, true, &|i, _, _| {

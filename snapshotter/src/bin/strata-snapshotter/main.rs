@@ -75,10 +75,10 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
-    /// Rewrite an image's layers as zstd:chunked so that it can be pulled lazily. SRC and DST:
-    /// a registry reference, oci-archive:FILE, or (SRC only) oci:DIR
+    /// Rewrite an image's layers as zstd:chunked (or eStargz) so that it can be pulled lazily.
+    /// SRC and DST: a registry reference, oci-archive:FILE, or (SRC only) oci:DIR
     #[command(
-        after_help = "Examples:\n  strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked\n  strata-snapshotter convert oci:./app-layout oci-archive:app-chunked.tar --prefetch reads.txt"
+        after_help = "Examples:\n  strata-snapshotter convert registry.example.com/app:1 registry.example.com/app:1-chunked\n  strata-snapshotter convert oci:./app-layout oci-archive:app-chunked.tar --prefetch reads.txt\n  strata-snapshotter convert --estargz registry.example.com/app:1 registry.example.com/app:1-esgz"
     )]
     Convert {
         /// The image to convert
@@ -91,6 +91,9 @@ enum Cmd {
         /// Paths in the order a workload reads them (one per line): placed first in their layers
         #[arg(long, value_name = "FILE")]
         prefetch: Option<PathBuf>,
+        /// Write eStargz (gzip, stargz-snapshotter's format; diff_ids change) instead
+        #[arg(long)]
+        estargz: bool,
         /// Registry reached over plain HTTP (localhost and 127.0.0.1 always are)
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
@@ -218,15 +221,20 @@ fn main() -> anyhow::Result<()> {
             dst,
             chunk_size,
             prefetch,
+            estargz,
             insecure_registry,
         }) => {
+            let format = match estargz {
+                true => strata_image::chunked::write::Format::Estargz,
+                false => strata_image::chunked::write::Format::ZstdChunked,
+            };
             return commands::convert(
                 &src,
                 &dst,
-                chunk_size,
+                (chunk_size, format),
                 prefetch.as_deref(),
                 insecure_registry,
-            )
+            );
         }
         Some(Cmd::Pull {
             lazy,
