@@ -1054,6 +1054,20 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         "/data/hello",
     ]);
     assert_eq!(out.trim(), "hello");
+    // On a fresh snapshotter (no background fetch) the recorded files come in the mount's one
+    // ranged read of the prefetch area: the container's read fetches nothing more.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (d2, c2) = lazy_daemon(dir2.path(), "background_fetch = false\n");
+    pull_lazy(&c2, &rebuilt);
+    let before = metric(&d2.lazy_metrics(), "strata_lazy_fetched_bytes_total");
+    assert!(before > 0, "the prefetch area was fetched at mount");
+    let out = ctr_run(&c2, &rebuilt, "prefetched", &["cat", "/data/hello"]);
+    assert_eq!(out.trim(), "hello");
+    let after = metric(&d2.lazy_metrics(), "strata_lazy_fetched_bytes_total");
+    assert_eq!(
+        before, after,
+        "the first read was served from the prefetch area"
+    );
     let b = s.build(&["--output", &format!("type=registry,name={rebuilt},{key}")]);
     assert!(
         !b.ok && b.progress.contains("add compression=zstd:chunked"),

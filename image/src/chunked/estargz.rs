@@ -113,14 +113,19 @@ pub fn read_toc(
     Ok(toc)
 }
 
-/// Drops the landmark entries from the TOC of a layer written by stargz-snapshotter's tools
-/// (eStargz, or its zstd:chunked: both carry the TOC digest annotation), as its snapshotter does.
-pub fn hide_landmarks(annotations: &BTreeMap<String, String>, toc: &mut Toc) {
-    if annotations.contains_key(ANNOTATION_TOC_DIGEST) {
-        toc.entries.retain(|e| {
-            !(e.kind == "reg" && LANDMARKS.contains(&super::toc::clean(&e.name).as_str()))
-        });
-    }
+/// Drops the landmark entries from a lazy layer's TOC, as stargz-snapshotter does, keeping where
+/// the prefetch area ends. eStargz has them; so do stargz-snapshotter's zstd:chunked layers and
+/// Strata's zstd:chunked layers written with a prefetch list.
+pub fn hide_landmarks(toc: &mut Toc) {
+    let landmark = |e: &super::toc::Entry| {
+        e.kind == "reg" && LANDMARKS.contains(&super::toc::clean(&e.name).as_str())
+    };
+    toc.prefetch_end = toc
+        .entries
+        .iter()
+        .find(|e| landmark(e) && super::toc::clean(&e.name) == LANDMARKS[0])
+        .map(|e| e.offset);
+    toc.entries.retain(|e| !landmark(e));
 }
 
 /// The JSON of `stargz.index.json`, the one tar entry in the gzip member `member`.

@@ -25,7 +25,7 @@ pub fn read_toc(
     } else {
         read::read_chunked_toc(annotations, blob_size, fetch, allow_unverified)?
     };
-    estargz::hide_landmarks(annotations, &mut toc);
+    estargz::hide_landmarks(&mut toc);
     Ok(toc)
 }
 

@@ -285,6 +285,22 @@ mod tests {
             }
             let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
             assert_eq!(content, expected);
+            // The landmark is hidden; a prefetch area's end is kept.
+            assert!(!toc.entries.iter().any(|e| e.name.contains("landmark")));
+            assert_eq!(toc.prefetch_end.is_some(), prefetched > 0);
+            // zstd:chunked with files put first marks the area the same way (diff_id changes).
+            let opts = Options {
+                format: Format::ZstdChunked,
+                ..opts
+            };
+            let mut zblob = Vec::new();
+            let z = write(Cursor::new(&tar), &mut zblob, opts).unwrap();
+            let zfetch = fetcher(&zblob);
+            let ztoc =
+                super::super::lazy::read_toc(&z.annotations, zblob.len() as u64, &zfetch, false)
+                    .unwrap();
+            assert_eq!(ztoc.prefetch_end.is_some(), prefetched > 0);
+            assert_eq!(z.diff_id == Digest::of(&tar).to_string(), prefetched == 0);
         }
     }
 
@@ -371,6 +387,7 @@ mod tests {
             let toc = Toc {
                 version: 1,
                 entries,
+                prefetch_end: None,
             };
             assert!(toc.check(1000, 900).is_err(), "{toc:?}");
         }
@@ -381,6 +398,7 @@ mod tests {
                 entry("symlink", "a/l", "../b"),
                 entry("symlink", "bin", "/usr/bin"),
             ],
+            prefetch_end: None,
         };
         ok.check(1000, 900).unwrap();
     }

@@ -21,6 +21,14 @@ fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
 pub struct Toc {
     pub version: u32,
     pub entries: Vec<Entry>,
+    /// Where the files to prefetch end in the blob (the `.prefetch.landmark` entry's offset,
+    /// taken out of the entries when read; a snapshotter keeps it with its verified copy).
+    #[serde(
+        default,
+        rename = "strataPrefetchEnd",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub prefetch_end: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -377,6 +385,7 @@ mod tests {
         let toc = |c: Entry| Toc {
             version: 1,
             entries: vec![reg.clone(), c],
+            prefetch_end: None,
         };
         assert!(toc(chunk(4, 0)).check(100, 50).is_ok());
         for bad in [chunk(10, 0), chunk(40, 0), chunk(4, 7)] {

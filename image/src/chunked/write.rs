@@ -208,17 +208,19 @@ fn gzip(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkedError> {
 
 /// Converts the layer tar `input` into a zstd:chunked or eStargz blob written to `output`.
 pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Written, ChunkedError> {
-    // eStargz: its landmark entry spliced in where the prefetch area ends.
-    let input: Box<dyn Read + '_> = match opts.format {
-        Format::ZstdChunked => Box::new(input),
-        Format::Estargz => {
+    // A landmark entry spliced in where the prefetch area ends: eStargz always has one;
+    // zstd:chunked when files were put first (as stargz-snapshotter's converter writes it).
+    let prefetch = opts.prefetched > 0;
+    let input: Box<dyn Read + '_> = match (opts.format, prefetch) {
+        (Format::ZstdChunked, false) => Box::new(input),
+        _ => {
             let mut input = input;
             let mut front = Vec::new();
             (&mut input)
                 .take(opts.prefetched)
                 .read_to_end(&mut front)
                 .map_err(ChunkedError::io("read the layer tar"))?;
-            let landmark = super::estargz::landmark(opts.prefetched > 0);
+            let landmark = super::estargz::landmark(prefetch);
             Box::new(
                 std::io::Cursor::new(front)
                     .chain(std::io::Cursor::new(landmark))
@@ -233,7 +235,7 @@ pub fn write(input: impl Read, output: impl Write, opts: Options) -> Result<Writ
         diff: Sha256::new(),
         toc: Toc {
             version: 1,
-            entries: Vec::new(),
+            ..Default::default()
         },
         split: TarSplit::default(),
         pending: Vec::new(),

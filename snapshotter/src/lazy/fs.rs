@@ -388,6 +388,7 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
         passthrough.clone(),
         spec.passthrough,
     );
+    super::background::fetch_prefetch_area(&index, &fetcher);
     let stop = Arc::new(AtomicBool::new(false));
     if spec.background_fetch {
         let (i, f, s, n) = (

@@ -306,6 +306,7 @@ mod tests {
         };
         let toc = Toc {
             version: 1,
+            prefetch_end: None,
             entries: vec![
                 e("reg", "a/b/file", ""),
                 e("dir", "a/", ""),

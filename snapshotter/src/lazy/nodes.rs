@@ -18,12 +18,16 @@ use strata_image::chunked::toc::Toc;
 struct Meta {
     nodes: u64,
     total_bytes: u64,
+    #[serde(default)]
+    prefetch_end: Option<u64>,
 }
 
 pub struct Nodes {
     db: DB,
     pub count: u64,
     pub total_bytes: u64,
+    /// Where the layer's prefetch area (files put first for this) ends in the blob.
+    pub prefetch_end: Option<u64>,
 }
 
 fn node_key(ino: u64) -> Vec<u8> {
@@ -63,7 +67,8 @@ impl Nodes {
         let meta = match meta {
             Some(m) => m,
             None => {
-                let index = Index::build(&toc()?);
+                let toc = toc()?;
+                let index = Index::build(&toc);
                 let mut batch = WriteBatch::default();
                 for (i, n) in index.nodes.iter().enumerate() {
                     let ino = i as u64 + 1;
@@ -80,6 +85,7 @@ impl Nodes {
                 let meta = Meta {
                     nodes: index.nodes.len() as u64,
                     total_bytes: index.total_bytes,
+                    prefetch_end: toc.prefetch_end,
                 };
                 batch.put(b"meta", serde_json::to_vec(&meta)?);
                 db.write(batch)?;
@@ -91,6 +97,7 @@ impl Nodes {
             db,
             count: meta.nodes,
             total_bytes: meta.total_bytes,
+            prefetch_end: meta.prefetch_end,
         })
     }
 
@@ -156,6 +163,7 @@ mod tests {
         };
         let toc = Toc {
             version: 1,
+            prefetch_end: None,
             entries: vec![
                 e("dir", "a/"),
                 e("reg", "a/x"),
