@@ -4,7 +4,10 @@
 //!   `ctr run --snapshotter strata` vs `ctr images pull` + `ctr run` on containerd's overlayfs;
 //!   and the bytes fetched before that output;
 //! - sequential read throughput of the large files once cached, through the FUSE lower vs on
-//!   overlayfs (median of five, page cache dropped before each).
+//!   overlayfs (median of five, page cache dropped before each);
+//! - at the first limit, an image whose entrypoint reads 50 files spread over its data layer:
+//!   time to the first output and registry requests before it, without a prefetch list vs with
+//!   the one a first run recorded (`status --prefetch-list`, `convert --prefetch`).
 //!
 //! `lazy-bench [IMAGE_MB] [MBIT,...]` (defaults: 300 and 100,1000).
 
@@ -54,8 +57,18 @@ impl Bucket {
     }
 }
 
-/// A proxy to `upstream` whose responses share `bytes_per_sec` (bursts of 64 KiB at most).
-fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {
+/// Registry requests seen by a proxy (request lines of registry API calls).
+type Requests = Arc<std::sync::atomic::AtomicU64>;
+
+/// How many registry API request lines `data` (client to registry) holds.
+fn request_lines(data: &[u8]) -> u64 {
+    let starts = |m: &[u8]| data.windows(m.len()).filter(|w| *w == m).count() as u64;
+    starts(b"GET /v2/") + starts(b"HEAD /v2/")
+}
+
+/// A proxy to `upstream` whose responses share `bytes_per_sec` (bursts of 64 KiB at most),
+/// counting requests in `requests`.
+fn throttled_proxy(upstream: String, bytes_per_sec: u64, requests: Requests) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let bucket = Arc::new(Bucket::new(bytes_per_sec, 64 << 10));
@@ -66,8 +79,18 @@ fn throttled_proxy(upstream: String, bytes_per_sec: u64) -> String {
             };
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let requests = requests.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n @ 1..) = c_read.read(&mut buf) {
+                    requests.fetch_add(
+                        request_lines(&buf[..n]),
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
                 let _ = s_write.shutdown(std::net::Shutdown::Write);
             });
             let (mut s_read, mut c_write, bucket) = (server, client, bucket.clone());
@@ -165,6 +188,21 @@ fn push_image(reg: &Registry, dir: &Path, mb: usize) -> u64 {
 
 /// Seconds to the first output of a container of `image` on `snapshotter`, after `pull`.
 fn first_output(c: &Containerd, snapshotter: &str, image: &str, id: &str, pull: &[&str]) -> f64 {
+    first_output_of(
+        c,
+        (snapshotter, image, id),
+        pull,
+        &["sha256sum", "/data/small/f0007"],
+    )
+}
+
+/// [`first_output`] of `cmd`.
+fn first_output_of(
+    c: &Containerd,
+    (snapshotter, image, id): (&str, &str, &str),
+    pull: &[&str],
+    cmd: &[&str],
+) -> f64 {
     let t = Instant::now();
     if !pull.is_empty() {
         snapshotter_cli(pull);
@@ -178,16 +216,9 @@ fn first_output(c: &Containerd, snapshotter: &str, image: &str, id: &str, pull: 
             image,
         ]);
     }
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        snapshotter,
-        image,
-        id,
-        "sha256sum",
-        "/data/small/f0007",
-    ]);
+    let mut args = vec!["run", "--rm", "--snapshotter", snapshotter, image, id];
+    args.extend_from_slice(cmd);
+    let out = c.ctr(&args);
     assert!(out.starts_with(char::is_alphanumeric), "{out}");
     t.elapsed().as_secs_f64()
 }
@@ -257,8 +288,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let big_bytes = push_image(&reg, dir.path(), mb);
     let last = rates.last().copied();
+    let first_rate = rates[0];
     for mbit in rates {
-        let proxy = throttled_proxy(reg.host.clone(), mbit * 1_000_000 / 8);
+        let proxy = throttled_proxy(reg.host.clone(), mbit * 1_000_000 / 8, Default::default());
         // Lazy: strata, without the background fetch, so that what is fetched before the first
         // output is what the container needed and nothing shares the link with the full pull.
         let cfg = std::env::temp_dir().join(format!("lazy-bench-{}.toml", std::process::id()));
@@ -286,4 +318,86 @@ fn main() {
             cached_reads(&d, &c, &lazy, &full, big_bytes, mb);
         }
     }
+    prefetch_row(&reg, dir.path(), mb, first_rate);
+}
+
+/// A daemon without the background fetch (what is fetched is what was read) and its containerd.
+fn lazy_daemon() -> (Daemon, Containerd) {
+    let cfg = std::env::temp_dir().join(format!("lazy-bench-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[lazy]\nbackground_fetch = false\n").unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let c = Containerd::start(&d.socket);
+    (d, c)
+}
+
+/// `pull --lazy IMAGE` into `c`, then `cmd` in a container: seconds to its output.
+fn lazy_first_output(c: &Containerd, image: &str, id: &str, cmd: &[&str]) -> f64 {
+    let address = c.address.to_str().unwrap().to_string();
+    let pull = [
+        "pull",
+        "--lazy",
+        image,
+        "--containerd-address",
+        &address,
+        "--namespace",
+        &c.namespace,
+    ];
+    first_output_of(c, ("strata", image, id), &pull, cmd)
+}
+
+/// 50 files of 1 MB read by the entrypoint, every sixth of the layer's files: without a prefetch
+/// list vs with the one a first run recorded, each on a fresh snapshotter behind `mbit`.
+fn prefetch_row(reg: &Registry, dir: &Path, mb: usize, mbit: u64) {
+    let n = mb.max(60);
+    let mut b = LayerBuilder::default();
+    for i in 0..n {
+        b.file(
+            &format!("data/f{i:03}"),
+            0o644,
+            &noise(20_000 + i as u64, 1 << 20),
+        );
+    }
+    let archive = dir.join("reads.tar");
+    write_oci_archive(
+        &archive,
+        "docker.io/strata/reads:1",
+        &[busybox_layer().finish(), b.finish()],
+        &["/bin/sh"],
+    );
+    reg.push_archive(&archive, "strata/reads:1");
+    let at = |tag: &str| format!("{}/strata/reads:{tag}", reg.host);
+    snapshotter_cli(&["convert", &at("1"), &at("lazy")]);
+    let files: Vec<String> = (0..50)
+        .map(|i| format!("/data/f{:03}", i * n / 50))
+        .collect();
+    let script = format!("cat {} > /dev/null && echo ready", files.join(" "));
+    let cmd = ["sh", "-c", script.as_str()];
+    // A first run records what the entrypoint reads; the image is converted with that order.
+    let (d, c) = lazy_daemon();
+    lazy_first_output(&c, &at("lazy"), "record", &cmd);
+    let root = d.root.to_str().unwrap().to_string();
+    let list = snapshotter_cli(&["--root", &root, "status", "--prefetch-list", &at("lazy")]);
+    let reads = dir.join("reads.txt");
+    std::fs::write(&reads, list).unwrap();
+    snapshotter_cli(&[
+        "convert",
+        "--prefetch",
+        reads.to_str().unwrap(),
+        &at("1"),
+        &at("prefetch"),
+    ]);
+    drop((c, d));
+    let mut row = Vec::new();
+    for tag in ["lazy", "prefetch"] {
+        let requests: Requests = Default::default();
+        let proxy = throttled_proxy(reg.host.clone(), mbit * 1_000_000 / 8, requests.clone());
+        let (_d, c) = lazy_daemon();
+        let image = format!("{proxy}/strata/reads:{tag}");
+        let secs = lazy_first_output(&c, &image, tag, &cmd);
+        row.push((secs, requests.load(std::sync::atomic::Ordering::SeqCst)));
+    }
+    let [(plain, plain_req), (pre, pre_req)] = row[..] else {
+        unreachable!()
+    };
+    println!("  prefetch, {mbit} Mbit/s, 50 x 1 MB read of {n} MB: first output without a list {plain:.2}s ({plain_req} registry requests) vs with the recorded one {pre:.2}s ({pre_req} requests): ratio {:.2}", pre / plain);
 }
