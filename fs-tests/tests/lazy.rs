@@ -770,25 +770,8 @@ fn a_prefetch_list_puts_its_files_first_and_the_image_stays_valid() {
     // containerd's own full pull checks every layer against the (new) diff_ids.
     let d = Daemon::start();
     let c = Containerd::start(&d.socket);
-    c.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &ordered,
-    ]);
-    let run = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "overlayfs",
-        &ordered,
-        "o",
-        "sha256sum",
-        "/data/big-1",
-        "/data/small/f0013",
-    ]);
+    let sums = ["sha256sum", "/data/big-1", "/data/small/f0013"];
+    let run = whole_run(&c, &ordered, "o", &sums);
     assert_eq!(sums_of(&run).len(), 2);
     for (path, sum) in sums_of(&run) {
         assert_eq!(s2.sums[&path], sum, "{path}");
@@ -941,27 +924,7 @@ fn a_build_pushed_as_estargz_is_pulled_lazily() {
         built_and_pulled_lazily(&reg, &s, "estargz:1", "compression=estargz");
     // eStargz is gzip: every puller takes it whole (its landmark and TOC are then files at the
     // root, as in any eStargz image; lazy mounts hide them).
-    c.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &target,
-    ]);
-    let ls = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "overlayfs",
-        &target,
-        "ls",
-        "ls",
-        "-a",
-        "/",
-    ]);
-    assert!(ls.contains("data"), "{ls}");
-    others_pull_it_whole(&target, dir.path());
+    others_pull_it_whole(&c, &target, dir.path());
 }
 
 #[test]
@@ -972,26 +935,7 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
         built_and_pulled_lazily(&reg, &s, "lazy:1", "compression=zstd:chunked");
 
     // Every other puller takes it whole and verifies it: containerd's overlayfs, skopeo, podman.
-    c.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &target,
-    ]);
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "overlayfs",
-        &target,
-        "whole-overlayfs",
-        "cat",
-        "/data/hello",
-    ]);
-    assert_eq!(out.trim(), "hello");
-    others_pull_it_whole(&target, dir.path());
+    others_pull_it_whole(&c, &target, dir.path());
 
     // What the container read is the next pull's prefetch list.
     let list = snapshotter_cli(&[
@@ -1035,25 +979,10 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
     let (_, toc) = layer_toc(&rebuilt, 1);
     let first = toc.entries.iter().find(|e| e.kind == "reg" && e.size > 0);
     assert_eq!(first.map(|e| e.name.as_str()), Some("data/hello"));
-    c.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &rebuilt,
-    ]);
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "overlayfs",
-        &rebuilt,
-        "rebuilt",
-        "cat",
-        "/data/hello",
-    ]);
-    assert_eq!(out.trim(), "hello");
+    assert_eq!(
+        whole_run(&c, &rebuilt, "rebuilt", &["cat", "/data/hello"]),
+        "hello"
+    );
     // On a fresh snapshotter (no background fetch) the recorded files come in the mount's one
     // ranged read of the prefetch area: the container's read fetches nothing more.
     let dir2 = tempfile::tempdir().unwrap();
@@ -1093,9 +1022,30 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
     assert_eq!(out.trim(), "hello");
 }
 
-/// `skopeo copy` to an OCI layout (every blob checked against its digest) and podman's pull
-/// (containers/storage, which knows zstd:chunked) of `image`; podman's copy has its files.
-fn others_pull_it_whole(image: &str, dir: &Path) {
+/// `image` pulled whole by containerd onto its overlayfs (every layer checked against its
+/// diff_id) and `cmd` run in it: its output, trimmed.
+fn whole_run(c: &Containerd, image: &str, id: &str, cmd: &[&str]) -> String {
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        image,
+    ]);
+    let mut args = vec!["run", "--rm", "--snapshotter", "overlayfs", image, id];
+    args.extend_from_slice(cmd);
+    c.ctr(&args).trim().to_string()
+}
+
+/// `image` (with /data/hello) pulled whole by containerd's overlayfs, `skopeo copy` to an OCI
+/// layout (every blob checked against its digest) and podman (containers/storage, which knows
+/// zstd:chunked): each has the file.
+fn others_pull_it_whole(c: &Containerd, image: &str, dir: &Path) {
+    assert_eq!(
+        whole_run(c, image, "whole", &["cat", "/data/hello"]),
+        "hello"
+    );
     let layout = dir.join("skopeo-layout");
     let out = Command::new("skopeo")
         .args(["copy", "--src-tls-verify=false"])

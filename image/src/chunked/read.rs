@@ -210,10 +210,7 @@ mod tests {
         for (name, data) in [
             ("etc/small", b"hello\n".to_vec()),
             ("etc/empty", Vec::new()),
-            (
-                "big.bin",
-                (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect(),
-            ),
+            ("big.bin", big_bin()),
         ] {
             f.set_size(data.len() as u64);
             b.append_data(&mut f.clone(), name, &data[..]).unwrap();
@@ -230,6 +227,30 @@ mod tests {
         hl.set_size(0);
         b.append_link(&mut hl, "etc/hard", "etc/small").unwrap();
         b.into_inner().unwrap()
+    }
+
+    /// What `layer` holds in big.bin.
+    fn big_bin() -> Vec<u8> {
+        (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect()
+    }
+
+    /// big.bin read chunk by chunk (each at its file offset) through `toc`.
+    fn big_content(
+        toc: &Toc,
+        codec: Codec,
+        fetch: &dyn Fn(u64, u64) -> std::io::Result<Vec<u8>>,
+    ) -> Vec<u8> {
+        let big = toc
+            .entries
+            .iter()
+            .position(|e| e.name == "big.bin")
+            .unwrap();
+        let mut content = Vec::new();
+        for c in &toc.chunks()[&big] {
+            assert_eq!(c.file_offset, content.len() as u64);
+            content.extend(read_chunk(c, codec, fetch).unwrap());
+        }
+        content
     }
 
     fn fetcher(blob: &[u8]) -> impl Fn(u64, u64) -> std::io::Result<Vec<u8>> + '_ {
@@ -273,18 +294,7 @@ mod tests {
             let toc =
                 super::super::lazy::read_toc(&w.annotations, blob.len() as u64, &fetch, false)
                     .unwrap();
-            let chunks = toc.chunks();
-            let big = toc
-                .entries
-                .iter()
-                .position(|e| e.name == "big.bin")
-                .unwrap();
-            let mut content = Vec::new();
-            for c in &chunks[&big] {
-                content.extend(read_chunk(c, Codec::Gzip, &fetch).unwrap());
-            }
-            let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
-            assert_eq!(content, expected);
+            assert_eq!(big_content(&toc, Codec::Gzip, &fetch), big_bin());
             // The landmark is hidden; a prefetch area's end is kept.
             assert!(!toc.entries.iter().any(|e| e.name.contains("landmark")));
             assert_eq!(toc.prefetch_end.is_some(), prefetched > 0);
@@ -335,13 +345,7 @@ mod tests {
             .position(|e| e.name == "big.bin")
             .unwrap();
         assert_eq!(chunks[&big].len(), 5, "1.2 MB in 256 KiB chunks");
-        let mut content = Vec::new();
-        for c in &chunks[&big] {
-            assert_eq!(c.file_offset, content.len() as u64);
-            content.extend(read_chunk(c, Codec::Zstd, &fetch).unwrap());
-        }
-        let expected: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        assert_eq!(content, expected);
+        assert_eq!(big_content(&toc, Codec::Zstd, &fetch), big_bin());
         let e = &toc.entries[big];
         assert_eq!((e.mode, e.uid, e.gid), (0o640, 7, 8));
         assert!(toc

@@ -466,17 +466,22 @@ impl<R: Read, W: Write> Writer<R, W> {
                 ),
             ),
         ]);
-        Ok(Written {
+        Ok(self.written(annotations))
+    }
+}
+
+impl<R: Read, W: Write> Writer<R, W> {
+    /// What was written, with the descriptor's `annotations`.
+    fn written(self, annotations: BTreeMap<String, String>) -> Written {
+        Written {
             digest: self.out.0.digest().to_string(),
             size: self.out.written(),
             diff_id: Digest::from_hasher(self.diff).to_string(),
             annotations,
             toc: self.toc,
-        })
+        }
     }
-}
 
-impl<R: Read, W: Write> Writer<R, W> {
     /// eStargz's end: the TOC as the tar's last entry (with the end-of-archive blocks) in a
     /// member of its own, the footer pointing at it, and the TOC digest annotation.
     fn finish_estargz(mut self) -> Result<Written, ChunkedError> {
@@ -512,13 +517,7 @@ impl<R: Read, W: Write> Writer<R, W> {
                 uncompressed.to_string(),
             ),
         ]);
-        Ok(Written {
-            digest: self.out.0.digest().to_string(),
-            size: self.out.written(),
-            diff_id: Digest::from_hasher(self.diff).to_string(),
-            annotations,
-            toc: self.toc,
-        })
+        Ok(self.written(annotations))
     }
 }
 
