@@ -4,7 +4,7 @@
 //! (b) a fully cached rebuild of a 20-step Dockerfile vs its uncached build;
 //! (c) a rebuild after changing the file copied at step 10 of 20 vs the uncached build;
 //! (d) the export of a ~300 MB image as an OCI archive, gzip (the default) vs uncompressed: time
-//!     and size;
+//!     and size; and its push to a local registry, strata vs `docker push` (dockerd 20.10);
 //! and the same three through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker
 //! build --network none`), started privately by this program.
 //!
@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use strata_fs_tests::dockerd::{Dockerd, DOCKER};
+use strata_fs_tests::registry::Registry;
 use strata_fs_tests::strata::Strata;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -146,6 +147,33 @@ fn export() {
     let (gz, gz_size) = time("gzip.tar", "");
     let (raw, raw_size) = time("raw.tar", ",compression=uncompressed");
     println!("(d) export of a 300 MB image  gzip    {gz:>6.2}s {gz_size:>6.0} MB   uncompressed {raw:>6.2}s {raw_size:>6.0} MB   time ratio {:.2}, size ratio {:.2}", gz / raw, gz_size / raw_size);
+    push(&s);
+}
+
+/// The same image pushed to a fresh local registry: `strata build --output type=registry`
+/// (the build cached: export, gzip and upload) vs `docker push` of it loaded into dockerd 20.10
+/// (its gzip and upload), each to a repository of its own.
+fn push(s: &Strata) {
+    if Command::new("dockerd").arg("--version").output().is_err() {
+        return println!("(d) push: dockerd is not installed; no comparison");
+    }
+    let reg = Registry::start();
+    let t = Instant::now();
+    let to = format!("type=registry,name={}/strata/push:1", reg.host);
+    s.build_ok(&["--output", &to]);
+    let strata = t.elapsed().as_secs_f64();
+    let name = format!("{}/docker/push:1", reg.host);
+    let archive = s.root.path().join("push-docker.tar");
+    s.build_ok(&[
+        "--output",
+        &format!("type=docker,dest={},name={name}", archive.display()),
+    ]);
+    let d = Dockerd::start("overlay2", &[]);
+    d.load(&archive);
+    let t = Instant::now();
+    d.docker(&["push", &name]);
+    let docker = t.elapsed().as_secs_f64();
+    println!("(d) push of the 300 MB image  strata  {strata:>6.2}s   docker push {docker:>6.2}s   ratio {:.2}", strata / docker);
 }
 
 fn main() {
