@@ -77,15 +77,5 @@ pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
 
 /// Lazily detaches every mount under `dir` (daemons killed mid-work leave theirs behind).
 pub fn detach_mounts_under(dir: &std::path::Path) {
-    let root = dir.to_string_lossy().into_owned();
-    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-        for target in mounts
-            .lines()
-            .rev()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|t| t.starts_with(&root))
-        {
-            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
+    let _ = strata_snapshotter::mounts::unmount_all_under(dir);
 }

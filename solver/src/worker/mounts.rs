@@ -31,6 +31,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// The value of secret `id`, asked of the client the first time; None if it has none.
+    fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, WorkerError> {
+        self.secrets
+            .get(id)
+            .map_err(|m| WorkerError::Exec(format!("secret {id}: the client did not answer: {m}")))
+    }
+
     /// `e` with every secret value in its text replaced by `****`: a failed step's error carries
     /// its last lines of output, and errors reach the terminal, rawjson events and logs.
     pub fn mask_error(&self, e: WorkerError) -> WorkerError {
@@ -102,10 +109,7 @@ struct Inputs<'a> {
 fn secret_env(secretenv: &[llb::SecretEnv], session: &Session) -> Result<Vec<String>, WorkerError> {
     let mut env = Vec::new();
     for e in secretenv {
-        let value = session.secrets.get(&e.id).map_err(|m| {
-            WorkerError::Exec(format!("secret {}: the client did not answer: {m}", e.id))
-        })?;
-        match value {
+        match session.secret(&e.id)? {
             Some(v) => env.push(format!("{}={}", e.name, String::from_utf8_lossy(&v))),
             None if e.optional => {}
             None => {
@@ -436,10 +440,7 @@ impl Worker {
                 o.id
             )
         };
-        let asked = session.secrets.get(&o.id).map_err(|m| {
-            WorkerError::Exec(format!("secret {}: the client did not answer: {m}", o.id))
-        })?;
-        let value = match asked {
+        let value = match session.secret(&o.id)? {
             Some(v) => v,
             None if o.optional => return Ok(()),
             None => return Err(WorkerError::Exec(missing())),
