@@ -184,12 +184,7 @@ pub fn image(
     epoch: Option<u64>,
 ) -> Result<Descriptor, WorkerError> {
     let chain = match result {
-        Ref::Snapshot(top) => {
-            let mut c = worker.snapshots.parents(top)?;
-            c.reverse();
-            c.push(top.clone());
-            c
-        }
+        Ref::Snapshot(top) => worker.chain(top)?,
         Ref::Scratch => Vec::new(),
         Ref::Context | Ref::Http { .. } => {
             return Err(WorkerError::Exec(

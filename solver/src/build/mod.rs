@@ -393,13 +393,10 @@ async fn export_image(
 
 /// The snapshots of the image of `result`, lowest first.
 fn final_chain(worker: &Worker, result: &Ref) -> Result<Vec<String>, BuildError> {
-    let Ref::Snapshot(top) = result else {
-        return Ok(Vec::new());
-    };
-    let mut chain = worker.snapshots.parents(top).map_err(WorkerError::from)?;
-    chain.reverse();
-    chain.push(top.clone());
-    Ok(chain)
+    match result {
+        Ref::Snapshot(top) => Ok(worker.chain(top)?),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// `--cache-to type=inline`: the cache config that goes into the image's config.

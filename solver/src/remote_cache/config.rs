@@ -97,11 +97,8 @@ impl Gathered {
             if only_in.is_some_and(|chain| !chain.contains(&rec.snapshot)) {
                 continue;
             }
-            let mut snapshots = worker.snapshots.parents(&rec.snapshot)?;
-            snapshots.reverse();
-            snapshots.push(rec.snapshot.clone());
             let mut top = -1;
-            for s in &snapshots {
+            for s in &worker.chain(&rec.snapshot)? {
                 top = g.add(top, layer_of(worker, s, epoch)?) as i64;
             }
             g.config.records.push(Record {

@@ -177,6 +177,14 @@ impl Worker {
         }
     }
 
+    /// Snapshot `top` and those below it, lowest first: an image's layers in order.
+    pub fn chain(&self, top: &str) -> Result<Vec<String>, WorkerError> {
+        let mut chain = self.snapshots.parents(top)?;
+        chain.reverse();
+        chain.push(top.to_string());
+        Ok(chain)
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.dir
     }
