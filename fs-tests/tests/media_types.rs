@@ -177,6 +177,58 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
         assert_eq!(out.trim(), "built");
     }
 
+    // An OCI base with oci-mediatypes=false: its layer's descriptor turns Docker's, blob kept.
+    let oci_base = format!("{}/library/busybox-oci:latest", reg.host);
+    skopeo(&[
+        "copy",
+        "--dest-compress-format",
+        "gzip",
+        "--dest-tls-verify=false",
+        &format!("oci-archive:{}", base.display()),
+        &format!("docker://{oci_base}"),
+    ]);
+    let s2 = Strata::empty();
+    s2.dockerfile(&format!(
+        "FROM {oci_base}\nRUN echo built > /built\nCMD [\"cat\", \"/built\"]\n"
+    ));
+    let target = format!("{}/team/app:from-oci", reg.host);
+    let spec = format!("type=registry,name={target},oci-mediatypes=false");
+    s2.build_ok(&["--output", &spec]);
+    let src = format!("docker://{target}");
+    let m: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", "--raw", "--tls-verify=false", &src])).unwrap();
+    one_family(&m, DOCKER_MANIFEST, DOCKER_LAYER_GZIP);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{oci_base}"),
+    ]);
+    let oci_manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(oci_manifest["layers"][0]["mediaType"], OCI_LAYER_GZIP);
+    assert_eq!(
+        m["layers"][0]["digest"],
+        oci_manifest["layers"][0]["digest"]
+    );
+    let pull = [
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &target,
+    ];
+    c.ctr(&pull);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &target,
+        "from-oci",
+    ]);
+    assert_eq!(out.trim(), "built");
+
     // zstd:chunked leaves the gzip base layer's blob alone unless forced; recompressed, every
     // digest still verifies (skopeo checks them all when it copies).
     let base_digest = base_manifest["layers"][0]["digest"].clone();
