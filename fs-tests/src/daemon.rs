@@ -19,6 +19,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    level: &'static str,
     child: Option<Child>,
     _dir: Option<TempDir>,
 }
@@ -31,11 +32,22 @@ impl Daemon {
 
     /// Starts a daemon on a fresh temp dir with extra command-line `args`.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_logging("debug", args)
+    }
+
+    /// Starts a daemon on a fresh temp dir logging at its default level (`info`), as benchmarks
+    /// measure it: tests log at `debug` to show what happened when they fail.
+    pub fn start_quiet() -> Daemon {
+        Daemon::start_logging("info", &[])
+    }
+
+    fn start_logging(level: &'static str, args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("strata-")
             .tempdir()
             .unwrap();
         let mut d = Daemon::new(dir.path(), args);
+        d.level = level;
         d._dir = Some(dir);
         d.spawn();
         d
@@ -59,6 +71,7 @@ impl Daemon {
             socket: dir.join("strata.sock"),
             log: dir.join("strata.log"),
             args: args.iter().map(|a| a.to_string()).collect(),
+            level: "debug",
             child: None,
             _dir: None,
         }
@@ -76,7 +89,7 @@ impl Daemon {
             .arg("--address")
             .arg(&self.socket)
             .arg("--log-level")
-            .arg("debug")
+            .arg(self.level)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -9,11 +9,13 @@
 //!
 //! Short link names keep a mount of hundreds of lowers within the one-page mount-option limit once
 //! containerd strips their common directory: each lower then costs `len("<name>:")`, a few bytes.
-//! New directories are staged as `snapshots/new-<id>` and renamed into place; removed ones are
-//! renamed to `snapshots/rm-<id>` before deletion, so a crash leaves only names no record owns.
+//! A snapshot's directories are made before the record that owns them is written, under a fresh
+//! id, so a crash midway leaves a `snapshots/<id>` no record owns (start-up cleanup removes it).
+//! Removed ones are renamed to `snapshots/rm-<id>` before deletion, so a crash leaves only names
+//! no record owns.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -23,6 +25,8 @@ use strata_image::fsutil;
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    /// The process umask: a mkdir's mode needs a chmod after it only when this strips bits.
+    umask: u32,
 }
 
 /// What a directory entry under `snapshots/` or `l/` is.
@@ -63,6 +67,7 @@ impl Layout {
     pub fn create(root: &Path) -> Result<Layout> {
         let layout = Layout {
             root: root.to_path_buf(),
+            umask: umask(),
         };
         for dir in [
             root.to_path_buf(),
@@ -110,47 +115,55 @@ impl Layout {
         self.links_dir().join(link_name(id))
     }
 
-    /// Makes `snapshots/<id>/{fs,work}` and `l/<name>`; staged under a temporary name and renamed
-    /// into place so a crash never leaves a half-made `snapshots/<id>`.
+    /// Makes `snapshots/<id>/{fs,work}` and `l/<name>`. `id` is fresh: nothing is in the way.
     pub fn create_snapshot(&self, id: u64, with_work: bool) -> Result<()> {
-        let staged = self.snapshots_dir().join(format!("new-{id}"));
-        if staged.exists() {
-            remove_tree(&staged)?;
-        }
-        let mkdir = |path: &Path, mode: u32| -> Result<()> {
-            fs::create_dir(path).map_err(Error::io(format!("create {}", path.display())))?;
-            // Explicit chmod: the process umask must not decide a rootfs's permissions.
-            fs::set_permissions(path, fs::Permissions::from_mode(mode))
-                .map_err(Error::io(format!("chmod {}", path.display())))
-        };
-        mkdir(&staged, 0o700)?;
-        mkdir(&staged.join("fs"), 0o755)?;
+        let dir = self.snapshot_dir(id);
+        self.mkdir(&dir, 0o700)?;
+        self.mkdir(&dir.join("fs"), 0o755)?;
         if with_work {
-            mkdir(&staged.join("work"), 0o711)?;
+            self.mkdir(&dir.join("work"), 0o711)?;
         }
-        let dest = self.snapshot_dir(id);
-        fs::rename(&staged, &dest).map_err(Error::io(format!(
-            "rename {} to {}",
-            staged.display(),
-            dest.display()
-        )))?;
         self.create_link(id)
+    }
+
+    /// mkdir with exactly `mode`: the process umask must not decide a rootfs's permissions.
+    fn mkdir(&self, path: &Path, mode: u32) -> Result<()> {
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .map_err(Error::io(format!("create {}", path.display())))?;
+        if mode & self.umask == 0 {
+            return Ok(());
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("chmod {}", path.display())))
     }
 
     /// (Re)creates `l/<name>` -> `../snapshots/<id>/fs`.
     pub fn create_link(&self, id: u64) -> Result<()> {
         let link = self.link(id);
-        let _ = fs::remove_file(&link);
-        symlink(
-            Path::new("../snapshots").join(id.to_string()).join("fs"),
-            &link,
-        )
-        .map_err(Error::io(format!("create link {}", link.display())))
+        let target = Path::new("../snapshots").join(id.to_string()).join("fs");
+        let made = match symlink(&target, &link) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&link).and_then(|()| symlink(&target, &link))
+            }
+            other => other,
+        };
+        made.map_err(Error::io(format!("create link {}", link.display())))
     }
 
-    /// Removes a snapshot's link and directories. The directory is renamed first so that a crash
-    /// midway leaves an `rm-*` name that start-up cleanup finishes.
+    /// Removes a snapshot's link and directories (see [`Layout::retire`]).
     pub fn remove_snapshot(&self, id: u64) -> Result<()> {
+        match self.retire(id)? {
+            Some(doomed) => remove_tree(&doomed),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes a snapshot's link and renames its directory to `rm-<id>`, returning that path for
+    /// the caller to delete (`None`: there was no directory). A crash before the deletion leaves
+    /// an `rm-*` name that start-up cleanup finishes.
+    pub fn retire(&self, id: u64) -> Result<Option<PathBuf>> {
         let link = self.link(id);
         match fs::remove_file(&link) {
             Ok(()) => {}
@@ -160,8 +173,8 @@ impl Layout {
         let dir = self.snapshot_dir(id);
         let doomed = self.snapshots_dir().join(format!("rm-{id}"));
         match fs::rename(&dir, &doomed) {
-            Ok(()) => remove_tree(&doomed),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(Some(doomed)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("rename {}", dir.display()))(e)),
         }
     }
@@ -190,6 +203,18 @@ impl Layout {
         }
         Ok(out)
     }
+}
+
+/// The process umask, read without changing it (`umask(2)` can only set it); all bits when
+/// unreadable, so every mkdir is followed by a chmod.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o777)
 }
 
 /// Removes a file, link or directory tree at `path`; absent is fine.

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod lazy;
 pub mod metrics;
 pub mod mounts;
+pub mod reaper;
 pub mod server;
 pub mod service;
 pub mod snapshots;

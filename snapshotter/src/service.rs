@@ -29,6 +29,7 @@ impl Service {
         Service { snapshots }
     }
 
+    /// Runs a call that writes or walks the disk on the blocking pool, off the runtime thread.
     async fn run<T: Send + 'static>(
         &self,
         method: &'static str,
@@ -40,20 +41,37 @@ impl Service {
         let result = tokio::task::spawn_blocking(move || span.in_scope(|| f(&snapshots)))
             .await
             .map_err(|e| Status::internal(format!("{method} {key:?}: worker failed: {e}")))?;
-        match result {
-            Ok(v) => {
-                debug!(method, key, "ok");
-                Ok(v)
-            }
-            Err(e) => {
-                match &e {
-                    Error::Store(_) | Error::Io { .. } | Error::Corrupt { .. } => {
-                        warn!(method, key, error = %e, "failed")
-                    }
-                    _ => debug!(method, key, error = %e, "refused"),
+        finish(method, key, result)
+    }
+
+    /// Runs a metadata-only call (RocksDB reads, microseconds) on the runtime thread: a hop to
+    /// the blocking pool and back would cost more than the call itself.
+    fn read<T>(
+        &self,
+        method: &'static str,
+        key: &str,
+        f: impl FnOnce(&Snapshots) -> Result<T>,
+    ) -> Result<T, Status> {
+        let result = tracing::debug_span!("snapshots", method, key).in_scope(|| f(&self.snapshots));
+        finish(method, key, result)
+    }
+}
+
+/// Logs a call's outcome: failures of the store or the disk as warnings, refusals at debug.
+fn finish<T>(method: &str, key: &str, result: Result<T>) -> Result<T, Status> {
+    match result {
+        Ok(v) => {
+            debug!(method, key, "ok");
+            Ok(v)
+        }
+        Err(e) => {
+            match &e {
+                Error::Store(_) | Error::Io { .. } | Error::Corrupt { .. } => {
+                    warn!(method, key, error = %e, "failed")
                 }
-                Err(e.into())
+                _ => debug!(method, key, error = %e, "refused"),
             }
+            Err(e.into())
         }
     }
 }
@@ -83,10 +101,7 @@ impl Snapshotter for Service {
     type InfoStream = stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
 
     async fn stat(&self, key: String) -> Result<Info, Status> {
-        let k = key.clone();
-        self.run("stat", &key, move |s| s.stat(&k))
-            .await
-            .map(to_info)
+        self.read("stat", &key, |s| s.stat(&key)).map(to_info)
     }
 
     async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
@@ -110,8 +125,7 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, Status> {
-        let k = key.clone();
-        self.run("mounts", &key, move |s| s.mounts(&k)).await
+        self.read("mounts", &key, |s| s.mounts(&key))
     }
 
     async fn prepare(
@@ -176,7 +190,7 @@ impl Snapshotter for Service {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<Self::InfoStream, Status> {
-        let all = self.run("list", "", move |s| s.list(&filters)).await?;
+        let all = self.read("list", "", |s| s.list(&filters))?;
         let infos: Vec<Result<Info, Status>> = all.into_iter().map(|s| Ok(to_info(s))).collect();
         Ok(stream::iter(infos))
     }

@@ -1,10 +1,11 @@
 //! The snapshotter itself: containerd's snapshot semantics over [`Store`] and [`Layout`].
 //!
 //! Each method is one metadata transaction taken under a single lock, so that checks and writes
-//! are atomic with respect to each other. Directories are staged before the metadata that owns them
+//! are atomic with respect to each other. Directories are made before the metadata that owns them
 //! is written, and removed after the metadata that owned them is gone; either way a crash leaves
 //! only directories no record owns, which [`Snapshots::cleanup`] (run at every start) removes.
-//! Slow work (measuring usage, deleting trees) happens outside the lock.
+//! Slow work (measuring usage, deleting trees) happens outside the lock; deleting a removed
+//! snapshot's tree happens after `Remove` has answered ([`Reaper`]).
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
@@ -19,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::layout::{remove_tree, Entry, Layout};
 use crate::mounts;
+use crate::reaper::Reaper;
 use crate::store::{Batch, Kind, Record, Store, Usage};
 use crate::usage;
 
@@ -79,6 +81,7 @@ pub struct Snapshots {
     index_off: bool,
     state: Mutex<State>,
     remote: Option<Arc<dyn RemoteLayers>>,
+    reaper: Reaper,
 }
 
 fn not_found(key: &str) -> Error {
@@ -127,6 +130,7 @@ impl Snapshots {
             index_off: mounts::overlay_supports_index(),
             state: Mutex::new(State { next_id }),
             remote,
+            reaper: Reaper::start(),
         };
         let report = snapshots.cleanup()?;
         info!(
@@ -153,6 +157,17 @@ impl Snapshots {
             remote.unmount(&self.layout.snapshot_dir(id));
         }
         self.layout.remove_snapshot(id)
+    }
+
+    /// Detaches snapshot `id`'s directories now and deletes them in the background.
+    fn retire_dirs(&self, id: u64) -> Result<()> {
+        if let Some(remote) = &self.remote {
+            remote.unmount(&self.layout.snapshot_dir(id));
+        }
+        if let Some(doomed) = self.layout.retire(id)? {
+            self.reaper.delete(doomed);
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Record> {
@@ -360,7 +375,7 @@ impl Snapshots {
         drop(state);
         if !self.options.async_remove {
             // The record is gone: a failure here leaves an orphan for Cleanup, not an error.
-            if let Err(e) = self.remove_dirs(record.id) {
+            if let Err(e) = self.retire_dirs(record.id) {
                 warn!(key, id = record.id, error = %e, "removing snapshot directory failed; cleanup will retry");
             }
         }

@@ -10,7 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::SystemTime;
+
+use parking_lot::Mutex;
 
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -63,9 +68,17 @@ pub struct Record {
     pub usage: Option<Usage>,
 }
 
+/// Deletes between compactions. Each delete leaves a tombstone that every scan over its range (a
+/// Walk, the has-children check of a Remove) steps over until a compaction drops it: without
+/// compactions a Remove slows down with every snapshot ever removed under the same parent.
+const COMPACT_AFTER: usize = 256;
+
 /// The metadata database.
 pub struct Store {
-    db: DB,
+    db: Arc<DB>,
+    tombstones: AtomicUsize,
+    compacting: Arc<AtomicBool>,
+    compaction: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn record_key(key: &str) -> Vec<u8> {
@@ -102,7 +115,12 @@ impl Store {
                 Error::Store(e)
             }
         })?;
-        Ok(Store { db })
+        Ok(Store {
+            db: Arc::new(db),
+            tombstones: AtomicUsize::new(0),
+            compacting: Arc::new(AtomicBool::new(false)),
+            compaction: Mutex::new(None),
+        })
     }
 
     /// The record stored under `key`, if any.
@@ -170,7 +188,44 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch.inner, &opts)?;
+        let before = self.tombstones.fetch_add(batch.deletes, Ordering::Relaxed);
+        if before + batch.deletes >= COMPACT_AFTER {
+            self.compact_in_background();
+        }
         Ok(())
+    }
+
+    /// Flushes and compacts the (small) database on a thread of its own, dropping tombstones;
+    /// one at a time.
+    fn compact_in_background(&self) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.tombstones.store(0, Ordering::Relaxed);
+        let (db, flag) = (self.db.clone(), self.compacting.clone());
+        let mut slot = self.compaction.lock();
+        if let Some(done) = slot.take() {
+            let _ = done.join();
+        }
+        let spawned = std::thread::Builder::new()
+            .name("compact".into())
+            .spawn(move || {
+                db.compact_range::<&[u8], &[u8]>(None, None);
+                flag.store(false, Ordering::Release);
+            });
+        match spawned {
+            Ok(handle) => *slot = Some(handle),
+            Err(_) => self.compacting.store(false, Ordering::Release),
+        }
+    }
+}
+
+impl Drop for Store {
+    /// The compaction thread holds the database open: a successor must find it closed.
+    fn drop(&mut self) {
+        if let Some(handle) = self.compaction.lock().take() {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -185,6 +240,7 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
 #[derive(Default)]
 pub struct Batch {
     inner: WriteBatch,
+    deletes: usize,
 }
 
 impl Batch {
@@ -202,14 +258,17 @@ impl Batch {
     pub fn delete(&mut self, key: &str, record: &Record, parent_id: Option<u64>) {
         self.inner.delete(record_key(key));
         self.inner.delete(id_key(record.id));
+        self.deletes += 2;
         if let Some(parent) = parent_id {
             self.inner.delete(child_key(parent, record.id));
+            self.deletes += 1;
         }
     }
 
     /// Deletes only the record under `key` (its id keeps its indexes, as on commit).
     pub fn delete_key(&mut self, key: &str) {
         self.inner.delete(record_key(key));
+        self.deletes += 1;
     }
 
     pub fn set_next_id(&mut self, next: u64) {
@@ -267,5 +326,31 @@ mod tests {
             err.to_string().contains("another strata-snapshotter"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn compactions_keep_every_record_and_release_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = Batch::default();
+        b.put("base", &record(1, Kind::Committed, ""), None);
+        store.write(b).unwrap();
+        // Enough removes under one parent to start compactions (each remove: 3 tombstones).
+        for id in 2..(2 + COMPACT_AFTER as u64) {
+            let child = record(id, Kind::Committed, "base");
+            let mut b = Batch::default();
+            b.put(&format!("c{id}"), &child, Some(1));
+            store.write(b).unwrap();
+            let mut b = Batch::default();
+            b.delete(&format!("c{id}"), &child, Some(1));
+            store.write(b).unwrap();
+        }
+        assert!(!store.has_children(1).unwrap());
+        let keys: Vec<String> = store.all().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["base"]);
+        // Dropped with a compaction perhaps running: a successor opens the database at once.
+        drop(store);
+        let again = Store::open(dir.path()).unwrap();
+        assert!(again.get("base").unwrap().is_some());
     }
 }

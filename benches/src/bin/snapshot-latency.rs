@@ -1,4 +1,4 @@
-//! Prepare / Mounts / Commit / Remove latency through containerd's own socket, snapshotter
+//! Prepare / Mounts / Stat / Commit / Walk / Remove latency through containerd's own socket, snapshotter
 //! `strata` (proxy) against containerd's built-in `overlayfs`, in one run on one machine.
 //!
 //! `snapshot-latency [ITERATIONS]` (default 300) prints median and p99 per call and the ratios.
@@ -12,7 +12,7 @@ use strata_snapshotter::api::snapshots::v1::{self as pb, snapshots_client::Snaps
 use tonic::transport::Channel;
 use tonic::Request;
 
-const CALLS: [&str; 4] = ["Prepare", "Mounts", "Commit", "Remove"];
+const CALLS: [&str; 6] = ["Prepare", "Mounts", "Stat", "Commit", "Walk", "Remove"];
 
 fn req<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
@@ -71,6 +71,13 @@ impl Run {
         self.client.mounts(req(r)).await.unwrap();
         self.record("Mounts", t);
         let t = Instant::now();
+        let r = pb::StatSnapshotRequest {
+            snapshotter: sn.clone(),
+            key: key.clone(),
+        };
+        self.client.stat(req(r)).await.unwrap();
+        self.record("Stat", t);
+        let t = Instant::now();
         let r = pb::CommitSnapshotRequest {
             snapshotter: sn.clone(),
             name: name.clone(),
@@ -79,6 +86,14 @@ impl Run {
         };
         self.client.commit(req(r)).await.unwrap();
         self.record("Commit", t);
+        let t = Instant::now();
+        let r = pb::ListSnapshotsRequest {
+            snapshotter: sn.clone(),
+            filters: Vec::new(),
+        };
+        let mut walk = self.client.list(req(r)).await.unwrap().into_inner();
+        while walk.message().await.unwrap().is_some() {}
+        self.record("Walk", t);
         let t = Instant::now();
         let r = pb::RemoveSnapshotRequest {
             snapshotter: sn,
@@ -100,18 +115,18 @@ impl Run {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let iterations: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse().expect("ITERATIONS is a number"))
         .unwrap_or(300);
-    let strata = Daemon::start();
+    let strata = Daemon::start_quiet();
     let containerd = Containerd::start(&strata.socket);
     let mut runs = Vec::new();
     // The third run calls a second strata-snapshotter's own socket (containerd's GC would collect
     // snapshots it does not know on the first): what containerd's metadata and proxy hop add.
-    let direct = Daemon::start();
+    let direct = Daemon::start_quiet();
     for (sn, socket) in [
         ("overlayfs", &containerd.address),
         ("strata", &containerd.address),
