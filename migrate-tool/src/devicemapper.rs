@@ -1,7 +1,8 @@
 //! devicemapper stores without device-mapper: the thin-pool metadata is read with
-//! `thin_dump` (thin-provisioning-tools), each device is rebuilt as a sparse image from the pool's
-//! data file at its mapped blocks, and its filesystem (ext4 or xfs, files under `rootfs/`) is
-//! mounted read-only from a loop device.
+//! `thin_dump` (thin-provisioning-tools), each device is served as one FUSE file read straight
+//! from the pool's data file at its mapped blocks ([`thin_device`]; without FUSE it is copied out
+//! as a sparse image instead), and its filesystem (ext4 or xfs, files under `rootfs/`) is mounted
+//! read-only from a loop device over it.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,20 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::MigrateError;
-
-/// A run of `len` blocks of a device at `origin`, stored in the pool at `data`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Mapping {
-    origin: u64,
-    data: u64,
-    len: u64,
-}
+use crate::thin_device::{self, Run};
 
 /// The thin pool: its data file and every device's mappings.
 pub struct Pool {
     data: PathBuf,
     block_bytes: u64,
-    devices: HashMap<u32, Vec<Mapping>>,
+    devices: HashMap<u32, Vec<Run>>,
 }
 
 fn attr(line: &str, key: &str) -> Option<u64> {
@@ -39,11 +33,11 @@ fn name_attr(line: &str) -> Option<String> {
 }
 
 /// Parses thin_dump's XML (expanding shared `<def>`/`<ref>` blocks).
-fn parse(xml: &str) -> Result<(u64, HashMap<u32, Vec<Mapping>>), String> {
+fn parse(xml: &str) -> Result<(u64, HashMap<u32, Vec<Run>>), String> {
     let mut block_sectors = None;
-    let mut devices: HashMap<u32, Vec<Mapping>> = HashMap::new();
-    let mut defs: HashMap<String, Vec<Mapping>> = HashMap::new();
-    let mut current: Option<Vec<Mapping>> = None;
+    let mut devices: HashMap<u32, Vec<Run>> = HashMap::new();
+    let mut defs: HashMap<String, Vec<Run>> = HashMap::new();
+    let mut current: Option<Vec<Run>> = None;
     let mut current_dev: Option<u32> = None;
     let mut current_def: Option<String> = None;
     for line in xml.lines().map(str::trim) {
@@ -66,14 +60,14 @@ fn parse(xml: &str) -> Result<(u64, HashMap<u32, Vec<Mapping>>), String> {
                 .clone();
             current.get_or_insert_with(Vec::new).extend(shared);
         } else if line.starts_with("<range_mapping") {
-            let m = Mapping {
+            let m = Run {
                 origin: attr(line, "origin_begin").ok_or(line)?,
                 data: attr(line, "data_begin").ok_or(line)?,
                 len: attr(line, "length").ok_or(line)?,
             };
             current.get_or_insert_with(Vec::new).push(m);
         } else if line.starts_with("<single_mapping") {
-            let m = Mapping {
+            let m = Run {
                 origin: attr(line, "origin_block").ok_or(line)?,
                 data: attr(line, "data_block").ok_or(line)?,
                 len: 1,
@@ -125,12 +119,47 @@ impl Pool {
         })
     }
 
-    /// Writes device `id` (`size` bytes) as a sparse image at `out`.
-    pub fn materialize(&self, id: u32, size: u64, out: &Path) -> Result<(), MigrateError> {
-        let maps = self
+    /// Device `id`'s runs, sorted, checked to fit in 64-bit offsets and not to overlap.
+    fn runs(&self, id: u32) -> Result<Vec<Run>, MigrateError> {
+        let mut runs = self
             .devices
             .get(&id)
-            .ok_or_else(|| refused(format!("thin device {id} is not in the pool metadata")))?;
+            .ok_or_else(|| refused(format!("thin device {id} is not in the pool metadata")))?
+            .clone();
+        runs.sort_by_key(|r| r.origin);
+        let mut end = 0;
+        for r in &runs {
+            let fits = |b: u64| b.checked_add(r.len)?.checked_mul(self.block_bytes);
+            if fits(r.origin).is_none() || fits(r.data).is_none() || r.origin < end {
+                return Err(refused(format!(
+                    "thin pool metadata: device {id} maps blocks {}+{} to {} (overlapping or out of range): the pool metadata is damaged; repair it with thin_check --repair or restore it",
+                    r.origin, r.len, r.data
+                )));
+            }
+            end = r.origin + r.len;
+        }
+        Ok(runs)
+    }
+
+    /// Serves device `id` (`size` bytes) as a FUSE file at `at` (an existing regular file).
+    fn serve(
+        &self,
+        id: u32,
+        size: u64,
+        at: &Path,
+    ) -> Result<fuser::BackgroundSession, MigrateError> {
+        let runs = self.runs(id)?;
+        thin_device::serve(&self.data, self.block_bytes, size, runs, at).map_err(|e| {
+            MigrateError::Io {
+                what: format!("serve thin device {id} over FUSE at {}", at.display()),
+                source: e,
+            }
+        })
+    }
+
+    /// Writes device `id` (`size` bytes) as a sparse image at `out`.
+    pub fn materialize(&self, id: u32, size: u64, out: &Path) -> Result<(), MigrateError> {
+        let maps = self.runs(id)?;
         let io = |what: &str| {
             let what = what.to_string();
             move |e: std::io::Error| MigrateError::Io { what, source: e }
@@ -139,7 +168,7 @@ impl Pool {
         let mut img = fs::File::create(out).map_err(io("create device image"))?;
         img.set_len(size).map_err(io("size device image"))?;
         let mut buf = vec![0u8; self.block_bytes as usize];
-        for m in maps {
+        for m in &maps {
             for b in 0..m.len {
                 data.seek(SeekFrom::Start((m.data + b) * self.block_bytes))
                     .map_err(io("seek pool data"))?;
@@ -185,6 +214,8 @@ pub fn device_info(root: &Path, id: &str) -> Result<DeviceInfo, MigrateError> {
 pub struct Mounted {
     pub dir: PathBuf,
     image: PathBuf,
+    /// The FUSE session serving `image` (none when it was copied out).
+    served: Option<fuser::BackgroundSession>,
 }
 
 impl Mounted {
@@ -198,11 +229,45 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.dir).status();
         let _ = fs::remove_dir(&self.dir);
+        if let Some(session) = self.served.take() {
+            let _ = session.umount_and_join();
+        }
         let _ = fs::remove_file(&self.image);
     }
 }
 
-/// Rebuilds device `id` of the data root in `work` and mounts it read-only.
+/// Leaves nothing mounted at `path` (a previous run that was killed may have).
+fn unmount_stale(path: &Path) {
+    let _ = Command::new("umount")
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Device `id` as a file at `image`: served from the pool over FUSE, or, where FUSE is missing,
+/// copied out as a sparse image.
+fn device_file(
+    pool: &Pool,
+    id: u32,
+    size: u64,
+    image: &Path,
+) -> Result<Option<fuser::BackgroundSession>, MigrateError> {
+    unmount_stale(image);
+    fs::write(image, b"").map_err(|e| MigrateError::Io {
+        what: format!("create {}", image.display()),
+        source: e,
+    })?;
+    match pool.serve(id, size, image) {
+        Ok(session) => Ok(Some(session)),
+        Err(MigrateError::Io { what, source }) => {
+            eprintln!("migrate-tool: {what}: {source}; copying the device out instead (slower)");
+            pool.materialize(id, size, image).map(|()| None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Mounts device `id` of the data root read-only, its files in `work`.
 pub fn mount_device(
     root: &Path,
     pool: &Pool,
@@ -214,13 +279,15 @@ pub fn mount_device(
         what: format!("create {}", work.display()),
         source: e,
     })?;
-    let image = work.join(format!("{id}.img"));
-    pool.materialize(info.device_id, info.size, &image)?;
     let dir = work.join(format!("{id}.mnt"));
-    let _ = Command::new("umount")
-        .arg(&dir)
-        .stderr(std::process::Stdio::null())
-        .status();
+    unmount_stale(&dir);
+    let image = work.join(format!("{id}.img"));
+    let served = device_file(pool, info.device_id, info.size, &image)?;
+    let mounted = Mounted {
+        dir: dir.clone(),
+        image: image.clone(),
+        served,
+    };
     fs::create_dir_all(&dir).map_err(|e| MigrateError::Io {
         what: format!("create {}", dir.display()),
         source: e,
@@ -243,7 +310,7 @@ pub fn mount_device(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(Mounted { dir, image })
+    Ok(mounted)
 }
 
 /// The filesystem dockerd made its devices with (`deviceset-metadata`), ext4 unless it says xfs.
@@ -277,12 +344,12 @@ mod tests {
         assert_eq!(
             devs[&1],
             vec![
-                Mapping {
+                Run {
                     origin: 0,
                     data: 10,
                     len: 2
                 },
-                Mapping {
+                Run {
                     origin: 5,
                     data: 40,
                     len: 1

@@ -4,7 +4,8 @@
 //! - [`dataroot`]: reading a data root as dockerd lays it out (layer store, images, containers).
 //! - [`plan`]: what a migration would do and what stands in its way (read-only).
 //! - [`migrate`]: building the overlay2 tree through a [`journal`] of steps, then the switch;
-//!   [`tarsplit`] rebuilds each layer's original tar, [`devicemapper`] mounts thin devices,
+//!   [`tarsplit`] rebuilds each layer's original tar, [`devicemapper`] mounts thin devices
+//!   (served by [`thin_device`]),
 //!   [`changes`] diffs full filesystems, [`overlay2`] writes overlay2's layer directories.
 //! - [`verify`]: every migrated layer checked against its tar; [`finish`]: cleanup or rollback.
 //! - [`to_strata`] (feature `strata`): the migrated images imported into containerd on Strata.
@@ -19,6 +20,7 @@ pub mod migrate;
 pub mod overlay2;
 pub mod plan;
 pub mod tarsplit;
+pub mod thin_device;
 #[cfg(feature = "strata")]
 pub mod to_strata;
 pub mod verify;

@@ -4,7 +4,7 @@
 //! in the same run.
 //!
 //! `migrate-bench [TOTAL_MB] [LAYERS] [DM_TOTAL_MB] [DM_LAYERS]` (devicemapper keeps a full
-//! filesystem per layer, so its store is smaller by default).
+//! filesystem per layer, so its store is smaller by default). A size of 0 skips those drivers.
 
 use std::path::Path;
 use std::process::Command;
@@ -128,7 +128,12 @@ fn main() {
     println!(
         "migrate-tool benchmark (goal for aufs and overlay: bytes written under 1% of layer bytes)"
     );
-    run("overlay", mb, layers, |_| {});
-    run("aufs", mb, layers, overlay_to_aufs);
-    run("devicemapper", dm_mb, dm_layers, overlay_to_devicemapper);
+    // A size of 0 skips those drivers (e.g. `migrate-bench 0 0 300 10`: devicemapper only).
+    if mb > 0 {
+        run("overlay", mb, layers, |_| {});
+        run("aufs", mb, layers, overlay_to_aufs);
+    }
+    if dm_mb > 0 {
+        run("devicemapper", dm_mb, dm_layers, overlay_to_devicemapper);
+    }
 }
