@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oci_spec::runtime::{LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
@@ -227,34 +227,18 @@ pub fn run_with(
                 }
             });
         }
-        // Poll so that Ctrl-C can stop the step.
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok::<_, std::io::Error>(Some(status));
-            }
-            if e.cancel.load(Ordering::SeqCst) {
-                let _ = Command::new(e.runtime)
-                    .arg("--root")
-                    .arg(&runtime_root)
-                    .args(["kill", e.id, "KILL"])
-                    .status();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while child.try_wait()?.is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_or_cancel(&mut child, e, &runtime_root)
     });
-    let _ = Command::new(e.runtime)
-        .arg("--root")
-        .arg(&runtime_root)
-        .args(["delete", "-f", e.id])
-        .stderr(Stdio::null())
-        .status();
+    // `run` in the foreground deletes the container when its process exits; one is left only
+    // when the runtime itself was killed (Ctrl-C) or crashed. A stat, not a runtime process.
+    if runtime_root.join(e.id).exists() {
+        let _ = Command::new(e.runtime)
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["delete", "-f", e.id])
+            .stderr(Stdio::null())
+            .status();
+    }
     let _ = fs::remove_dir_all(&bundle);
     let status =
         status.map_err(|err| WorkerError::Exec(format!("waiting for {}: {err}", e.runtime)))?;
@@ -275,6 +259,44 @@ pub fn run_with(
             })
         }
     }
+}
+
+/// Waits for the runtime's exit, or kills the container when the step is cancelled (`None`).
+/// The wait blocks in a thread of its own, so a step ends when its process does, not at the
+/// next tick of a poll.
+fn wait_or_cancel(
+    child: &mut std::process::Child,
+    e: &ExecSpec,
+    runtime_root: &Path,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(status) => return status.map(Some),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(std::io::Error::other("the wait for the runtime ended"))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if e.cancel.load(Ordering::SeqCst) {
+                let _ = Command::new(e.runtime)
+                    .arg("--root")
+                    .arg(runtime_root)
+                    .args(["kill", e.id, "KILL"])
+                    .status();
+                if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = rx.recv();
+                }
+                return Ok(None);
+            }
+        }
+    })
 }
 
 /// Kills and deletes the containers a killed builder left in the runtime state under
