@@ -37,8 +37,8 @@ impl Daemon {
 
     /// Starts a daemon on a fresh temp dir logging at its default level (`info`), as benchmarks
     /// measure it: tests log at `debug` to show what happened when they fail.
-    pub fn start_quiet() -> Daemon {
-        Daemon::start_logging("info", &[])
+    pub fn start_quiet(args: &[&str]) -> Daemon {
+        Daemon::start_logging("info", args)
     }
 
     fn start_logging(level: &'static str, args: &[&str]) -> Daemon {

@@ -189,6 +189,21 @@ pub fn debian(kind: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// Every file of a tar archive (an OCI layout or docker archive), by path.
+pub fn archive_files(archive: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut files = std::collections::BTreeMap::new();
+    let mut tar = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.insert(path, data);
+    }
+    files
+}
+
 /// Deterministic bytes that compress poorly (xorshift), for test and benchmark files.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 use strata_fs_tests::dockerd::{Dockerd, DOCKER};
-use strata_fs_tests::image::debian;
+use strata_fs_tests::image::{archive_files, debian};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::strata::Strata;
 
@@ -167,15 +167,7 @@ fn buildkit(docker: &Dockerd, dir: &Path, dockerfile: &str, tag: &str) {
 /// Checks an OCI archive's layers: gzip media types, and each one's uncompressed digest is its
 /// diff_id in the config. Returns the archive's size.
 fn gzip_layers_verify(archive: &Path) -> u64 {
-    let mut blobs = BTreeMap::new();
-    let mut tar = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    for e in tar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        blobs.insert(path, data);
-    }
+    let blobs = archive_files(archive);
     let json = |path: &str| -> serde_json::Value { serde_json::from_slice(&blobs[path]).unwrap() };
     let blob = |d: &serde_json::Value| format!("blobs/sha256/{}", &d.as_str().unwrap()[7..]);
     let index = json("index.json");

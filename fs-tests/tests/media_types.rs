@@ -2,14 +2,13 @@
 //! tool takes them: skopeo (oci-archive → docker-daemon), `docker load`, containerd, registries.
 //! The base image is in Docker's format (as `skopeo copy --format v2s2` and `docker save` write).
 
-use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::Daemon;
 use strata_fs_tests::dockerd::Dockerd;
-use strata_fs_tests::image::{busybox_layer, write_oci_archive};
+use strata_fs_tests::image::{archive_files, busybox_layer, write_oci_archive};
 use strata_fs_tests::registry::Registry;
 use strata_fs_tests::strata::Strata;
 
@@ -28,17 +27,20 @@ fn skopeo(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The manifest `reference` (`host/repo:tag`) has in the registry, as skopeo reads it.
+fn registry_manifest(reference: &str) -> serde_json::Value {
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]);
+    serde_json::from_str(&raw).unwrap()
+}
+
 /// The manifest inside an OCI layout archive.
 fn archive_manifest(archive: &Path) -> serde_json::Value {
-    let mut files = std::collections::HashMap::new();
-    let mut tar = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    for e in tar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        files.insert(path, data);
-    }
+    let files = archive_files(archive);
     let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
     let digest = index["manifests"][0]["digest"].as_str().unwrap();
     let blob = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
@@ -89,13 +91,7 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
     let m = archive_manifest(&oci);
     one_family(&m, OCI_MANIFEST, OCI_LAYER_GZIP);
     // The base layer, gzip already, keeps its blob: only its descriptor's type changed.
-    let raw = skopeo(&[
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{base_ref}"),
-    ]);
-    let base_manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let base_manifest = registry_manifest(&base_ref);
     assert_eq!(base_manifest["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
     assert_eq!(
         m["layers"][0]["digest"],
@@ -153,17 +149,7 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
     ] {
         let target = format!("{}/team/app:{tag}", reg.host);
         s.build_ok(&["--output", &format!("type=registry,name={target}{extra}")]);
-        let raw = skopeo(&[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{target}"),
-        ]);
-        one_family(
-            &serde_json::from_str(&raw).unwrap(),
-            manifest_type,
-            layer_type,
-        );
+        one_family(&registry_manifest(&target), manifest_type, layer_type);
         c.ctr(&[
             "images",
             "pull",
@@ -194,17 +180,9 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
     let target = format!("{}/team/app:from-oci", reg.host);
     let spec = format!("type=registry,name={target},oci-mediatypes=false");
     s2.build_ok(&["--output", &spec]);
-    let src = format!("docker://{target}");
-    let m: serde_json::Value =
-        serde_json::from_str(&skopeo(&["inspect", "--raw", "--tls-verify=false", &src])).unwrap();
+    let m = registry_manifest(&target);
     one_family(&m, DOCKER_MANIFEST, DOCKER_LAYER_GZIP);
-    let raw = skopeo(&[
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{oci_base}"),
-    ]);
-    let oci_manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let oci_manifest = registry_manifest(&oci_base);
     assert_eq!(oci_manifest["layers"][0]["mediaType"], OCI_LAYER_GZIP);
     assert_eq!(
         m["layers"][0]["digest"],
@@ -239,8 +217,7 @@ fn outputs_from_a_docker_format_base_use_one_family_and_gzip() {
         );
         s.build_ok(&["--output", &spec]);
         let src = format!("docker://{target}");
-        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &src]);
-        let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        let m = registry_manifest(&target);
         assert_eq!(m["layers"][0]["digest"] == base_digest, !force, "{m:#}");
         assert_eq!(
             m["layers"][1]["mediaType"],

@@ -3,6 +3,7 @@
 //!     `--max-parallelism 1`;
 //! (b) a fully cached rebuild of a 20-step Dockerfile vs its uncached build;
 //! (c) a rebuild after changing the file copied at step 10 of 20 vs the uncached build;
+//! (e) four independent stages of ~2 s of CPU each: default parallelism vs `--max-parallelism 1`;
 //! (d) the export of a ~300 MB image as an OCI archive, gzip (the default) vs uncompressed: time
 //!     and size; and its push to a local registry, strata vs `docker push` (dockerd 20.10);
 //! and the same three through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker
@@ -79,31 +80,55 @@ impl Builder for BuildKit {
     }
 }
 
-fn scenarios(
+/// Medians of one builder's scenarios, in seconds (`None`: the builder has no such flag).
+struct Times {
+    par: f64,
+    seq: Option<f64>,
+    cpu_par: f64,
+    cpu_seq: Option<f64>,
+    cold: f64,
+    cached: f64,
+    changed: f64,
+}
+
+/// `stages` independent stages running `run`, copied into a final stage: built uncached by
+/// default and, where the builder has the flag, with `--max-parallelism 1`.
+fn stages(
     b: &dyn Builder,
     repeats: usize,
-    parallel_flags: bool,
-) -> (f64, Option<f64>, f64, f64, f64) {
+    flags: bool,
+    stages: usize,
+    run: &str,
+) -> (f64, Option<f64>) {
     let s = Strata::new();
     let mut df = String::new();
-    for i in 0..8 {
+    for i in 0..stages {
         df.push_str(&format!(
-            "FROM busybox AS s{i}\nRUN sleep 2; echo {i} > /out{i}\n"
+            "FROM busybox AS s{i}\nRUN {run}; echo {i} > /out{i}\n"
         ));
     }
     df.push_str("FROM busybox\n");
-    for i in 0..8 {
+    for i in 0..stages {
         df.push_str(&format!("COPY --from=s{i} /out{i} /\n"));
     }
     s.dockerfile(&df);
     let par = median((0..repeats).map(|_| b.build(&s, &["--no-cache"])).collect());
-    let seq = parallel_flags.then(|| {
+    let seq = flags.then(|| {
         median(
             (0..repeats)
                 .map(|_| b.build(&s, &["--no-cache", "--max-parallelism", "1"]))
                 .collect(),
         )
     });
+    (par, seq)
+}
+
+/// About 2 s of one core in busybox's shell (a compiler-like CPU-bound step).
+const CPU_2S: &str = "i=0; while [ $i -lt 1200000 ]; do i=$((i+1)); done";
+
+fn scenarios(b: &dyn Builder, repeats: usize, flags: bool) -> Times {
+    let (par, seq) = stages(b, repeats, flags, 8, "sleep 2");
+    let (cpu_par, cpu_seq) = stages(b, repeats, flags, 4, CPU_2S);
 
     let s = Strata::new();
     let mut df = String::from("FROM busybox\n");
@@ -126,7 +151,15 @@ fn scenarios(
             })
             .collect(),
     );
-    (par, seq, cold, cached, changed)
+    Times {
+        par,
+        seq,
+        cpu_par,
+        cpu_seq,
+        cold,
+        cached,
+        changed,
+    }
 }
 
 /// About 300 MB of text in one layer (compressible, as most layers are).
@@ -192,10 +225,13 @@ fn main() {
     if std::env::args().nth(2).as_deref() == Some("export") {
         return export();
     }
-    let (par, seq, cold, cached, changed) = scenarios(&StrataBuild, repeats, true);
-    let seq = seq.expect("measured");
+    let t = scenarios(&StrataBuild, repeats, true);
+    let (par, cold, cached, changed) = (t.par, t.cold, t.cached, t.changed);
+    let seq = t.seq.expect("measured");
+    let cpu_seq = t.cpu_seq.expect("measured");
     println!("strata build benchmarks, median of {repeats} (seconds)");
     println!("(a) 8 parallel stages of 2 s   default {par:>6.2}   --max-parallelism 1 {seq:>6.2}   speed-up {:.2}", seq / par);
+    println!("(e) 4 stages of 2 s of CPU     default {:>6.2}   --max-parallelism 1 {cpu_seq:>6.2}   speed-up {:.2}", t.cpu_par, cpu_seq / t.cpu_par);
     println!("(b) 20 steps, fully cached      cached  {cached:>6.2}   uncached            {cold:>6.2}   ratio {:.3}", cached / cold);
     println!("(c) 20 steps, step 10 changed   rebuild {changed:>6.2}   uncached            {cold:>6.2}   ratio {:.2}", changed / cold);
 
@@ -213,11 +249,18 @@ fn main() {
     base.build_ok(&["--output", &spec]);
     let d = Dockerd::start("overlay2", &[]);
     d.load(&archive);
-    let (bpar, _, bcold, bcached, bchanged) = scenarios(&BuildKit(d), repeats, false);
+    let bk = scenarios(&BuildKit(d), repeats, false);
+    let (bpar, bcold, bcached, bchanged) = (bk.par, bk.cold, bk.cached, bk.changed);
     println!("BuildKit (dockerd 20.10) in the same run, median of {repeats} (seconds); ratio = strata / BuildKit");
     println!(
         "(a) 8 parallel stages           strata  {par:>6.2}   BuildKit {bpar:>6.2}   ratio {:.2}",
         par / bpar
+    );
+    println!(
+        "(e) 4 CPU stages                strata  {:>6.2}   BuildKit {:>6.2}   ratio {:.2}",
+        t.cpu_par,
+        bk.cpu_par,
+        t.cpu_par / bk.cpu_par
     );
     println!("(b) 20 steps, fully cached      strata  {cached:>6.2}   BuildKit {bcached:>6.2}   ratio {:.2}", cached / bcached);
     println!("(c) 20 steps, step 10 changed   strata  {changed:>6.2}   BuildKit {bchanged:>6.2}   ratio {:.2}", changed / bchanged);

@@ -121,12 +121,12 @@ async fn main() {
         .nth(1)
         .map(|s| s.parse().expect("ITERATIONS is a number"))
         .unwrap_or(300);
-    let strata = Daemon::start_quiet();
+    let strata = Daemon::start_quiet(&[]);
     let containerd = Containerd::start(&strata.socket);
     let mut runs = Vec::new();
     // The third run calls a second strata-snapshotter's own socket (containerd's GC would collect
     // snapshots it does not know on the first): what containerd's metadata and proxy hop add.
-    let direct = Daemon::start_quiet();
+    let direct = Daemon::start_quiet(&[]);
     for (sn, socket) in [
         ("overlayfs", &containerd.address),
         ("strata", &containerd.address),
