@@ -23,11 +23,17 @@ use strata_image::registry::{Client, Reference};
 /// How long a new mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(20);
 
+/// Manifests kept by reference: a pull prepares every layer of one image in turn, and each
+/// Prepare needs the same manifest (immutable: it is named by digest).
+const MANIFESTS_KEPT: usize = 8;
+
 pub struct Lazy {
     root: PathBuf,
     cfg: LazyConfig,
     exe: PathBuf,
     client: Client,
+    /// Recently fetched manifests by `registry/repository@digest`, newest last.
+    manifests: parking_lot::Mutex<Vec<(String, Manifest)>>,
     /// Layers that were not zstd:chunked and went to a normal pull.
     pub fell_back: AtomicU64,
 }
@@ -50,6 +56,7 @@ impl Lazy {
             cfg,
             exe,
             client,
+            manifests: parking_lot::Mutex::new(Vec::new()),
             fell_back: AtomicU64::new(0),
         })
     }
@@ -58,9 +65,7 @@ impl Lazy {
     fn descriptor(&self, labels: &BTreeMap<String, String>) -> Result<(Reference, Descriptor)> {
         let image = Reference::parse(&labels[labels::IMAGE_REF]).map_err(refused)?;
         let manifest_ref = image.with_digest(&labels[labels::MANIFEST]);
-        let (bytes, _, _) = self.client.manifest(&manifest_ref).map_err(refused)?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| refused(format!("manifest {manifest_ref}: {e}")))?;
+        let manifest = self.manifest(&manifest_ref)?;
         let layer = manifest
             .layers
             .into_iter()
@@ -72,6 +77,23 @@ impl Lazy {
                 ))
             })?;
         Ok((image, layer))
+    }
+
+    /// The manifest `reference` (by digest) names: kept from an earlier Prepare or fetched.
+    fn manifest(&self, reference: &Reference) -> Result<Manifest> {
+        let key = reference.to_string();
+        if let Some((_, m)) = self.manifests.lock().iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let (bytes, _, _) = self.client.manifest(reference).map_err(refused)?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("manifest {reference}: {e}")))?;
+        let mut kept = self.manifests.lock();
+        if kept.len() == MANIFESTS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((key, manifest.clone()));
+        Ok(manifest)
     }
 
     /// Starts the serving process for `state` at `mountpoint` and waits for the mount.
