@@ -318,13 +318,26 @@ impl Snapshots {
     /// Turns active snapshot `key` into committed snapshot `name` with `labels`, recording its
     /// disk usage. `key` is gone afterwards.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        self.commit_with(name, key, labels, None)
+    }
+
+    /// [`Snapshots::commit`] with the usage already known (`None`: measured by walking the
+    /// snapshot's files). A lazy layer knows its usage from its TOC: a walk of its FUSE mount
+    /// would look up every file through the server.
+    pub fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Option<Usage>,
+    ) -> Result<()> {
         check_key(name)?;
         let before = self.get(key)?;
         // Measure outside the lock: a large layer takes a while and blocks nobody this way.
-        let usage = if before.kind == Kind::Active {
-            usage::measure(&self.layout.fs_dir(before.id))?
-        } else {
-            Usage::default()
+        let usage = match usage {
+            Some(known) => known,
+            None if before.kind == Kind::Active => usage::measure(&self.layout.fs_dir(before.id))?,
+            None => Usage::default(),
         };
         let _state = self.state.lock();
         if self.store.get(name)?.is_some() {

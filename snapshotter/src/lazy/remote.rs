@@ -15,7 +15,9 @@ use super::{is_mounted, LayerSpec};
 use crate::config::LazyConfig;
 use crate::error::{Error, Result};
 use crate::snapshots::{RemoteLayers, Snapshots};
+use crate::store::Usage;
 use strata_image::chunked::lazy::{is_lazy, read_toc};
+use strata_image::chunked::toc::Toc;
 use strata_image::labels;
 use strata_image::oci::{Descriptor, Manifest};
 use strata_image::registry::{Client, Reference};
@@ -147,6 +149,20 @@ impl Lazy {
     }
 }
 
+/// A lazy layer's usage as its TOC describes it: the bytes of its files and one inode per entry
+/// (a big file's further chunks are not entries of their own).
+fn toc_usage(toc: &Toc) -> Usage {
+    let files = toc.entries.iter().filter(|e| e.kind != "chunk");
+    Usage {
+        size: files
+            .clone()
+            .filter(|e| e.kind == "reg")
+            .map(|e| e.size as i64)
+            .sum(),
+        inodes: files.count() as i64,
+    }
+}
+
 impl RemoteLayers for Lazy {
     /// Whether a Prepare asks for a remote snapshot.
     fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -219,7 +235,7 @@ impl RemoteLayers for Lazy {
             write_json(&state.join("layer.json"), &spec)?;
             write_json(&state.join("toc.json"), &toc)?;
             self.spawn(&state, &dir.join("fs"))?;
-            s.commit(&target, key, labels)
+            s.commit_with(&target, key, labels, Some(toc_usage(&toc)))
         })();
         if let Err(e) = result {
             if let Ok(dir) = snapshot_dir(key) {
@@ -292,4 +308,38 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
     std::fs::write(&tmp, serde_json::to_vec(v).expect("serializes"))
         .map_err(Error::io(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(Error::io(format!("rename {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_image::chunked::toc::Entry;
+
+    #[test]
+    fn usage_counts_files_once_and_their_bytes() {
+        let e = |kind: &str, name: &str, size: u64| Entry {
+            kind: kind.into(),
+            name: name.into(),
+            size,
+            ..Default::default()
+        };
+        let toc = Toc {
+            version: 1,
+            prefetch_end: None,
+            entries: vec![
+                e("dir", "d/", 0),
+                e("reg", "d/small", 10),
+                e("reg", "d/big", 9 << 20),
+                e("chunk", "d/big", 0),
+                e("symlink", "l", 0),
+            ],
+        };
+        assert_eq!(
+            toc_usage(&toc),
+            Usage {
+                size: 10 + (9 << 20),
+                inodes: 4
+            }
+        );
+    }
 }
