@@ -227,7 +227,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        unmount_stale(&self.dir);
         let _ = fs::remove_dir(&self.dir);
         if let Some(session) = self.served.take() {
             let _ = session.umount_and_join();
@@ -236,7 +236,7 @@ impl Drop for Mounted {
     }
 }
 
-/// Leaves nothing mounted at `path` (a previous run that was killed may have).
+/// Leaves nothing mounted at `path` (ours, or one a killed previous run left).
 fn unmount_stale(path: &Path) {
     let _ = Command::new("umount")
         .arg(path)

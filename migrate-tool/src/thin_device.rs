@@ -129,17 +129,16 @@ impl Filesystem for Device {
     }
 }
 
-/// Serves the device (`size` bytes, blocks of `block` bytes mapped by `runs`) from the pool data
-/// file `pool` at `at`, an existing regular file that the FUSE mount covers until the session is
-/// dropped (or unmounted and joined).
+/// Serves the device (`size` bytes, blocks of `block` bytes mapped by `runs`, sorted by origin
+/// and not overlapping) from the pool data file `pool` at `at`, an existing regular file that the
+/// FUSE mount covers until the session is dropped (or unmounted and joined).
 pub fn serve(
     pool: &Path,
     block: u64,
     size: u64,
-    mut runs: Vec<Run>,
+    runs: Vec<Run>,
     at: &Path,
 ) -> std::io::Result<BackgroundSession> {
-    runs.sort_by_key(|r| r.origin);
     let device = Device {
         pool: File::open(pool)?,
         block,

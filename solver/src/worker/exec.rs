@@ -176,9 +176,7 @@ pub fn run_with(
     spec.save(bundle.join("config.json"))
         .map_err(|err| WorkerError::Exec(format!("write runtime spec: {err}")))?;
     let runtime_root = e.state_dir.join("runtime");
-    let mut child = Command::new(e.runtime)
-        .arg("--root")
-        .arg(&runtime_root)
+    let mut child = runtime_command(e.runtime, &runtime_root)
         .args(["run", "--bundle"])
         .arg(&bundle)
         .arg(e.id)
@@ -232,9 +230,7 @@ pub fn run_with(
     // `run` in the foreground deletes the container when its process exits; one is left only
     // when the runtime itself was killed (Ctrl-C) or crashed. A stat, not a runtime process.
     if runtime_root.join(e.id).exists() {
-        let _ = Command::new(e.runtime)
-            .arg("--root")
-            .arg(&runtime_root)
+        let _ = runtime_command(e.runtime, &runtime_root)
             .args(["delete", "-f", e.id])
             .stderr(Stdio::null())
             .status();
@@ -261,6 +257,13 @@ pub fn run_with(
     }
 }
 
+/// The OCI runtime with its state under `root`, ready for a subcommand.
+fn runtime_command(runtime: &str, root: &Path) -> Command {
+    let mut c = Command::new(runtime);
+    c.arg("--root").arg(root);
+    c
+}
+
 /// Waits for the runtime's exit, or kills the container when the step is cancelled (`None`).
 /// The wait blocks in a thread of its own, so a step ends when its process does, not at the
 /// next tick of a poll.
@@ -284,9 +287,7 @@ fn wait_or_cancel(
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
             if e.cancel.load(Ordering::SeqCst) {
-                let _ = Command::new(e.runtime)
-                    .arg("--root")
-                    .arg(runtime_root)
+                let _ = runtime_command(e.runtime, runtime_root)
                     .args(["kill", e.id, "KILL"])
                     .status();
                 if rx.recv_timeout(Duration::from_secs(5)).is_err() {
@@ -306,18 +307,14 @@ pub fn remove_containers(runtime: &str, state_dir: &Path) {
     if !runtime_root.exists() {
         return;
     }
-    let listed = Command::new(runtime)
-        .arg("--root")
-        .arg(&runtime_root)
+    let listed = runtime_command(runtime, &runtime_root)
         .args(["list", "-q"])
         .stderr(Stdio::null())
         .output();
     let ids = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     for id in ids.unwrap_or_default().lines().filter(|l| !l.is_empty()) {
         tracing::info!(id, "removing a container an interrupted build left");
-        let _ = Command::new(runtime)
-            .arg("--root")
-            .arg(&runtime_root)
+        let _ = runtime_command(runtime, &runtime_root)
             .args(["delete", "-f", id])
             .stderr(Stdio::null())
             .status();
