@@ -14,6 +14,7 @@
 
 use std::process::Command;
 use std::time::Instant;
+use strata_benches::Row;
 
 use strata_fs_tests::dockerd::{Dockerd, DOCKER};
 use strata_fs_tests::registry::Registry;
@@ -183,6 +184,10 @@ fn export() {
     let (gz, gz_size) = time("gzip.tar", "");
     let (raw, raw_size) = time("raw.tar", ",compression=uncompressed");
     println!("(d) export of a 300 MB image  gzip    {gz:>6.2}s {gz_size:>6.0} MB   uncompressed {raw:>6.2}s {raw_size:>6.0} MB   time ratio {:.2}, size ratio {:.2}", gz / raw, gz_size / raw_size);
+    let case = "export of a 300 MB image, gzip vs uncompressed (size)";
+    Row::new("build", case, "MB", gz_size)
+        .against("uncompressed", raw_size)
+        .report();
     push();
 }
 
@@ -215,6 +220,14 @@ fn push() {
     d.docker(&["push", &name]);
     let docker = t.elapsed().as_secs_f64();
     println!("(d) push of the 300 MB image  strata  {strata:>6.2}s   docker push {docker:>6.2}s   ratio {:.2}", strata / docker);
+    Row::new(
+        "build",
+        "push of a 300 MB image to a local registry",
+        "s",
+        strata,
+    )
+    .against("docker push", docker)
+    .report();
 }
 
 fn main() {
@@ -234,6 +247,13 @@ fn main() {
     println!("(e) 4 stages of 2 s of CPU     default {:>6.2}   --max-parallelism 1 {cpu_seq:>6.2}   speed-up {:.2}", t.cpu_par, cpu_seq / t.cpu_par);
     println!("(b) 20 steps, fully cached      cached  {cached:>6.2}   uncached            {cold:>6.2}   ratio {:.3}", cached / cold);
     println!("(c) 20 steps, step 10 changed   rebuild {changed:>6.2}   uncached            {cold:>6.2}   ratio {:.2}", changed / cold);
+    let seq_peer = "--max-parallelism 1";
+    Row::new("build", "8 stages of `sleep 2`", "s", par)
+        .against(seq_peer, seq)
+        .report();
+    Row::new("build", "4 stages of 2 s of CPU", "s", t.cpu_par)
+        .against(seq_peer, cpu_seq)
+        .report();
 
     export();
 
@@ -268,4 +288,16 @@ fn main() {
         "    20 steps, uncached          strata  {cold:>6.2}   BuildKit {bcold:>6.2}   ratio {:.2}",
         cold / bcold
     );
+    let rows = [
+        ("8 stages of `sleep 2`", par, bpar),
+        ("4 stages of 2 s of CPU", t.cpu_par, bk.cpu_par),
+        ("20 steps, fully cached", cached, bcached),
+        ("20 steps, step 10 changed", changed, bchanged),
+        ("20 steps, uncached", cold, bcold),
+    ];
+    for (case, strata, buildkit) in rows {
+        Row::new("build", case, "s", strata)
+            .against("BuildKit (dockerd 20.10)", buildkit)
+            .report();
+    }
 }

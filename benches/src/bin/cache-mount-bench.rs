@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 use std::time::Instant;
+use strata_benches::Row;
 
 use strata_fs_tests::image;
 use strata_fs_tests::strata::Strata;
@@ -95,4 +96,8 @@ fn main() {
         w / wo,
         wo / w
     );
+    let case = format!("C rebuild, {files} files, one changed, ccache in a cache mount");
+    Row::new("cache mount", &case, "s", w)
+        .against("without the cache mount", wo)
+        .report();
 }

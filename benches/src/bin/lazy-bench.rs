@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use strata_benches::Row;
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{metric, Daemon};
@@ -249,6 +250,10 @@ fn cached_reads(d: &Daemon, c: &Containerd, lazy: &str, full: &str, big_bytes: u
     let fuse = read_throughput(c, "strata", lazy, "fuse", big_bytes, 5);
     let overlay = read_throughput(c, "overlayfs", full, "overlay", big_bytes, 5);
     println!("  cached sequential read of {} MB: FUSE lower {fuse:.0} MB/s (first read after fetch {warm:.0} MB/s) vs overlayfs {overlay:.0} MB/s: ratio {:.2}; opens passed through: {}", big_bytes / 1_000_000, fuse / overlay, lazy_metric(d, "strata_lazy_passthrough_opens_total"));
+    let case = "cached sequential reads through the FUSE lower (higher is better)";
+    Row::new("lazy", case, "MB/s", fuse)
+        .against("overlayfs", overlay)
+        .report();
     // Whole files replace their chunks: the cache should hold the content about once.
     let cached: u64 = std::fs::read_dir(d.root.join("lazy/chunks"))
         .map(|rd| {
@@ -309,6 +314,14 @@ fn main() {
         let full_first = first_output(&c, "overlayfs", &full, "firstfull", &[]);
         println!("  {mbit} Mbit/s: first output lazy {lazy_first:.2}s vs full pull + run {full_first:.2}s: ratio {:.3}; fetched before first output {:.1} MB of {mb} MB", lazy_first / full_first, fetched as f64 / 1e6);
         println!("  {mbit} Mbit/s: warm start of the same container {warm:.2}s: the lazy pull added {:.2}s", lazy_first - warm);
+        let case = format!("{mb} MB image at {mbit} Mbit/s: first output");
+        Row::new("lazy", &case, "s", lazy_first)
+            .against("full pull + run on overlayfs", full_first)
+            .report();
+        let case = format!("{mb} MB image at {mbit} Mbit/s: first output");
+        Row::new("lazy", &case, "s", lazy_first)
+            .against("warm start of the same container", warm)
+            .report();
         if Some(mbit) == last {
             cached_reads(&d, &c, &lazy, &full, big_bytes, mb);
         }
@@ -395,4 +408,8 @@ fn prefetch_row(reg: &Registry, dir: &Path, mb: usize, mbit: u64) {
         unreachable!()
     };
     println!("  prefetch, {mbit} Mbit/s, 50 x 1 MB read of {n} MB: first output without a list {plain:.2}s ({plain_req} registry requests) vs with the recorded one {pre:.2}s ({pre_req} requests): ratio {:.2}", pre / plain);
+    let case = format!("50 x 1 MB read at {mbit} Mbit/s: first output with a prefetch list");
+    Row::new("lazy", &case, "s", pre)
+        .against("without one", plain)
+        .report();
 }

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+use strata_benches::Row;
 
 use strata_fs_tests::docker_roots::{overlay_to_aufs, overlay_to_devicemapper};
 use strata_fs_tests::dockerd::Dockerd;
@@ -110,6 +111,14 @@ fn run(driver: &str, total_mb: u64, layers: u64, convert: fn(&Path)) {
     println!("  migrate       {migrate:>7.2} s  {:>6.0} MB/s  bytes written {written} ({:.3}% of layer bytes)", mb / migrate, written as f64 * 100.0 / layer_bytes.max(1) as f64);
     println!("  verify        {verify:>7.2} s  {:>6.0} MB/s", mb / verify);
     println!("  docker save + load {:.2} s ({save:.2} + {load:.2}); migrate / (save + load) = {:.3}, with verify {:.3}", save + load, migrate / (save + load), (migrate + verify) / (save + load));
+    let case = format!("{driver}, {layers} layers of {mb:.0} MB: migrate");
+    Row::new("migrate", &case, "s", migrate)
+        .against("docker save + load", save + load)
+        .report();
+    let case = format!("{driver}: bytes written, % of layer bytes");
+    let percent = written as f64 * 100.0 / layer_bytes.max(1) as f64;
+    Row::new("migrate", &case, "%", percent).report();
+    Row::new("migrate", &format!("{driver}: verify"), "MB/s", mb / verify).report();
 }
 
 fn main() {

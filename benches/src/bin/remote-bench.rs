@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+use strata_benches::Row;
 
 use strata_fs_tests::dockerd::{Dockerd, DOCKER};
 use strata_fs_tests::image::noise;
@@ -116,6 +117,10 @@ fn main() {
                 st / dt,
                 sb as f64 / db.max(1) as f64
             );
+            let case = format!("{mb} MiB context over ssh, {rate}, {name}");
+            Row::new("remote", &case, "s", st)
+                .against("docker build over ssh (BuildKit)", dt)
+                .report();
         }
     }
     drop(builder);

@@ -10,6 +10,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use strata_benches::Row;
 
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::spawn_activated;
@@ -187,6 +188,7 @@ fn main() {
     println!(
         "restart-bench: {n} containers started at once, the event 1.5 s in, {rounds} rounds each"
     );
+    let mut quiet_p50 = f64::NAN;
     for event in [
         Event::None,
         Event::KillBound,
@@ -206,5 +208,16 @@ fn main() {
             percentile(&mut times, 0.5),
             percentile(&mut times, 0.99)
         );
+        let p50 = percentile(&mut times, 0.5);
+        let case = format!("{n} container starts, {}: p50", event.name());
+        let row = Row::new("restart", &case, "s", p50);
+        if let Event::None = event {
+            quiet_p50 = p50;
+            row.report();
+        } else {
+            row.against("no restart", quiet_p50).report();
+        }
+        let case = format!("{n} container starts, {}: failed starts", event.name());
+        Row::new("restart", &case, "", failed as f64).report();
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use strata_benches::Row;
 use strata_fs_tests::containerd::Containerd;
 use strata_fs_tests::daemon::{connect, Daemon};
 use strata_snapshotter::api::snapshots::v1::{self as pb, snapshots_client::SnapshotsClient};
@@ -171,6 +172,17 @@ async fn main() {
             s50 / o50,
             s99 / o99
         );
+        let case = format!("{call} p50 through containerd");
+        Row::new("snapshot", &case, "µs", s50)
+            .against("containerd's overlayfs", o50)
+            .report();
+        Row::new(
+            "snapshot",
+            &format!("{call} p50 on its own socket"),
+            "µs",
+            d50,
+        )
+        .report();
     }
     println!("ratio = strata / overlayfs, both through containerd (below 1: Strata is faster);");
     println!(
