@@ -620,6 +620,20 @@ fn fuse_mounts(root: &Path) -> usize {
     fuse_mountpoints(root).len()
 }
 
+/// Strata's FUSE mounts under `root` once there are `n`: a lazy Prepare returns while its
+/// layer's server is still mounting (a container on top waits for it; a test looking at the
+/// mounts themselves must too).
+fn fuse_mountpoints_when(root: &Path, n: usize) -> Vec<std::path::PathBuf> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mounts = fuse_mountpoints(root);
+        if mounts.len() >= n || std::time::Instant::now() > deadline {
+            return mounts;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Once a layer is fetched, the kernel reads its files straight from the cache (FUSE
 /// passthrough): a file opened then reads whole while its serving process is frozen, which a
 /// read answered by that process could not.
@@ -628,7 +642,7 @@ fn fully_fetched_files_are_read_by_the_kernel_while_their_server_is_frozen() {
     let s = setup(40, 2, 3 << 20);
     let (d, c) = lazy_daemon(s.dir.path(), "");
     pull_lazy(&c, &s.lazy_ref);
-    let mountpoint = fuse_mountpoints(&d.root)
+    let mountpoint = fuse_mountpoints_when(&d.root, 2)
         .into_iter()
         .find(|m| m.join("data/big-1").exists())
         .expect("the data layer is mounted");
@@ -701,7 +715,7 @@ fn lazy_snapshots_follow_the_snapshotter_rules() {
     let (d, c) = lazy_daemon(s.dir.path(), "");
     pull_lazy(&c, &s.lazy_ref);
     assert_eq!(
-        fuse_mounts(&d.root),
+        fuse_mountpoints_when(&d.root, 2).len(),
         2,
         "one FUSE mount per layer: {}",
         std::fs::read_to_string("/proc/self/mountinfo").unwrap()
@@ -1014,6 +1028,7 @@ fn a_build_pushed_as_zstd_chunked_is_pulled_lazily() {
     let dir2 = tempfile::tempdir().unwrap();
     let (d2, c2) = lazy_daemon(dir2.path(), "background_fetch = false\n");
     pull_lazy(&c2, &rebuilt);
+    fuse_mountpoints_when(&d2.root, 2);
     let before = metric(&d2.lazy_metrics(), "strata_lazy_fetched_bytes_total");
     assert!(before > 0, "the prefetch area was fetched at mount");
     let out = ctr_run(&c2, &rebuilt, "prefetched", &["cat", "/data/hello"]);

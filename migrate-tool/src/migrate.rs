@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 
 use strata_image::layer;
 
@@ -38,10 +40,25 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
     let tmp = root.path.join(TMP);
     let mut journal = Journal::open(&tmp, opts.progress)?;
     journal.total = steps(root);
-    let mut m = Migration::start(root, tmp)?;
-    for l in root.layers_parents_first() {
-        m.image_layer(&mut journal, l)?;
-    }
+    let pool = match root.driver {
+        Driver::Devicemapper => Some(devicemapper::Pool::open(&root.path)?),
+        _ => None,
+    };
+    let mut m = Migration::start(root, tmp, pool.as_ref())?;
+    let layers = root.layers_parents_first();
+    let todo: Vec<&Layer> = layers
+        .iter()
+        .copied()
+        .filter(|l| !journal.is_done(&layer_step(l)))
+        .collect();
+    let source = m.source();
+    std::thread::scope(|scope| {
+        let mut ahead = Ahead::start(scope, source, todo);
+        for l in &layers {
+            m.image_layer(&mut journal, l, &mut ahead)?;
+        }
+        Ok::<(), MigrateError>(())
+    })?;
     for c in &root.containers {
         m.container(&mut journal, c)?;
     }
@@ -87,6 +104,123 @@ fn steps(root: &DataRoot) -> usize {
     root.layers.len() + container_layers + 5
 }
 
+/// The journal step of image layer `l`.
+fn layer_step(l: &Layer) -> String {
+    format!("layer-{}", l.cache_id)
+}
+
+/// Where image layers are replayed from and built into; shared by the replay workers.
+#[derive(Clone)]
+struct Source<'a> {
+    root: &'a DataRoot,
+    /// devicemapper's thin pool, when that is the source.
+    pool: Option<&'a devicemapper::Pool>,
+    tmp: PathBuf,
+    out: PathBuf,
+}
+
+impl Source<'_> {
+    /// Where a layer's own files are in the source: overlay keeps a full tree per image layer
+    /// and an upper per container layer; aufs keeps every layer's own files under `diff/`.
+    fn files(&self, id: &str, container: bool) -> PathBuf {
+        let legacy = self.root.path.join(self.root.driver.dir_name());
+        match (self.root.driver, container) {
+            (Driver::Aufs, _) => legacy.join("diff").join(id),
+            (_, false) => legacy.join(id).join("root"),
+            (_, true) => legacy.join(id).join("upper"),
+        }
+    }
+
+    /// A fresh `<id>.partial` directory to build layer `id` in.
+    fn partial(&self, id: &str) -> Result<PathBuf, MigrateError> {
+        let partial = self.out.join(format!("{id}.partial"));
+        let _ = fs::remove_dir_all(&partial);
+        fs::create_dir_all(partial.join("diff"))
+            .map_err(io(format!("create {}", partial.display())))?;
+        Ok(partial)
+    }
+
+    /// Builds image layer `l`'s diff in its `<id>.partial`; returns how many entries it has.
+    /// A refused layer leaves nothing behind, least of all links to what it named.
+    fn build(&self, l: &Layer) -> Result<u64, MigrateError> {
+        let partial = self.partial(&l.cache_id)?;
+        self.replay(l, &partial.join("diff")).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&partial);
+        })
+    }
+
+    /// Replays image layer `l` into `diff`, from its mounted device or its source tree.
+    fn replay(&self, l: &Layer, diff: &Path) -> Result<u64, MigrateError> {
+        match self.pool {
+            Some(pool) => {
+                let devices = self.tmp.join("devices");
+                let dev = devicemapper::mount_device(&self.root.path, pool, &l.cache_id, &devices)?;
+                image_layer(self.root, l, &dev.rootfs(), diff, false)
+            }
+            None => image_layer(self.root, l, &self.files(&l.cache_id, false), diff, true),
+        }
+    }
+}
+
+/// Image layers built ahead of the journal by a worker per CPU: a layer's replay needs only its
+/// own tar-split and files (or device), while installing it needs its parents' link names, so
+/// the journal installs them one by one in parent-first order as their builds arrive.
+struct Ahead {
+    built: mpsc::Receiver<(String, Result<u64, MigrateError>)>,
+    arrived: HashMap<String, Result<u64, MigrateError>>,
+    /// Set when the migration stops early: workers take no further layer.
+    stop: Arc<AtomicBool>,
+}
+
+impl Ahead {
+    fn start<'s>(
+        scope: &'s std::thread::Scope<'s, '_>,
+        source: Source<'s>,
+        layers: Vec<&'s Layer>,
+    ) -> Ahead {
+        let (tx, built) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        for _ in 0..workers.min(layers.len()) {
+            let (tx, stop, next) = (tx.clone(), stop.clone(), next.clone());
+            let (source, layers) = (source.clone(), layers.clone());
+            scope.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Some(l) = layers.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                        return;
+                    };
+                    if tx.send((l.cache_id.clone(), source.build(l))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ahead {
+            built,
+            arrived: HashMap::new(),
+            stop,
+        }
+    }
+
+    /// Waits for layer `id`'s build; `None` if no worker builds it.
+    fn take(&mut self, id: &str) -> Option<Result<u64, MigrateError>> {
+        loop {
+            if let Some(r) = self.arrived.remove(id) {
+                return Some(r);
+            }
+            let (built, r) = self.built.recv().ok()?;
+            self.arrived.insert(built, r);
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A migration in progress: where it builds, what it built.
 struct Migration<'a> {
     root: &'a DataRoot,
@@ -96,20 +230,20 @@ struct Migration<'a> {
     /// The switch has moved the tree into the data root already (a rerun after it).
     switched: bool,
     /// devicemapper's thin pool, when that is the source.
-    pool: Option<devicemapper::Pool>,
+    pool: Option<&'a devicemapper::Pool>,
     /// Each image layer's overlay2 link name, by chain ID.
     links: HashMap<String, String>,
     report: Report,
 }
 
 impl<'a> Migration<'a> {
-    fn start(root: &'a DataRoot, tmp: PathBuf) -> Result<Migration<'a>, MigrateError> {
+    fn start(
+        root: &'a DataRoot,
+        tmp: PathBuf,
+        pool: Option<&'a devicemapper::Pool>,
+    ) -> Result<Migration<'a>, MigrateError> {
         let out = tmp.join("overlay2");
         fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
-        let pool = match root.driver {
-            Driver::Devicemapper => Some(devicemapper::Pool::open(&root.path)?),
-            _ => None,
-        };
         Ok(Migration {
             root,
             switched: Journal::done_in(&tmp, "switch-overlay2"),
@@ -145,24 +279,13 @@ impl<'a> Migration<'a> {
             .collect()
     }
 
-    /// Where a layer's own files are in the source: overlay keeps a full tree per image layer
-    /// and an upper per container layer; aufs keeps every layer's own files under `diff/`.
-    fn source_files(&self, id: &str, container: bool) -> PathBuf {
-        let legacy = self.root.path.join(self.root.driver.dir_name());
-        match (self.root.driver, container) {
-            (Driver::Aufs, _) => legacy.join("diff").join(id),
-            (_, false) => legacy.join(id).join("root"),
-            (_, true) => legacy.join(id).join("upper"),
+    fn source(&self) -> Source<'a> {
+        Source {
+            root: self.root,
+            pool: self.pool,
+            tmp: self.tmp.clone(),
+            out: self.out.clone(),
         }
-    }
-
-    /// A fresh `<id>.partial` directory to build layer `id` in.
-    fn partial(&self, id: &str) -> Result<PathBuf, MigrateError> {
-        let partial = self.out.join(format!("{id}.partial"));
-        let _ = fs::remove_dir_all(&partial);
-        fs::create_dir_all(partial.join("diff"))
-            .map_err(io(format!("create {}", partial.display())))?;
-        Ok(partial)
     }
 
     /// Finishes a built layer (link, lower, committed marker) and moves it into place.
@@ -184,21 +307,27 @@ impl<'a> Migration<'a> {
             .map_err(io("create link"))
     }
 
-    /// Image layer `l` (its parents are done): its original tar replayed into an overlay2 diff.
-    fn image_layer(&mut self, journal: &mut Journal, l: &Layer) -> Result<(), MigrateError> {
+    /// Image layer `l` (its parents are done): its original tar replayed into an overlay2 diff,
+    /// built by `ahead` (or here, when no worker built it), then installed.
+    fn image_layer(
+        &mut self,
+        journal: &mut Journal,
+        l: &Layer,
+        ahead: &mut Ahead,
+    ) -> Result<(), MigrateError> {
         let lowers = self.lower_links(l.parent.as_deref());
         let label = format!(
             "layer {} ({:.1} MB)",
             &l.chain_id[..19.min(l.chain_id.len())],
             l.size as f64 / 1e6
         );
-        journal.step_labeled(&format!("layer-{}", l.cache_id), &label, || {
-            let partial = self.partial(&l.cache_id)?;
-            // A refused layer leaves nothing behind, least of all links to what it named.
-            let built = self.replay(l, &partial.join("diff")).inspect_err(|_| {
-                let _ = fs::remove_dir_all(&partial);
-            })?;
+        journal.step_labeled(&layer_step(l), &label, || {
+            let built = match ahead.take(&l.cache_id) {
+                Some(r) => r?,
+                None => self.source().build(l)?,
+            };
             self.report.entries += built;
+            let partial = self.out.join(format!("{}.partial", l.cache_id));
             self.install(&partial, &l.cache_id, &lowers, true)?;
             self.report.layers += 1;
             Ok(())
@@ -206,24 +335,6 @@ impl<'a> Migration<'a> {
         let link = self.link_of(&l.cache_id)?;
         self.links.insert(l.chain_id.clone(), link);
         Ok(())
-    }
-
-    /// Replays image layer `l` into `diff`, from its mounted device or its source tree.
-    fn replay(&self, l: &Layer, diff: &Path) -> Result<u64, MigrateError> {
-        match &self.pool {
-            Some(pool) => {
-                let devices = self.tmp.join("devices");
-                let dev = devicemapper::mount_device(&self.root.path, pool, &l.cache_id, &devices)?;
-                image_layer(self.root, l, &dev.rootfs(), diff, false)
-            }
-            None => image_layer(
-                self.root,
-                l,
-                &self.source_files(&l.cache_id, false),
-                diff,
-                true,
-            ),
-        }
     }
 
     /// Container `c`'s init and read-write layers, over its image's layers.
@@ -260,7 +371,7 @@ impl<'a> Migration<'a> {
         lowers: &[String],
     ) -> Result<(), MigrateError> {
         journal.step(&format!("container-{id}"), || {
-            let partial = self.partial(id)?;
+            let partial = self.source().partial(id)?;
             self.container_diff(id, below, &partial.join("diff"))?;
             self.install(&partial, id, lowers, false)
         })
@@ -269,8 +380,8 @@ impl<'a> Migration<'a> {
     /// Writes container layer `id`'s changes into `diff`: overlay and aufs uppers already are in
     /// overlay2's diff format (linked); a device is compared with the device below it.
     fn container_diff(&mut self, id: &str, below: &str, diff: &Path) -> Result<(), MigrateError> {
-        let Some(pool) = &self.pool else {
-            let upper = self.source_files(id, true);
+        let Some(pool) = self.pool else {
+            let upper = self.source().files(id, true);
             let aufs = self.root.driver == Driver::Aufs;
             self.report.entries += overlay2::link_tree(&upper, diff, aufs)
                 .map_err(io(format!("link {}", upper.display())))?;
@@ -389,8 +500,16 @@ fn image_layer(
     } else {
         layer::apply(reader, dest)
     };
-    let digest = rebuild.digest().map_err(|e| layer_err(e.to_string()))?;
-    let stats = applied.map_err(|e| layer_err(e.to_string()))?;
+    // When both halves fail, one caused the other: a rebuild that stopped (a file changed)
+    // truncates the tar the apply reads; an apply that stopped breaks the rebuild's pipe.
+    let (digest, stats) = match (rebuild.digest(), applied) {
+        (Ok(digest), Ok(stats)) => (digest, stats),
+        (Err(e), Err(applying)) if e.is_broken_pipe() => {
+            return Err(layer_err(applying.to_string()))
+        }
+        (Err(e), _) => return Err(layer_err(e.to_string())),
+        (Ok(_), Err(e)) => return Err(layer_err(e.to_string())),
+    };
     if digest.as_str() != diff_id {
         return Err(layer_err(format!("its files rebuild to {digest}, not its diffID {diff_id}: the layer was altered on disk; nothing was switched")));
     }

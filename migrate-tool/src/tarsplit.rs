@@ -55,6 +55,14 @@ pub enum TarSplitError {
     Panicked,
 }
 
+impl TarSplitError {
+    /// Whether the rebuild stopped only because its reader went away (the reader's own error is
+    /// then the one to report).
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, TarSplitError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
 /// Reads a `tar-split.json.gz`.
 pub fn read(path: &Path) -> Result<Vec<Entry>, TarSplitError> {
     let shown = path.display().to_string();

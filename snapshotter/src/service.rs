@@ -125,6 +125,11 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, Status> {
+        // Right after a lazy pull the answer may wait for a layer's server: not on this thread.
+        if self.snapshots.remote().is_some_and(|r| r.settling()) {
+            let k = key.clone();
+            return self.run("mounts", &key, move |s| s.mounts(&k)).await;
+        }
         self.read("mounts", &key, |s| s.mounts(&key))
     }
 

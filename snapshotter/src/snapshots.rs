@@ -51,6 +51,12 @@ pub trait RemoteLayers: Send + Sync {
     /// Unmounts the layer served in snapshot directory `dir`, if any: removal must never walk
     /// into a mount.
     fn unmount(&self, dir: &Path);
+    /// Whether some layer's mount is still being started (then [`RemoteLayers::ready`] may wait).
+    fn settling(&self) -> bool;
+    /// Waits until the remote layers among snapshot directories `dirs` are mounted: a Prepare
+    /// returns before its layer's server has mounted it, and mounts on top must not see an
+    /// empty directory in its place.
+    fn ready(&self, dirs: &[PathBuf]) -> Result<()>;
 }
 
 /// A snapshot as callers see it: its key and its record.
@@ -205,6 +211,13 @@ impl Snapshots {
 
     fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>> {
         let parents = self.chain(&record.parent)?;
+        if let Some(remote) = self.remote.as_ref().filter(|r| r.settling()) {
+            let dirs: Vec<PathBuf> = parents
+                .iter()
+                .map(|id| self.layout.snapshot_dir(*id))
+                .collect();
+            remote.ready(&dirs)?;
+        }
         Ok(mounts::for_snapshot(
             &self.layout,
             record.kind,
@@ -222,7 +235,19 @@ impl Snapshots {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        let record = self.create(Kind::Active, key, parent, labels)?;
+        self.mounts_of(&record)
+    }
+
+    /// Like [`Snapshots::prepare`], for a caller that fills the snapshot's directory itself (a
+    /// remote layer): no mounts, so nothing waits for remote layers below it to be served.
+    pub fn prepare_unmounted(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.create(Kind::Active, key, parent, labels).map(drop)
     }
 
     /// Like [`Snapshots::prepare`], but read-only; it can never be committed.
@@ -232,7 +257,8 @@ impl Snapshots {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        let record = self.create(Kind::View, key, parent, labels)?;
+        self.mounts_of(&record)
     }
 
     fn create(
@@ -241,7 +267,7 @@ impl Snapshots {
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>> {
+    ) -> Result<Record> {
         check_key(key)?;
         let mut state = self.state.lock();
         let parent_id = if parent.is_empty() {
@@ -283,8 +309,7 @@ impl Snapshots {
             return Err(e);
         }
         state.next_id = id + 1;
-        drop(state);
-        self.mounts_of(&record)
+        Ok(record)
     }
 
     /// The directory holding `key`'s own files: the upperdir of an active snapshot, the layer of a

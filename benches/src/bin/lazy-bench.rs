@@ -78,6 +78,9 @@ fn throttled_proxy(upstream: String, bytes_per_sec: u64, requests: Requests) -> 
             let Ok(server) = TcpStream::connect(&upstream) else {
                 continue;
             };
+            // As a registry's own sockets are (Go sets TCP_NODELAY): without it, Nagle holds a
+            // response's small last segment until the client's delayed ACK (~40 ms a request).
+            let _ = (server.set_nodelay(true), client.set_nodelay(true));
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
             let requests = requests.clone();
@@ -215,8 +218,14 @@ fn first_output_of(
             image,
         ]);
     }
+    let pulled = t.elapsed().as_secs_f64();
     run(c, (snapshotter, image, id), cmd);
-    t.elapsed().as_secs_f64()
+    let total = t.elapsed().as_secs_f64();
+    println!(
+        "  {snapshotter} {id}: pull {pulled:.2}s + run {:.2}s",
+        total - pulled
+    );
+    total
 }
 
 /// Runs `cmd` in a container of `image` (pulled already) and checks it printed something.
@@ -304,6 +313,13 @@ fn main() {
         let (d, c) = lazy_daemon();
         let lazy = format!("{proxy}/strata/app:lazy");
         let lazy_first = lazy_first_output(&c, &lazy, "first", FIRST_CMD);
+        for l in d
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("lazy layer mounted"))
+        {
+            println!("  daemon: {l}");
+        }
         let fetched = lazy_metric(&d, "strata_lazy_fetched_bytes_total");
         // The same container again: pulled, its reads cached; what a lazy start adds is the rest.
         let t = Instant::now();

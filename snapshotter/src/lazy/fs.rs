@@ -35,6 +35,9 @@ use strata_image::chunked::toc::Chunk;
 /// The layer is immutable: the kernel may keep attributes and pages for as long as it likes.
 const TTL: Duration = Duration::from_secs(3600);
 
+/// How long after its start a server writes a freshly built index to disk.
+const PERSIST_AFTER: Duration = Duration::from_secs(10);
+
 /// Records the order in which files are first opened, for the prefetch of later mounts.
 struct Recorder {
     file: Option<Mutex<std::fs::File>>,
@@ -363,10 +366,23 @@ impl Filesystem for LazyFs {
 
 /// Mounts the layer described in `state` at `mountpoint` and serves it until unmounted.
 pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let spec = LayerSpec::load(state)?;
     let index = Arc::new(Nodes::open_or_build(&state.join("index"), || {
         super::load_toc(state)
     })?);
+    let index_ms = started.elapsed().as_millis();
+    {
+        // A fresh index is written to disk once the layer has been serving for a while, off the
+        // path a starting container waits on.
+        let index = index.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(PERSIST_AFTER);
+            if let Err(e) = index.persist() {
+                warn!(error = %e, "writing the layer's index to disk (it is built again at the next start)");
+            }
+        });
+    }
     let cache = ChunkCache::open(&spec.cache_dir, spec.cache_max_bytes)?;
     let fetcher = Arc::new(Fetcher::new(&spec, cache, state)?);
     fetcher
@@ -426,7 +442,8 @@ pub fn serve(state: &Path, mountpoint: &Path) -> anyhow::Result<()> {
         MountOption::Exec,
     ];
     config.acl = SessionACL::All;
-    info!(layer = %spec.digest, mountpoint = %mountpoint.display(), "serving lazy layer");
+    let ms = started.elapsed().as_millis();
+    info!(layer = %spec.digest, mountpoint = %mountpoint.display(), index_ms, ms, "serving lazy layer");
     let result = fuser::mount(fs, mountpoint, &config);
     stop.store(true, Ordering::SeqCst);
     fetcher.stats.write(state);

@@ -8,7 +8,8 @@
 //! verifies its TOC, saves both in the snapshot's `lazy/` directory, starts a
 //! `strata-snapshotter serve-layer` process that mounts the FUSE filesystem ([`fs`]) on the
 //! snapshot's `fs`, commits the snapshot as the target and answers AlreadyExists, so containerd
-//! skips the download. The serving process is its own session: it outlives the daemon, so
+//! skips the download. It does not wait for the mount: mounts on top of the layer do
+//! ([`crate::snapshots::RemoteLayers::ready`]). The serving process is its own session: it outlives the daemon, so
 //! running containers keep reading across a restart; the daemon remounts what is not mounted at
 //! start.
 //!

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::index::{Index, Kind, Node};
@@ -88,8 +88,11 @@ impl Nodes {
                     prefetch_end: toc.prefetch_end,
                 };
                 batch.put(b"meta", serde_json::to_vec(&meta)?);
-                db.write(batch)?;
-                db.flush()?;
+                // No WAL and no flush here: the build is repeated if it is lost (no `meta`), and
+                // a server's start waits for this. [`Nodes::persist`] flushes it later.
+                let mut quick = WriteOptions::default();
+                quick.disable_wal(true);
+                db.write_opt(batch, &quick)?;
                 meta
             }
         };
@@ -99,6 +102,11 @@ impl Nodes {
             total_bytes: meta.total_bytes,
             prefetch_end: meta.prefetch_end,
         })
+    }
+
+    /// Writes a fresh build to disk (it is in memory until then, or until RocksDB flushes).
+    pub fn persist(&self) -> anyhow::Result<()> {
+        Ok(self.db.flush()?)
     }
 
     pub fn node(&self, ino: u64) -> Option<Node> {

@@ -1,11 +1,12 @@
 //! The daemon's side of lazy layers: answering a remote-snapshot Prepare (see the module docs
 //! of [`super`]), and remounting lazy layers at start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_snapshots::api::types::Mount;
@@ -36,6 +37,8 @@ pub struct Lazy {
     client: Client,
     /// Recently fetched manifests by `registry/repository@digest`, newest last.
     manifests: parking_lot::Mutex<Vec<(String, Manifest)>>,
+    /// Layers whose server is still starting (or failed to).
+    starting: Arc<Starting>,
     /// Layers that were not zstd:chunked and went to a normal pull.
     pub fell_back: AtomicU64,
 }
@@ -59,6 +62,7 @@ impl Lazy {
             exe,
             client,
             manifests: parking_lot::Mutex::new(Vec::new()),
+            starting: Arc::default(),
             fell_back: AtomicU64::new(0),
         })
     }
@@ -98,14 +102,14 @@ impl Lazy {
         Ok(manifest)
     }
 
-    /// Starts the serving process for `state` at `mountpoint` and waits for the mount.
-    fn spawn(&self, state: &Path, mountpoint: &Path) -> Result<()> {
+    /// Starts the serving process for `state` at `mountpoint`.
+    fn spawn(&self, state: &Path) -> Result<Child> {
         let log = std::fs::File::create(state.join("serve.log"))
             .map_err(Error::io("create serve.log"))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("serve-layer")
             .arg(state)
-            .arg(mountpoint)
+            .arg(mountpoint_of(state))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(Error::io("serve.log"))?)
             .stderr(log);
@@ -117,34 +121,125 @@ impl Lazy {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(Error::io("start serve-layer"))?;
+        let child = cmd.spawn().map_err(Error::io("start serve-layer"))?;
         std::fs::write(state.join("pid"), child.id().to_string())
             .map_err(Error::io("write pid"))?;
-        let deadline = Instant::now() + MOUNT_WAIT;
+        Ok(child)
+    }
+
+    /// Starts serving `state` and returns at once: whatever mounts the layer waits for it in
+    /// [`RemoteLayers::ready`]. A pull prepares its layers one after another; starting each
+    /// server (exec, index build, FUSE mount: ~0.1 s) overlaps the next layers' Prepares.
+    fn start(&self, state: &Path) -> Result<()> {
+        let child = self.spawn(state)?;
+        let mountpoint = mountpoint_of(state);
+        let starting = self.starting.begin(&mountpoint);
+        let state = state.to_path_buf();
+        std::thread::spawn(move || {
+            let outcome = await_mount(child, &state);
+            starting.finish(&mountpoint, outcome);
+        });
+        Ok(())
+    }
+
+    /// Starts serving `state` and waits for its mount.
+    fn start_and_wait(&self, state: &Path) -> Result<()> {
+        let child = self.spawn(state)?;
+        await_mount(child, state).map_err(refused)
+    }
+}
+
+/// Where the layer whose state is in `state` (`snapshots/<id>/lazy`) is mounted.
+fn mountpoint_of(state: &Path) -> PathBuf {
+    state.with_file_name("fs")
+}
+
+/// Waits for `child` to mount the layer of `state`; the error says why it did not.
+fn await_mount(mut child: Child, state: &Path) -> std::result::Result<(), String> {
+    let mountpoint = mountpoint_of(state);
+    let deadline = Instant::now() + MOUNT_WAIT;
+    loop {
+        if is_mounted(&mountpoint) {
+            // Reaped by a thread so it never lingers as a zombie of the daemon.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
+            let last = log.lines().last().unwrap_or("");
+            return Err(format!("the FUSE server exited ({status}): {last}"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let secs = MOUNT_WAIT.as_secs();
+            return Err(format!(
+                "no FUSE mount at {} after {secs}s",
+                mountpoint.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Mounts being started, by mountpoint, and the outcome of those that failed (kept until the
+/// layer is served again or removed, so that nothing mounts an empty lower in its place).
+#[derive(Default)]
+struct Starting {
+    /// `None` while starting, the error once it failed.
+    mounts: parking_lot::Mutex<HashMap<PathBuf, Option<String>>>,
+    changed: parking_lot::Condvar,
+    /// How many entries `mounts` has: the common case (nothing starting) takes no lock.
+    count: AtomicUsize,
+}
+
+impl Starting {
+    fn begin(self: &Arc<Self>, mountpoint: &Path) -> Arc<Self> {
+        let mut m = self.mounts.lock();
+        m.insert(mountpoint.to_path_buf(), None);
+        self.count.store(m.len(), Ordering::SeqCst);
+        self.clone()
+    }
+
+    /// Records how starting `mountpoint` ended: a mounted layer is forgotten, a failure kept.
+    fn finish(&self, mountpoint: &Path, outcome: std::result::Result<(), String>) {
+        let mut m = self.mounts.lock();
+        match outcome {
+            Ok(()) => {
+                m.remove(mountpoint);
+            }
+            Err(e) => {
+                if let Some(slot) = m.get_mut(mountpoint) {
+                    *slot = Some(e);
+                }
+            }
+        }
+        self.count.store(m.len(), Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    fn forget(&self, mountpoint: &Path) {
+        let mut m = self.mounts.lock();
+        m.remove(mountpoint);
+        self.count.store(m.len(), Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits until `mountpoint` is no longer starting: Ok once it is served (or was never
+    /// started here), the error if its start failed.
+    fn wait(&self, mountpoint: &Path) -> std::result::Result<(), String> {
+        let mut m = self.mounts.lock();
         loop {
-            if is_mounted(mountpoint) {
-                // Reaped by a thread so it never lingers as a zombie of the daemon.
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
-                return Ok(());
+            match m.get(mountpoint) {
+                None => return Ok(()),
+                Some(Some(e)) => return Err(e.clone()),
+                Some(None) => self.changed.wait(&mut m),
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(state.join("serve.log")).unwrap_or_default();
-                return Err(refused(format!(
-                    "the FUSE server exited ({status}): {}",
-                    log.lines().last().unwrap_or("")
-                )));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(refused(format!(
-                    "no FUSE mount at {} after {}s",
-                    mountpoint.display(),
-                    MOUNT_WAIT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -191,6 +286,7 @@ impl RemoteLayers for Lazy {
         if s.stat(&target).is_ok() {
             return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
         }
+        let started = Instant::now();
         let (image, layer) = self.descriptor(&labels)?;
         if !is_lazy(&layer.annotations) {
             self.fell_back.fetch_add(1, Ordering::Relaxed);
@@ -209,7 +305,8 @@ impl RemoteLayers for Lazy {
             self.cfg.allow_unverified,
         )
         .map_err(|e| refused(format!("{}: {e}", layer.digest)))?;
-        let mounts = s.prepare(key, parent, labels.clone())?;
+        let toc_ms = started.elapsed().as_millis();
+        s.prepare_unmounted(key, parent, labels.clone())?;
         let snapshot_dir =
             |k: &str| -> Result<PathBuf> { Ok(s.layout().snapshot_dir(s.stat(k)?.record.id)) };
         let result = (|| -> Result<()> {
@@ -234,7 +331,11 @@ impl RemoteLayers for Lazy {
             std::fs::create_dir_all(&spec.access_dir).map_err(Error::io("create access dir"))?;
             write_json(&state.join("layer.json"), &spec)?;
             write_json(&state.join("toc.json"), &toc)?;
-            self.spawn(&state, &dir.join("fs"))?;
+            // The counters exist from the start: `status` reads them while the server starts.
+            let stats = super::Stats::default();
+            stats.total_bytes.store(layer.size, Ordering::Relaxed);
+            stats.write(&state);
+            self.start(&state)?;
             s.commit_with(&target, key, labels, Some(toc_usage(&toc)))
         })();
         if let Err(e) = result {
@@ -244,8 +345,9 @@ impl RemoteLayers for Lazy {
             let _ = s.remove(key);
             return Err(e);
         }
-        let _ = mounts;
-        info!(layer = %layer.digest, target, files = toc.entries.len(), "lazy layer mounted");
+        let files = toc.entries.len();
+        let ms = started.elapsed().as_millis();
+        info!(layer = %layer.digest, target, files, toc_ms, ms, "lazy layer committed; its server is starting");
         Err(Error::AlreadyExists(format!(
             "target snapshot {target:?} (lazy)"
         )))
@@ -267,7 +369,7 @@ impl RemoteLayers for Lazy {
                 continue;
             }
             unmount(&dir);
-            match self.spawn(&state, &fs) {
+            match self.start_and_wait(&state) {
                 Ok(()) => remounted += 1,
                 Err(e) => warn!(key = %snap.key, error = %e, "lazy layer could not be remounted"),
             }
@@ -276,7 +378,39 @@ impl RemoteLayers for Lazy {
     }
 
     fn unmount(&self, dir: &Path) {
+        self.starting.forget(&dir.join("fs"));
         unmount(dir);
+    }
+
+    fn settling(&self) -> bool {
+        self.starting.any()
+    }
+
+    /// Waits for the servers of the lazy layers among `dirs` that are still starting. One that
+    /// failed is started once more; if that fails too, the error names the layer and why.
+    fn ready(&self, dirs: &[PathBuf]) -> Result<()> {
+        if !self.starting.any() {
+            return Ok(());
+        }
+        for dir in dirs {
+            let fs = dir.join("fs");
+            let Err(first) = self.starting.wait(&fs) else {
+                continue;
+            };
+            warn!(dir = %dir.display(), error = %first, "lazy layer server failed to start; starting it again");
+            unmount(dir);
+            match self.start_and_wait(&dir.join("lazy")) {
+                Ok(()) => self.starting.forget(&fs),
+                Err(e) => {
+                    return Err(refused(format!(
+                        "{} is not served: {e}; its server's log is {}",
+                        dir.display(),
+                        dir.join("lazy/serve.log").display()
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -314,6 +448,39 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
 mod tests {
     use super::*;
     use strata_image::chunked::toc::Entry;
+
+    #[test]
+    fn mounts_on_top_wait_for_a_starting_layer_and_see_its_failure() {
+        let starting = Arc::new(Starting::default());
+        let (a, b) = (Path::new("/s/1/fs"), Path::new("/s/2/fs"));
+        assert!(!starting.any());
+        assert_eq!(
+            starting.wait(a),
+            Ok(()),
+            "never started here: nothing to wait for"
+        );
+        let handle = starting.begin(a);
+        starting.begin(b);
+        assert!(starting.any());
+        let waiter = {
+            let s = starting.clone();
+            std::thread::spawn(move || s.wait(Path::new("/s/1/fs")))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "returned before the layer was mounted"
+        );
+        handle.finish(a, Ok(()));
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        starting.finish(b, Err("the FUSE server exited".into()));
+        // A failure stays until the layer is served again or removed.
+        assert_eq!(starting.wait(b), Err("the FUSE server exited".into()));
+        assert!(starting.any());
+        starting.forget(b);
+        assert_eq!(starting.wait(b), Ok(()));
+        assert!(!starting.any());
+    }
 
     #[test]
     fn usage_counts_files_once_and_their_bytes() {
