@@ -6,8 +6,9 @@
 //! (e) four independent stages of ~2 s of CPU each: default parallelism vs `--max-parallelism 1`;
 //! (d) the export of a ~300 MB image as an OCI archive, gzip (the default) vs uncompressed: time
 //!     and size; and its push to a local registry, strata vs `docker push` (dockerd 20.10);
-//! and the same three through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker
-//! build --network none`), started privately by this program.
+//! and the same through BuildKit in Debian's dockerd 20.10 (`DOCKER_BUILDKIT=1 docker build
+//! --network none`), started privately by this program, each round of strata's and BuildKit's
+//! builds interleaved.
 //!
 //! `build-bench [REPEATS] [export]` (default 3) prints medians in seconds and the ratios; with
 //! `export`, only (d).
@@ -82,6 +83,7 @@ impl Builder for BuildKit {
 }
 
 /// Medians of one builder's scenarios, in seconds (`None`: the builder has no such flag).
+#[derive(Default)]
 struct Times {
     par: f64,
     seq: Option<f64>,
@@ -92,15 +94,27 @@ struct Times {
     changed: f64,
 }
 
-/// `stages` independent stages running `run`, copied into a final stage: built uncached by
-/// default and, where the builder has the flag, with `--max-parallelism 1`.
-fn stages(
-    b: &dyn Builder,
+/// The medians of `repeats` rounds of `build` for each of `builders`, interleaved round by
+/// round: this VM's speed drifts by 10-20 % over minutes, and each builder should see the same.
+/// `before(round)` runs once at the start of each round.
+fn interleaved(
+    builders: &[&dyn Builder],
     repeats: usize,
-    flags: bool,
-    stages: usize,
-    run: &str,
-) -> (f64, Option<f64>) {
+    before: impl Fn(usize),
+    build: impl Fn(&dyn Builder) -> f64,
+) -> Vec<f64> {
+    let mut times = vec![Vec::new(); builders.len()];
+    for round in 0..repeats {
+        before(round);
+        for (i, b) in builders.iter().enumerate() {
+            times[i].push(build(*b));
+        }
+    }
+    times.into_iter().map(median).collect()
+}
+
+/// A context of `stages` independent stages running `run`, copied into a final stage.
+fn stages_context(stages: usize, run: &str) -> Strata {
     let s = Strata::new();
     let mut df = String::new();
     for i in 0..stages {
@@ -113,23 +127,38 @@ fn stages(
         df.push_str(&format!("COPY --from=s{i} /out{i} /\n"));
     }
     s.dockerfile(&df);
-    let par = median((0..repeats).map(|_| b.build(&s, &["--no-cache"])).collect());
-    let seq = flags.then(|| {
-        median(
-            (0..repeats)
-                .map(|_| b.build(&s, &["--no-cache", "--max-parallelism", "1"]))
-                .collect(),
-        )
-    });
-    (par, seq)
+    s
 }
 
 /// About 2 s of one core in busybox's shell (a compiler-like CPU-bound step).
 const CPU_2S: &str = "i=0; while [ $i -lt 1200000 ]; do i=$((i+1)); done";
 
-fn scenarios(b: &dyn Builder, repeats: usize, flags: bool) -> Times {
-    let (par, seq) = stages(b, repeats, flags, 8, "sleep 2");
-    let (cpu_par, cpu_seq) = stages(b, repeats, flags, 4, CPU_2S);
+/// Every scenario for each builder (strata first: only it has `--max-parallelism`).
+fn scenarios(builders: &[&dyn Builder], repeats: usize) -> Vec<Times> {
+    let mut t: Vec<Times> = builders.iter().map(|_| Times::default()).collect();
+    let nothing = |_| {};
+    fn uncached<'a>(s: &'a Strata, extra: &'a [&'a str]) -> impl Fn(&dyn Builder) -> f64 + 'a {
+        let args: Vec<&str> = ["--no-cache"].iter().chain(extra).copied().collect();
+        move |b: &dyn Builder| b.build(s, &args)
+    }
+    let sleeps = stages_context(8, "sleep 2");
+    let cpu = stages_context(4, CPU_2S);
+    let seq = ["--max-parallelism", "1"];
+    for (i, v) in interleaved(builders, repeats, nothing, uncached(&sleeps, &[]))
+        .into_iter()
+        .enumerate()
+    {
+        t[i].par = v;
+    }
+    for (i, v) in interleaved(builders, repeats, nothing, uncached(&cpu, &[]))
+        .into_iter()
+        .enumerate()
+    {
+        t[i].cpu_par = v;
+    }
+    let strata = &builders[..1];
+    t[0].seq = interleaved(strata, repeats, nothing, uncached(&sleeps, &seq)).pop();
+    t[0].cpu_seq = interleaved(strata, repeats, nothing, uncached(&cpu, &seq)).pop();
 
     let s = Strata::new();
     let mut df = String::from("FROM busybox\n");
@@ -142,25 +171,14 @@ fn scenarios(b: &dyn Builder, repeats: usize, flags: bool) -> Times {
         }
     }
     s.dockerfile(&df);
-    let cold = median((0..repeats).map(|_| b.build(&s, &["--no-cache"])).collect());
-    let cached = median((0..repeats).map(|_| b.build(&s, &[])).collect());
-    let changed = median(
-        (0..repeats)
-            .map(|r| {
-                s.file("step10.txt", &format!("v{}", r + 1));
-                b.build(&s, &[])
-            })
-            .collect(),
-    );
-    Times {
-        par,
-        seq,
-        cpu_par,
-        cpu_seq,
-        cold,
-        cached,
-        changed,
+    let cold = interleaved(builders, repeats, nothing, uncached(&s, &[]));
+    let cached = interleaved(builders, repeats, nothing, |b| b.build(&s, &[]));
+    let step10 = |round: usize| drop(s.file("step10.txt", &format!("v{}", round + 1)));
+    let changed = interleaved(builders, repeats, step10, |b| b.build(&s, &[]));
+    for (i, t) in t.iter_mut().enumerate() {
+        (t.cold, t.cached, t.changed) = (cold[i], cached[i], changed[i]);
     }
+    t
 }
 
 /// About 300 MB of text in one layer (compressible, as most layers are).
@@ -238,7 +256,26 @@ fn main() {
     if std::env::args().nth(2).as_deref() == Some("export") {
         return export();
     }
-    let t = scenarios(&StrataBuild, repeats, true);
+    // BuildKit's base image: the same busybox, exported by strata as a docker archive.
+    let buildkit = Command::new("dockerd")
+        .arg("--version")
+        .output()
+        .is_ok()
+        .then(|| {
+            let base = Strata::new();
+            base.dockerfile("FROM busybox\n");
+            let archive = base.root.path().join("busybox-docker.tar");
+            let spec = format!("type=docker,dest={},name=busybox:latest", archive.display());
+            base.build_ok(&["--output", &spec]);
+            let d = Dockerd::start("overlay2", &[]);
+            d.load(&archive);
+            BuildKit(d)
+        });
+    let mut builders: Vec<&dyn Builder> = vec![&StrataBuild];
+    builders.extend(buildkit.as_ref().map(|b| b as &dyn Builder));
+    let times = scenarios(&builders, repeats);
+    drop(buildkit);
+    let t = &times[0];
     let (par, cold, cached, changed) = (t.par, t.cold, t.cached, t.changed);
     let seq = t.seq.expect("measured");
     let cpu_seq = t.cpu_seq.expect("measured");
@@ -257,21 +294,12 @@ fn main() {
 
     export();
 
-    if Command::new("dockerd").arg("--version").output().is_err() {
+    let Some(bk) = times.get(1) else {
         println!("BuildKit: dockerd is not installed (Debian docker.io); no comparison");
         return;
-    }
-    // BuildKit's base image: the same busybox, exported by strata as a docker archive.
-    let base = Strata::new();
-    base.dockerfile("FROM busybox\n");
-    let archive = base.root.path().join("busybox-docker.tar");
-    let spec = format!("type=docker,dest={},name=busybox:latest", archive.display());
-    base.build_ok(&["--output", &spec]);
-    let d = Dockerd::start("overlay2", &[]);
-    d.load(&archive);
-    let bk = scenarios(&BuildKit(d), repeats, false);
+    };
     let (bpar, bcold, bcached, bchanged) = (bk.par, bk.cold, bk.cached, bk.changed);
-    println!("BuildKit (dockerd 20.10) in the same run, median of {repeats} (seconds); ratio = strata / BuildKit");
+    println!("BuildKit (dockerd 20.10) in the same run, rounds interleaved with strata's, median of {repeats} (seconds); ratio = strata / BuildKit");
     println!(
         "(a) 8 parallel stages           strata  {par:>6.2}   BuildKit {bpar:>6.2}   ratio {:.2}",
         par / bpar
