@@ -39,6 +39,8 @@ pub struct Lazy {
     manifests: parking_lot::Mutex<Vec<(String, Manifest)>>,
     /// Layers whose server is still starting (or failed to).
     starting: Arc<Starting>,
+    /// Held while a failed server is started again.
+    retrying: parking_lot::Mutex<()>,
     /// Layers that were not zstd:chunked and went to a normal pull.
     pub fell_back: AtomicU64,
 }
@@ -63,6 +65,7 @@ impl Lazy {
             client,
             manifests: parking_lot::Mutex::new(Vec::new()),
             starting: Arc::default(),
+            retrying: parking_lot::Mutex::new(()),
             fell_back: AtomicU64::new(0),
         })
     }
@@ -394,6 +397,11 @@ impl RemoteLayers for Lazy {
         }
         for dir in dirs {
             let fs = dir.join("fs");
+            if self.starting.wait(&fs).is_ok() {
+                continue;
+            }
+            // One retry at a time: a caller that waited here finds it served by the one before.
+            let _retrying = self.retrying.lock();
             let Err(first) = self.starting.wait(&fs) else {
                 continue;
             };
