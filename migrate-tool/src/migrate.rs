@@ -51,7 +51,7 @@ pub fn migrate(root: &DataRoot, opts: &Options) -> Result<Report, MigrateError> 
         .copied()
         .filter(|l| !journal.is_done(&layer_step(l)))
         .collect();
-    let source = m.source();
+    let source = m.src.clone();
     std::thread::scope(|scope| {
         let mut ahead = Ahead::start(scope, source, todo);
         for l in &layers {
@@ -116,6 +116,7 @@ struct Source<'a> {
     /// devicemapper's thin pool, when that is the source.
     pool: Option<&'a devicemapper::Pool>,
     tmp: PathBuf,
+    /// The overlay2 tree being built (`<tmp>/overlay2`) until the switch moves it.
     out: PathBuf,
 }
 
@@ -131,9 +132,14 @@ impl Source<'_> {
         }
     }
 
+    /// Where layer `id` is built before it is installed.
+    fn partial_path(&self, id: &str) -> PathBuf {
+        self.out.join(format!("{id}.partial"))
+    }
+
     /// A fresh `<id>.partial` directory to build layer `id` in.
     fn partial(&self, id: &str) -> Result<PathBuf, MigrateError> {
-        let partial = self.out.join(format!("{id}.partial"));
+        let partial = self.partial_path(id);
         let _ = fs::remove_dir_all(&partial);
         fs::create_dir_all(partial.join("diff"))
             .map_err(io(format!("create {}", partial.display())))?;
@@ -223,14 +229,9 @@ impl Drop for Ahead {
 
 /// A migration in progress: where it builds, what it built.
 struct Migration<'a> {
-    root: &'a DataRoot,
-    tmp: PathBuf,
-    /// The overlay2 tree being built (`<tmp>/overlay2`) until the switch moves it.
-    out: PathBuf,
+    src: Source<'a>,
     /// The switch has moved the tree into the data root already (a rerun after it).
     switched: bool,
-    /// devicemapper's thin pool, when that is the source.
-    pool: Option<&'a devicemapper::Pool>,
     /// Each image layer's overlay2 link name, by chain ID.
     links: HashMap<String, String>,
     report: Report,
@@ -245,11 +246,13 @@ impl<'a> Migration<'a> {
         let out = tmp.join("overlay2");
         fs::create_dir_all(out.join("l")).map_err(io(format!("create {}", out.display())))?;
         Ok(Migration {
-            root,
             switched: Journal::done_in(&tmp, "switch-overlay2"),
-            tmp,
-            out,
-            pool,
+            src: Source {
+                root,
+                pool,
+                tmp,
+                out,
+            },
             links: HashMap::new(),
             report: Report::default(),
         })
@@ -258,9 +261,9 @@ impl<'a> Migration<'a> {
     /// Where layer `id` is once built: in the work tree, or in the data root after the switch.
     fn final_dir(&self, id: &str) -> PathBuf {
         if self.switched {
-            self.root.path.join("overlay2").join(id)
+            self.src.root.path.join("overlay2").join(id)
         } else {
-            self.out.join(id)
+            self.src.out.join(id)
         }
     }
 
@@ -273,19 +276,10 @@ impl<'a> Migration<'a> {
 
     /// The link names of `chain` and its ancestors, nearest first.
     fn lower_links(&self, chain: Option<&str>) -> Vec<String> {
-        ancestors(self.root, chain)
+        ancestors(self.src.root, chain)
             .iter()
             .map(|c| self.links[c].clone())
             .collect()
-    }
-
-    fn source(&self) -> Source<'a> {
-        Source {
-            root: self.root,
-            pool: self.pool,
-            tmp: self.tmp.clone(),
-            out: self.out.clone(),
-        }
     }
 
     /// Finishes a built layer (link, lower, committed marker) and moves it into place.
@@ -299,11 +293,11 @@ impl<'a> Migration<'a> {
         let link = overlay2::link_name();
         overlay2::finish_layer(partial, &link, lowers, image)
             .map_err(io(format!("write {}", partial.display())))?;
-        let _ = fs::remove_dir_all(self.out.join(id));
-        fs::rename(partial, self.out.join(id))
+        let _ = fs::remove_dir_all(self.src.out.join(id));
+        fs::rename(partial, self.src.out.join(id))
             .map_err(io(format!("move layer {id} into place")))?;
-        let _ = fs::remove_file(self.out.join("l").join(&link));
-        std::os::unix::fs::symlink(format!("../{id}/diff"), self.out.join("l").join(&link))
+        let _ = fs::remove_file(self.src.out.join("l").join(&link));
+        std::os::unix::fs::symlink(format!("../{id}/diff"), self.src.out.join("l").join(&link))
             .map_err(io("create link"))
     }
 
@@ -324,10 +318,10 @@ impl<'a> Migration<'a> {
         journal.step_labeled(&layer_step(l), &label, || {
             let built = match ahead.take(&l.cache_id) {
                 Some(r) => r?,
-                None => self.source().build(l)?,
+                None => self.src.build(l)?,
             };
             self.report.entries += built;
-            let partial = self.out.join(format!("{}.partial", l.cache_id));
+            let partial = self.src.partial_path(&l.cache_id);
             self.install(&partial, &l.cache_id, &lowers, true)?;
             self.report.layers += 1;
             Ok(())
@@ -349,6 +343,7 @@ impl<'a> Migration<'a> {
         let mut lowers = self.lower_links(Some(parent));
         if let Some(init) = &c.init_id {
             let below = self
+                .src
                 .root
                 .layer(parent)
                 .map(|l| l.cache_id.clone())
@@ -371,7 +366,7 @@ impl<'a> Migration<'a> {
         lowers: &[String],
     ) -> Result<(), MigrateError> {
         journal.step(&format!("container-{id}"), || {
-            let partial = self.source().partial(id)?;
+            let partial = self.src.partial(id)?;
             self.container_diff(id, below, &partial.join("diff"))?;
             self.install(&partial, id, lowers, false)
         })
@@ -380,16 +375,16 @@ impl<'a> Migration<'a> {
     /// Writes container layer `id`'s changes into `diff`: overlay and aufs uppers already are in
     /// overlay2's diff format (linked); a device is compared with the device below it.
     fn container_diff(&mut self, id: &str, below: &str, diff: &Path) -> Result<(), MigrateError> {
-        let Some(pool) = self.pool else {
-            let upper = self.source().files(id, true);
-            let aufs = self.root.driver == Driver::Aufs;
+        let Some(pool) = self.src.pool else {
+            let upper = self.src.files(id, true);
+            let aufs = self.src.root.driver == Driver::Aufs;
             self.report.entries += overlay2::link_tree(&upper, diff, aufs)
                 .map_err(io(format!("link {}", upper.display())))?;
             return Ok(());
         };
-        let work = self.tmp.join("devices");
-        let new = devicemapper::mount_device(&self.root.path, pool, id, &work)?;
-        let old = devicemapper::mount_device(&self.root.path, pool, below, &work)?;
+        let work = self.src.tmp.join("devices");
+        let new = devicemapper::mount_device(&self.src.root.path, pool, id, &work)?;
+        let old = devicemapper::mount_device(&self.src.root.path, pool, below, &work)?;
         self.report.bytes_written += changes::diff(&new.rootfs(), &old.rootfs(), diff)
             .map_err(io(format!("diff device {id}")))?;
         Ok(())
@@ -398,7 +393,7 @@ impl<'a> Migration<'a> {
     /// Carries the image store over and switches dockerd to overlay2. Every step is
     /// idempotent, so a rerun after a kill finishes it.
     fn switch(&mut self, journal: &mut Journal, daemon_json: &Path) -> Result<(), MigrateError> {
-        let (root, tmp) = (self.root, &self.tmp);
+        let (root, tmp) = (self.src.root, &self.src.tmp);
         journal.step("image-store", || {
             let dst = tmp.join("image/overlay2");
             let _ = fs::remove_dir_all(&dst);
@@ -406,7 +401,7 @@ impl<'a> Migration<'a> {
             Ok(())
         })?;
         journal.step("switch-overlay2", || {
-            move_into(&self.out, &root.path.join("overlay2"))
+            move_into(&self.src.out, &root.path.join("overlay2"))
         })?;
         journal.step("switch-image", || {
             move_into(

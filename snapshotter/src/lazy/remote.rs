@@ -136,8 +136,8 @@ impl Lazy {
     fn start(&self, state: &Path) -> Result<()> {
         let child = self.spawn(state)?;
         let mountpoint = mountpoint_of(state);
-        let starting = self.starting.begin(&mountpoint);
-        let state = state.to_path_buf();
+        self.starting.begin(&mountpoint);
+        let (starting, state) = (self.starting.clone(), state.to_path_buf());
         std::thread::spawn(move || {
             let outcome = await_mount(child, &state);
             starting.finish(&mountpoint, outcome);
@@ -198,35 +198,32 @@ struct Starting {
 }
 
 impl Starting {
-    fn begin(self: &Arc<Self>, mountpoint: &Path) -> Arc<Self> {
+    /// Changes the entries under the lock, then wakes the waiters.
+    fn change(&self, f: impl FnOnce(&mut HashMap<PathBuf, Option<String>>)) {
         let mut m = self.mounts.lock();
-        m.insert(mountpoint.to_path_buf(), None);
+        f(&mut m);
         self.count.store(m.len(), Ordering::SeqCst);
-        self.clone()
+        self.changed.notify_all();
+    }
+
+    fn begin(&self, mountpoint: &Path) {
+        self.change(|m| drop(m.insert(mountpoint.to_path_buf(), None)));
     }
 
     /// Records how starting `mountpoint` ended: a mounted layer is forgotten, a failure kept.
     fn finish(&self, mountpoint: &Path, outcome: std::result::Result<(), String>) {
-        let mut m = self.mounts.lock();
-        match outcome {
-            Ok(()) => {
-                m.remove(mountpoint);
-            }
+        self.change(|m| match outcome {
+            Ok(()) => drop(m.remove(mountpoint)),
             Err(e) => {
                 if let Some(slot) = m.get_mut(mountpoint) {
                     *slot = Some(e);
                 }
             }
-        }
-        self.count.store(m.len(), Ordering::SeqCst);
-        self.changed.notify_all();
+        });
     }
 
     fn forget(&self, mountpoint: &Path) {
-        let mut m = self.mounts.lock();
-        m.remove(mountpoint);
-        self.count.store(m.len(), Ordering::SeqCst);
-        self.changed.notify_all();
+        self.change(|m| drop(m.remove(mountpoint)));
     }
 
     fn any(&self) -> bool {
@@ -467,7 +464,7 @@ mod tests {
             Ok(()),
             "never started here: nothing to wait for"
         );
-        let handle = starting.begin(a);
+        starting.begin(a);
         starting.begin(b);
         assert!(starting.any());
         let waiter = {
@@ -479,7 +476,7 @@ mod tests {
             !waiter.is_finished(),
             "returned before the layer was mounted"
         );
-        handle.finish(a, Ok(()));
+        starting.finish(a, Ok(()));
         assert_eq!(waiter.join().unwrap(), Ok(()));
         starting.finish(b, Err("the FUSE server exited".into()));
         // A failure stays until the layer is served again or removed.
